@@ -1,0 +1,444 @@
+"""The streaming checkpoint-to-checkpoint converter: any format ingot reads -> any scheme and format it writes.
+
+Top-down:
+1. ``plan``: read config.json and every shard *header* (not the data), decide for each tensor what it becomes
+   (a quantized linear, a linear kept in source precision, or a tensor copied as is) and which output shard
+   each output tensor lands in. Output shapes follow from input shapes, so the index is known before any work.
+2. ``convert_shard``: for one output shard, read each needed source tensor through the index (a scale may sit
+   in another shard), dequantize, re-quantize (FP8 -> INT8 in one pass, never writing a BF16 copy), and write
+   the shard atomically (temp name, rename). Shards are independent: ``workers`` processes convert them in
+   parallel, and peak memory is about one source shard plus one output shard, whatever the model's size.
+3. ``finish``: the index, tokenizer/generation files, ``ingot_manifest.json``, and config.json last - a
+   directory without config.json is never mistaken for a finished checkpoint.
+
+Resumable: ``DST/.ingot/job.json`` records the arguments; a shard is done once its file has been renamed into
+place (its manifest rows are written first, beside the job). Run again with the same arguments and only the
+missing shards are converted; the output is byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ingot import formats
+from ingot.formats.base import QUANTIZABLE, Format, StoredLinear, TensorSpec, layer_index
+from ingot.formats.safetensors_io import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SINGLE_NAME,
+    Checkpoint,
+    CheckpointError,
+    read_json,
+    shard_name,
+    write_json,
+    write_shard,
+)
+from ingot.quant import ref
+from ingot.quant.schemes import BF16, Scheme
+
+MANIFEST_NAME = "ingot_manifest.json"
+WORK_DIR = ".ingot"  # job record and per-shard manifest rows while a conversion is in progress
+# Files of a source directory that are never copied: weights (re-written), pickles (never loaded), our own
+# bookkeeping. Everything else at the top level (tokenizer, generation config, chat template, remote code
+# files for other engines) is copied byte for byte.
+SKIP_COPY = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.gguf|\.tmp|^" + re.escape(MANIFEST_NAME) + ")$")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    scheme: Scheme
+    format: str | None = None  # None: the scheme's default format
+    ignore: tuple[str, ...] = ()  # regexes (re.search) over linear module names kept in source precision
+    quantize_mtp: bool = False  # DeepSeek MTP layers are copied unquantized unless asked
+    device: str = "cpu"
+    workers: int = 1
+    max_shard_bytes: int | None = None  # None: one output shard per source shard
+    overwrite: bool = False
+
+    def job(self, src: Path) -> dict:
+        """What makes two runs 'the same conversion' (device and workers do not change the bytes)."""
+        return {
+            "source": str(src.resolve()),
+            "scheme": self.scheme.name,
+            "format": self.format,
+            "ignore": list(self.ignore),
+            "quantize_mtp": self.quantize_mtp,
+            "max_shard_bytes": self.max_shard_bytes,
+        }
+
+
+@dataclass
+class Item:
+    """One unit of work: a linear (all its stored tensors) or a single tensor copied as is."""
+
+    name: str  # linear module prefix, or the tensor's name
+    sources: list[str]  # source tensors it reads
+    src_kind: str | None  # stored kind of a linear; None for a copied tensor
+    dst_kind: str | None  # kind it is written as; None for a copied tensor
+    specs: list[TensorSpec]  # what it writes
+    src_bytes: int
+
+
+@dataclass
+class Plan:
+    src: Path
+    dst: Path
+    options: ConvertOptions
+    src_format: str
+    src_kind: str
+    dst_format: str
+    model_dtype: torch.dtype
+    out_dtype: torch.dtype  # dtype of linears written unquantized (fp16 for the fp16 format, else the model's)
+    kept: list[str]  # quantizable linears written unquantized (--ignore, MTP), recorded in the config
+    items: list[Item]
+    shards: list[list[tuple[int, list[str]]]]  # per output shard: (item index, names of its specs in this shard)
+    owner: list[int]  # per item: the shard holding its first output tensor (it reports the manifest row)
+    shard_files: list[str]
+    config: dict  # the source config.json
+
+    def shard_src_bytes(self, i: int) -> int:
+        return sum(self.items[j].src_bytes for j, _ in self.shards[i] if self.owner[j] == i)
+
+
+# ------------------------------------------------------------------------------------------------- plan
+
+
+def plan(src: Path, dst: Path, options: ConvertOptions) -> Plan:
+    """Decide every output tensor and shard from config.json and the shard headers alone."""
+    ckpt = Checkpoint(src)
+    config = ckpt.config
+    src_fmt, src_kind = formats.detect(config)
+    scheme = options.scheme
+    dst_fmt = formats.writer(options.format, scheme.kind)
+    mdtype = formats.model_dtype(config)
+    out_dtype = torch.float16 if dst_fmt.name == "fp16" else mdtype
+    n_layers = config.get("num_hidden_layers")
+    n_mtp = int(config.get("num_nextn_predict_layers") or 0)
+    ignore = [re.compile(p) for p in options.ignore]
+
+    def is_mtp(prefix: str) -> bool:
+        layer = layer_index(prefix)
+        return n_mtp > 0 and layer is not None and n_layers is not None and layer >= n_layers
+
+    # 1. Linears stored quantized: found by the source format's marker tensor (e.g. weight_scale_inv).
+    linears: dict[str, str] = {}  # prefix -> stored kind
+    if src_kind != "bf16":
+        for name in ckpt.tensors:
+            if name.endswith(src_fmt.linear_key):
+                prefix = name[: -len(src_fmt.linear_key)]
+                for suffix in src_fmt.required(src_kind):
+                    if prefix + suffix not in ckpt:
+                        raise CheckpointError(f"{src}: tensor {prefix + suffix} is missing (needed by linear {prefix})")
+                linears[prefix] = src_kind
+    consumed = {p + s for p in linears for s in src_fmt.companions if p + s in ckpt}
+
+    # 2. Linears stored in plain precision: quantizable module names with a float 2-D weight.
+    for name, info in ckpt.tensors.items():
+        if name in consumed or not name.endswith(".weight"):
+            continue
+        prefix = name[: -len(".weight")]
+        if info.dtype in (torch.int8, torch.float8_e4m3fn, torch.int32):
+            raise CheckpointError(
+                f"{src}: tensor {name} is {info.dtype} but has no scale; expected {prefix}{src_fmt.linear_key} "
+                f"(source format {src_fmt.name})"
+            )
+        if QUANTIZABLE.match(prefix) and len(info.shape) == 2:
+            linears[prefix] = "bf16"
+            consumed.add(name)
+
+    # 3. Decide each linear's target and the output tensors.
+    items: list[Item] = []
+    kept: list[str] = []
+    for prefix, kind in linears.items():
+        sources = [p for p in (prefix + s for s in src_fmt.companions) if p in ckpt] if kind != "bf16" else [f"{prefix}.weight"]
+        n, k = _logical_shape(ckpt, prefix, kind, sources)
+        quantize = (
+            scheme.is_quantized
+            and QUANTIZABLE.match(prefix) is not None
+            and not any(p.search(prefix) for p in ignore)
+            and (options.quantize_mtp or not is_mtp(prefix))
+        )
+        dst_kind = scheme.kind if quantize else "bf16"
+        if scheme.is_quantized and not quantize:
+            kept.append(prefix)
+        specs = dst_fmt.linear_specs(prefix, dst_kind, n, k, out_dtype) if quantize else [TensorSpec(f"{prefix}.weight", out_dtype, (n, k))]
+        items.append(Item(prefix, sources, kind, dst_kind, specs, sum(ckpt.tensors[s].nbytes for s in sources)))
+
+    # 4. Everything else is copied as is (fp16 format: bf16 tensors become fp16, float32 stays float32).
+    for name, info in ckpt.tensors.items():
+        if name in consumed:
+            continue
+        dtype = out_dtype if (dst_fmt.name == "fp16" and info.dtype == torch.bfloat16) else info.dtype
+        items.append(Item(name, [name], None, None, [TensorSpec(name, dtype, info.shape)], info.nbytes))
+
+    # 5. Order: by source shard, then name - deterministic, and each output shard reads mostly one source shard.
+    shard_pos = {s: i for i, s in enumerate(ckpt.shards)}
+    items.sort(key=lambda it: (shard_pos[ckpt.tensors[it.sources[0]].shard], it.name))
+    groups = _assign_shards(items, [shard_pos[ckpt.tensors[it.sources[0]].shard] for it in items], options.max_shard_bytes)
+    owner = [0] * len(items)
+    for i, group in reversed(list(enumerate(groups))):
+        for j, _ in group:
+            owner[j] = i
+    files = [SINGLE_NAME] if len(groups) == 1 else [shard_name(i, len(groups)) for i in range(len(groups))]
+    return Plan(
+        src, dst, options, src_fmt.name, src_kind, dst_fmt.name, mdtype, out_dtype, sorted(kept),
+        items, groups, owner, files, config,
+    )
+
+
+def _logical_shape(ckpt: Checkpoint, prefix: str, kind: str, sources: list[str]) -> tuple[int, int]:
+    """[N, K] of a linear from its stored headers (packed layouts store it differently)."""
+    t = ckpt.tensors
+    if f"{prefix}.weight" in t:
+        shape = t[f"{prefix}.weight"].shape
+    elif f"{prefix}.weight_shape" in t:
+        shape = tuple(int(v) for v in ckpt.get(f"{prefix}.weight_shape").tolist())
+    else:  # GPTQ: qweight [K / 8, N]
+        kq, n = t[f"{prefix}.qweight"].shape
+        shape = (n, kq * 8)
+    if len(shape) != 2:
+        raise CheckpointError(f"{ckpt.dir}: linear {prefix} has weight shape {tuple(shape)}, expected [N, K]")
+    return shape[0], shape[1]
+
+
+def _assign_shards(items: list[Item], src_shard: list[int], max_bytes: int | None) -> list[list[tuple[int, list[str]]]]:
+    """Output shards as lists of (item, its tensors in this shard).
+
+    Without a size limit, output shard i holds what came from source shard i. With one, tensors fill shards
+    greedily in order - so, as in the real DeepSeek-R1, a weight's scale can land in the next shard.
+    """
+    groups: list[list[tuple[int, list[str]]]] = []
+    size, current = 0, None
+    for j, it in enumerate(items):
+        for spec in it.specs:
+            if max_bytes is None:
+                new = current is None or src_shard[j] != current
+                current = src_shard[j]
+            else:
+                new = not groups or (size > 0 and size + spec.nbytes > max_bytes)
+            if new:
+                groups.append([])
+                size = 0
+            if not groups[-1] or groups[-1][-1][0] != j:
+                groups[-1].append((j, []))
+            groups[-1][-1][1].append(spec.name)
+            size += spec.nbytes
+    return groups
+
+
+# -------------------------------------------------------------------------------------------- convert
+
+
+def _stored_to_quantized(lin: StoredLinear) -> ref.QuantizedWeight:
+    scheme = replace(Scheme.from_name(lin.kind), block_size=tuple(lin.block_size), group_size=lin.group_size)
+    return ref.QuantizedWeight(scheme, lin.qweight, lin.scale)
+
+
+def convert_item(p: Plan, it: Item, src: Checkpoint, dst_fmt: Format, src_fmt: Format, device: str) -> tuple[dict, dict]:
+    """Produce one item's output tensors and its manifest row."""
+    if it.src_kind is None:  # a tensor copied as is
+        t = src.get(it.name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{p.src}: tensor {it.name} contains NaN or Inf")
+        t = t.to(it.specs[0].dtype)
+        return {it.name: t}, {"name": it.name, "shape": list(t.shape), "dtype_in": _dt(src.tensors[it.name].dtype), "dtype_out": _dt(t.dtype), "snr_db": None}
+    stored = src_fmt.decode(it.name, src, it.src_kind, src.config)
+    stored.qweight = stored.qweight.to(device)
+    stored.scale = None if stored.scale is None else stored.scale.to(device)
+    w = ref.dequantize_weight(_stored_to_quantized(stored)) if stored.kind != "bf16" else stored.qweight.float()
+    weight_name = it.specs[0].name if it.dst_kind == "bf16" else f"{it.name}.weight"
+    if it.dst_kind == "bf16":
+        qw = ref.quantize_weight(w.to(p.out_dtype), BF16, name=weight_name)
+        out = StoredLinear("bf16", qw.qweight, None)
+        snr = ref.snr_db(w, qw.qweight)
+        tensors = {f"{it.name}.weight": qw.qweight.cpu()}
+    else:
+        scheme = p.options.scheme
+        qw = ref.quantize_weight(w, scheme, scale_dtype=dst_fmt.scale_dtype(it.dst_kind, p.out_dtype), name=weight_name)
+        snr = ref.snr_db(w, ref.dequantize_weight(qw))
+        out = StoredLinear(it.dst_kind, qw.qweight.cpu(), qw.scale.cpu())
+        tensors = dst_fmt.encode(it.name, out, p.out_dtype)
+    del w
+    row = {
+        "name": it.name,
+        "shape": list(out.qweight.shape),
+        "dtype_in": it.src_kind if it.src_kind != "bf16" else _dt(src.tensors[it.sources[0]].dtype),
+        "dtype_out": it.dst_kind if it.dst_kind != "bf16" else _dt(p.out_dtype),
+        "snr_db": None if snr == float("inf") else round(snr, 3),
+    }
+    return tensors, row
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def convert_shard(p: Plan, i: int, progress: Callable[[int], None] | None = None) -> None:
+    """Convert output shard i: write it atomically, its manifest rows first (they mark nothing done alone)."""
+    src = Checkpoint(p.src)
+    src_fmt, _ = formats.detect(src.config)
+    dst_fmt = formats.writer(p.dst_format, p.options.scheme.kind)
+    out: dict[str, torch.Tensor] = {}
+    rows = []
+    for j, names in p.shards[i]:
+        it = p.items[j]
+        tensors, row = convert_item(p, it, src, dst_fmt, src_fmt, p.options.device)
+        want = {s.name: s for s in it.specs}
+        for name, t in tensors.items():
+            spec = want[name]
+            if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:  # planning and encoding must agree
+                raise AssertionError(f"{name}: produced {t.dtype}{tuple(t.shape)}, planned {spec.dtype}{spec.shape}")
+            if name in names:
+                out[name] = t
+        if p.owner[j] == i:
+            rows.append(row)
+            if progress:
+                progress(it.src_bytes)
+    src.close()
+    write_json(p.dst / WORK_DIR / f"rows-{i:05d}.json", {"rows": rows})
+    write_shard(p.dst / p.shard_files[i], out)
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _convert_shard_job(p: Plan, i: int) -> int:
+    convert_shard(p, i)
+    return p.shard_src_bytes(i)
+
+
+def convert(src: Path | str, dst: Path | str, options: ConvertOptions, progress: bool = True) -> dict:
+    """Convert a checkpoint; returns the manifest. Raises CheckpointError / ValueError on bad input."""
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    p = plan(src, dst, options)
+    job = options.job(src)
+    if _prepare_dst(dst, job, options.overwrite) == "complete":
+        return json.loads((dst / MANIFEST_NAME).read_text())
+    todo = [i for i, f in enumerate(p.shard_files) if not ((dst / f).exists() and (dst / WORK_DIR / f"rows-{i:05d}.json").exists())]
+
+    total = sum(p.shard_src_bytes(i) for i in todo)
+    bar = _progress_bar(total, progress)
+    if options.workers <= 1 or len(todo) <= 1:
+        for i in todo:
+            convert_shard(p, i, bar.update)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // options.workers)
+        ctx = get_context("spawn")  # fork after torch threads start is unsafe
+        with ProcessPoolExecutor(options.workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+            for done in pool.map(_convert_shard_job, [p] * len(todo), todo):
+                bar.update(done)
+    bar.close()
+    return _finish(p, job, resumed=len(p.shard_files) - len(todo), seconds=time.perf_counter() - t0)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not enabled, smoothing=0.1)
+
+
+def _prepare_dst(dst: Path, job: dict, overwrite: bool) -> str:
+    """'complete', 'resume' or 'new'; refuses a DST that holds another conversion unless ``overwrite``."""
+    work = dst / WORK_DIR
+    if dst.exists() and any(dst.iterdir()):
+        manifest = dst / MANIFEST_NAME
+        done_job = read_json(manifest, "manifest").get("job") if manifest.exists() else None
+        running_job = read_json(work / "job.json", "job record") if (work / "job.json").exists() else None
+        if not overwrite:
+            if done_job == job and (dst / CONFIG_NAME).exists():
+                shutil.rmtree(work, ignore_errors=True)  # killed between config.json and clean-up
+                return "complete"
+            if running_job == job:
+                return "resume"
+            what = "a different conversion" if (done_job or running_job) else "other files"
+            raise CheckpointError(f"{dst}: holds {what}; choose another DST or pass --overwrite")
+        if not (done_job or running_job or (dst / CONFIG_NAME).exists()):
+            raise CheckpointError(f"{dst}: not a model directory; refusing to delete it for --overwrite")
+        shutil.rmtree(dst)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "job.json", job)
+    return "new"
+
+
+def _finish(p: Plan, job: dict, resumed: int, seconds: float) -> dict:
+    dst = p.dst
+    rows = []
+    for i in range(len(p.shard_files)):
+        rows += read_json(dst / WORK_DIR / f"rows-{i:05d}.json", "shard rows")["rows"]
+    weight_map = {name: p.shard_files[i] for i, sh in enumerate(p.shards) for _, names in sh for name in names}
+    total_size = sum(s.nbytes for it in p.items for s in it.specs)
+    if len(p.shard_files) > 1:
+        write_json(dst / INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
+    for f in sorted(p.src.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and not SKIP_COPY.search(f.name) and f.name not in (CONFIG_NAME, INDEX_NAME):
+            shutil.copyfile(f, dst / f.name)
+
+    linears = [r for r in rows if r["snr_db"] is not None]
+    usage = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    manifest = {
+        "ingot_version": _version(),
+        "job": job,
+        "source": {"path": str(p.src.resolve()), "format": p.src_format, "scheme": p.src_kind},
+        "scheme": p.options.scheme.name,
+        "format": p.dst_format,
+        "kept_unquantized": p.kept,
+        "tensors": rows,
+        "totals": {
+            "params": sum(_numel(r["shape"]) for r in rows),
+            "tensors": len(rows),
+            "bytes_in": sum(it.src_bytes for it in p.items),
+            "bytes_out": total_size,
+            "shards": len(p.shard_files),
+            "shards_resumed": resumed,
+            "seconds": round(seconds, 3),
+            "peak_rss_bytes": usage * 1024,  # ru_maxrss is KiB on Linux: the largest of this process and its workers
+            "snr_db_min": min((r["snr_db"] for r in linears), default=None),
+            "snr_db_mean": round(sum(r["snr_db"] for r in linears) / len(linears), 3) if linears else None,
+        },
+    }
+    write_json(dst / MANIFEST_NAME, manifest)
+
+    config = {k: v for k, v in p.config.items() if k not in ("quantization_config", "compression_config")}
+    scheme = p.options.scheme
+    qcfg = None
+    if scheme.is_quantized:
+        qcfg = formats.writer(p.dst_format, scheme.kind).quantization_config(scheme.kind, p.kept, scheme.scale_fmt)
+    if qcfg is not None:
+        config["quantization_config"] = qcfg
+    if p.out_dtype == torch.float16:
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = "float16"
+    write_json(dst / CONFIG_NAME, config)  # last: only now does DST look like a finished checkpoint
+    shutil.rmtree(dst / WORK_DIR, ignore_errors=True)
+    return manifest
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ingot")
+    except PackageNotFoundError:
+        return "unknown"

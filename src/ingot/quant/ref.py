@@ -1,0 +1,221 @@
+"""Reference quantize / dequantize / matmul for every scheme, in plain PyTorch.
+
+This is the yardstick: every kernel and every format is tested against these functions. The rules
+(FORMATS.md "Rounding"): round half to even (``torch.round``), clamp to the symmetric range
+(+-127 for int8, never -128; [-8, 7] for int4), float32 scales, scale = amax / QMAX, an all-zero block
+gets scale 0 and quantizes to 0 without NaN, and ragged shapes pad the scale grid (``cdiv``), as if
+the missing rows/columns were zeros.
+
+Shapes: a linear weight is ``[N, K]`` = ``[out_features, in_features]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ingot.quant.schemes import QMAX, QRANGE, Scheme
+
+FP8 = torch.float8_e4m3fn
+TORCH_DTYPE = {"fp8_e4m3": FP8, "int8": torch.int8, "int4": torch.int8, "bf16": torch.bfloat16}
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class NonFiniteError(ValueError):
+    """A weight holds NaN or Inf: it cannot be quantized (its scale would be NaN/Inf)."""
+
+
+@dataclass
+class QuantizedWeight:
+    """One linear's weight in a scheme, independent of any file format.
+
+    qweight: [N, K] - float8_e4m3fn (fp8), int8 (int8; int4 values in [-8, 7] also live in int8),
+             or the source float dtype for bf16.
+    scale:   float32 (or the format's scale dtype), shape ``scale_shape(scheme, N, K)``; None for bf16.
+    """
+
+    scheme: Scheme
+    qweight: torch.Tensor
+    scale: torch.Tensor | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.qweight.shape)  # type: ignore[return-value]
+
+
+def scale_shape(scheme: Scheme, n: int, k: int) -> tuple[int, int] | None:
+    """Shape of the weight scale grid of an [n, k] weight under ``scheme``."""
+    if scheme.granularity == "block":
+        bn, bk = scheme.block_size
+        return (cdiv(n, bn), cdiv(k, bk))
+    if scheme.granularity == "channel":
+        return (n, 1)
+    if scheme.granularity == "group":
+        return (n, cdiv(k, scheme.group_size))
+    return None
+
+
+def _tile(scheme: Scheme, n: int, k: int) -> tuple[int, int]:
+    """The (rows, cols) tile that shares one scale."""
+    if scheme.granularity == "block":
+        return scheme.block_size
+    if scheme.granularity == "channel":
+        return (1, k)
+    return (1, scheme.group_size)
+
+
+def _tiles(w: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+    """View an [N, K] tensor as [N/bn, bn, K/bk, bk] tiles, zero-padding ragged edges."""
+    n, k = w.shape
+    nb, kb = cdiv(n, bn), cdiv(k, bk)
+    if (nb * bn, kb * bk) != (n, k):
+        w = torch.nn.functional.pad(w, (0, kb * bk - k, 0, nb * bn - n))
+    return w.view(nb, bn, kb, bk)
+
+
+def _expand(s: torch.Tensor, n: int, k: int, bn: int, bk: int) -> torch.Tensor:
+    """Broadcast a [cdiv(n, bn), cdiv(k, bk)] scale grid to [n, k]."""
+    if bn > 1 and s.shape[0] > 1:
+        s = s.repeat_interleave(bn, dim=0)[:n]
+    if bk > 1 and s.shape[1] > 1:
+        s = s.repeat_interleave(bk, dim=1)[:, :k]
+    return s  # a single row / column of scales broadcasts as it is
+
+
+def _ue8m0(s: torch.Tensor) -> torch.Tensor:
+    """Round positive scales up to a power of two (exact, via frexp: s = m * 2^e with m in [0.5, 1))."""
+    m, e = torch.frexp(s)
+    e = torch.where(m == 0.5, e - 1, e)
+    return torch.where(s > 0, torch.ldexp(torch.ones_like(s), e), torch.zeros_like(s))
+
+
+def _round_up_to(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast float32 scales to ``dtype`` rounding *up*, so that |w / s| never exceeds QMAX after the cast."""
+    if dtype == torch.float32:
+        return s
+    t = s.to(dtype)
+    return torch.where(t.float() < s, torch.nextafter(t, torch.full_like(t, math.inf)), t)
+
+
+def _scales_from_amax(amax: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, name: str) -> torch.Tensor:
+    if not torch.isfinite(amax).all():
+        raise NonFiniteError(f"{name or 'weight'}: contains NaN or Inf; cannot quantize it")
+    s = amax.float() / QMAX[scheme.weight]
+    if scheme.scale_fmt == "ue8m0":
+        s = _ue8m0(s)
+    return _round_up_to(s, scale_dtype)
+
+
+def _cast(x: torch.Tensor, weight: str) -> torch.Tensor:
+    """Round a scaled float tensor onto the quantized grid (half to even) and cast."""
+    if weight == "fp8_e4m3":
+        return x.clamp_(-QMAX["fp8_e4m3"], QMAX["fp8_e4m3"]).to(FP8)
+    lo, hi = QRANGE[weight]
+    return x.round_().clamp_(lo, hi).to(torch.int8)
+
+
+def quantize_weight(
+    w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype = torch.float32, name: str = ""
+) -> QuantizedWeight:
+    """Quantize an [N, K] float weight.
+
+    scale_dtype: the dtype the target format stores scales in (bf16 for compressed-tensors, fp16 for GPTQ).
+    Scales are rounded up to it *before* quantizing, so the stored scale is the one the values were made with.
+    Raises NonFiniteError (naming ``name``) if ``w`` holds NaN/Inf.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"{name or 'weight'}: expected a 2-D [N, K] weight, got shape {tuple(w.shape)}")
+    if not scheme.is_quantized:
+        if not torch.isfinite(w).all():
+            raise NonFiniteError(f"{name or 'weight'}: contains NaN or Inf")
+        return QuantizedWeight(scheme, w, None)
+    n, k = w.shape
+    bn, bk = _tile(scheme, n, k)
+    tiles = _tiles(w.float(), bn, bk)  # (N/bn, bn, K/bk, bk)
+    amax = tiles.abs().amax(dim=(1, 3))  # (N/bn, K/bk)
+    s = _scales_from_amax(amax, scheme, scale_dtype, name)
+    divisor = torch.where(s > 0, s.float(), torch.ones_like(s, dtype=torch.float32))
+    q = _cast(tiles / divisor[:, None, :, None], scheme.weight)
+    q = q.view(tiles.shape[0] * bn, tiles.shape[2] * bk)[:n, :k].contiguous()
+    return QuantizedWeight(scheme, q, s)
+
+
+def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[N, K] quantized weight -> [N, K] ``dtype``: q * scale, broadcast over each scale's tile (in float32)."""
+    if qw.scale is None:
+        return qw.qweight.to(dtype)
+    n, k = qw.shape
+    expected = scale_shape(qw.scheme, n, k)
+    if tuple(qw.scale.shape) != expected:
+        raise ValueError(
+            f"scale of shape {tuple(qw.scale.shape)} does not fit a [{n}, {k}] weight under "
+            f"{qw.scheme.name}: expected {expected}"
+        )
+    bn, bk = _tile(qw.scheme, n, k)
+    w = qw.qweight.float() * _expand(qw.scale.float(), n, k, bn, bk)
+    return w.to(dtype)
+
+
+# ---------------------------------------------------------------- activations (dynamic, at run time)
+
+
+def quantize_act_group(
+    x: torch.Tensor, weight: str = "int8", group_size: int = 128, scale_fmt: str = "float"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token per group of ``group_size`` channels: x [..., K] -> x_q [..., K], x_s float32 [..., cdiv(K, g)]."""
+    *lead, k = x.shape
+    x2 = x.reshape(-1, k).float()
+    scheme = Scheme("act", weight=weight, granularity="group", group_size=group_size, scale_fmt=scale_fmt)
+    qw = quantize_weight(x2, scheme, name="activation")
+    return qw.qweight.view(*lead, k), qw.scale.view(*lead, -1)
+
+
+def quantize_act_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token int8: x [..., K] -> x_q int8 [..., K], x_s float32 [..., 1]."""
+    *lead, k = x.shape
+    scheme = Scheme("act", weight="int8", granularity="channel")
+    qw = quantize_weight(x.reshape(-1, k).float(), scheme, name="activation")
+    return qw.qweight.view(*lead, k), qw.scale.view(*lead, 1)
+
+
+def dequantize_act(x_q: torch.Tensor, x_s: torch.Tensor) -> torch.Tensor:
+    """Inverse of the activation quantizers: x_s [..., G] broadcast over groups of cdiv(K, G) channels."""
+    k, groups = x_q.shape[-1], x_s.shape[-1]
+    g = cdiv(k, groups)
+    return x_q.float() * x_s.float().repeat_interleave(g, dim=-1)[..., :k]
+
+
+def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference matmul of a scheme: y [..., N] = act_quant(x) [..., K] @ dequant(w).T, computed in float32.
+
+    This is the exact math a kernel of the scheme must reproduce (up to float summation order).
+    """
+    scheme = qw.scheme
+    if scheme.activation == "group":
+        x_q, x_s = quantize_act_group(x, scheme.weight, scheme.act_group_size, scheme.scale_fmt)
+        xf = dequantize_act(x_q, x_s)
+    elif scheme.activation == "token":
+        xf = dequantize_act(*quantize_act_token(x))
+    else:
+        xf = x.float()
+    y = xf @ dequantize_weight(qw).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-noise ratio of ``approx`` against ``reference`` in dB (inf when exact)."""
+    ref = reference.float()
+    noise = (ref - approx.float()).pow_(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
