@@ -12,13 +12,16 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import gguf
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # the CLI imports this module; GPU hosts without `gguf` must still start it
+    import gguf
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it to convert {gguf_path.name} again")
+    import gguf
+
     reader = gguf.GGUFReader(gguf_path)
     arch = _field(reader, "general.architecture")
     if arch != "llama":
@@ -195,6 +200,8 @@ def _hf_name(gguf_name: str) -> str | None:
 
 
 def _llama_state_dict(reader: gguf.GGUFReader, gguf_path: Path, config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from gguf import quants as gguf_quants
+
     state_dict = {}
     for tensor in reader.tensors:
         name = _hf_name(tensor.name)
@@ -202,7 +209,7 @@ def _llama_state_dict(reader: gguf.GGUFReader, gguf_path: Path, config, dtype: t
             raise ValueError(f"{gguf_path}: tensor {tensor.name} has no HF Llama counterpart")
         # GGUF lists dims innermost first (ne0 = in_features); HF wants (out_features, in_features).
         shape = tuple(int(d) for d in reversed(tensor.shape))
-        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)  # float32
+        weight = gguf_quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)  # float32
         if tensor.name.endswith(".attn_q.weight"):
             weight = _unpermute_rope_rows(weight, config.num_attention_heads)
         elif tensor.name.endswith(".attn_k.weight"):
