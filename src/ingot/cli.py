@@ -72,6 +72,8 @@ def cmd_convert(args) -> int:
     src = _resolve_model(args.src, _cache_dir(args.cache_dir))
     manifest = convert(src, Path(args.dst), options, progress=not args.quiet)
     t = manifest["totals"]
+    for warning in manifest.get("warnings", []):
+        print(f"ingot: warning: {warning}", file=sys.stderr)
     print(
         f"{args.dst}: {manifest['scheme']} as {manifest['format']}, {t['tensors']} tensors, "
         f"{t['bytes_in'] / 1e6:.1f} MB -> {t['bytes_out'] / 1e6:.1f} MB in {t['seconds']:.1f}s, "

@@ -117,6 +117,14 @@ class Format:
     def quantization_config(self, kind: str, ignored: list[str], scale_fmt: str) -> dict | None:
         raise NotImplementedError
 
+    def load_caveat(self, kind: str, n: int, k: int) -> str | None:
+        """Why the engines that load this format would refuse an [n, k] linear of ``kind`` (None: they load it).
+
+        The file is still valid per FORMATS.md (ragged edges pad the scale grid) and ingot reads it; the caveat
+        is reported so users can ``--ignore`` such layers or pick another format.
+        """
+        return None
+
     # ---- shared
     def check_kind(self, kind: str) -> None:
         if kind not in self.kinds:

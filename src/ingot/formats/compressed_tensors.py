@@ -151,6 +151,12 @@ class CompressedTensors(Format):
             f"{prefix}.weight_shape": torch.tensor([n, k], dtype=torch.int32),
         }
 
+    def load_caveat(self, kind, n, k):
+        # compressed-tensors' strategy_cdiv (and vLLM's kernels) need K to divide into groups / blocks.
+        if kind in ("int4-group", "fp8-block") and k % 128:
+            return f"compressed-tensors and vLLM refuse {kind} weights whose K is not a multiple of 128"
+        return None
+
     def quantization_config(self, kind, ignored, scale_fmt):
         self.check_kind(kind)
         weights, acts = _scheme_args(kind)

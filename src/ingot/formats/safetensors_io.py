@@ -12,6 +12,8 @@ import errno
 import json
 import os
 import struct
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,6 +194,152 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         if "No space left" in str(e):
             raise CheckpointError(f"{path}: disk full while writing the shard") from None
         raise
+
+
+class ShardWriter:
+    """Write one shard tensor by tensor, in the bytes ``write_shard`` (safetensors' ``save_file``) would write.
+
+    The header is known before any data (names, dtypes and shapes are planned), so each tensor goes to its
+    offset as soon as it exists and its memory can be reused for the next one: a converter holds one tensor,
+    not the whole output shard (on a 1 GB shard: ~1 GB less peak RSS, and ~250K fewer page faults).
+
+    Layout, as safetensors writes it: 8-byte little-endian header length; the header, compact JSON with
+    ``__metadata__`` first and then the tensors in data order, padded with spaces to a multiple of 8; the data,
+    sorted by dtype then name. The order is safetensors' own, read back from a header it serializes for empty
+    stand-ins of the same names and dtypes, so it follows the installed version.
+
+    ``queue`` > 0 writes from a background thread, up to that many tensors behind the caller, so the next tensor
+    is computed while the last one is copied into the page cache (pwrite releases the GIL); the tensors waiting
+    stay referenced until written.
+
+    Use as a context manager: on a clean exit every planned tensor must have been written, and the file is
+    renamed into place (``<name>.tmp`` until then); on an error the temp file is removed.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: dict | None = None,
+        queue: int = 0,
+    ):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._fd: int | None = None
+        self._queue = queue
+        self._pool = None
+        self._futures: deque = deque()
+        self._pending = {name for name, _, _ in specs}
+        if len(self._pending) != len(specs):
+            raise ValueError(f"{self.path}: a tensor name is planned twice")
+        self._specs = {name: (dtype, tuple(shape)) for name, dtype, shape in specs}
+        self._offsets, self._header = _shard_layout(specs, {"format": "pt"} if metadata is None else metadata)
+
+    def __enter__(self) -> "ShardWriter":
+        try:
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._pwrite(self._header, 0)
+        except OSError as e:
+            self._abort()
+            raise _write_error(self.path, e) from None
+        if self._queue > 0:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor (CPU; its dtype and shape must be the planned ones)."""
+        if name not in self._specs:
+            raise ValueError(f"{self.path}: tensor {name} is not planned for this shard")
+        if name not in self._pending:
+            raise ValueError(f"{self.path}: tensor {name} written twice")
+        dtype, shape = self._specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: tensor {name} is {tensor.dtype}{tuple(tensor.shape)}, planned {dtype}{shape}")
+        begin, end = self._offsets[name]
+        if end > begin:
+            data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            try:
+                if self._pool is None:
+                    self._pwrite(data, begin)
+                else:
+                    self._futures.append(self._pool.submit(self._pwrite, data, begin))
+                    while len(self._futures) > self._queue:
+                        self._futures.popleft().result()
+            except OSError as e:
+                raise _write_error(self.path, e) from None
+        self._pending.discard(name)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._abort()
+            return
+        try:
+            while self._futures:
+                self._futures.popleft().result()
+        except OSError as e:
+            self._abort()
+            raise _write_error(self.path, e) from None
+        if self._pending:
+            self._abort()
+            missing = sorted(self._pending)
+            raise ValueError(f"{self.path}: {len(missing)} planned tensors were never written, e.g. {missing[0]}")
+        try:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self._abort()
+            raise _write_error(self.path, e) from None
+
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:  # one pwrite moves at most ~2 GiB on Linux
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def _abort(self) -> None:
+        if self._pool is not None:  # let queued writes finish (or fail) before their file goes
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._futures.clear()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def _shard_layout(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict) -> tuple[dict[str, tuple[int, int]], bytes]:
+    """Absolute file offsets of each tensor's data, and the header bytes (length prefix included)."""
+    from safetensors.torch import save
+
+    for name, dtype, _ in specs:
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f"tensor {name}: dtype {dtype} cannot be written; expected one of {', '.join(DTYPES)}")
+    stand_ins = save({name: torch.empty(0, dtype=dtype) for name, dtype, _ in specs}, metadata=metadata)
+    (n,) = struct.unpack("<Q", stand_ins[:8])
+    order = [k for k in json.loads(stand_ins[8 : 8 + n]) if k != "__metadata__"]
+    info = {name: (dtype, tuple(shape)) for name, dtype, shape in specs}
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    pos = 0
+    for name in order:
+        dtype, shape = info[name]
+        size = TensorInfo(name, dtype, shape, "").nbytes
+        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [pos, pos + size]}
+        pos += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    offsets = {name: (start + e["data_offsets"][0], start + e["data_offsets"][1]) for name, e in header.items() if name != "__metadata__"}
+    return offsets, struct.pack("<Q", len(raw)) + raw
+
+
+def _write_error(path: Path, e: OSError) -> CheckpointError:
+    if e.errno == errno.ENOSPC:
+        return CheckpointError(f"{path}: disk full while writing the shard")
+    return CheckpointError(f"{path}: cannot write the shard ({e.strerror or e})")
 
 
 def write_json(path: Path, data: dict) -> None:
