@@ -103,6 +103,7 @@ def cmd_bench_convert(args) -> int:
         schemes=tuple(args.schemes),
         out=Path(args.out) if args.out else None,
         command=" ".join(["ingot", *sys.argv[1:]]),
+        git_sha=args.git_sha,
     )
     run_bench_convert(options)
     return 0
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--devices", nargs="+", default=["cpu"])
     b.add_argument("--schemes", nargs="+", default=["int8-block", "int8-channel"])
     b.add_argument("--out", help="results JSON (default: benchmarks/results/convert-<device>-<date>.json)")
+    b.add_argument("--git-sha", help="record this sha (a copied tree without .git); default: the checkout's")
     b.set_defaults(func=cmd_bench_convert)
     return parser
 

@@ -181,6 +181,7 @@ class BenchConvertOptions:
     schemes: tuple[str, ...] = SUPPORTED_SCHEMES
     out: Path | None = None  # None: benchmarks/results/convert-<device>-<date>.json
     command: str = ""  # the command line, recorded in the JSON
+    git_sha: str | None = None  # for trees copied without .git (the GPU machine): the sha they were copied at
     model: SyntheticDeepseekV3 = field(default_factory=SyntheticDeepseekV3)
     seed: int = 0
 
@@ -408,7 +409,7 @@ def run_bench_convert(options: BenchConvertOptions) -> dict:
         "command": options.command,
         "started": started,
         "finished": timestamp(),
-        "git": git_info(),
+        "git": {"sha": options.git_sha, "dirty": None} if options.git_sha else git_info(),
         "device": device,
         "software": software_info(),
         "config": {

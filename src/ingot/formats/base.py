@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from ingot.formats.safetensors_io import CheckpointError
+from ingot.formats.safetensors_io import CheckpointError, nbytes
 
 # FORMATS.md "What is quantized": attention projections (Llama and DeepSeek MLA), dense MLP, MoE experts and
 # shared experts, inside the transformer blocks. embed_tokens, lm_head, norms, biases and the MoE router
@@ -60,10 +60,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return nbytes(self.dtype, self.shape)
 
 
 class TensorSource(Protocol):

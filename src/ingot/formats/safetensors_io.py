@@ -55,10 +55,18 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return nbytes(self.dtype, self.shape)
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def nbytes(dtype: torch.dtype, shape) -> int:
+    return dtype.itemsize * numel(shape)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -186,9 +194,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise CheckpointError(f"{path}: disk full while writing the shard") from None
-        raise CheckpointError(f"{path}: cannot write the shard ({e.strerror or e})") from None
+        raise _write_error(path, e) from None
     except Exception as e:
         tmp.unlink(missing_ok=True)
         if "No space left" in str(e):

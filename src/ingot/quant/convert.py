@@ -27,7 +27,7 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
@@ -43,6 +43,7 @@ from ingot.formats.safetensors_io import (
     Checkpoint,
     CheckpointError,
     ShardWriter,
+    numel,
     read_json,
     shard_name,
     write_json,
@@ -225,57 +226,63 @@ def _assign_shards(items: list[Item], src_shard: list[int], max_bytes: int | Non
 # -------------------------------------------------------------------------------------------- convert
 
 
-def _stored_to_quantized(lin: StoredLinear) -> ref.QuantizedWeight:
-    scheme = replace(Scheme.from_name(lin.kind), block_size=tuple(lin.block_size), group_size=lin.group_size)
-    return ref.QuantizedWeight(scheme, lin.qweight, lin.scale)
-
-
 def convert_item(p: Plan, it: Item, src: Checkpoint, dst_fmt: Format, src_fmt: Format, device: str) -> tuple[dict, dict]:
     """Produce one item's output tensors and its manifest row."""
-    if it.src_kind is None:  # a tensor copied as is
-        t = src.get(it.name)
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{p.src}: tensor {it.name} contains NaN or Inf")
-        t = t.to(it.specs[0].dtype)
-        if t.is_floating_point() and not torch.isfinite(t).all():  # bf16 -> fp16 overflows past 65504
-            raise CheckpointError(f"{p.src}: tensor {it.name} overflows {_dt(t.dtype)} (its largest magnitude does not fit)")
-        return {it.name: t}, {"name": it.name, "shape": list(t.shape), "dtype_in": _dt(src.tensors[it.name].dtype), "dtype_out": _dt(t.dtype), "snr_db": None}
-    if it.src_kind == "bf16":  # a plain linear (e.g. kept by --ignore) inside a quantized checkpoint: no format decode
+    if it.src_kind is None:
+        return _copy_tensor(p, it, src)
+    if it.src_kind == "bf16":  # a plain linear, also inside a quantized checkpoint (e.g. kept by --ignore)
         stored = StoredLinear("bf16", src.get(it.sources[0]), None)
     else:
         stored = src_fmt.decode(it.name, src, it.src_kind, src.config)
     stored.qweight = stored.qweight.to(device)
     stored.scale = None if stored.scale is None else stored.scale.to(device)
-    weight_name = it.specs[0].name if it.dst_kind == "bf16" else f"{it.name}.weight"
-    quick = None  # FP8-block -> INT8: quant/fast.py, bit-identical to the reference lines below and ~30x faster
-    if it.dst_kind != "bf16" and fast.supports(stored.kind, stored.block_size, p.options.scheme):
-        scale_dtype = dst_fmt.scale_dtype(it.dst_kind, p.out_dtype)
-        quick = fast.requantize(stored.qweight, stored.scale, stored.block_size, p.options.scheme, scale_dtype, weight_name)
-    w = None if quick else ref.dequantize_weight(_stored_to_quantized(stored)) if stored.kind != "bf16" else stored.qweight.float()
-    if it.dst_kind == "bf16":
-        qw = ref.quantize_weight(w.to(p.out_dtype), BF16, name=weight_name)
-        out = StoredLinear("bf16", qw.qweight, None)
-        snr = ref.snr_db(w, qw.qweight)
-        tensors = {f"{it.name}.weight": qw.qweight.cpu()}
-    elif quick:
-        qw, snr = quick
-        out = StoredLinear(it.dst_kind, qw.qweight.cpu(), qw.scale.cpu())
-        tensors = dst_fmt.encode(it.name, out, p.out_dtype)
+
+    if it.dst_kind == "bf16":  # kept in source precision: dequantize only
+        weight_name = f"{it.name}.weight"
+        w = _dequantize(stored)
+        kept = ref.quantize_weight(w.to(p.out_dtype), BF16, name=weight_name).qweight  # checks NaN/Inf
+        tensors, snr, shape = {weight_name: kept.cpu()}, ref.snr_db(w, kept), kept.shape
     else:
         scheme = p.options.scheme
-        qw = ref.quantize_weight(w, scheme, scale_dtype=dst_fmt.scale_dtype(it.dst_kind, p.out_dtype), name=weight_name)
-        snr = ref.snr_db(w, ref.dequantize_weight(qw))
+        scale_dtype = dst_fmt.scale_dtype(it.dst_kind, p.out_dtype)
+        result = None
+        if fast.supports(stored.kind, stored.block_size, scheme):  # FP8 -> INT8: bit-identical to the lines below
+            result = fast.requantize(stored.qweight, stored.scale, stored.block_size, scheme, scale_dtype, f"{it.name}.weight")
+        if result is None:
+            w = _dequantize(stored)
+            qw = ref.quantize_weight(w, scheme, scale_dtype=scale_dtype, name=f"{it.name}.weight")
+            result = qw, ref.snr_db(w, ref.dequantize_weight(qw))
+        qw, snr = result
         out = StoredLinear(it.dst_kind, qw.qweight.cpu(), qw.scale.cpu())
-        tensors = dst_fmt.encode(it.name, out, p.out_dtype)
-    del w
+        tensors, shape = dst_fmt.encode(it.name, out, p.out_dtype), out.qweight.shape
     row = {
         "name": it.name,
-        "shape": list(out.qweight.shape),
+        "shape": list(shape),
         "dtype_in": it.src_kind if it.src_kind != "bf16" else _dt(src.tensors[it.sources[0]].dtype),
         "dtype_out": it.dst_kind if it.dst_kind != "bf16" else _dt(p.out_dtype),
-        "snr_db": None if snr == float("inf") else round(snr, 3),
+        "snr_db": None if snr == float("inf") else round(snr, 3),  # None: exact (JSON has no inf)
     }
     return tensors, row
+
+
+def _dequantize(stored: StoredLinear) -> torch.Tensor:
+    """A stored linear as a float32 [N, K] weight."""
+    if stored.kind == "bf16":
+        return stored.qweight.float()
+    scheme = replace(Scheme.from_name(stored.kind), block_size=tuple(stored.block_size), group_size=stored.group_size)
+    return ref.dequantize_weight(ref.QuantizedWeight(scheme, stored.qweight, stored.scale))
+
+
+def _copy_tensor(p: Plan, it: Item, src: Checkpoint) -> tuple[dict, dict]:
+    """A non-linear tensor, copied as is (cast only by the plain fp16/bf16 formats)."""
+    t = src.get(it.name)
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise CheckpointError(f"{p.src}: tensor {it.name} contains NaN or Inf")
+    t = t.to(it.specs[0].dtype)
+    if t.is_floating_point() and not torch.isfinite(t).all():  # bf16 -> fp16 overflows past 65504
+        raise CheckpointError(f"{p.src}: tensor {it.name} overflows {_dt(t.dtype)} (its largest magnitude does not fit)")
+    row = {"name": it.name, "shape": list(t.shape), "dtype_in": _dt(src.tensors[it.name].dtype), "dtype_out": _dt(t.dtype), "snr_db": None}
+    return {it.name: t}, row
 
 
 def _dt(dtype: torch.dtype) -> str:
@@ -430,7 +437,7 @@ def _finish(p: Plan, job: dict, resumed: int, seconds: float) -> dict:
         "warnings": p.caveats,
         "tensors": rows,
         "totals": {
-            "params": sum(_numel(r["shape"]) for r in rows),
+            "params": sum(numel(r["shape"]) for r in rows),
             "tensors": len(rows),
             "bytes_in": sum(it.src_bytes for it in p.items),
             "bytes_out": total_size,
@@ -474,12 +481,6 @@ def _peak_rss_self() -> int:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _version() -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ingot import formats
 from ingot.formats.base import QUANTIZABLE, layer_index
-from ingot.formats.safetensors_io import Checkpoint
+from ingot.formats.safetensors_io import Checkpoint, numel
 from ingot.quant.ref import cdiv, scale_shape
 from ingot.quant.schemes import PRESETS, Scheme
 
@@ -19,19 +19,13 @@ from ingot.quant.schemes import PRESETS, Scheme
 ESTIMATE_SCHEMES = ("bf16", "fp8-block", "int8-channel", "int4-group")
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
 
 def linear_bytes(scheme: Scheme, n: int, k: int) -> int:
     """Bytes of one [n, k] linear under ``scheme``: values plus scales (float32; bf16 for int4 groups)."""
     if not scheme.is_quantized:
         return 2 * n * k
     values = n * k * scheme.bits // 8
-    scales = _numel(scale_shape(scheme, n, k)) * (2 if scheme.weight == "int4" else 4)
+    scales = numel(scale_shape(scheme, n, k)) * (2 if scheme.weight == "int4" else 4)
     return values + scales
 
 
@@ -53,7 +47,7 @@ def inspect_checkpoint(path: Path | str) -> dict:
         else:
             shapes[prefix] = t[f"{prefix}.weight"].shape
     other = {n: i for n, i in ckpt.tensors.items() if n not in consumed}
-    other_params = sum(_numel(i.shape) for i in other.values())
+    other_params = sum(numel(i.shape) for i in other.values())
     other_bytes = sum(i.nbytes for i in other.values())
 
     def quantizable(prefix: str) -> bool:

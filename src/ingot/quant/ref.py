@@ -16,14 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ingot.formats.base import cdiv
 from ingot.quant.schemes import QMAX, QRANGE, Scheme
 
 FP8 = torch.float8_e4m3fn
 TORCH_DTYPE = {"fp8_e4m3": FP8, "int8": torch.int8, "int4": torch.int8, "bf16": torch.bfloat16}
 
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class NonFiniteError(ValueError):
