@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from ingot.formats.gguf_import import DEFAULT_MODEL, MissingPackageError, locate_gguf, pull
 
@@ -14,3 +15,13 @@ def embedded_model_dir(tmp_path_factory):
     except MissingPackageError as error:
         pytest.skip(str(error))
     return pull(DEFAULT_MODEL, tmp_path_factory.mktemp("ingot-cache"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip themselves where no CUDA device is present (CPU CI, developers' machines)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
