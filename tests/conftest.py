@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without CUDA, ingot's Triton kernels run in Triton's interpreter. Set here, before any test module (or a
+    # library it imports) can import triton and ingot.kernels: triton.jit reads it when a kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ingot.formats.gguf_import import DEFAULT_MODEL, MissingPackageError, locate_gguf, pull
 

@@ -230,3 +230,71 @@ def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+# ------------------------------------------------ W8A8 int8 GEMMs (references of ingot.kernels.int8_gemm)
+# The math the kernels reproduce, with the same signatures. The integer part is exact: float64 holds every
+# partial sum of int8 products exactly (|sum| <= K * 128^2 < 2^53 for any K below 5e11), whatever the summation
+# order, and unlike an int32/int64 matmul it runs on CUDA for any shape (torch._int_mm needs M > 16, K, N % 8).
+# The float part (int -> fp32, scale products, accumulation over K blocks, bias) is done in float32 in the same
+# order as the kernels, so on the CPU interpreter the kernels match these bit for bit.
+
+
+def _int8_dot_exact(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """x_q int8 [M, k] @ w_q int8 [N, k].T -> the exact integer products as float64 [M, N]."""
+    return x_q.double() @ w_q.double().T
+
+
+def int8_gemm_channel_ref(
+    x_q: torch.Tensor,
+    x_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Per-token x per-channel W8A8: y [M, N] = (x_q @ w_q.T) * x_s * w_s.T (+ bias), cast to ``out_dtype``.
+
+    x_q int8 [M, K], x_s float32 [M, 1], w_q int8 [N, K], w_s float32 [N, 1], bias [N] (any float dtype).
+    The int32 accumulator of the kernel is the exact integer sum (K < 2^31 / 128^2 = 131072 cannot overflow);
+    it is rounded once to float32, then scaled as ``(acc * x_s) * w_s``, then ``+ bias`` in float32.
+    """
+    acc = _int8_dot_exact(x_q, w_q).float()  # exact integer, one rounding to fp32 (only above 2^24)
+    y = acc * x_s.float().view(-1, 1) * w_s.float().view(1, -1)
+    if bias is not None:
+        y = y + bias.float().view(1, -1)
+    return y.to(out_dtype)
+
+
+def int8_gemm_block_ref(
+    x_q: torch.Tensor,
+    x_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    block_size: tuple[int, int] = (128, 128),
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Per-token-per-group x 128x128-block W8A8: y [M, N] = sum_kb dot_kb * (x_s[:, kb] * w_s[n // bn, kb]) (+ bias).
+
+    x_q int8 [M, K], x_s float32 [M, cdiv(K, bk)], w_q int8 [N, K], w_s float32 [cdiv(N, bn), cdiv(K, bk)],
+    block_size (bn, bk). Each K block's integer dot is exact (|dot| <= bk * 128^2 = 2^21 for bk = 128, so its fp32
+    value is exact too); the scaled blocks are summed in float32 in K order, as the kernel does. A ragged last K
+    block is the dot over the columns that exist (the kernel loads the missing ones as zeros).
+    """
+    bn, bk = block_size
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    ws = w_s.float().repeat_interleave(bn, dim=0)[:n]  # [N, cdiv(K, bk)]: each row's block scale
+    xs = x_s.float()
+    acc = torch.zeros(m, n, dtype=torch.float32, device=x_q.device)
+    for kb in range(cdiv(k, bk)):
+        cols = slice(kb * bk, min(k, (kb + 1) * bk))
+        dot = _int8_dot_exact(x_q[:, cols], w_q[:, cols]).float()
+        acc = acc + dot * (xs[:, kb, None] * ws[None, :, kb])
+    if bias is not None:
+        acc = acc + bias.float().view(1, -1)
+    return acc.to(out_dtype)
+
+
+# ------------------------------------------------ end of W8A8 int8 GEMMs

@@ -1,0 +1,10 @@
+"""Triton kernels: the only package of ingot that imports triton. One module per op family.
+
+Every op is a pair: a ``_op_kernel`` (explicit strides, ``tl.constexpr`` tiles, fp32 math) and a public ``op()``
+wrapper that checks shapes, dtypes, contiguity and the ties between tile and quantization block, allocates, and
+launches. Ops take tensors on CUDA, or on any device when triton runs its interpreter (``TRITON_INTERPRET=1`` set
+before the kernel modules are imported: that is how CPU CI runs them on small shapes). Each op has a plain-PyTorch
+reference with the same math in ``ingot.quant.ref``.
+
+Modules: ``act_quant`` (dynamic activation quantization), ``int8_gemm`` (W8A8 int8 GEMMs).
+"""

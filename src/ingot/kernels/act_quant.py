@@ -1,0 +1,324 @@
+"""Dynamic activation quantization: x [..., K] (bf16/fp16/fp32) -> x_q [..., K] (int8 / fp8 e4m3) and float32 x_s.
+
+- ``per_token_group_quant``: one scale per token per ``group_size`` channels (int8-block, fp8-block activations),
+  x_s [..., cdiv(K, g)], row-major or stored column-major for DeepGEMM/SGLang-style block GEMMs.
+- ``per_token_quant_int8``: one scale per token (int8-channel activations), x_s [..., 1].
+
+References with the same math: ``ingot.quant.ref.quantize_act_group`` / ``quantize_act_token``; the kernels equal
+them bit for bit (q and scales), on the CPU interpreter and on the GPU:
+
+- s = amax / QMAX with an IEEE round-to-nearest fp32 division. Triton's ``/`` on fp32 lowers to ``div.full.f32`` on
+  NVIDIA GPUs (approximate, up to 2 ulp off); ``tl.math.div_rn`` lowers to ``div.rn.f32`` (and to numpy's IEEE
+  division in the interpreter). The same division makes q: x / s, not x * (1 / s), as the reference does.
+- ue8m0 scales are 2^ceil(log2(amax / 448)), made exactly from the bits of the fp32 scale.
+- int8: round half to even, clamp to +-127 (never -128). fp8: clamp to +-448, round half to even onto the e4m3 grid.
+  Both round with ``_rint`` (libdevice ``rint`` when compiled; an exact fp32 trick in the interpreter, which cannot
+  call libdevice), and fp8 values are rounded onto the grid *before* the cast, because the interpreter's fp32 -> fp8
+  cast rounds ties away from zero (17.0 -> 18, not 16; measured in triton 3.6), while the GPU's
+  ``cvt.rn.satfinite`` rounds half to even: an on-grid value casts exactly on both.
+- An all-zero group gets scale 0 and q 0 (the division is by 1 there), ragged K is padded with zeros.
+- Inputs must be finite: the reference raises on NaN/Inf, the kernels do not check (that would cost a reduction).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# Largest quantized magnitude: a scale is amax / QMAX. (The same numbers as ingot.quant.schemes.QMAX; kernels sit
+# below quant in the import order, so they are spelled out here.)
+QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
+Q_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SCALE_FMTS = ("float", "ue8m0")
+
+# Tiles. A program of per_token_group_quant owns BLOCK_M rows x one group (BLOCK_G = group_size rounded up to a power
+# of two, the lanes past group_size masked): ~4096 elements, 8 KB of bf16 in and 4 KB of int8/fp8 out, 32 elements
+# per thread at 4 warps. M = 16384, K = 7168, g = 128: 512 row blocks x 56 groups = 28672 programs.
+TILE_ELEMS = 4096
+MAX_GROUP_SIZE = 4096  # one group is one row of the tile: larger groups would spill registers
+# per_token_quant_int8 loops over K in chunks of BLOCK_K (two passes: amax, then quantize; the second pass re-reads a
+# BLOCK_M x K slab, 57 KB at BLOCK_M = 4 and K = 7168 in bf16, from L2).
+MAX_BLOCK_K = 1024
+NUM_WARPS = 4
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _rint(y, USE_LIBDEVICE: tl.constexpr):
+    """fp32 -> fp32 rounded to the nearest integer, ties to even, keeping the sign (rint(-0.3) = -0.0).
+
+    The interpreter branch is exact for |y| < 2^23 (callers clamp first): |y| + 2^23 lies in [2^23, 2^24), where
+    fp32 values are spaced by 1, so the IEEE addition itself rounds half to even; subtracting 2^23 is exact.
+    """
+    if USE_LIBDEVICE:
+        r = libdevice.rint(y)  # cvt.rni.f32.f32
+    else:
+        mag = (tl.abs(y) + 8388608.0) - 8388608.0
+        sign = y.to(tl.uint32, bitcast=True) & 0x80000000
+        r = (mag.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return r
+
+
+@triton.jit
+def _round_to_e4m3(y, USE_LIBDEVICE: tl.constexpr):
+    """Round fp32 y, |y| <= 448, half to even onto the e4m3 grid (result still fp32, exactly representable in e4m3).
+
+    e4m3 keeps 3 mantissa bits: spacing 2^(e-3) for |y| in [2^e, 2^(e+1)), e >= -6, and 2^-9 below 2^-6
+    (subnormals). y / spacing is exact (a power of two), lands in [0, 16), and is rounded to an integer.
+    """
+    e = (y.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent
+    e = tl.maximum(e, 127 - 6)
+    inv_spacing = ((257 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3 - (e - 127))
+    spacing = ((e - 3) << 23).to(tl.float32, bitcast=True)  # 2^((e - 127) - 3)
+    return _rint(y * inv_spacing, USE_LIBDEVICE) * spacing
+
+
+@triton.jit
+def _ceil_pow2(s):
+    """Positive fp32 s -> the smallest power of two >= s (0 -> 0), exactly: the ue8m0 scale format.
+
+    Normal s: bump the exponent unless the mantissa is zero ((bits + 0x7FFFFF) carries into the exponent iff a mantissa
+    bit is set) and clear the mantissa. Subnormal s is bits * 2^-149: round the integer up to a power of two (bit
+    smear); 2^23 is the bit pattern of 2^-126, the smallest normal, so the two cases meet.
+    """
+    bits = s.to(tl.int32, bitcast=True)
+    normal = (bits + 0x7FFFFF) & 0x7F800000
+    v = bits - 1  # 0 -> -1, which the smear keeps at -1, and -1 + 1 = 0
+    v = v | (v >> 1)
+    v = v | (v >> 2)
+    v = v | (v >> 4)
+    v = v | (v >> 8)
+    v = v | (v >> 16)
+    out = tl.where(bits < 0x800000, v + 1, normal)
+    return out.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize(x, s, QMAX: tl.constexpr, IS_FP8: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """x fp32 (BLOCK_M, BLOCK), s fp32 (BLOCK_M,) -> q (BLOCK_M, BLOCK) int8 or float8e4nv."""
+    divisor = tl.where(s > 0, s, 1.0)  # an all-zero group: scale 0, q = x / 1 = 0
+    y = tl.math.div_rn(x, divisor[:, None])
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    if IS_FP8:
+        q = _round_to_e4m3(y, USE_LIBDEVICE).to(tl.float8e4nv)
+    else:
+        q = _rint(y, USE_LIBDEVICE).to(tl.int8)
+    return q
+
+
+@triton.jit
+def _per_token_group_quant_kernel(
+    x_ptr, q_ptr, s_ptr,  # x [M, K], x_q [M, K], x_s [M, G] (any strides: row- or column-major)
+    M, K, group_size,
+    stride_xm, stride_xk,
+    stride_qm, stride_qk,
+    stride_sm, stride_sg,
+    num_groups,
+    QMAX: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    UE8M0: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # >= group_size, a power of two
+):
+    # 1-D grid, groups fastest: consecutive programs walk along the same BLOCK_M rows (contiguous memory), and the
+    # grid can exceed the 65535 limit of the second grid axis.
+    pid = tl.program_id(0)
+    pid_g = pid % num_groups
+    pid_m = pid // num_groups
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = tl.arange(0, BLOCK_G)
+    cols = pid_g * group_size + j
+    row_ok = rows < M
+    mask = row_ok[:, None] & ((j < group_size) & (cols < K))[None, :]  # ragged last group: missing lanes are 0
+    rows64 = rows.to(tl.int64)  # M * K can pass 2^31
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+    x = x.to(tl.float32)  # (BLOCK_M, BLOCK_G)
+
+    amax = tl.max(tl.abs(x), axis=1)  # (BLOCK_M,)
+    s = tl.math.div_rn(amax, QMAX)
+    if UE8M0:
+        s = _ceil_pow2(s)
+    q = _quantize(x, s, QMAX, IS_FP8, USE_LIBDEVICE)
+
+    tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :] * stride_qk, q, mask=mask)
+    tl.store(s_ptr + rows64 * stride_sm + pid_g * stride_sg, s, mask=row_ok)
+
+
+@triton.jit
+def _per_token_quant_int8_kernel(
+    x_ptr, q_ptr, s_ptr,  # x [M, K], x_q int8 [M, K], x_s fp32 [M, 1]
+    M, K,
+    stride_xm, stride_xk,
+    stride_qm, stride_qk,
+    stride_sm,
+    USE_LIBDEVICE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows64[:, None] * stride_xm + k[None, :] * stride_xk
+    q_ptrs = q_ptr + rows64[:, None] * stride_qm + k[None, :] * stride_qk
+
+    # while, not `for k0 in range(0, K, BLOCK_K)`: triton 3.6's interpreter turns a run-time loop bound into a Python
+    # int with int(1-element array), which numpy >= 2.4 refuses (TypeError); a while condition is read with bool().
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    k0 = 0
+    while k0 < K:
+        mask = row_ok[:, None] & (k0 + k < K)[None, :]
+        x = tl.load(x_ptrs + k0 * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        k0 += BLOCK_K
+    s = tl.math.div_rn(amax, 127.0)
+
+    k0 = 0
+    while k0 < K:
+        mask = row_ok[:, None] & (k0 + k < K)[None, :]
+        x = tl.load(x_ptrs + k0 * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        q = _quantize(x, s, 127.0, False, USE_LIBDEVICE)
+        tl.store(q_ptrs + k0 * stride_qk, q, mask=mask)
+        k0 += BLOCK_K
+    tl.store(s_ptr + rows64 * stride_sm, s, mask=row_ok)
+
+
+# Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
+# functions, which run numpy and cannot call libdevice: the kernels then round with the exact fp32 trick instead.
+INTERPRETED = not isinstance(_per_token_group_quant_kernel, triton.runtime.JITFunction)
+
+
+# --------------------------------------------------------------------------------------------------- wrappers
+
+
+def _check_x(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> its [M, K] view, or a clear error."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in X_DTYPES:
+        raise TypeError(f"x must be one of {X_DTYPES}, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension [..., K], got shape {tuple(x.shape)}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"x must have K >= 1 channels, got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"x must be contiguous, got shape {tuple(x.shape)} with strides {x.stride()}")
+    if not INTERPRETED and x.device.type != "cuda":
+        raise ValueError(f"x must be on a CUDA device (any device under TRITON_INTERPRET=1), got {x.device}")
+    return x.view(-1, x.shape[-1])
+
+
+def _device_ctx(x: torch.Tensor):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def per_token_group_quant(
+    x: torch.Tensor,
+    dtype: str = "int8",
+    group_size: int = 128,
+    scale_fmt: str = "float",
+    column_major_scales: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize per token per group of ``group_size`` channels.
+
+    x: [..., K] bf16/fp16/fp32, contiguous, any K (a ragged last group is padded with zeros).
+    dtype: "int8" (scale amax / 127) or "fp8_e4m3" (scale amax / 448).
+    scale_fmt: "float", or "ue8m0" (fp8 only): scales rounded up to powers of two.
+    column_major_scales: store x_s as the transpose view of a contiguous [cdiv(K, g), M] buffer (the layout
+        DeepGEMM/SGLang block GEMMs read), same values. M = prod(x.shape[:-1]).
+    Returns x_q [..., K] (int8 / float8_e4m3fn) and x_s float32 [..., cdiv(K, group_size)].
+    Same numbers as ``ingot.quant.ref.quantize_act_group(x, dtype, group_size, scale_fmt)``, bit for bit.
+    """
+    if dtype not in Q_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(Q_DTYPES)}, got {dtype!r}")
+    if scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
+    if scale_fmt == "ue8m0" and dtype != "fp8_e4m3":
+        raise ValueError(f"scale_fmt 'ue8m0' is defined for fp8_e4m3 only, not {dtype!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= MAX_GROUP_SIZE:
+        raise ValueError(f"group_size must be an int in [1, {MAX_GROUP_SIZE}], got {group_size!r}")
+    if not isinstance(column_major_scales, bool):
+        raise TypeError(f"column_major_scales must be a bool, got {column_major_scales!r}")
+    x2 = _check_x(x)  # (M, K)
+    m, k = x2.shape
+    num_groups = triton.cdiv(k, group_size)
+
+    x_q = torch.empty(x.shape, dtype=Q_DTYPES[dtype], device=x.device)
+    if column_major_scales:
+        x_s = torch.empty((num_groups, m), dtype=torch.float32, device=x.device).t()  # (M, G), strides (1, M)
+    else:
+        x_s = torch.empty((m, num_groups), dtype=torch.float32, device=x.device)
+    out_shape = (*x.shape[:-1], num_groups)
+    if m == 0:
+        return x_q, x_s.view(out_shape)
+
+    block_g = triton.next_power_of_2(group_size)
+    block_m = min(triton.next_power_of_2(m), max(1, TILE_ELEMS // block_g))
+    # The ties between tile and group: a program covers exactly one group of each of its rows.
+    if block_g < group_size or block_g & (block_g - 1):
+        raise ValueError(f"BLOCK_G = {block_g} must be a power of two >= group_size = {group_size}")
+    if block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"BLOCK_M = {block_m} must be a power of two >= 1")
+    q2 = x_q.view(m, k)
+    grid = (triton.cdiv(m, block_m) * num_groups,)
+    with _device_ctx(x):
+        _per_token_group_quant_kernel[grid](
+            x2, q2, x_s,
+            m, k, group_size,
+            x2.stride(0), x2.stride(1),
+            q2.stride(0), q2.stride(1),
+            x_s.stride(0), x_s.stride(1),
+            num_groups,
+            QMAX=QMAX[dtype],
+            IS_FP8=dtype == "fp8_e4m3",
+            UE8M0=scale_fmt == "ue8m0",
+            USE_LIBDEVICE=not INTERPRETED,
+            BLOCK_M=block_m,
+            BLOCK_G=block_g,
+            num_warps=NUM_WARPS,
+        )
+    return x_q, x_s.view(out_shape)
+
+
+def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize to int8 with one scale per token (amax / 127 over all K channels).
+
+    x: [..., K] bf16/fp16/fp32, contiguous. Returns x_q int8 [..., K] and x_s float32 [..., 1].
+    Same numbers as ``ingot.quant.ref.quantize_act_token(x)``, bit for bit.
+    """
+    x2 = _check_x(x)  # (M, K)
+    m, k = x2.shape
+    x_q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    x_s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    out_shape = (*x.shape[:-1], 1)
+    if m == 0:
+        return x_q, x_s.view(out_shape)
+
+    block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
+    block_m = min(triton.next_power_of_2(m), max(1, TILE_ELEMS // block_k))
+    if block_k & (block_k - 1) or block_m & (block_m - 1):
+        raise ValueError(f"BLOCK_M = {block_m} and BLOCK_K = {block_k} must be powers of two")
+    q2 = x_q.view(m, k)
+    grid = (triton.cdiv(m, block_m),)
+    with _device_ctx(x):
+        _per_token_quant_int8_kernel[grid](
+            x2, q2, x_s,
+            m, k,
+            x2.stride(0), x2.stride(1),
+            q2.stride(0), q2.stride(1),
+            x_s.stride(0),
+            USE_LIBDEVICE=not INTERPRETED,
+            BLOCK_M=block_m,
+            BLOCK_K=block_k,
+            num_warps=NUM_WARPS,
+        )
+    return x_q, x_s.view(out_shape)

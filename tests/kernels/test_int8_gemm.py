@@ -1,0 +1,521 @@
+"""W8A8 INT8 GEMMs (ingot.kernels.int8_gemm) against their references (ingot.quant.ref).
+
+On CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set below before triton is imported) on small
+ragged shapes; there the integer dots are numpy matmuls and the float epilogue is the reference's, operation for
+operation, so the tight bounds below have room to spare. GPU tests (marked ``gpu``) run real model shapes against the
+reference computed on the same GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # read by triton.jit when the kernel module is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ingot.kernels import int8_gemm  # noqa: E402
+from ingot.kernels.int8_gemm import GemmConfig, default_config, int8_gemm_block, int8_gemm_channel  # noqa: E402
+from ingot.quant import ref  # noqa: E402
+from ingot.quant.schemes import Scheme  # noqa: E402
+
+INTERPRET = int8_gemm.INTERPRETED
+if not torch.cuda.is_available() and not INTERPRET:
+    pytest.skip(
+        "ingot.kernels.int8_gemm was imported before TRITON_INTERPRET=1 was set: its kernels are compiled for CUDA",
+        allow_module_level=True,
+    )
+
+
+def _fix_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a scalar into a Python int with ``int(array_of_shape_(1,))``, which NumPy >= 2.4
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every loop with a run-time bound
+    (the K loop here) fails. Fixed upstream (triton-lang/triton#9171, PR #9172); until then, re-patch ``__index__``
+    with ``.item()`` inside the interpreter's own patch scope (restored with it after each launch)."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "ingot_index_fix", False):
+        return
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch.ingot_index_fix = True
+    interpreter._patch_lang_tensor = patch
+
+
+if INTERPRET:
+    _fix_interpreter_index()
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+M_SIZES = [1, 33, 222]
+# Ragged on purpose: 576 = 4.5 blocks of 128 (DeepSeek's kv_a rank), 192 = 1.5, 100 and 300 fit no power of two.
+NK_SIZES = [(256, 256), (576, 192), (192, 576), (100, 300)]
+FP32_TOL = 1e-5  # max |y - ref| / max |ref| for fp32 outputs: epilogue rounding only
+# Rounding an fp32 result to the output format: half an ulp, relative (bf16 ulp <= 2^-7 |y|, fp16 <= 2^-10 |y|).
+# Triton 3.6's interpreter casts fp32 -> bf16 by truncation (cast_impl passes no rounding mode), a whole ulp; the
+# GPU rounds to nearest even, which the gpu tests hold to the half ulp.
+BF16_TOL = 2.0**-7 if INTERPRET else 2.0**-8
+FP16_TOL = 2.0**-11
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def _int8(shape, g: torch.Generator) -> torch.Tensor:
+    return torch.randint(-127, 128, shape, generator=g, device=DEVICE, dtype=torch.int8)
+
+
+def _scales(shape, g: torch.Generator) -> torch.Tensor:
+    """Positive scales over two decades, like amax / 127 of real tensors."""
+    return 10.0 ** (torch.rand(shape, generator=g, device=DEVICE) * 2.0 - 3.0)
+
+
+def _channel_operands(m: int, n: int, k: int, seed: int):
+    g = _gen(seed)
+    return _int8((m, k), g), _scales((m, 1), g), _int8((n, k), g), _scales((n, 1), g)
+
+
+def _block_operands(m: int, n: int, k: int, seed: int, block_size=(128, 128)):
+    bn, bk = block_size
+    g = _gen(seed)
+    return _int8((m, k), g), _scales((m, cdiv(k, bk)), g), _int8((n, k), g), _scales((cdiv(n, bn), cdiv(k, bk)), g)
+
+
+def _bias(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return torch.randn(n, generator=_gen(seed), device=DEVICE).to(dtype)
+
+
+def assert_close_rel(y: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
+    """max |y - expected| <= rel * max |expected|, after checking every element was written (no NaN/Inf)."""
+    assert y.shape == expected.shape, f"{what}: shape {tuple(y.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(y).all(), f"{what}: {int((~torch.isfinite(y)).sum())} non-finite outputs"
+    err = (y.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    assert err <= rel * scale, f"{what}: max abs err {err:.3g} > {rel:.1e} * max |ref| {scale:.3g}"
+
+
+def assert_rounded(y: torch.Tensor, exact: torch.Tensor, rel: float, what: str) -> None:
+    """A bf16/fp16 output is the fp32 result rounded: |y - exact| <= rel * |exact| per element (+ an fp32-sized
+    floor for elements near zero, where the kernel's fp32 value may differ from the reference's by rounding)."""
+    assert torch.isfinite(y).all(), f"{what}: non-finite outputs"
+    e = exact.float()
+    bound = rel * e.abs() + FP32_TOL * e.abs().max()
+    excess = ((y.float() - e).abs() - bound).max().item()
+    assert excess <= 0, f"{what}: exceeds the rounding bound by {excess:.3g}"
+
+
+# ------------------------------------------------------------------------------------- channel (per token/channel)
+
+
+@pytest.mark.parametrize("n,k", NK_SIZES)
+@pytest.mark.parametrize("m", M_SIZES)
+def test_channel_matches_ref(m, n, k):
+    x_q, x_s, w_q, w_s = _channel_operands(m, n, k, seed=m * 1000 + n + k)
+    y = int8_gemm_channel(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
+    expected = ref.int8_gemm_channel_ref(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
+    assert y.dtype == torch.float32
+    assert_close_rel(y, expected, FP32_TOL, f"channel M={m} N={n} K={k}")
+
+
+@pytest.mark.parametrize("n,k", [(192, 576), (100, 300)])
+def test_channel_int32_exact(n, k):
+    """Unit scales: the fp32 output is the integer accumulator itself, exact (|acc| <= 576 * 128^2 < 2^24),
+    including the corners -128 * -128 and +-127 runs that a wrong sign extension or int8 accumulation would break."""
+    m = 33
+    g = _gen(7)
+    x_q, w_q = _int8((m, k), g), _int8((n, k), g)
+    x_q[0] = 127
+    w_q[0] = 127
+    x_q[1] = -128
+    w_q[1] = -128
+    x_q[2] = -127
+    ones_m = torch.ones(m, 1, device=DEVICE)
+    ones_n = torch.ones(n, 1, device=DEVICE)
+    y = int8_gemm_channel(x_q, ones_m, w_q, ones_n, out_dtype=torch.float32)
+    exact = (x_q.cpu().long() @ w_q.cpu().long().T).float()
+    assert torch.equal(y.cpu(), exact)
+
+
+@pytest.mark.parametrize("out_dtype,rel", [(torch.bfloat16, BF16_TOL), (torch.float16, FP16_TOL)])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
+def test_channel_out_dtype_and_bias(out_dtype, rel, bias_dtype):
+    m, n, k = 33, 100, 300
+    x_q, x_s, w_q, w_s = _channel_operands(m, n, k, seed=11)
+    # fp16 tops out at 65504: keep |y| moderate (scales ~1e-2 give |y| up to a few hundred).
+    x_s, w_s = x_s.clamp(max=0.02), w_s.clamp(max=0.02)
+    bias = None if bias_dtype is None else _bias(n, bias_dtype, seed=12) * 10
+    y = int8_gemm_channel(x_q, x_s, w_q, w_s, bias=bias, out_dtype=out_dtype)
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    exact = ref.int8_gemm_channel_ref(x_q, x_s, w_q, w_s, bias=bias, out_dtype=torch.float32)
+    assert_rounded(y, exact, rel, f"channel {out_dtype} bias={bias_dtype}")
+    # and the reference with the same out_dtype is the same rounding of (nearly) the same fp32 values
+    assert_rounded(ref.int8_gemm_channel_ref(x_q, x_s, w_q, w_s, bias=bias, out_dtype=out_dtype), exact, rel, "ref")
+
+
+def test_channel_small_tiles_and_grouped_order():
+    """Many programs in both directions and partial groups: BLOCK 16 x 16 x 32, GROUP_M 3 over 14 x 7 tiles."""
+    m, n, k = 222, 100, 300
+    x_q, x_s, w_q, w_s = _channel_operands(m, n, k, seed=13)
+    cfg = GemmConfig(16, 16, 32, group_m=3)
+    y = int8_gemm_channel(x_q, x_s, w_q, w_s, out_dtype=torch.float32, config=cfg)
+    assert_close_rel(y, ref.int8_gemm_channel_ref(x_q, x_s, w_q, w_s, out_dtype=torch.float32), FP32_TOL, "small tiles")
+
+
+# ------------------------------------------------------------------------------------- block (per group/128x128)
+
+
+@pytest.mark.parametrize("n,k", NK_SIZES)
+@pytest.mark.parametrize("m", M_SIZES)
+def test_block_matches_ref(m, n, k):
+    x_q, x_s, w_q, w_s = _block_operands(m, n, k, seed=m * 1000 + n + k + 1)
+    y = int8_gemm_block(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
+    expected = ref.int8_gemm_block_ref(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
+    assert_close_rel(y, expected, FP32_TOL, f"block M={m} N={n} K={k}")
+
+
+def test_block_per_block_dots_exact():
+    """Unit scales: the output is the sum of exact per-block integer dots (< 2^24, so exact in fp32)."""
+    m, n, k = 33, 192, 576
+    g = _gen(17)
+    x_q, w_q = _int8((m, k), g), _int8((n, k), g)
+    x_q[1] = -128
+    w_q[1] = -128
+    y = int8_gemm_block(
+        x_q, torch.ones(m, cdiv(k, 128), device=DEVICE), w_q, torch.ones(cdiv(n, 128), cdiv(k, 128), device=DEVICE),
+        out_dtype=torch.float32,
+    )
+    assert torch.equal(y.cpu(), (x_q.cpu().long() @ w_q.cpu().long().T).float())
+
+
+def test_block_scales_land_on_their_blocks():
+    """One nonzero scale per run: only the output rows/columns of that weight block row (and the K block's
+    contribution) may change, which catches an N tile or K step reading its neighbour's scale."""
+    m, n, k = 5, 300, 300  # 3 x 3 scale grid, ragged in both
+    x_q, x_s, w_q, _ = _block_operands(m, n, k, seed=19)
+    for nb, kb in [(0, 0), (1, 2), (2, 1)]:
+        w_s = torch.zeros(3, 3, device=DEVICE)
+        w_s[nb, kb] = 1.0
+        for cfg in (GemmConfig(16, 128, 128), GemmConfig(16, 32, 128, group_m=2)):  # 1 and 4 N tiles per block row
+            y = int8_gemm_block(x_q, x_s, w_q, w_s, out_dtype=torch.float32, config=cfg)
+            expected = ref.int8_gemm_block_ref(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
+            assert_close_rel(y, expected, FP32_TOL, f"scale at ({nb}, {kb}) config {cfg}")
+            outside = torch.ones(n, dtype=torch.bool, device=DEVICE)
+            outside[nb * 128 : (nb + 1) * 128] = False
+            assert (y[:, outside] == 0).all(), f"scale at ({nb}, {kb}) leaked out of its block row"
+
+
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_block_narrow_n_tiles(block_n):
+    m, n, k = 222, 300, 192
+    x_q, x_s, w_q, w_s = _block_operands(m, n, k, seed=23)
+    y = int8_gemm_block(x_q, x_s, w_q, w_s, out_dtype=torch.float32, config=GemmConfig(32, block_n, 128, group_m=4))
+    assert_close_rel(y, ref.int8_gemm_block_ref(x_q, x_s, w_q, w_s, out_dtype=torch.float32), FP32_TOL, "narrow N")
+
+
+def test_block_other_block_size():
+    """block_size (64, 64): the default tiles follow it (BLOCK_K = 64, BLOCK_N <= 64)."""
+    m, n, k = 33, 100, 300
+    x_q, x_s, w_q, w_s = _block_operands(m, n, k, seed=29, block_size=(64, 64))
+    y = int8_gemm_block(x_q, x_s, w_q, w_s, block_size=(64, 64), out_dtype=torch.float32)
+    expected = ref.int8_gemm_block_ref(x_q, x_s, w_q, w_s, block_size=(64, 64), out_dtype=torch.float32)
+    assert_close_rel(y, expected, FP32_TOL, "block (64, 64)")
+
+
+@pytest.mark.parametrize("out_dtype,rel", [(torch.bfloat16, BF16_TOL), (torch.float16, FP16_TOL)])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.float16])
+def test_block_out_dtype_and_bias(out_dtype, rel, bias_dtype):
+    m, n, k = 33, 576, 192
+    x_q, x_s, w_q, w_s = _block_operands(m, n, k, seed=31)
+    x_s, w_s = x_s.clamp(max=0.02), w_s.clamp(max=0.02)
+    bias = None if bias_dtype is None else _bias(n, bias_dtype, seed=32) * 10
+    y = int8_gemm_block(x_q, x_s, w_q, w_s, bias=bias, out_dtype=out_dtype)
+    assert y.dtype == out_dtype
+    exact = ref.int8_gemm_block_ref(x_q, x_s, w_q, w_s, bias=bias, out_dtype=torch.float32)
+    assert_rounded(y, exact, rel, f"block {out_dtype} bias={bias_dtype}")
+
+
+# ------------------------------------------------------------------ both kernels: end to end, poison, odd shapes
+
+
+@pytest.mark.parametrize("scheme", ["int8-channel", "int8-block"])
+@pytest.mark.parametrize("n,k", [(576, 192), (100, 300)])
+@pytest.mark.parametrize("m", [1, 222])
+def test_end_to_end_vs_ref_linear(scheme, m, n, k):
+    """Quantize x and W as the scheme says (ref.quantize_act_*, ref.quantize_weight), run the kernel, compare with
+    ref.linear (dequantize both, fp32 matmul): the same math up to fp32 summation order."""
+    s = Scheme.from_name(scheme)
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g)
+    x[:, 5] *= 20  # an outlier channel, as in real activations
+    w = torch.randn(n, k, generator=g) * 0.05
+    bias = torch.randn(n, generator=g)
+    qw = ref.quantize_weight(w, s)
+    expected = ref.linear(x, qw, bias=bias)  # fp32, since x is fp32
+    if s.activation == "token":
+        x_q, x_s = ref.quantize_act_token(x)
+        y = int8_gemm_channel(x_q.to(DEVICE), x_s.to(DEVICE), qw.qweight.to(DEVICE), qw.scale.to(DEVICE),
+                              bias=bias.to(DEVICE), out_dtype=torch.float32)
+    else:
+        x_q, x_s = ref.quantize_act_group(x, "int8", s.act_group_size)
+        y = int8_gemm_block(x_q.to(DEVICE), x_s.to(DEVICE), qw.qweight.to(DEVICE), qw.scale.to(DEVICE),
+                            block_size=s.block_size, bias=bias.to(DEVICE), out_dtype=torch.float32)
+    assert_close_rel(y.cpu(), expected, 1e-5, f"{scheme} vs ref.linear")
+    rel = ((y.cpu() - expected).norm() / expected.norm()).item()
+    assert rel < 1e-6, f"{scheme}: relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("op", ["channel", "block"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_out_buffer_poisoned(op, out_dtype):
+    """Every element of a NaN-filled ``out`` is overwritten, and ``out`` is what comes back."""
+    m, n, k = 33, 300, 192
+    if op == "channel":
+        args = _channel_operands(m, n, k, seed=37)
+        fn, reference = int8_gemm_channel, ref.int8_gemm_channel_ref
+    else:
+        args = _block_operands(m, n, k, seed=37)
+        fn, reference = int8_gemm_block, ref.int8_gemm_block_ref
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
+    y = fn(*args, out_dtype=out_dtype, out=out)
+    assert y is out
+    assert not torch.isnan(out).any(), f"{int(torch.isnan(out).sum())} outputs left unwritten"
+    exact = reference(*args, out_dtype=torch.float32)
+    assert_rounded(out, exact, BF16_TOL if out_dtype == torch.bfloat16 else 0.0, f"{op} into out")
+
+
+def test_out_buffer_row_stride():
+    """``out`` may be a row-strided view (e.g. a slice of a wider buffer); the columns beside it stay untouched."""
+    m, n, k = 33, 100, 300
+    args = _channel_operands(m, n, k, seed=41)
+    wide = torch.full((m, n + 28), -7.0, device=DEVICE)
+    int8_gemm_channel(*args, out_dtype=torch.float32, out=wide[:, :n])
+    assert_close_rel(wide[:, :n], ref.int8_gemm_channel_ref(*args, out_dtype=torch.float32), FP32_TOL, "strided out")
+    assert (wide[:, n:] == -7.0).all()
+
+
+def test_empty_m():
+    x_q, x_s, w_q, w_s = _channel_operands(0, 100, 300, seed=43)
+    assert int8_gemm_channel(x_q, x_s, w_q, w_s).shape == (0, 100)
+    x_q, x_s, w_q, w_s = _block_operands(0, 100, 300, seed=43)
+    assert int8_gemm_block(x_q, x_s, w_q, w_s).shape == (0, 100)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 70), n=st.integers(1, 200), k=st.integers(1, 400), seed=st.integers(0, 2**16))
+def test_odd_shapes(m, n, k, seed):
+    """Any shape, tiny ones included (N = 1, K = 1: one masked K tile, N tiles wrapped onto one row)."""
+    args = _channel_operands(m, n, k, seed)
+    y = int8_gemm_channel(*args, out_dtype=torch.float32)
+    assert_close_rel(y, ref.int8_gemm_channel_ref(*args, out_dtype=torch.float32), FP32_TOL, f"channel {m, n, k}")
+    args = _block_operands(m, n, k, seed)
+    y = int8_gemm_block(*args, out_dtype=torch.float32)
+    assert_close_rel(y, ref.int8_gemm_block_ref(*args, out_dtype=torch.float32), FP32_TOL, f"block {m, n, k}")
+
+
+def test_refs_integer_part_is_exact():
+    """The references' float64 dots equal int64 matmuls (CPU), at the int32 worst case per element."""
+    g = torch.Generator().manual_seed(47)
+    x_q = torch.randint(-128, 128, (9, 1000), generator=g, dtype=torch.int8)
+    w_q = torch.randint(-128, 128, (7, 1000), generator=g, dtype=torch.int8)
+    x_q[0] = -128
+    w_q[0] = -128  # 1000 * 2^14 = 16384000 < 2^24: exact in fp32 too
+    exact = (x_q.long() @ w_q.long().T).float()
+    ones = torch.ones
+    assert torch.equal(ref.int8_gemm_channel_ref(x_q, ones(9, 1), w_q, ones(7, 1), out_dtype=torch.float32), exact)
+    assert torch.equal(ref.int8_gemm_block_ref(x_q, ones(9, 8), w_q, ones(1, 8), out_dtype=torch.float32), exact)
+
+
+def test_default_config_buckets():
+    assert default_config(1).block_m == 16
+    assert default_config(16).block_m == 16
+    assert default_config(64).block_m == 64
+    assert default_config(65).block_m == 128
+    assert all(default_config(m).block_k == 128 for m in (1, 17, 33, 65, 10**6))
+
+
+# ------------------------------------------------------------------------------------------------- refusals
+
+
+def _valid(op: str, m: int = 4, n: int = 100, k: int = 300):
+    return _channel_operands(m, n, k, seed=1) if op == "channel" else _block_operands(m, n, k, seed=1)
+
+
+def _call(op: str, x_q, x_s, w_q, w_s, **kw):
+    fn = int8_gemm_channel if op == "channel" else int8_gemm_block
+    return fn(x_q, x_s, w_q, w_s, **kw)
+
+
+OPS = ["channel", "block"]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(
+    "which,dtype,match",
+    [
+        (0, torch.float16, r"x_q must be torch.int8, got torch.float16"),
+        (2, torch.uint8, r"w_q must be torch.int8, got torch.uint8"),
+        (1, torch.bfloat16, r"x_s must be torch.float32, got torch.bfloat16"),
+        (3, torch.float16, r"w_s must be torch.float32, got torch.float16"),
+    ],
+)
+def test_refuses_wrong_dtype(op, which, dtype, match):
+    args = list(_valid(op))
+    args[which] = args[which].to(dtype)
+    with pytest.raises(TypeError, match=match):
+        _call(op, *args)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("which,name", [(0, "x_q"), (2, "w_q"), (1, "x_s"), (3, "w_s")])
+def test_refuses_non_contiguous(op, which, name):
+    args = list(_valid(op))
+    t = args[which]
+    wide = t.new_zeros(t.shape[0], 2 * t.shape[1])  # same shape and values, every other column of a wider buffer
+    wide[:, ::2] = t
+    args[which] = wide[:, ::2]
+    assert not args[which].is_contiguous()
+    with pytest.raises(ValueError, match=rf"{name} must be contiguous, got shape \({t.shape[0]}, {t.shape[1]}\)"):
+        _call(op, *args)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_refuses_mismatched_k(op):
+    x_q, x_s, w_q, w_s = _valid(op, k=300)
+    w_q = w_q[:, :256].contiguous()
+    with pytest.raises(ValueError, match=r"disagree on K: 300 != 256"):
+        _call(op, x_q, x_s, w_q, w_s)
+
+
+def test_refuses_channel_scale_shapes():
+    x_q, x_s, w_q, w_s = _valid("channel", m=4, n=100)
+    with pytest.raises(ValueError, match=r"x_s must be per token, shape \(M, 1\) = \(4, 1\), got \(4, 3\)"):
+        int8_gemm_channel(x_q, torch.ones(4, 3, device=DEVICE), w_q, w_s)
+    with pytest.raises(ValueError, match=r"w_s must be per output channel, .* = \(100, 1\), got \(1, 100\)"):
+        int8_gemm_channel(x_q, x_s, w_q, w_s.view(1, 100))
+    with pytest.raises(ValueError, match=r"x_s must be 2-D, got shape \(4,\)"):
+        int8_gemm_channel(x_q, x_s.view(4), w_q, w_s)
+
+
+def test_refuses_block_scale_shapes():
+    x_q, x_s, w_q, w_s = _valid("block", m=4, n=100, k=300)  # x_s (4, 3), w_s (1, 3)
+    with pytest.raises(ValueError, match=r"x_s must be per token per 128-group, .* = \(4, 3\), got \(4, 1\)"):
+        int8_gemm_block(x_q, x_s[:, :1].contiguous(), w_q, w_s)
+    with pytest.raises(ValueError, match=r"w_s must be per 128x128 block, .* = \(1, 3\), got \(100, 3\)"):
+        int8_gemm_block(x_q, x_s, w_q, torch.ones(100, 3, device=DEVICE))
+    with pytest.raises(ValueError, match=r"x_s must be per token per 64-group, .* = \(4, 5\), got \(4, 3\)"):
+        int8_gemm_block(x_q, x_s, w_q, w_s, block_size=(64, 64))
+    with pytest.raises(ValueError, match=r"block_size must be powers of two >= 16 .* got \(128, 96\)"):
+        int8_gemm_block(x_q, x_s, w_q, w_s, block_size=(128, 96))
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (GemmConfig(16, 64, 64), r"config.block_k = 64 must equal the K quantization block 128"),
+        (GemmConfig(16, 64, 256), r"config.block_k = 256 must equal the K quantization block 128"),
+        (GemmConfig(16, 256, 128), r"config.block_n = 256 must divide the N quantization block 128"),
+    ],
+)
+def test_block_refuses_tiles_that_straddle_blocks(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        int8_gemm_block(*_valid("block"), config=cfg)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match=r"GemmConfig.block_n must be a power of two >= 16, got 48"):
+        GemmConfig(16, 48, 128)
+    with pytest.raises(ValueError, match=r"GemmConfig.block_m must be a power of two >= 16, got 8"):
+        GemmConfig(8, 64, 128)
+    with pytest.raises(TypeError, match=r"config must be a GemmConfig, got dict"):
+        int8_gemm_channel(*_valid("channel"), config={"block_m": 16})
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_refuses_bad_bias_out_and_out_dtype(op):
+    args = _valid(op, m=4, n=100)
+    with pytest.raises(ValueError, match=r"bias must have shape \(N,\) = \(100,\), got \(1, 100\)"):
+        _call(op, *args, bias=torch.zeros(1, 100, device=DEVICE))
+    with pytest.raises(TypeError, match=r"bias must be one of .* got torch.int32"):
+        _call(op, *args, bias=torch.zeros(100, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(TypeError, match=r"out_dtype must be one of .* got torch.int8"):
+        _call(op, *args, out_dtype=torch.int8)
+    with pytest.raises(TypeError, match=r"out has dtype torch.float32, but out_dtype is torch.bfloat16"):
+        _call(op, *args, out=torch.empty(4, 100, device=DEVICE))
+    with pytest.raises(ValueError, match=r"out must have shape \(M, N\) = \(4, 100\), got \(100, 4\)"):
+        _call(op, *args, out=torch.empty(100, 4, dtype=torch.bfloat16, device=DEVICE))
+    with pytest.raises(ValueError, match=r"out must have unit stride along N"):
+        _call(op, *args, out=torch.empty(100, 4, dtype=torch.bfloat16, device=DEVICE).T)
+
+
+def test_channel_refuses_k_that_could_overflow_int32():
+    k = 131072
+    x_q, ones = torch.zeros(1, k, dtype=torch.int8, device=DEVICE), torch.ones(1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match=r"K = 131072 may overflow the int32 accumulator"):
+        int8_gemm_channel(x_q, ones, x_q.clone(), ones)
+
+
+# ------------------------------------------------------------------------------------ GPU: real model shapes
+
+GPU_M = [1, 16, 128, 1024, 4096]
+# Llama-3-8B q/o and MLP-down-sized (4096, 4096), Llama-3-70B-ish gate/up (28672, 4096), DeepSeek-V3 shapes
+# (7168, 2048) (o_proj-sized, K a multiple of 128) and (576, 7168) (kv_a: N = 4.5 blocks, ragged).
+GPU_NK = [(4096, 4096), (28672, 4096), (7168, 2048), (576, 7168)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", GPU_NK)
+@pytest.mark.parametrize("m", GPU_M)
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_real_shapes(op, m, n, k):
+    """Fresh random inputs, NaN-poisoned outputs, references computed on the same GPU."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    if op == "channel":
+        args = _channel_operands(m, n, k, seed)
+        fn, reference = int8_gemm_channel, ref.int8_gemm_channel_ref
+    else:
+        args = _block_operands(m, n, k, seed)
+        fn, reference = int8_gemm_block, ref.int8_gemm_block_ref
+    bias = _bias(n, torch.bfloat16, seed + 1)
+    exact = reference(*args, bias=bias, out_dtype=torch.float32)
+
+    out = torch.full((m, n), float("nan"), device="cuda")
+    fn(*args, bias=bias, out_dtype=torch.float32, out=out)
+    torch.cuda.synchronize()
+    assert_close_rel(out, exact, FP32_TOL, f"{op} fp32 M={m} N={n} K={k} seed={seed}")
+
+    out16 = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    fn(*args, bias=bias, out=out16)  # default out_dtype bf16
+    torch.cuda.synchronize()
+    assert_rounded(out16, exact, BF16_TOL, f"{op} bf16 M={m} N={n} K={k} seed={seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int8-channel", "int8-block"])
+def test_gpu_end_to_end_vs_ref_linear(scheme):
+    s = Scheme.from_name(scheme)
+    m, n, k = 1024, 7168, 2048
+    x = torch.randn(m, k, device="cuda")
+    w = torch.randn(n, k, device="cuda") * 0.02
+    qw = ref.quantize_weight(w, s)
+    expected = ref.linear(x, qw)
+    if s.activation == "token":
+        y = int8_gemm_channel(*ref.quantize_act_token(x), qw.qweight, qw.scale, out_dtype=torch.float32)
+    else:
+        x_q, x_s = ref.quantize_act_group(x, "int8", s.act_group_size)
+        y = int8_gemm_block(x_q, x_s, qw.qweight, qw.scale, block_size=s.block_size, out_dtype=torch.float32)
+    # ref.linear's fp32 matmul on CUDA may use TF32 if a caller enabled it: compare by relative Frobenius error.
+    rel = ((y - expected).norm() / expected.norm()).item()
+    assert rel < 1e-3 if torch.backends.cuda.matmul.allow_tf32 else rel < 1e-5, f"{scheme}: relative error {rel:.3g}"
