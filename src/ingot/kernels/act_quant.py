@@ -286,7 +286,7 @@ def per_token_group_quant(
             BLOCK_G=block_g,
             num_warps=NUM_WARPS,
         )
-    return x_q, x_s.view(out_shape)
+    return x_q, x_s if x.dim() == 2 else x_s.view(out_shape)  # 2-D: keep the column-major strides as allocated
 
 
 def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,4 +321,4 @@ def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             BLOCK_K=block_k,
             num_warps=NUM_WARPS,
         )
-    return x_q, x_s.view(out_shape)
+    return x_q, x_s if x.dim() == 2 else x_s.view(out_shape)  # 2-D: keep the column-major strides as allocated
