@@ -109,6 +109,34 @@ def cmd_bench_convert(args) -> int:
     return 0
 
 
+def _nk(text: str) -> tuple[int, int]:
+    """'4096x14336' -> (4096, 14336): a linear's N x K."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not an N x K shape: {text!r} (e.g. 4096x14336)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def cmd_bench_kernels(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("bench kernels: needs a CUDA device (torch.cuda.is_available() is False)")
+    from ingot.bench.kernels import BenchKernelsOptions, run_bench_kernels
+
+    options = BenchKernelsOptions(
+        shapes=args.shapes,
+        custom_shapes=tuple(args.shape),
+        m_sizes=tuple(args.m),
+        out=Path(args.out) if args.out else None,
+        command=" ".join(["ingot", *sys.argv[1:]]),
+        git_sha=args.git_sha,
+        rep_ms=args.rep_ms,
+    )
+    run_bench_kernels(options)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ingot.formats import FORMAT_NAMES
     from ingot.quant.schemes import PRESETS
@@ -154,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="results JSON (default: benchmarks/results/convert-<device>-<date>.json)")
     b.add_argument("--git-sha", help="record this sha (a copied tree without .git); default: the checkout's")
     b.set_defaults(func=cmd_bench_convert)
+
+    b = bench.add_parser("kernels", help="ingot's int8 GEMMs and activation quantizers vs cuBLAS BF16/int8/FP8 (CUDA)")
+    b.add_argument("--shapes", default="all", choices=["llama3-8b", "deepseek-v3", "all"], help="(N, K) preset")
+    b.add_argument("--shape", type=_nk, action="append", default=[], metavar="NxK",
+                   help="a custom N x K (repeatable); replaces the preset")
+    b.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 128, 256, 1024, 4096], help="token counts")
+    b.add_argument("--rep-ms", type=int, default=10, help="ms of unrolled calls per CUDA graph (10 replays each)")
+    b.add_argument("--out", help="results JSON (default: benchmarks/results/kernels-<device>-<date>.json)")
+    b.add_argument("--git-sha", help="record this sha (a copied tree without .git); default: the checkout's")
+    b.set_defaults(func=cmd_bench_kernels)
     return parser
 
 
