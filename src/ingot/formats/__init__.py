@@ -107,6 +107,22 @@ def find_linears(ckpt: Checkpoint, fmt: Format, kind: str) -> tuple[dict[str, st
     return linears, consumed
 
 
+def linear_shape(ckpt: Checkpoint, prefix: str) -> tuple[int, int]:
+    """[N, K] of a stored linear from the headers: ``weight``, compressed-tensors' ``weight_shape`` (packed), or
+    GPTQ's ``qweight`` [K / 8, N]."""
+    t = ckpt.tensors
+    if f"{prefix}.weight" in t:
+        shape = t[f"{prefix}.weight"].shape
+    elif f"{prefix}.weight_shape" in t:
+        shape = tuple(int(v) for v in ckpt.get(f"{prefix}.weight_shape").tolist())
+    else:
+        kq, n = t[f"{prefix}.qweight"].shape
+        shape = (n, kq * 8)
+    if len(shape) != 2:
+        raise CheckpointError(f"{ckpt.dir}: linear {prefix} has weight shape {tuple(shape)}, expected [N, K]")
+    return shape[0], shape[1]
+
+
 def model_dtype(config: dict) -> torch.dtype:
     """The dtype of the model's unquantized tensors, from config.json (``dtype`` or the older ``torch_dtype``)."""
     name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
@@ -118,5 +134,5 @@ def model_dtype(config: dict) -> torch.dtype:
 
 __all__ = [
     "KINDS", "QUANTIZABLE", "Format", "StoredLinear", "TensorSpec", "CheckpointError",
-    "FORMAT_NAMES", "FORMATS_OF_KIND", "writer", "detect", "find_linears", "model_dtype", "Checkpoint",
+    "FORMAT_NAMES", "FORMATS_OF_KIND", "writer", "detect", "find_linears", "linear_shape", "model_dtype", "Checkpoint",
 ]

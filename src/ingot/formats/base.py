@@ -163,11 +163,6 @@ class PlainFormat(Format):
         return None
 
 
-def encode_unquantized(prefix: str, lin: StoredLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A linear kept in source precision inside a quantized checkpoint: a plain ``weight``."""
-    return {f"{prefix}.weight": lin.qweight.to(dtype)}
-
-
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack signed ``bits``-bit values along the last dim into int32, compressed-tensors' layout.
 

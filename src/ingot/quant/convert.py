@@ -102,7 +102,6 @@ class Plan:
     src_format: str
     src_kind: str
     dst_format: str
-    model_dtype: torch.dtype
     out_dtype: torch.dtype  # dtype of linears written unquantized (fp16 / bf16 for those formats, else the model's)
     kept: list[str]  # quantizable linears written unquantized (--ignore, MTP), recorded in the config
     caveats: list[str]  # what loaders of the target format will refuse (e.g. ragged int4 groups), one line each
@@ -119,15 +118,14 @@ class Plan:
 # ------------------------------------------------------------------------------------------------- plan
 
 
-def plan(src: Path, dst: Path, options: ConvertOptions) -> Plan:
-    """Decide every output tensor and shard from config.json and the shard headers alone."""
-    ckpt = Checkpoint(src)
+def plan(src: Path, dst: Path, options: ConvertOptions, ckpt: Checkpoint | None = None) -> Plan:
+    """Decide every output tensor and shard from config.json and the shard headers alone (``ckpt``: ``src`` opened)."""
+    ckpt = ckpt or Checkpoint(src)
     config = ckpt.config
     src_fmt, src_kind = formats.detect(config)
     scheme = options.scheme
     dst_fmt = formats.writer(options.format, scheme.kind)
-    mdtype = formats.model_dtype(config)
-    out_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dst_fmt.name, mdtype)
+    out_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dst_fmt.name, formats.model_dtype(config))
     n_layers = config.get("num_hidden_layers")
     n_mtp = int(config.get("num_nextn_predict_layers") or 0)
     ignore = [re.compile(p) for p in options.ignore]
@@ -144,7 +142,7 @@ def plan(src: Path, dst: Path, options: ConvertOptions) -> Plan:
     caveats: dict[str, list[str]] = {}
     for prefix, kind in linears.items():
         sources = [p for p in (prefix + s for s in src_fmt.companions) if p in ckpt] if kind != "bf16" else [f"{prefix}.weight"]
-        n, k = _logical_shape(ckpt, prefix, kind, sources)
+        n, k = formats.linear_shape(ckpt, prefix)
         quantize = (
             scheme.is_quantized
             and QUANTIZABLE.match(prefix) is not None
@@ -177,25 +175,10 @@ def plan(src: Path, dst: Path, options: ConvertOptions) -> Plan:
             owner[j] = i
     files = [SINGLE_NAME] if len(groups) == 1 else [shard_name(i, len(groups)) for i in range(len(groups))]
     return Plan(
-        src, dst, options, src_fmt.name, src_kind, dst_fmt.name, mdtype, out_dtype, sorted(kept),
+        src, dst, options, src_fmt.name, src_kind, dst_fmt.name, out_dtype, sorted(kept),
         [f"{c}: {len(v)} linears, e.g. {v[0]} (--ignore them or choose another --format)" for c, v in caveats.items()],
         items, groups, owner, files, config,
     )
-
-
-def _logical_shape(ckpt: Checkpoint, prefix: str, kind: str, sources: list[str]) -> tuple[int, int]:
-    """[N, K] of a linear from its stored headers (packed layouts store it differently)."""
-    t = ckpt.tensors
-    if f"{prefix}.weight" in t:
-        shape = t[f"{prefix}.weight"].shape
-    elif f"{prefix}.weight_shape" in t:
-        shape = tuple(int(v) for v in ckpt.get(f"{prefix}.weight_shape").tolist())
-    else:  # GPTQ: qweight [K / 8, N]
-        kq, n = t[f"{prefix}.qweight"].shape
-        shape = (n, kq * 8)
-    if len(shape) != 2:
-        raise CheckpointError(f"{ckpt.dir}: linear {prefix} has weight shape {tuple(shape)}, expected [N, K]")
-    return shape[0], shape[1]
 
 
 def _assign_shards(items: list[Item], src_shard: list[int], max_bytes: int | None) -> list[list[tuple[int, list[str]]]]:
@@ -289,9 +272,13 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def convert_shard(p: Plan, i: int, progress: Callable[[int], None] | None = None) -> None:
-    """Convert output shard i: write it atomically, its manifest rows first (they mark nothing done alone)."""
-    src = Checkpoint(p.src)
+def convert_shard(p: Plan, i: int, progress: Callable[[int], None] | None = None, src: Checkpoint | None = None) -> None:
+    """Convert output shard i: write it atomically, its manifest rows first (they mark nothing done alone).
+
+    ``src``: the source, opened once by the caller (a worker process opens its own: headers are read again).
+    Its shard handles are closed at the end, so the memory maps of what this shard read do not pile up.
+    """
+    src = src or Checkpoint(p.src)
     src_fmt, _ = formats.detect(src.config)
     dst_fmt = formats.writer(p.dst_format, p.options.scheme.kind)
     rows = []
@@ -356,7 +343,8 @@ def convert(src: Path | str, dst: Path | str, options: ConvertOptions, progress:
     src, dst = Path(src), Path(dst)
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
-    p = plan(src, dst, options)
+    source = Checkpoint(src)  # headers read once, for the plan and the in-process shard loop
+    p = plan(src, dst, options, source)
     job = options.job(src)
     if _prepare_dst(dst, job, options.overwrite) == "complete":
         return json.loads((dst / MANIFEST_NAME).read_text())
@@ -368,7 +356,7 @@ def convert(src: Path | str, dst: Path | str, options: ConvertOptions, progress:
     if options.workers <= 1 or len(todo) <= 1:
         with _torch_threads(threads):
             for i in todo:
-                convert_shard(p, i, bar.update)
+                convert_shard(p, i, bar.update, source)
     else:
         ctx = get_context("spawn")  # fork after torch threads start is unsafe
         with ProcessPoolExecutor(options.workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:

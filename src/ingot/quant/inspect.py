@@ -36,16 +36,7 @@ def inspect_checkpoint(path: Path | str) -> dict:
     fmt, kind = formats.detect(config)
     linears, consumed = formats.find_linears(ckpt, fmt, kind)
     n_layers = config.get("num_hidden_layers")
-    shapes = {}
-    for prefix in linears:
-        t = ckpt.tensors
-        if f"{prefix}.weight_shape" in t:
-            shapes[prefix] = tuple(int(v) for v in ckpt.get(f"{prefix}.weight_shape").tolist())
-        elif f"{prefix}.qweight" in t:
-            kq, n = t[f"{prefix}.qweight"].shape
-            shapes[prefix] = (n, kq * 8)
-        else:
-            shapes[prefix] = t[f"{prefix}.weight"].shape
+    shapes = {prefix: formats.linear_shape(ckpt, prefix) for prefix in linears}
     other = {n: i for n, i in ckpt.tensors.items() if n not in consumed}
     other_params = sum(numel(i.shape) for i in other.values())
     other_bytes = sum(i.nbytes for i in other.values())

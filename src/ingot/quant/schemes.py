@@ -58,10 +58,6 @@ class Scheme:
         return self.name.removesuffix("-ue8m0")
 
     @property
-    def weight_only(self) -> bool:
-        return self.activation == "none"
-
-    @property
     def bits(self) -> int:
         return {"bf16": 16, "fp8_e4m3": 8, "int8": 8, "int4": 4}[self.weight]
 
