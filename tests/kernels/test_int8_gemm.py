@@ -32,28 +32,6 @@ if not torch.cuda.is_available() and not INTERPRET:
     )
 
 
-def _fix_interpreter_index() -> None:
-    """Triton 3.6's interpreter turns a scalar into a Python int with ``int(array_of_shape_(1,))``, which NumPy >= 2.4
-    refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every loop with a run-time bound
-    (the K loop here) fails. Fixed upstream (triton-lang/triton#9171, PR #9172); until then, re-patch ``__index__``
-    with ``.item()`` inside the interpreter's own patch scope (restored with it after each launch)."""
-    from triton.runtime import interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "ingot_index_fix", False):
-        return
-
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    patch.ingot_index_fix = True
-    interpreter._patch_lang_tensor = patch
-
-
-if INTERPRET:
-    _fix_interpreter_index()
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 M_SIZES = [1, 33, 222]
 # Ragged on purpose: 576 = 4.5 blocks of 128 (DeepSeek's kv_a rank), 192 = 1.5, 100 and 300 fit no power of two.
