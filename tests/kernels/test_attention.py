@@ -1,0 +1,192 @@
+"""paged_decode_attention against plain attention over each sequence's gathered K/V (and, where it exists, the
+model's torch reference ingot.layers.attention.paged_attention). CPU: Triton's interpreter on small shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ingot.kernels.attention import _d_tiles, default_num_splits, paged_decode_attention
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_case(b, h, hkv, dk, dv, seq_lens, page=16, shared=False, dtype=torch.bfloat16, seed=0, device=DEV):
+    """Random q and a paged cache whose blocks are handed out in shuffled order. Unused blocks hold NaN, unused
+    block-table entries point past the cache: a kernel that reads beyond a row's seq_len shows it."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per = [math.ceil(n / page) for n in seq_lens]
+    max_blocks = max(1, max(blocks_per))
+    num_blocks = sum(blocks_per) + 3
+    k_cache = torch.full((num_blocks, page, hkv, dk), float("nan"), dtype=dtype)
+    v_cache = None if shared else torch.full((num_blocks, page, hkv, dv), float("nan"), dtype=dtype)
+    block_tables = torch.full((b, max_blocks), 10**6, dtype=torch.int32)
+    order = torch.randperm(num_blocks, generator=g)
+    keys, values, used = [], [], 0
+    for i, n in enumerate(seq_lens):
+        ids = order[used : used + blocks_per[i]]
+        used += blocks_per[i]
+        block_tables[i, : len(ids)] = ids.to(torch.int32)
+        k = torch.randn(n, hkv, dk, generator=g).to(dtype)
+        v = k[..., :dv] if shared else torch.randn(n, hkv, dv, generator=g).to(dtype)
+        for j in range(n):  # token j of row i: block ids[j // page], slot j % page
+            k_cache[ids[j // page], j % page] = k[j]
+            if not shared:
+                v_cache[ids[j // page], j % page] = v[j]
+        keys.append(k)
+        values.append(v)
+    q = torch.randn(b, h, dk, generator=g).to(dtype)
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(q), to(k_cache), to(v_cache), to(block_tables), to(seq), keys, values
+
+
+def plain_attention(q, keys, values, scale):
+    """Each row's query against its own contiguous K/V with F.scaled_dot_product_attention (fp32), GQA by repeat."""
+    b, h, _ = q.shape
+    dv = values[0].shape[-1] if values else 0
+    out = torch.zeros(b, h, dv)
+    for i, (k, v) in enumerate(zip(keys, values)):
+        if k.shape[0] == 0:
+            continue
+        rep = h // k.shape[1]
+        kk = k.float().repeat_interleave(rep, dim=1).transpose(0, 1)  # (H, n, Dk)
+        vv = v.float().repeat_interleave(rep, dim=1).transpose(0, 1)  # (H, n, Dv)
+        out[i] = F.scaled_dot_product_attention(q[i].float().cpu()[:, None], kk, vv, scale=scale)[:, 0]
+    return out
+
+
+def check(q, k_cache, v_cache, bt, seq, keys, values, dv, **kw):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = paged_decode_attention(q, k_cache, v_cache, bt, seq, scale, dv, **kw)
+    assert out.shape == (q.shape[0], q.shape[1], dv) and out.dtype == q.dtype
+    ref = plain_attention(q, keys, values, scale)
+    tol = 1e-4 if q.dtype == torch.float32 else 2e-2  # bf16: p cast to bf16 for the p @ v dot (and a bf16 output)
+    torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)
+    return out
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize(
+    "h,hkv,dk,dv",
+    [(9, 3, 64, 64), (4, 4, 32, 32), (8, 1, 100, 72), (20, 2, 24, 40)],  # SmolLM2 GQA, MHA, MQA ragged, group > 16
+)
+def test_matches_plain_attention(h, hkv, dk, dv, splits):
+    case = make_case(3, h, hkv, dk, dv, [1, 37, 16], page=16, seed=h + dk)
+    check(*case, dv, num_splits=splits, block_n=16)
+
+
+def test_shared_kv_latent_cache_mla_dims():
+    """MLA: one latent 'kv head' of 576 channels (512 + 64 rope), values its first 512, 4 query heads."""
+    case = make_case(2, 4, 1, 576, 512, [5, 21], page=8, shared=True)
+    check(*case, 512, num_splits=2, block_n=16)
+
+
+def test_float32_and_long_context_splits_agree():
+    q, kc, vc, bt, seq, keys, values = make_case(2, 4, 2, 64, 64, [300, 129], page=16, dtype=torch.float32)
+    one = check(q, kc, vc, bt, seq, keys, values, 64, num_splits=1, block_n=32)
+    many = check(q, kc, vc, bt, seq, keys, values, 64, num_splits=7, block_n=16)
+    torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_rows_give_zeros_and_do_not_disturb_others():
+    q, kc, vc, bt, seq, keys, values = make_case(4, 4, 2, 32, 32, [0, 20, 0, 3], page=4)
+    out = check(q, kc, vc, bt, seq, keys, values, 32, num_splits=2, block_n=16)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    assert out[1].abs().sum() > 0
+
+
+def test_page_size_not_multiple_of_tile():
+    """Pages of 5 tokens: a 16-token KV tile spans four pages, gathered through the block table."""
+    case = make_case(2, 6, 3, 48, 48, [23, 11], page=5, seed=3)
+    check(*case, 48, num_splits=2, block_n=16)
+
+
+def test_default_splits_and_tiles():
+    assert _d_tiles(576) == (512, 64) and _d_tiles(128) == (128, 0) and _d_tiles(100) == (64, 64)
+    assert _d_tiles(8) == (16, 0) and _d_tiles(24) == (16, 16)
+    cpu = torch.device("cpu")
+    assert default_num_splits(1000, 4096, cpu) == 1  # enough programs already
+    assert default_num_splits(1, 100, cpu) == 1  # context too short to split
+    assert default_num_splits(1, 4096, cpu) == 8  # 2 x 4 "SMs" on CPU, 16 splits allowed by the context
+
+
+def test_matches_model_reference_paged_attention():
+    """The model's torch reference (helper "models") on the same cache: the dispatch target must agree with it."""
+    attention = pytest.importorskip("ingot.layers.attention")
+    q, kc, vc, bt, seq, keys, values = make_case(3, 9, 3, 64, 64, [7, 33, 1], page=16, seed=5)
+    b = q.shape[0]
+    meta = attention.AttnMetadata(
+        cu_query_lens=torch.arange(b + 1, dtype=torch.int32, device=q.device),
+        seq_lens=seq,
+        slot_mapping=torch.full((b,), -1, dtype=torch.int64, device=q.device),
+        block_tables=bt.clamp(max=kc.shape[0] - 1),
+        max_query_len=1,
+        max_seq_len=int(seq.max()),
+    )
+    scale = 1.0 / 8.0
+    ref = attention.paged_attention(q.cpu(), kc.cpu(), vc.cpu(), _cpu_meta(attention, meta), scale, 64)
+    out = paged_decode_attention(q, kc, vc, bt, seq, scale, 64, num_splits=2, block_n=16)
+    torch.testing.assert_close(out.float().cpu(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def _cpu_meta(attention, meta):
+    return attention.AttnMetadata(
+        cu_query_lens=meta.cu_query_lens.cpu(), seq_lens=meta.seq_lens.cpu(), slot_mapping=meta.slot_mapping.cpu(),
+        block_tables=meta.block_tables.cpu(), max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
+    )
+
+
+def test_bad_inputs_name_the_tensor():
+    q, kc, vc, bt, seq, _, _ = make_case(2, 4, 2, 32, 32, [3, 4], page=4)
+    with pytest.raises(ValueError, match="heads must be a multiple"):
+        paged_decode_attention(q[:, :3], kc, vc, bt, seq, 1.0, 32)
+    with pytest.raises(ValueError, match="v_cache must be"):
+        paged_decode_attention(q, kc, vc[..., :16], bt, seq, 1.0, 32)
+    with pytest.raises(ValueError, match="seq_lens must be int32"):
+        paged_decode_attention(q, kc, vc, bt, seq.long(), 1.0, 32)
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        paged_decode_attention(q, kc, vc, bt[:1], seq, 1.0, 32)
+    with pytest.raises(TypeError, match="k_cache dtype"):
+        paged_decode_attention(q, kc.float(), vc, bt, seq, 1.0, 32)
+    with pytest.raises(ValueError, match="head_dim_v 40 must be <= Dk 32"):
+        paged_decode_attention(q, kc, None, bt, seq, 1.0, 40)
+
+
+# ------------------------------------------------------------------------------------------------ GPU, real sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "h,hkv,dk,dv,shared",
+    [(32, 8, 128, 128, False), (9, 3, 64, 64, False), (128, 1, 576, 512, True), (16, 1, 576, 512, True)],
+    ids=["llama3-8b", "smollm2", "deepseek-v3-mla", "mla-tp8"],
+)
+def test_gpu_real_sizes(h, hkv, dk, dv, shared):
+    g = torch.Generator().manual_seed(0)
+    seq_lens = [1, 17, 4095, 1000, 0, 2048, 513, 64][: 8]
+    case = make_case(8, h, hkv, dk, dv, seq_lens, page=16, shared=shared, device="cuda")
+    check(*case, dv)  # default splits and tiles
+    check(*case, dv, num_splits=1)
+    del g
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_follows_new_seq_lens():
+    """Captured once, replayed after the seq_lens and block tables change in place: no host-side state baked in."""
+    q, kc, vc, bt, seq, keys, values = make_case(4, 32, 8, 128, 128, [100, 700, 5, 0], page=16, device="cuda")
+    scale = 1 / math.sqrt(128)
+    paged_decode_attention(q, kc, vc, bt, seq, scale, 128)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(q, kc, vc, bt, seq, scale, 128)
+    new = torch.tensor([50, 0, 5, 1], dtype=torch.int32)
+    seq.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    trimmed_k = [k[: int(n)] for k, n in zip(keys, new)]
+    trimmed_v = [v[: int(n)] for v, n in zip(values, new)]
+    torch.testing.assert_close(out.float().cpu(), plain_attention(q, trimmed_k, trimmed_v, scale), atol=2e-2, rtol=2e-2)
