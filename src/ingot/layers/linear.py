@@ -1,0 +1,607 @@
+"""The runtime linear layer of every ingot kind: one ``Linear`` module, one ``LinearMethod`` per stored kind.
+
+SGLang's quantization seam (DESIGN rule 3): ``Linear`` knows shapes, dtype and bias only; its method registers the
+parameters the kind stores (``create_weights``), copies one decoded ``StoredLinear`` in (``load``), finishes them
+(``process_weights_after_loading``) and computes ``y = x @ W.T (+ bias)`` (``apply``). Formats never reach this
+file: the loader decodes a checkpoint into logical ``StoredLinear``s, and any format's linear of a kind loads the same.
+
+Parameters, named as on disk (DESIGN rule 6), ``W`` = [N, K] = [out_features, in_features]:
+
+===============  ==============================================  ==================================================
+kind             parameters                                      apply on CUDA (ingot.kernels)
+===============  ==============================================  ==================================================
+bf16             weight [N, K] (model dtype)                     F.linear (cuBLAS)
+int8-channel     weight int8 [N, K], weight_scale fp32 [N, 1]    per_token_quant_int8 + int8_gemm_channel
+int8-block       weight int8 [N, K], weight_scale fp32           per_token_group_quant(int8, bk) + int8_gemm_block
+                 [cdiv(N, bn), cdiv(K, bk)]
+fp8-block        weight e4m3fn [N, K], weight_scale fp32         per_token_group_quant(fp8_e4m3, bk, scale_fmt)
+                 [cdiv(N, bn), cdiv(K, bk)]                      + fp8_gemm_block
+int8-weight      weight int8 [N, K], weight_scale fp32 [N, 1]    w8a16_gemm
+int4-group       weight_packed int32 [N, cdiv(K, 8)],            w4a16_gemm
+                 weight_scale fp32 [N, cdiv(K, 128)]
+===============  ==============================================  ==================================================
+
+Scales are kept in float32 whatever the format stored them in (compressed-tensors: bf16, GPTQ: fp16): both convert
+exactly, the kernels read fp32 scales, and the CPU path then equals ``ingot.quant.ref`` exactly. int4 keeps
+compressed-tensors' packed int32 layout (8 values per int32, ``ingot.formats.base.pack_int32``): 0.5 byte per weight.
+
+On CPU (or whenever a method's ``use_kernels`` is False) ``apply`` runs the math of ``ingot.quant.ref``: the
+activation quantized by ``ref.quantize_act_token`` / ``ref.quantize_act_group`` exactly as the scheme says, then the
+reference GEMM. The W8A8 int8 GEMMs use float32 equivalents of ``ref.int8_gemm_channel_ref`` / ``int8_gemm_block_ref``
+that give the same bits (see ``int8_gemm_channel_f32``), because the references' float64 matmuls are slower on CPU:
+M = 512 on 2 vCPUs, block N=576 K=1536 80 -> 7.7 ms, N=1536 K=576 20 -> 16 ms; channel 10 -> 6 ms (both shapes).
+
+FP8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper). Elsewhere - CPU, A100 (8.0), ... - an "fp8-block"
+request gets ``Fp8FallbackMethod``: the FP8 weight is re-quantized at load, one linear at a time, to int8-block
+(``fp8_fallback="int8-block"``, the default: half the memory of BF16, the DeepSeek-on-A100 path) or dequantized to
+the model dtype (``"bf16"``). One warning per process on logging.getLogger("ingot") says so and why.
+
+Activation scale format of fp8-block (``ue8m0``, DeepSeek-V3.1+): ``StoredLinear`` carries no flag, so
+``process_weights_after_loading`` detects it per linear: when every non-zero weight scale is a power of two, the
+activations are quantized with power-of-two scales too (``layer.act_scale_fmt``). This reads the same for every
+format (compressed-tensors' fp8 has no scale_fmt field); float scales amax / 448 are all powers of two only for a
+weight whose every block amax is 448 * 2^e, which random or trained weights never are.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ingot.formats.base import KINDS, StoredLinear, cdiv, pack_int32, unpack_int32
+from ingot.quant import fast, ref
+from ingot.quant.schemes import Scheme
+
+logger = logging.getLogger("ingot")
+
+FP8_FALLBACKS = ("int8-block", "bf16")
+FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) and later
+DEFAULT_BLOCK = (128, 128)
+DEFAULT_GROUP = 128
+# K columns per exact float32 chunk of an int8 dot: |x_q * w_q| <= 127 * 127 = 16129 (symmetric quantizers, never
+# -128), so 1024 products sum to at most 16.5M < 2^24 = 16.8M: every partial sum is an integer float32 holds exactly,
+# in any summation order. Chunks are then added in float64 (exact), as the references' single float64 matmul.
+EXACT_F32_K = 1024
+
+
+# ------------------------------------------------------------------------------------------ CPU GEMMs (exact)
+
+
+def int8_gemm_channel_f32(
+    x_q: torch.Tensor,
+    x_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``ref.int8_gemm_channel_ref`` with float32 matmuls, same bits: x_q int8 [M, K], x_s fp32 [M, 1],
+    w_q int8 [N, K], w_s fp32 [N, 1], bias [N] -> y [M, N] ``out_dtype``.
+
+    The integer dot is exact in float32 per 1024-column chunk (EXACT_F32_K); chunks are summed in float64 (exact),
+    then rounded once to float32, as the reference's float64 dot is. Scales and bias follow the reference's order.
+    """
+    k = x_q.shape[1]
+    xf, wf = x_q.float(), w_q.float()
+    if k <= EXACT_F32_K:
+        acc = xf @ wf.T
+    else:
+        acc64 = None
+        for k0 in range(0, k, EXACT_F32_K):
+            part = (xf[:, k0 : k0 + EXACT_F32_K] @ wf[:, k0 : k0 + EXACT_F32_K].T).double()
+            acc64 = part if acc64 is None else acc64.add_(part)
+        acc = acc64.float()
+    y = acc * x_s.float().view(-1, 1) * w_s.float().view(1, -1)
+    if bias is not None:
+        y = y + bias.float().view(1, -1)
+    return y.to(out_dtype)
+
+
+def block_gemm_f32(
+    x_q: torch.Tensor,
+    x_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    block_size: tuple[int, int] = DEFAULT_BLOCK,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Block-scaled GEMM in float32, the math of ``ref.int8_gemm_block_ref`` (int8) and of the fp8 block kernel.
+
+    x_q int8/e4m3fn [M, K], x_s fp32 [M, cdiv(K, bk)], w_q [N, K] (same dtype), w_s fp32 [cdiv(N, bn), cdiv(K, bk)].
+    y = sum over K blocks, in K order, of dot_kb * (x_s[:, kb] * w_s[n // bn, kb]) (+ bias), accumulated in fp32.
+    int8: each block's dot is exact in float32 (bk <= EXACT_F32_K), so the result equals the reference bit for bit.
+    fp8: the dot is a float32 sum (e4m3 products span 2^-18..2^17, more than float32's 24 bits), as on the GPU.
+    """
+    bn, bk = block_size
+    if x_q.dtype == torch.int8 and bk > EXACT_F32_K:
+        return ref.int8_gemm_block_ref(x_q, x_s, w_q, w_s, block_size, bias, out_dtype)
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    xf, wf = x_q.float(), w_q.float()
+    ws = w_s.float().repeat_interleave(bn, dim=0)[:n]  # [N, cdiv(K, bk)]: each row's block scale
+    xs = x_s.float()
+    acc = torch.zeros(m, n, dtype=torch.float32, device=x_q.device)
+    for kb in range(cdiv(k, bk)):
+        cols = slice(kb * bk, min(k, (kb + 1) * bk))
+        dot = xf[:, cols] @ wf[:, cols].T
+        acc = acc + dot * (xs[:, kb, None] * ws[None, :, kb])
+    if bias is not None:
+        acc = acc + bias.float().view(1, -1)
+    return acc.to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------ methods
+
+
+def _register(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """An uninitialized (torch.empty) inference parameter: the loader fills it."""
+    layer.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False))
+
+
+def _copy_in(layer: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Copy ``value`` into parameter ``name`` after checking its shape (and dtype, when given: copy_ would cast
+    a float into int8 silently)."""
+    param = getattr(layer, name)
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(
+            f"{name}: shape {tuple(value.shape)} does not fit this [{layer.out_features}, {layer.in_features}] "
+            f"{layer.method.kind} linear, which expects {tuple(param.shape)}"
+        )
+    if dtype is not None and value.dtype != dtype:
+        raise ValueError(f"{name}: dtype {value.dtype}, a {layer.method.kind} linear expects {dtype}")
+    with torch.no_grad():
+        param.copy_(value)
+
+
+def _check_kind(method: "LinearMethod", layer: nn.Module, stored: StoredLinear) -> None:
+    if stored.kind != method.source_kind:
+        raise ValueError(
+            f"cannot load a {stored.kind} linear into a layer built for {method.source_kind} "
+            f"([{layer.out_features}, {layer.in_features}])"
+        )
+    shape = (layer.out_features, layer.in_features)
+    if tuple(stored.qweight.shape) != shape:
+        raise ValueError(
+            f"weight: shape {tuple(stored.qweight.shape)} does not fit this linear, which expects [N, K] = {list(shape)}"
+        )
+    if stored.kind != "bf16" and stored.scale is None:
+        raise ValueError(f"weight_scale: a {stored.kind} linear needs a scale, got None")
+
+
+def _all_powers_of_two(s: torch.Tensor) -> bool:
+    """Whether every non-zero scale is a power of two (and at least one is non-zero): ue8m0 scales."""
+    mantissa, _ = torch.frexp(s.float())
+    nonzero = s != 0
+    return bool(nonzero.any()) and bool(((mantissa.abs() == 0.5) | ~nonzero).all())
+
+
+class LinearMethod:
+    """How a linear of one kind stores its weight and computes. One instance per layer.
+
+    kind:        the layout of the layer's parameters, the kind it computes as.
+    source_kind: the ``StoredLinear.kind`` that ``load`` accepts (the same, except for ``Fp8FallbackMethod``).
+    use_kernels: None (default) runs the Triton/cuBLAS path for CUDA inputs and the reference math otherwise;
+                 True/False force one (True on CPU runs the kernels under TRITON_INTERPRET=1, as the tests do).
+    """
+
+    kind: str = ""
+    source_kind: str = ""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.use_kernels: bool | None = None
+
+    # ---- the seam
+    def create_weights(self, layer: nn.Module) -> None:
+        """Register the kind's parameters on ``layer`` (torch.empty, on ``self.device``)."""
+        raise NotImplementedError
+
+    def load(self, layer: nn.Module, stored: StoredLinear) -> None:
+        """Copy one decoded linear in, checking kind, shapes and dtypes (ValueError naming the tensor)."""
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Finish the loaded parameters (once, after ``load``)."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> y [..., N] in x's dtype, plus ``layer.bias`` when present (in the GEMM epilogue)."""
+        k, n = layer.in_features, layer.out_features
+        if x.shape[-1] != k:
+            raise ValueError(f"input has {x.shape[-1]} features, this linear takes K = {k} (input shape {tuple(x.shape)})")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k).contiguous()  # (M, K)
+        if x2.shape[0] == 0:
+            return x.new_empty(*lead, n)
+        kernels = x2.is_cuda if self.use_kernels is None else self.use_kernels
+        y = self._kernel(layer, x2) if kernels else self._reference(layer, x2)
+        return y.view(*lead, n)
+
+    # ---- per kind: x2 (M, K) contiguous -> (M, N) in x2.dtype, bias included
+    def _kernel(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _reference(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Bf16Method(LinearMethod):
+    """An unquantized linear in the model dtype: the same ``weight`` [N, K] as nn.Linear (HF state dicts load)."""
+
+    kind = source_kind = "bf16"
+
+    def create_weights(self, layer):
+        _register(layer, "weight", (layer.out_features, layer.in_features), layer.params_dtype, self.device)
+
+    def load(self, layer, stored):
+        _check_kind(self, layer, stored)
+        if not stored.qweight.is_floating_point():
+            raise ValueError(f"weight: dtype {stored.qweight.dtype}, a bf16 linear expects a float weight")
+        _copy_in(layer, "weight", stored.qweight)  # cast to the model dtype
+
+    def apply(self, layer, x):
+        return F.linear(x, layer.weight, layer.bias)  # any leading shape, on every device
+
+
+class Int8ChannelMethod(LinearMethod):
+    """W8A8 int8, per output channel weight scales, per token activation scales (SGLang w8a8_int8)."""
+
+    kind = source_kind = "int8-channel"
+
+    def create_weights(self, layer):
+        n, k = layer.out_features, layer.in_features
+        _register(layer, "weight", (n, k), torch.int8, self.device)
+        _register(layer, "weight_scale", (n, 1), torch.float32, self.device)
+
+    def load(self, layer, stored):
+        _check_kind(self, layer, stored)
+        _copy_in(layer, "weight", stored.qweight, torch.int8)
+        _copy_in(layer, "weight_scale", stored.scale.float())
+
+    def _kernel(self, layer, x):
+        from ingot.kernels.act_quant import per_token_quant_int8
+        from ingot.kernels.int8_gemm import int8_gemm_channel
+
+        x_q, x_s = per_token_quant_int8(x)
+        return int8_gemm_channel(x_q, x_s, layer.weight, layer.weight_scale, bias=layer.bias, out_dtype=x.dtype)
+
+    def _reference(self, layer, x):
+        x_q, x_s = ref.quantize_act_token(x)
+        return int8_gemm_channel_f32(x_q, x_s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
+
+
+class _BlockMethod(LinearMethod):
+    """Block-scaled weights: one fp32 scale per bn x bk block; activations per token per bk-group."""
+
+    qdtype: torch.dtype
+
+    def create_weights(self, layer):
+        n, k = layer.out_features, layer.in_features
+        layer.block_size = DEFAULT_BLOCK
+        _register(layer, "weight", (n, k), self.qdtype, self.device)
+        _register(layer, "weight_scale", (cdiv(n, DEFAULT_BLOCK[0]), cdiv(k, DEFAULT_BLOCK[1])), torch.float32, self.device)
+
+    def load(self, layer, stored):
+        _check_kind(self, layer, stored)
+        block = tuple(stored.block_size)
+        if block != tuple(layer.block_size):  # e.g. weight_block_size [64, 64]: the scale grid follows the checkpoint
+            bn, bk = block
+            if bn < 1 or bk < 16 or bk & (bk - 1):
+                raise ValueError(f"weight_scale: block size {list(block)} unsupported (bk must be a power of two >= 16)")
+            layer.block_size = block
+            _register(layer, "weight_scale", (cdiv(layer.out_features, bn), cdiv(layer.in_features, bk)),
+                      torch.float32, self.device)
+        _copy_in(layer, "weight", stored.qweight, self.qdtype)
+        _copy_in(layer, "weight_scale", stored.scale.float())
+
+
+class Int8BlockMethod(_BlockMethod):
+    """W8A8 int8, 128x128 weight blocks, activations per token per 128-group (SGLang blockwise_int8)."""
+
+    kind = source_kind = "int8-block"
+    qdtype = torch.int8
+
+    def _kernel(self, layer, x):
+        from ingot.kernels.act_quant import per_token_group_quant
+        from ingot.kernels.int8_gemm import int8_gemm_block
+
+        x_q, x_s = per_token_group_quant(x, "int8", group_size=layer.block_size[1])
+        return int8_gemm_block(x_q, x_s, layer.weight, layer.weight_scale, block_size=layer.block_size,
+                               bias=layer.bias, out_dtype=x.dtype)
+
+    def _reference(self, layer, x):
+        x_q, x_s = ref.quantize_act_group(x, "int8", layer.block_size[1])
+        return block_gemm_f32(x_q, x_s, layer.weight, layer.weight_scale, layer.block_size, layer.bias, x.dtype)
+
+
+class Fp8BlockMethod(_BlockMethod):
+    """W8A8 fp8 e4m3, 128x128 weight blocks, activations per token per 128-group (DeepSeek-V3). Needs sm89+ on CUDA.
+
+    ``layer.act_scale_fmt``: "ue8m0" when the weight scales are all powers of two (detected after loading, see the
+    module docstring), else "float".
+    """
+
+    kind = source_kind = "fp8-block"
+    qdtype = torch.float8_e4m3fn
+
+    def create_weights(self, layer):
+        super().create_weights(layer)
+        layer.act_scale_fmt = "float"
+
+    def process_weights_after_loading(self, layer):
+        layer.act_scale_fmt = "ue8m0" if _all_powers_of_two(layer.weight_scale) else "float"
+
+    def _kernel(self, layer, x):
+        from ingot.kernels.act_quant import per_token_group_quant
+
+        try:
+            from ingot.kernels.fp8_gemm import fp8_gemm_block
+        except ModuleNotFoundError as e:
+            if e.name != "ingot.kernels.fp8_gemm":
+                raise
+            raise NotImplementedError(
+                "fp8-block on CUDA needs ingot.kernels.fp8_gemm.fp8_gemm_block, which this ingot does not have yet; "
+                "load with fp8_fallback to run FP8 checkpoints as int8-block"
+            ) from None
+        x_q, x_s = per_token_group_quant(x, "fp8_e4m3", group_size=layer.block_size[1], scale_fmt=layer.act_scale_fmt)
+        return fp8_gemm_block(x_q, x_s, layer.weight, layer.weight_scale, block_size=layer.block_size,
+                              bias=layer.bias, out_dtype=x.dtype)
+
+    def _reference(self, layer, x):
+        x_q, x_s = ref.quantize_act_group(x, "fp8_e4m3", layer.block_size[1], layer.act_scale_fmt)
+        return block_gemm_f32(x_q, x_s, layer.weight, layer.weight_scale, layer.block_size, layer.bias, x.dtype)
+
+
+def _weight_only_kernels():
+    """ingot.kernels.weight_only, or None while it does not exist (the reference runs instead)."""
+    try:
+        from ingot.kernels import weight_only
+    except ModuleNotFoundError as e:
+        if e.name != "ingot.kernels.weight_only":
+            raise
+        return None
+    return weight_only
+
+
+class Int8WeightMethod(LinearMethod):
+    """W8A16: int8 weights, one scale per output channel, activations stay in the model dtype."""
+
+    kind = source_kind = "int8-weight"
+
+    def create_weights(self, layer):
+        n, k = layer.out_features, layer.in_features
+        _register(layer, "weight", (n, k), torch.int8, self.device)
+        _register(layer, "weight_scale", (n, 1), torch.float32, self.device)
+
+    def load(self, layer, stored):
+        _check_kind(self, layer, stored)
+        _copy_in(layer, "weight", stored.qweight, torch.int8)
+        _copy_in(layer, "weight_scale", stored.scale.float())
+
+    def _kernel(self, layer, x):
+        kernels = _weight_only_kernels()
+        if kernels is None:
+            return self._reference(layer, x)
+        return kernels.w8a16_gemm(x, layer.weight, layer.weight_scale, bias=layer.bias)
+
+    def _reference(self, layer, x):
+        if hasattr(ref, "w8a16_gemm_ref"):
+            return ref.w8a16_gemm_ref(x, layer.weight, layer.weight_scale, bias=layer.bias)
+        # ref.linear's math: x (float32) @ (q * s).T, + bias, cast to x's dtype
+        y = x.float() @ (layer.weight.float() * layer.weight_scale.float()).T
+        if layer.bias is not None:
+            y = y + layer.bias.float()
+        return y.to(x.dtype)
+
+
+class Int4GroupMethod(LinearMethod):
+    """W4A16: symmetric int4 weights in [-8, 7], one scale per row per 128 columns, packed 8 per int32."""
+
+    kind = source_kind = "int4-group"
+
+    def create_weights(self, layer):
+        n, k = layer.out_features, layer.in_features
+        layer.group_size = DEFAULT_GROUP
+        _register(layer, "weight_packed", (n, cdiv(k, 8)), torch.int32, self.device)
+        _register(layer, "weight_scale", (n, cdiv(k, DEFAULT_GROUP)), torch.float32, self.device)
+
+    def load(self, layer, stored):
+        _check_kind(self, layer, stored)
+        if stored.group_size != layer.group_size:
+            raise ValueError(f"weight_scale: group size {stored.group_size}, int4-group linears use {layer.group_size}")
+        q = stored.qweight
+        if q.dtype != torch.int8:
+            raise ValueError(f"weight: dtype {q.dtype}, an int4-group linear expects int4 values unpacked into int8")
+        lo, hi = int(q.min()), int(q.max())
+        if lo < -8 or hi > 7:  # packing keeps 4 bits: anything outside would wrap silently
+            raise ValueError(f"weight: values span [{lo}, {hi}], int4 holds [-8, 7]")
+        _copy_in(layer, "weight_packed", pack_int32(q.cpu(), 4))  # pack_int32 builds its shifts on the CPU
+        _copy_in(layer, "weight_scale", stored.scale.float())
+
+    def _kernel(self, layer, x):
+        kernels = _weight_only_kernels()
+        if kernels is None:
+            return self._reference(layer, x)
+        return kernels.w4a16_gemm(x, layer.weight_packed, layer.weight_scale, layer.in_features,
+                                  group_size=layer.group_size, bias=layer.bias)
+
+    def _reference(self, layer, x):
+        if hasattr(ref, "w4a16_gemm_ref"):
+            return ref.w4a16_gemm_ref(x, layer.weight_packed, layer.weight_scale, layer.in_features,
+                                      group_size=layer.group_size, bias=layer.bias)
+        n, k = layer.out_features, layer.in_features
+        q = unpack_int32(layer.weight_packed.cpu(), 4, k).to(x.device)
+        scheme = replace(Scheme.from_name("int4-group"), group_size=layer.group_size)
+        w = ref.dequantize_weight(ref.QuantizedWeight(scheme, q, layer.weight_scale))  # (N, K) float32
+        y = x.float() @ w.T
+        if layer.bias is not None:
+            y = y + layer.bias.float()
+        return y.to(x.dtype)
+
+
+class Fp8FallbackMethod(LinearMethod):
+    """An fp8-block linear on a device without FP8: loads FP8 and runs as int8-block or bf16 (``kind``).
+
+    int8-block: each 128x128 FP8 block is dequantized and re-quantized to int8 (``ingot.quant.fast.requantize``,
+    bit-identical to the reference, in cache-sized slabs); the same block grid, so one int8 scale per FP8 scale.
+    bf16: dequantized into the model dtype. One linear's float32 copy exists at a time, never the model's.
+    """
+
+    source_kind = "fp8-block"
+
+    def __init__(self, device: torch.device | str, fallback: str = "int8-block"):
+        super().__init__(device)
+        if fallback not in FP8_FALLBACKS:
+            raise ValueError(f"fp8_fallback {fallback!r}: expected one of {', '.join(FP8_FALLBACKS)}")
+        self.kind = fallback
+        self.inner: LinearMethod = Int8BlockMethod(device) if fallback == "int8-block" else Bf16Method(device)
+
+    @property
+    def use_kernels(self) -> bool | None:
+        return self.inner.use_kernels
+
+    @use_kernels.setter
+    def use_kernels(self, value: bool | None) -> None:
+        if hasattr(self, "inner"):
+            self.inner.use_kernels = value
+
+    def create_weights(self, layer):
+        self.inner.create_weights(layer)
+
+    def load(self, layer, stored):
+        _check_kind(self, layer, stored)
+        block = tuple(stored.block_size)
+        q, s = stored.qweight.to(self.device), stored.scale.float().to(self.device)
+        if q.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"weight: dtype {q.dtype}, an fp8-block linear expects torch.float8_e4m3fn")
+        if self.kind == "int8-block":
+            scheme = replace(Scheme.from_name("int8-block"), block_size=block, act_group_size=block[1])
+            result = fast.requantize(q, s, block, scheme)
+            qw, _ = result if result is not None else fast.requantize_ref(q, s, block, scheme)
+            self.inner.load(layer, StoredLinear("int8-block", qw.qweight, qw.scale, block_size=block))
+        else:
+            scheme = replace(Scheme.from_name("fp8-block"), block_size=block)
+            w = ref.dequantize_weight(ref.QuantizedWeight(scheme, q, s), layer.params_dtype)
+            self.inner.load(layer, StoredLinear("bf16", w, None))
+
+    def process_weights_after_loading(self, layer):
+        self.inner.process_weights_after_loading(layer)
+
+    def apply(self, layer, x):
+        return self.inner.apply(layer, x)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+METHODS: dict[str, type[LinearMethod]] = {
+    "bf16": Bf16Method,
+    "fp8-block": Fp8BlockMethod,
+    "int8-block": Int8BlockMethod,
+    "int8-channel": Int8ChannelMethod,
+    "int8-weight": Int8WeightMethod,
+    "int4-group": Int4GroupMethod,
+}
+assert tuple(METHODS) == KINDS, "one method per stored kind"
+
+
+def cuda_device_info(device: torch.device) -> tuple[str, tuple[int, int]]:
+    """(name, compute capability) of a CUDA device."""
+    return torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device))
+
+
+def fp8_unsupported_reason(device: torch.device) -> str | None:
+    """Why ``device`` cannot run fp8-block GEMMs (None: it can)."""
+    if device.type != "cuda":
+        return f"device {device} is not a CUDA GPU"
+    name, capability = cuda_device_info(device)
+    if capability < FP8_MIN_CAPABILITY:
+        need = ".".join(map(str, FP8_MIN_CAPABILITY))
+        return f"{name} (compute capability {capability[0]}.{capability[1]}) has no FP8 tensor cores (needs {need}+)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fp8_fallback(reason: str, fallback: str) -> None:
+    """Once per process (per reason and fallback): a model has hundreds of fp8 linears, one line says it all."""
+    how = "re-quantized to int8-block at load" if fallback == "int8-block" else "dequantized to the model dtype at load"
+    logger.warning("fp8-block linears run as %s: %s; their FP8 weights are %s (fp8_fallback=%r)",
+                   fallback, reason, how, fallback)
+
+
+def linear_method(kind: str, device: torch.device | str, *, fp8_fallback: str = "int8-block") -> LinearMethod:
+    """The method of a ``kind`` linear on ``device``. On CPU and on GPUs below compute capability 8.9, "fp8-block"
+    gives ``Fp8FallbackMethod(device, fp8_fallback)`` ("int8-block" or "bf16"), with one warning per process."""
+    if kind not in METHODS:
+        raise ValueError(f"unknown linear kind {kind!r}; expected one of: {', '.join(KINDS)}")
+    if fp8_fallback not in FP8_FALLBACKS:
+        raise ValueError(f"fp8_fallback {fp8_fallback!r}: expected one of {', '.join(FP8_FALLBACKS)}")
+    device = torch.device(device)
+    if kind == "fp8-block":
+        reason = fp8_unsupported_reason(device)
+        if reason is not None:
+            _warn_fp8_fallback(reason, fp8_fallback)
+            return Fp8FallbackMethod(device, fp8_fallback)
+    return METHODS[kind](device)
+
+
+# ------------------------------------------------------------------------------------------------ module
+
+
+class Linear(nn.Module):
+    """y = x @ W.T (+ bias) with W stored as ``kind`` (one of ingot.formats.base.KINDS).
+
+    in_features K, out_features N; bias [N] in ``dtype`` (the model dtype), added in the GEMM epilogue.
+    Parameters are allocated (torch.empty) on ``device`` (default: torch's default device) and filled by
+    ``load(StoredLinear)`` + ``process_weights_after_loading()``, or, for bf16, by ``load_state_dict``.
+    The method is chosen for ``device`` when the layer is built (fp8 fallback included).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        kind: str = "bf16",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        fp8_fallback: str = "int8-block",
+    ):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"Linear({in_features}, {out_features}): features must be >= 1")
+        if not dtype.is_floating_point:
+            raise ValueError(f"Linear dtype must be a float dtype (the model's), got {dtype}")
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        self.in_features, self.out_features, self.params_dtype = in_features, out_features, dtype
+        self.method = linear_method(kind, device, fp8_fallback=fp8_fallback)
+        self.method.create_weights(self)
+        if bias:
+            _register(self, "bias", (out_features,), dtype, device)
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def kind(self) -> str:
+        """The kind this layer computes as (``self.method.source_kind`` is the kind it loads)."""
+        return self.method.kind
+
+    def load(self, stored: StoredLinear) -> None:
+        """Copy one decoded linear in (``method.load``). Call ``process_weights_after_loading`` when done."""
+        self.method.load(self, stored)
+
+    def process_weights_after_loading(self) -> None:
+        self.method.process_weights_after_loading(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
+
+    def extra_repr(self) -> str:
+        loads = "" if self.method.source_kind == self.kind else f" (loads {self.method.source_kind})"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"kind={self.kind}{loads}")
