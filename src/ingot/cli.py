@@ -1,4 +1,4 @@
-"""The one CLI: ``ingot pull|convert|inspect|bench``. Flags map onto dataclass fields; this is the only place
+"""The one CLI: ``ingot pull|convert|inspect|bench|tune``. Flags map onto dataclass fields; this is the only place
 that reads argv or the environment (INGOT_CACHE_DIR, XDG_CACHE_HOME)."""
 
 from __future__ import annotations
@@ -137,6 +137,148 @@ def cmd_bench_kernels(args) -> int:
     return 0
 
 
+# Which GEMM kernels serve a stored kind (fp8-block also falls back to int8-block on GPUs without FP8).
+TUNE_OPS_OF_KIND = {
+    "int8-channel": ("int8_gemm_channel",),
+    "int8-block": ("int8_gemm_block",),
+    "fp8-block": ("fp8_gemm_block", "int8_gemm_block"),
+}
+
+
+def _model_linear_shapes(path: Path) -> tuple[list[tuple[int, int]], list[str]]:
+    """The distinct (N, K) of a checkpoint's linears (from shard headers only) and the kernels its kinds use."""
+    from ingot.formats import Checkpoint, detect, find_linears, linear_shape
+    from ingot.formats.safetensors_io import read_json
+
+    ckpt = Checkpoint(path)
+    fmt, kind = detect(read_json(path / "config.json", "config.json"))
+    linears, _ = find_linears(ckpt, fmt, kind)
+    shapes = sorted({linear_shape(ckpt, prefix) for prefix in linears})
+    kinds = set(linears.values())
+    ops = sorted({op for kd in kinds for op in TUNE_OPS_OF_KIND.get(kd, ())})
+    return shapes, ops
+
+
+def cmd_tune(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("tune: needs a CUDA device (torch.cuda.is_available() is False)")
+    from ingot.bench.kernels import SHAPES
+    from ingot.kernels.tuning import CONFIG_DIR, TUNABLE_OPS, TuneOptions, tune
+
+    shapes: list[tuple[int, int]] = list(args.shape)
+    ops: list[str] = list(args.ops or [])
+    if args.model:
+        model_shapes, model_ops = _model_linear_shapes(_resolve_model(args.model, _cache_dir(args.cache_dir)))
+        shapes += model_shapes
+        ops = ops or model_ops or list(TUNABLE_OPS)  # a bf16 model: tune every W8A8 kernel for its shapes
+    if args.shapes:
+        shapes += SHAPES[args.shapes]
+    if not shapes:
+        raise ValueError("tune: give a MODEL directory, --shapes PRESET or --shape NxK")
+    options = TuneOptions(
+        ops=tuple(ops or TUNABLE_OPS),
+        shapes=tuple(dict.fromkeys(shapes)),
+        m_sizes=tuple(args.m),
+        rep_ms=args.rep_ms,
+        out_dir=Path(args.out_dir) if args.out_dir else CONFIG_DIR,
+        git_sha=args.git_sha,
+    )
+    for path in tune(options, log=lambda line: print(line, flush=True)):
+        print(path)
+    return 0
+
+
+def _data_dir(arg: str | None):
+    """--data-dir, else $INGOT_DATA_DIR; DataDir raises a clear error when neither is set or it is missing."""
+    from ingot.eval.data import DataDir
+
+    return DataDir(Path(arg) if arg else (Path(os.environ["INGOT_DATA_DIR"]) if os.environ.get("INGOT_DATA_DIR") else None))
+
+
+def _limits(text: str) -> tuple[int | None, dict[str, int]]:
+    """'100' -> (100, {}); '64,gsm8k=8' -> (64, {'gsm8k': 8}); 'mmlu=50' -> (None, {'mmlu': 50})."""
+    limit, per_task = None, {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        task, _, n = part.rpartition("=")
+        if not n.isdigit() or int(n) <= 0:
+            raise argparse.ArgumentTypeError(f"--limit {text!r}: expected N or TASK=N (positive integers), got {part!r}")
+        if task:
+            per_task[task] = int(n)
+        else:
+            limit = int(n)
+    return limit, per_task
+
+
+def _eval_options(args):
+    from ingot.eval import EvalOptions
+
+    limit, per_task = args.limit or (None, {})
+    return EvalOptions(
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        limit=limit,
+        task_limits=per_task,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        n_ctx=args.n_ctx,
+        stride=args.stride,
+        batch_tokens=args.batch_tokens,
+        fp8_fallback=args.fp8_fallback,
+    )
+
+
+def cmd_eval(args) -> int:
+    from ingot.eval import evaluate, format_summary
+
+    options = _eval_options(args)
+    data = _data_dir(args.data_dir)
+    model = _resolve_model(args.model, _cache_dir(args.cache_dir))
+    out = Path(args.out) if args.out else Path("out") / "eval" / f"{model.name}.json"
+    ref = _resolve_model(args.ref, _cache_dir(args.cache_dir)) if args.ref else None
+    results = evaluate(model, options, data, ref=ref, out=out)
+    print(format_summary(results))
+    print(out)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ingot.eval import CompareOptions, compare
+    from ingot.eval.report import format_table
+
+    options = CompareOptions(
+        schemes=tuple(s.strip() for s in args.schemes.split(",") if s.strip()),
+        workdir=Path(args.workdir),
+        out_dir=Path(args.out_dir) if args.out_dir else None,
+        convert_device=args.convert_device,
+        eval=_eval_options(args),
+    )
+    data = _data_dir(args.data_dir)
+    model = _resolve_model(args.model, _cache_dir(args.cache_dir))
+    summary = compare(model, options, data, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_table(summary["rows"]))
+    print(summary["report"])
+    return 0
+
+
+def _add_eval_flags(p: argparse.ArgumentParser, tasks_default: str | None) -> None:
+    p.add_argument("--tasks", required=tasks_default is None, default=tasks_default,
+                   help="comma-separated: ppl, kl, mmlu, gsm8k")
+    p.add_argument("--limit", type=_limits, metavar="N|TASK=N,...",
+                   help="evaluate a fixed seeded subset: N windows (ppl, kl) or questions (mmlu, gsm8k); "
+                        "TASK=N for one task (e.g. 64,gsm8k=8)")
+    p.add_argument("--seed", type=int, default=0, help="which subset --limit picks")
+    p.add_argument("--data-dir", help="evaluation data (default: $INGOT_DATA_DIR)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="model dtype (default: the checkpoint's)")
+    p.add_argument("--n-ctx", type=int, default=512, help="perplexity/KL window (second half scored)")
+    p.add_argument("--stride", type=int, help="window step (default: --n-ctx, as llama.cpp)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward while scoring")
+    p.add_argument("--fp8-fallback", default="int8-block", choices=["int8-block", "bf16"],
+                   help="what fp8-block linears run as where FP8 matmuls are missing (CPU, GPUs before sm89)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ingot.formats import FORMAT_NAMES
     from ingot.quant.schemes import PRESETS
@@ -192,6 +334,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="results JSON (default: benchmarks/results/kernels-<device>-<date>.json)")
     b.add_argument("--git-sha", help="record this sha (a copied tree without .git); default: the checkout's")
     b.set_defaults(func=cmd_bench_kernels)
+
+    p = sub.add_parser("tune", help="sweep GEMM tile configs on this GPU; write tables the kernels read (CUDA)")
+    p.add_argument("model", nargs="?", help="a checkpoint: tune its linears' shapes for the kernels its scheme uses")
+    p.add_argument("--shapes", choices=["llama3-8b", "deepseek-v3", "all"], help="(N, K) preset (as bench kernels)")
+    p.add_argument("--shape", type=_nk, action="append", default=[], metavar="NxK", help="an N x K (repeatable)")
+    p.add_argument("--ops", nargs="+", choices=["int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block"],
+                   help="kernels to tune (default: the model's, else all)")
+    p.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 128, 256, 1024, 4096], help="token counts")
+    p.add_argument("--rep-ms", type=int, default=10, help="ms of timed calls per candidate")
+    p.add_argument("--out-dir", help="where tables go (default: the package's ingot/kernels/configs)")
+    p.add_argument("--git-sha", help="record this sha in the tables (a copied tree without .git)")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("eval", help="perplexity, KL vs a reference, MMLU, GSM8K of one model -> JSON")
+    p.add_argument("model", help=f"model directory (or an embedded model's name, e.g. {DEFAULT_MODEL})")
+    _add_eval_flags(p, tasks_default=None)
+    p.add_argument("--ref", help="kl reference model (default: the source named in ingot_manifest.json, or MODEL itself if unquantized)")
+    p.add_argument("--out", help="results JSON (default: out/eval/<model>.json)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="convert a model to each scheme, evaluate each, write report.md and report.png")
+    p.add_argument("model", help=f"source model directory (or an embedded model's name, e.g. {DEFAULT_MODEL})")
+    p.add_argument("--schemes", default="bf16,fp8-block,int8-block,int8-channel,int8-weight,int4-group",
+                   help="comma-separated scheme presets")
+    _add_eval_flags(p, tasks_default="ppl,kl")
+    p.add_argument("--workdir", default="out/compare", help="conversions go to WORKDIR/<scheme> (reused when complete)")
+    p.add_argument("--out-dir", help="report.md, report.png and the JSON results (default: --workdir)")
+    p.add_argument("--convert-device", default="cpu", help="device of the conversions")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

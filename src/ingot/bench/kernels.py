@@ -37,19 +37,20 @@ SHAPES: dict[str, tuple[tuple[int, int], ...]] = {  # (N, K) of the linears
 }
 SHAPES["all"] = SHAPES["llama3-8b"] + SHAPES["deepseek-v3"]
 DEFAULT_M = (1, 16, 64, 128, 256, 1024, 4096)
-OPS = ("bf16", "int_mm", "scaled_mm_fp8", "int8_channel", "int8_block", "quant_int8", "quant_fp8")
-GEMM_OPS = OPS[:5]
+OPS = ("bf16", "int_mm", "scaled_mm_fp8", "int8_channel", "int8_block", "fp8_block", "quant_int8", "quant_fp8")
+GEMM_OPS = OPS[:6]
 _DEV = "cuda"  # where inputs are made (a CPU smoke run of the loop patches it)
 H100_L2_BYTES = 50 * 2**20
 QUANT_MIN_M = 1024  # the bandwidth target applies where the activation is large enough to be bandwidth-bound
 TARGETS = {
     "int8_channel": {"small_m": 1.7, "large_m": 1.4},
     "int8_block": {"small_m": 1.5, "large_m": 1.2},
+    "fp8_block": {"large_m": 1.5},
     "quant_fraction_of_copy_bandwidth": 0.70,
     "small_m_max": 64,
     "large_m_min": 1024,
     "quant_min_m": QUANT_MIN_M,
-    "not_implemented": ["fp8 block W8A8 GEMM (fp8_gemm_block)", "W4A16 GEMM"],
+    "not_implemented": ["W8A16 / W4A16 GEMM rows"],
 }
 
 
@@ -147,6 +148,7 @@ def _weights(n: int, k: int, copies: int) -> list[dict]:
             "w_sb": torch.rand((n + 127) // 128, (k + 127) // 128, device=_DEV, dtype=torch.float32) / 127 + 1e-4,
             "w8": (w * 16).to(torch.float8_e4m3fn),
             "w8_s_row": torch.rand(1, n, device=_DEV, dtype=torch.float32) / 16 + 1e-4,
+            "w8_sb": torch.rand((n + 127) // 128, (k + 127) // 128, device=_DEV, dtype=torch.float32) / 16 + 1e-4,
         })
     return out
 
@@ -162,6 +164,7 @@ def _acts(m: int, k: int, copies: int) -> list[dict]:
             "x_sg": torch.rand(m, (k + 127) // 128, device=_DEV, dtype=torch.float32) / 127 + 1e-4,
             "x8": (x * 16).to(torch.float8_e4m3fn),
             "x8_s_row": torch.rand(m, 1, device=_DEV, dtype=torch.float32) / 16 + 1e-4,
+            "x8_sg": torch.rand(m, (k + 127) // 128, device=_DEV, dtype=torch.float32) / 16 + 1e-4,
         })
     return out
 
@@ -174,6 +177,7 @@ def _bytes(op: str, m: int, n: int, k: int) -> int:
         "scaled_mm_fp8": m * k + n * k + 4 * (m + n) + 2 * m * n,
         "int8_channel": m * k + n * k + 4 * (m + n) + 2 * m * n,
         "int8_block": m * k + n * k + 4 * m * g + 4 * ((n + 127) // 128) * g + 2 * m * n,
+        "fp8_block": m * k + n * k + 4 * m * g + 4 * ((n + 127) // 128) * g + 2 * m * n,
         "quant_int8": 2 * m * k + m * k + 4 * m * g,
         "quant_fp8": 2 * m * k + m * k + 4 * m * g,
     }[op]
@@ -183,6 +187,7 @@ def _bytes(op: str, m: int, n: int, k: int) -> int:
 
 
 def _gemm_fns(m: int, n: int, k: int, pairs: list[tuple[dict, dict]], scaled_mode: list) -> dict:
+    from ingot.kernels.fp8_gemm import fp8_gemm_block, fp8_supported
     from ingot.kernels.int8_gemm import int8_gemm_block, int8_gemm_channel
 
     def int_mm(a, w):
@@ -202,6 +207,8 @@ def _gemm_fns(m: int, n: int, k: int, pairs: list[tuple[dict, dict]], scaled_mod
         "bf16": lambda a, w: a["x"] @ w["w"].t(),
         "int8_channel": lambda a, w: int8_gemm_channel(a["x_q"], a["x_s"], w["w_q"], w["w_s"]),
         "int8_block": lambda a, w: int8_gemm_block(a["x_q"], a["x_sg"], w["w_q"], w["w_sb"]),
+        "fp8_block": (lambda a, w: fp8_gemm_block(a["x8"], a["x8_sg"], w["w8"], w["w8_sb"]))
+        if fp8_supported(_DEV) else "n/a: no FP8 tensor cores (compute capability < 8.9)",
     }
     if m > 16 and n % 8 == 0 and k % 8 == 0:
         fns["int_mm"] = int_mm
@@ -250,8 +257,8 @@ def _targets(rows: list[dict]) -> dict:
         op, m = r["op"], r["m"]
         if "us" not in r:
             continue
-        if op in ("int8_channel", "int8_block") and "ratio_to_bf16" in r:
-            if m <= TARGETS["small_m_max"]:
+        if op in ("int8_channel", "int8_block", "fp8_block") and "ratio_to_bf16" in r:
+            if m <= TARGETS["small_m_max"] and "small_m" in TARGETS[op]:
                 need = TARGETS[op]["small_m"]
             elif m >= TARGETS["large_m_min"]:
                 need = TARGETS[op]["large_m"]
@@ -390,7 +397,8 @@ def format_table(results: dict) -> str:
     p = results["peaks"]
     lines = [f"peaks: bf16 matmul {p['bf16_matmul']['tflops']} TFLOP/s, copy {p['copy']['gbps']} GB/s",
              "times in us; (x) = speed-up over bf16; quant: % of copy GB/s"]
-    head = f"{'M':>5} {'N x K':>12} {'bf16':>8} {'int_mm':>14} {'fp8':>14} {'channel':>14} {'block':>14} {'q_int8':>12} {'q_fp8':>12}"
+    head = (f"{'M':>5} {'N x K':>12} {'bf16':>8} {'int_mm':>14} {'fp8':>14} {'channel':>14} {'block':>14} "
+            f"{'fp8_block':>14} {'q_int8':>12} {'q_fp8':>12}")
     lines += [head, "-" * len(head)]
     groups: dict = {}
     for r in results["rows"]:
@@ -408,7 +416,7 @@ def format_table(results: dict) -> str:
                 cells.append(f"{r['us']:.1f}({r.get('ratio_to_bf16', 0):.2f}){mark}")
             else:
                 cells.append(f"{r['us']:.1f}/{100 * r['gbps_frac_of_copy_peak']:.0f}%")
-        w = (8, 14, 14, 14, 14, 12, 12)
+        w = (8, 14, 14, 14, 14, 14, 12, 12)
         lines.append(f"{m:>5} {f'{n}x{k}':>12} " + " ".join(f"{c:>{wi}}" for c, wi in zip(cells, w)))
     t = results["targets"]
     for op, d in t["summary"].items():

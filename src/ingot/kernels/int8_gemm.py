@@ -15,11 +15,14 @@ References with the same signatures: ``ingot.quant.ref.int8_gemm_channel_ref`` /
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import functools
+from dataclasses import replace
 
 import torch
 import triton
 import triton.language as tl
+
+from ingot.kernels.tuning import GemmConfig, lookup
 
 # An int32 accumulator holds K products of at most 128 * 128 = 2^14 (-128 * -128; the symmetric quantizers stop at
 # +-127, 16129): K below 2^31 / 2^14 = 131072 can never overflow, whatever the values.
@@ -28,75 +31,93 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BIAS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-@dataclass(frozen=True)
-class GemmConfig:
-    """Tile shape and launch parameters of one GEMM launch.
-
-    block_m/n/k: the [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tile each program multiplies per K step (powers of two,
-    >= 16: tl.dot's smallest int8 shape). group_m: programs along M that sweep N together (the Triton matmul
-    tutorial's grouped ordering: a group re-reads the same W columns from L2). num_warps, num_stages: as in triton.
-    """
-
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"GemmConfig.{name} must be a power of two >= 16, got {v}")
-        for name in ("group_m", "num_warps", "num_stages"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GemmConfig.{name} must be >= 1, got {getattr(self, name)}")
-
-
-# Default tiles by M bucket (upper bound on M, config); tuned JSON tables come later. Decode (M <= 64) is
-# weight-bandwidth bound: the [N, K] int8 weight is read once (16.8 MB for 4096 x 4096: ~6 us at 3 TB/s), so
-# BLOCK_M stays small (little padding of the few rows) and BLOCK_N narrow for enough programs: N / 32 = 128 for
-# N = 4096 at M <= 16, about one per SM of an H100 (132), each with 4 x 6 KB (x and w tiles) of loads in flight.
-# (N = 576 still gets only 18 programs: that shape wants split-K, not done here.)
-# Prefill is tensor-core bound: 128x128x128 tiles, 8 warps (two warpgroups; the block kernel holds an int32 dot
-# and an fp32 accumulator of 128x128 each, 128 registers per thread together), 4 stages of 32 KB of shared memory.
+# Default tiles by M bucket (upper bound on M, config), used where no tuned table (ingot.kernels.tuning) has the
+# shape. Decode (M <= 64) is weight-bandwidth bound: the [N, K] int8 weight is read once (16.8 MB for 4096 x 4096:
+# ~5.6 us at 3 TB/s), so BLOCK_M stays small and BLOCK_N narrow for many programs, and split-K (``_split_k``)
+# multiplies them until each SM has ~40 KB of loads in flight (Little's law: 3 TB/s x ~1.5 us latency / 132 SMs).
+# Prefill is tensor-core bound: 128x128x128 tiles, 8 warps (two warpgroups), 4 stages of 32 KB of shared memory.
 # BLOCK_K = 128 everywhere: one 128-byte row segment of int8 per load, and the block kernel's K step must be one
-# quantization block. BLOCK_N <= 128 so that an N tile lies in a single 128-row weight block.
+# quantization block.
 _CONFIGS: tuple[tuple[int, GemmConfig], ...] = (
     (16, GemmConfig(16, 32, 128, group_m=1, num_warps=4, num_stages=5)),
     (32, GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=5)),
     (64, GemmConfig(64, 64, 128, group_m=1, num_warps=4, num_stages=4)),
     (2**62, GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4)),
 )
+MAX_SPLIT_K = 16
+SPLIT_K_TARGET_PROGRAMS = 2  # per SM
 
 
-def default_config(m: int) -> GemmConfig:
-    """The tile config for ``m`` rows of activations (both kernels)."""
-    return next(cfg for bound, cfg in _CONFIGS if m <= bound)
+def default_config(m: int, n: int | None = None, k: int | None = None, num_sms: int | None = None) -> GemmConfig:
+    """The untuned tile config for an [m, k] x [n, k] GEMM (both kernels). With n, k and the SM count, decode
+    shapes whose output tiles alone cannot fill the GPU get split-K: each split streams K / split_k of the weight."""
+    config = next(cfg for bound, cfg in _CONFIGS if m <= bound)
+    if n is None or k is None or not num_sms or m > 64:
+        return config
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    k_tiles = triton.cdiv(k, config.block_k)
+    split = min(MAX_SPLIT_K, max(1, (SPLIT_K_TARGET_PROGRAMS * num_sms) // tiles), max(1, k_tiles // 4))
+    return replace(config, split_k=split) if split > 1 else config
 
 
 # --------------------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped ordering: consecutive programs cover GROUP_M row tiles x all column tiles (L2 reuse of W)."""
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    """(pid_m, pid_n, pid_k, tile): grouped ordering - consecutive tiles cover GROUP_M row tiles x all column tiles
+    (L2 reuse of W) - and SPLIT_K consecutive programs per tile, each taking one slice of K."""
     pid = tl.program_id(0)
+    tile = pid // SPLIT_K
+    pid_k = pid % SPLIT_K
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
+    group_id = tile // num_pid_in_group
     first_pid_m = group_id * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n, pid_k, tile
+
+
+@triton.jit
+def _k_range(K, pid_k, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """[first, last) K tiles of split pid_k: contiguous slices of cdiv(K tiles, SPLIT_K) tiles (the last may be short
+    or empty; an empty slice contributes a zero partial)."""
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    first = pid_k * per_split
+    return first, min(first + per_split, k_tiles)
+
+
+@triton.jit
+def _split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, num_tiles,
+                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K in one launch: every split stores its partial tile, then bumps the tile's counter; the split that
+    arrives last (counter == SPLIT_K - 1) sums all partials (int32 partials stay exact), resets the counter to 0 for
+    the next launch and runs the epilogue. Returns (sum, is_last); only is_last's sum is complete.
+
+    Ordering: the barrier makes the program's stores precede its counter bump, which is acq_rel at GPU scope (the
+    CUTLASS semaphore pattern); the last split reads the partials with .cg loads (L2, never a stale L1 line)."""
+    tile_elems: tl.constexpr = BLOCK_M * BLOCK_N
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(part_ptr + (pid_k * num_tiles + tile).to(tl.int64) * tile_elems + offs, acc, cache_modifier=".cg")
+    tl.debug_barrier()
+    count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    is_last = count == SPLIT_K - 1
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
+    if is_last:
+        for s in tl.static_range(SPLIT_K):
+            total += tl.load(part_ptr + (s * num_tiles + tile).to(tl.int64) * tile_elems + offs, cache_modifier=".cg")
+        tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")
+    return total, is_last
 
 
 @triton.jit
 def _int8_gemm_channel_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,  # int8 [M, K], fp32 [M, 1], int8 [N, K], fp32 [N, 1], [N], [M, N]
+    part_ptr, lock_ptr,  # split-K: int32 partial tiles [SPLIT_K, tiles, BLOCK_M * BLOCK_N], int32 counters [tiles]
     M, N, K,
     stride_xm, stride_xk, stride_xsm,
     stride_wn, stride_wk, stride_wsn,
@@ -104,21 +125,22 @@ def _int8_gemm_channel_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n, pid_k, tile = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Wrap out-of-range rows/columns onto valid ones so the loads need no M/N mask; their results are not stored.
     offs_m = (rows % M).to(tl.int64)
     offs_n = (cols % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
-    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BLOCK_K, BLOCK_N)
+    kt_first, kt_last = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (kt_first * BLOCK_K + offs_k[None, :]) * stride_xk  # (BM, BK)
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + (kt_first * BLOCK_K + offs_k[:, None]) * stride_wk  # (BK, BN)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     # A `for` over range, not a `while`: triton software-pipelines only for loops (num_stages of loads in flight).
-    # (Triton 3.6's interpreter cannot take a run-time range bound under numpy >= 2.4; the CPU tests patch that.)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+    for kt in range(kt_first, kt_last):
         if EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
@@ -130,59 +152,83 @@ def _int8_gemm_channel_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    xs = tl.load(xs_ptr + offs_m * stride_xsm)  # (BLOCK_M,)
-    ws = tl.load(ws_ptr + offs_n * stride_wsn)  # (BLOCK_N,)
-    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+    is_last = True
+    if SPLIT_K > 1:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        acc, is_last = _split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, num_tiles, SPLIT_K, BLOCK_M, BLOCK_N)
+    if is_last:
+        xs = tl.load(xs_ptr + offs_m * stride_xsm)  # (BLOCK_M,)
+        ws = tl.load(ws_ptr + offs_n * stride_wsn)  # (BLOCK_N,)
+        y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 @triton.jit
-def _int8_gemm_block_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,  # int8 [M, K], fp32 [M, KB], int8 [N, K], fp32 [NB, KB], [N], [M, N]
+def _block_gemm_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,  # q [M, K], fp32 [M, KB], q [N, K], fp32 [NB, KB], [N], [M, N]
+    part_ptr, lock_ptr,  # split-K: fp32 partial tiles [SPLIT_K, tiles, BLOCK_M * BLOCK_N], int32 counters [tiles]
     M, N, K,
     stride_xm, stride_xk, stride_xsm, stride_xsk,
     stride_wn, stride_wk, stride_wsn, stride_wsk,
     stride_ym, stride_yn,
-    SCALE_N: tl.constexpr,  # weight block rows (128); BLOCK_N divides it, so a tile lies in one block row
+    SCALE_N: tl.constexpr,  # weight block rows (128)
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
+    FP8: tl.constexpr,  # operands are float8_e4m3fn (fp32 dot) instead of int8 (int32 dot)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    # BLOCK_K is the K quantization block (the wrapper checks it): K step kt uses scale column kt.
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """int8-block and fp8-block: BLOCK_K is the K quantization block (the wrappers check it), so K step kt uses
+    scale column kt; each step's dot is promoted to fp32 and scaled before it joins the fp32 accumulator."""
+    pid_m, pid_n, pid_k, tile = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = (rows % M).to(tl.int64)
     offs_n = (cols % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
-    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BLOCK_K, BLOCK_N)
+    kt_first, kt_last = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (kt_first * BLOCK_K + offs_k[None, :]) * stride_xk  # (BM, BK)
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + (kt_first * BLOCK_K + offs_k[:, None]) * stride_wk  # (BK, BN)
     xs_ptrs = xs_ptr + offs_m * stride_xsm  # (BLOCK_M,): column 0 of this tile's token scales
-    ws_ptrs = ws_ptr + ((pid_n * BLOCK_N) // SCALE_N) * stride_wsn  # scalar: the tile's weight block row
+    # (BLOCK_N,): each column's weight block row. A tile may span several block rows (BLOCK_N = 256 spans two);
+    # the gather re-reads BLOCK_N fp32 per K step from L1, 1 KB against the 32 KB of the weight tile.
+    ws_ptrs = ws_ptr + (offs_n // SCALE_N) * stride_wsn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+    for kt in range(kt_first, kt_last):
         if EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
+        elif FP8:  # ragged last K tile; fp8 takes a float zero (an int 0 does not cast to fp8)
+            k_left = K - kt * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         else:
             k_left = K - kt * BLOCK_K
             a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        dot = tl.dot(a, b, out_dtype=tl.int32)  # |dot| <= 128 * 2^14 = 2^21: exact in fp32 below
+        if FP8:
+            dot = tl.dot(a, b, out_dtype=tl.float32)
+        else:
+            dot = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)  # |dot| <= 128 * 2^14 = 2^21: exact in fp32
         xs = tl.load(xs_ptrs + kt * stride_xsk)  # (BLOCK_M,)
-        ws = tl.load(ws_ptrs + kt * stride_wsk)  # scalar
-        acc += dot.to(tl.float32) * (xs[:, None] * ws)
+        ws = tl.load(ws_ptrs + kt * stride_wsk)  # (BLOCK_N,)
+        acc += dot * (xs[:, None] * ws[None, :])
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+    is_last = True
+    if SPLIT_K > 1:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        acc, is_last = _split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, num_tiles, SPLIT_K, BLOCK_M, BLOCK_N)
+    if is_last:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 # Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
@@ -201,9 +247,10 @@ def _check_operands(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     out: torch.Tensor | None,
+    qdtype: torch.dtype = torch.int8,
 ) -> tuple[int, int, int]:
-    """Checks shared by both GEMMs; returns (M, N, K). Scale shapes are checked by each op."""
-    for name, t, dtype in (("x_q", x_q, torch.int8), ("w_q", w_q, torch.int8), ("x_s", x_s, torch.float32),
+    """Checks shared by the W8A8 GEMMs; returns (M, N, K). Scale shapes are checked by each op."""
+    for name, t, dtype in (("x_q", x_q, qdtype), ("w_q", w_q, qdtype), ("x_s", x_s, torch.float32),
                            ("w_s", w_s, torch.float32)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -211,7 +258,7 @@ def _check_operands(
             raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-        if not t.is_contiguous():
+        if name != "x_s" and not t.is_contiguous():  # x_s may be the column-major view of the act quantizer
             raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} with strides {t.stride()}")
     m, k = x_q.shape
     n, kw = w_q.shape
@@ -248,17 +295,53 @@ def _check_operands(
     return m, n, k
 
 
-def _check_config(config: GemmConfig) -> None:
-    if not isinstance(config, GemmConfig):
-        raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch(kernel, grid_size: int, device: torch.device, config: GemmConfig, *args, **constexprs) -> None:
+def resolve_config(op: str, config: GemmConfig | None, m: int, n: int, k: int, device: torch.device) -> GemmConfig:
+    """The config a launch uses: the caller's, else the tuned table's (ingot.kernels.tuning), else the default."""
+    if config is not None:
+        if not isinstance(config, GemmConfig):
+            raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
+        return config
+    return lookup(op, n, k, m, device) or default_config(m, n, k, _num_sms(device))
+
+
+# Split-K counters: one int32 per output tile, zero between launches (the last split of a tile resets its own).
+# One buffer per device, made before first use; launches that share it must not overlap (one stream per device, as
+# ingot's engine runs). 65536 tiles cover any decode GEMM (M <= 64 and BLOCK_N >= 16: N up to 1M); beyond, no split.
+MAX_SPLIT_K_TILES = 65536
+
+
+@functools.lru_cache(maxsize=16)
+def _split_k_locks(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "split-K GEMM first called during CUDA graph capture: run it once eagerly before capturing "
+            "(its tile counters must not live in the graph's memory pool)"
+        )
+    return torch.zeros(MAX_SPLIT_K_TILES, dtype=torch.int32, device=device)
+
+
+def _launch(kernel, device: torch.device, config: GemmConfig, m: int, n: int, part_dtype: torch.dtype,
+            *args, **constexprs) -> None:
+    """Grid, split-K scratch and launch of one GEMM (the kernels take part_ptr, lock_ptr after the six operands)."""
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    split_k = config.split_k if tiles <= MAX_SPLIT_K_TILES else 1
+    if split_k > 1:
+        part = torch.empty(split_k * tiles * config.block_m * config.block_n, dtype=part_dtype, device=device)
+        locks = _split_k_locks(device)
+    else:
+        part = locks = args[0]  # unused
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        kernel[(grid_size,)](
-            *args,
+        kernel[(tiles * split_k,)](
+            *args[:6], part, locks, *args[6:],
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            SPLIT_K=split_k, num_warps=config.num_warps, num_stages=config.num_stages,
             **constexprs,
         )
 
@@ -278,8 +361,8 @@ def int8_gemm_channel(
 
     x_q int8 [M, K], x_s float32 [M, 1] (per token), w_q int8 [N, K], w_s float32 [N, 1] (per output channel),
     bias [N] bf16/fp16/fp32 or None; all contiguous. Returns y [M, N] in ``out_dtype`` (bf16, fp16 or fp32),
-    written into ``out`` when given. int32 accumulation over all of K (exact; K < 131072 so it cannot overflow),
-    scales and bias in fp32 in the epilogue. ``config`` overrides the M-bucketed default tiles (tests, tuning).
+    written into ``out`` when given. int32 accumulation over all of K (exact, split-K partials included; K < 131072
+    so it cannot overflow), scales and bias in fp32 in the epilogue. ``config`` overrides the tuned/default tiles.
     Reference: ``ingot.quant.ref.int8_gemm_channel_ref``.
     """
     m, n, k = _check_operands(x_q, x_s, w_q, w_s, bias, out_dtype, out)
@@ -289,20 +372,70 @@ def int8_gemm_channel(
         raise ValueError(f"w_s must be per output channel, shape (N, 1) = ({n}, 1), got {tuple(w_s.shape)}")
     if k >= MAX_K_CHANNEL:
         raise ValueError(f"K = {k} may overflow the int32 accumulator (K * 128^2 >= 2^31); K must be < {MAX_K_CHANNEL}")
-    config = default_config(m) if config is None else config
-    _check_config(config)
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
     if m == 0:
         return y
-    grid = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    config = resolve_config("int8_gemm_channel", config, m, n, k, x_q.device)
     _launch(
-        _int8_gemm_channel_kernel, grid, x_q.device, config,
+        _int8_gemm_channel_kernel, x_q.device, config, m, n, torch.int32,
         x_q, x_s, w_q, w_s, x_s if bias is None else bias, y,
         m, n, k,
         x_q.stride(0), x_q.stride(1), x_s.stride(0),
         w_q.stride(0), w_q.stride(1), w_s.stride(0),
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
+    )
+    return y
+
+
+def block_gemm(
+    op: str,
+    x_q: torch.Tensor,
+    x_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    block_size: tuple[int, int],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: GemmConfig | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """The block-scaled GEMM behind ``int8_gemm_block`` (op "int8_gemm_block", int8 operands) and
+    ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (op "fp8_gemm_block", float8_e4m3fn operands)."""
+    qdtype = torch.float8_e4m3fn if op == "fp8_gemm_block" else torch.int8
+    m, n, k = _check_operands(x_q, x_s, w_q, w_s, bias, out_dtype, out, qdtype)
+    bn, bk = block_size
+    if bn < 1 or bk < 16 or bk & (bk - 1):
+        raise ValueError(f"block_size (bn, bk) needs bn >= 1 and bk a power of two >= 16 (the K tile), got {tuple(block_size)}")
+    kb = triton.cdiv(k, bk)
+    if tuple(x_s.shape) != (m, kb):
+        raise ValueError(
+            f"x_s must be per token per {bk}-group, shape (M, cdiv(K, {bk})) = ({m}, {kb}), got {tuple(x_s.shape)}"
+        )
+    if tuple(w_s.shape) != (triton.cdiv(n, bn), kb):
+        raise ValueError(
+            f"w_s must be per {bn}x{bk} block, shape (cdiv(N, {bn}), cdiv(K, {bk})) = ({triton.cdiv(n, bn)}, {kb}), "
+            f"got {tuple(w_s.shape)}"
+        )
+    y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
+    if m == 0:
+        return y
+    if config is None:  # tuned or default tiles, bent to the K block (a no-op for 128x128)
+        config = resolve_config(op, None, m, n, k, x_q.device)
+        config = replace(config, block_k=bk) if config.block_k != bk else config
+    config = resolve_config(op, config, m, n, k, x_q.device)  # checks a caller's config
+    if config.block_k != bk:
+        raise ValueError(
+            f"config.block_k = {config.block_k} must equal the K quantization block {bk}: one scale per K step"
+        )
+    _launch(
+        _block_gemm_kernel, x_q.device, config, m, n, torch.float32,
+        x_q, x_s, w_q, w_s, x_s if bias is None else bias, y,
+        m, n, k,
+        x_q.stride(0), x_q.stride(1), x_s.stride(0), x_s.stride(1),
+        w_q.stride(0), w_q.stride(1), w_s.stride(0), w_s.stride(1),
+        y.stride(0), y.stride(1),
+        SCALE_N=bn, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, FP8=op == "fp8_gemm_block",
     )
     return y
 
@@ -322,51 +455,12 @@ def int8_gemm_block(
     """Per-token-per-group x block W8A8 GEMM: y [M, N] = sum over K blocks kb of
     (x_q[:, kb] @ w_q[:, kb].T) * x_s[:, kb] * w_s[n // bn, kb] (+ bias).
 
-    x_q int8 [M, K], x_s float32 [M, cdiv(K, bk)] (per token per bk-group), w_q int8 [N, K],
-    w_s float32 [cdiv(N, bn), cdiv(K, bk)] (per bn x bk block), block_size (bn, bk) = (128, 128) by default,
-    bias [N] or None; all contiguous. Ragged N and K are fine (the last K block is zero-padded, as the quantizers
-    treat it). Returns y [M, N] in ``out_dtype`` (bf16, fp16 or fp32), written into ``out`` when given.
-    The tile must fit the blocks: config.block_k == bk (one scale column per K step) and config.block_n divides bn
-    (one weight scale row per N tile). Reference: ``ingot.quant.ref.int8_gemm_block_ref``.
+    x_q int8 [M, K], x_s float32 [M, cdiv(K, bk)] (per token per bk-group; row-major or the column-major view
+    per_token_group_quant makes), w_q int8 [N, K], w_s float32 [cdiv(N, bn), cdiv(K, bk)] (per bn x bk block),
+    block_size (bn, bk) = (128, 128) by default, bias [N] or None. Ragged N and K are fine (the last K block is
+    zero-padded, as the quantizers treat it). Returns y [M, N] in ``out_dtype`` (bf16, fp16 or fp32), written into
+    ``out`` when given. The K tile must be the K block: config.block_k == bk (one scale column per K step); N tiles
+    may span block rows (each column reads its own block row's scale).
+    Reference: ``ingot.quant.ref.int8_gemm_block_ref``.
     """
-    m, n, k = _check_operands(x_q, x_s, w_q, w_s, bias, out_dtype, out)
-    bn, bk = block_size
-    if bn < 16 or bn & (bn - 1) or bk < 16 or bk & (bk - 1):
-        raise ValueError(f"block_size must be powers of two >= 16 (the tiles follow it), got {tuple(block_size)}")
-    kb = triton.cdiv(k, bk)
-    if tuple(x_s.shape) != (m, kb):
-        raise ValueError(
-            f"x_s must be per token per {bk}-group, shape (M, cdiv(K, {bk})) = ({m}, {kb}), got {tuple(x_s.shape)}"
-        )
-    if tuple(w_s.shape) != (triton.cdiv(n, bn), kb):
-        raise ValueError(
-            f"w_s must be per {bn}x{bk} block, shape (cdiv(N, {bn}), cdiv(K, {bk})) = ({triton.cdiv(n, bn)}, {kb}), "
-            f"got {tuple(w_s.shape)}"
-        )
-    if config is None:  # the table's tiles, bent to the blocks (a no-op for 128x128)
-        base = default_config(m)
-        config = GemmConfig(base.block_m, min(base.block_n, bn), bk, base.group_m, base.num_warps, base.num_stages)
-    _check_config(config)
-    if config.block_k != bk:
-        raise ValueError(
-            f"config.block_k = {config.block_k} must equal the K quantization block {bk}: one scale per K step"
-        )
-    if bn % config.block_n:
-        raise ValueError(
-            f"config.block_n = {config.block_n} must divide the N quantization block {bn}: an N tile must lie in one "
-            "block row of w_s"
-        )
-    y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
-    if m == 0:
-        return y
-    grid = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    _launch(
-        _int8_gemm_block_kernel, grid, x_q.device, config,
-        x_q, x_s, w_q, w_s, x_s if bias is None else bias, y,
-        m, n, k,
-        x_q.stride(0), x_q.stride(1), x_s.stride(0), x_s.stride(1),
-        w_q.stride(0), w_q.stride(1), w_s.stride(0), w_s.stride(1),
-        y.stride(0), y.stride(1),
-        SCALE_N=bn, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0,
-    )
-    return y
+    return block_gemm("int8_gemm_block", x_q, x_s, w_q, w_s, block_size, bias, out_dtype, config, out)

@@ -266,6 +266,22 @@ def int8_gemm_channel_ref(
     return y.to(out_dtype)
 
 
+def fp8_gemm_block_ref(
+    x_q: torch.Tensor,
+    x_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    block_size: tuple[int, int] = (128, 128),
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """FP8 block GEMM (reference of ``ingot.kernels.fp8_gemm.fp8_gemm_block``): ``int8_gemm_block_ref``'s math on
+    float8_e4m3fn operands. Each per-block dot is exact in float64 (e4m3 products have 8 significant bits), then
+    rounded once to fp32; tensor cores accumulate a block in reduced precision (DeepSeek-V3 reports ~14 bits on
+    H800 FP8 MMA, which is why blocks are promoted to fp32 every 128 K), so compare kernels with a relative bound."""
+    return int8_gemm_block_ref(x_q, x_s, w_q, w_s, block_size, bias, out_dtype)
+
+
 def int8_gemm_block_ref(
     x_q: torch.Tensor,
     x_s: torch.Tensor,

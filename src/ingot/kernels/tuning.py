@@ -1,0 +1,285 @@
+"""Tile configs of the GEMM kernels: the ``GemmConfig`` dataclass, tuned tables as JSON beside the kernels, their
+lookup at launch, and the sweep that writes them (``ingot tune``).
+
+A table is one file per (op, N, K, GPU), named the way vLLM and SGLang name theirs so the layout is familiar::
+
+    configs/int8_gemm_channel,N=4096,K=4096,device_name=NVIDIA_H100_80GB_HBM3.json
+    {"op": ..., "n": 4096, "k": 4096, "device_name": ..., "triton": "3.6.0", "git_sha": ..., "configs": {
+        "1": {"block_m": 16, "block_n": 32, "block_k": 128, "group_m": 1, "num_warps": 4, "num_stages": 6,
+              "us": 5.9, "candidates": 24}, "16": {...}, ...}}
+
+Keys of "configs" are the M values it was tuned at; a launch with m rows takes the smallest tuned M >= m (the
+largest when m is beyond them all). A missing file or a GPU without tables gets the kernel's default tiles: there
+is no autotuning at serve time (a first request must not wait for a sweep, and CUDA-graph capture must not time).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch parameters of one GEMM launch.
+
+    block_m/n/k: the [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tile each program multiplies per K step (powers of two,
+    >= 16: tl.dot's smallest int8 shape). group_m: programs along M that sweep N together (the Triton matmul
+    tutorial's grouped ordering: a group re-reads the same W columns from L2). num_warps, num_stages: as in triton.
+    split_k: programs that share one output tile's K range (decode, where M x N alone gives too few programs to keep
+    HBM busy); kernels that do not split K require 1.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"GemmConfig.{name} must be a power of two >= 16, got {v}")
+        for name in ("group_m", "num_warps", "num_stages", "split_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GemmConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GemmConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: int(v) for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3' (file-name safe)."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+
+
+def config_path(op: str, n: int, k: int, device_name: str, config_dir: Path = CONFIG_DIR) -> Path:
+    return config_dir / f"{op},N={n},K={k},device_name={device_slug(device_name)}.json"
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.lru_cache(maxsize=1024)
+def _load_table(path: str) -> tuple[tuple[int, GemmConfig], ...]:
+    """((tuned M, config), ...) sorted by M; () when the file does not exist."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return ()
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"kernel config table {path}: unreadable ({e})") from None
+    try:
+        table = sorted((int(m), GemmConfig.from_dict(cfg)) for m, cfg in data["configs"].items())
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"kernel config table {path}: bad entry ({type(e).__name__}: {e})") from None
+    return tuple(table)
+
+
+def select(table: tuple[tuple[int, GemmConfig], ...], m: int) -> GemmConfig | None:
+    """The entry for m rows: the smallest tuned M >= m, else the largest; None for an empty table."""
+    for tuned_m, config in table:
+        if tuned_m >= m:
+            return config
+    return table[-1][1] if table else None
+
+
+def lookup(op: str, n: int, k: int, m: int, device: torch.device, config_dir: Path = CONFIG_DIR) -> GemmConfig | None:
+    """The tuned config of ``op`` for an [m, k] x [n, k] launch on ``device``, or None (use the default tiles)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return select(_load_table(str(config_path(op, n, k, _device_name(index), config_dir))), m)
+
+
+# ---------------------------------------------------------------------------------------------------- sweeping
+
+
+def write_table(path: Path, data: dict) -> None:
+    """Write a table atomically (temp file + rename) and forget any cached copy of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    _load_table.cache_clear()
+
+
+TUNABLE_OPS = ("int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block")
+DEFAULT_TUNE_M = (1, 16, 64, 128, 256, 1024, 4096)
+
+
+def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
+    """The configs a sweep tries for ``op`` at an [m, k] x [n, k] launch (kernel ties respected: block ops keep
+    block_k 128).
+
+    Decode (m <= 64) is weight-bandwidth bound: narrow N tiles, deep pipelines, and split-K up to ~8 programs per SM
+    so that enough bytes are in flight (~40 KB per SM: 3 TB/s x ~1.5 us / 132 SMs). Prefill is tensor-core bound:
+    128x128 to 256x128 tiles, 8 warps (two warpgroups), 3-4 stages (a 128x256x128 int8 stage is 48 KB of shared
+    memory; Hopper gives a program up to 227 KB).
+    """
+    block_ks = (128,) if op in ("int8_gemm_block", "fp8_gemm_block") else (128, 256)
+    out: list[GemmConfig] = []
+    if m <= 64:
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        for bn in (32, 64):
+            tiles = -(-m // bm) * -(-n // bn)
+            for bk in block_ks:
+                k_tiles = -(-k // bk)
+                for stages in (4, 6):
+                    for split in (1, 2, 4, 8, 16):
+                        if split > 1 and (tiles * split > 8 * num_sms or k_tiles < 2 * split):
+                            continue
+                        out.append(GemmConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=stages, split_k=split))
+        return out
+    tiles = [(64, 64), (64, 128), (128, 64), (128, 128)] if m <= 256 else [(128, 128), (128, 256), (256, 128)]
+    for bm, bn in tiles:
+        for bk in block_ks:
+            for stages in (3, 4):
+                smem = bk * (bm + bn) * stages
+                if smem > 200 * 1024:
+                    continue
+                for warps in (4, 8) if bm * bn <= 128 * 128 else (8,):
+                    out.append(GemmConfig(bm, bn, bk, group_m=8, num_warps=warps, num_stages=stages))
+    return out
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """What ``ingot tune`` sweeps: ops x (N, K) shapes x M sizes; tables go to out_dir (the package's configs)."""
+
+    ops: tuple[str, ...] = TUNABLE_OPS
+    shapes: tuple[tuple[int, int], ...] = ()
+    m_sizes: tuple[int, ...] = DEFAULT_TUNE_M
+    rep_ms: int = 10
+    out_dir: Path = CONFIG_DIR
+    git_sha: str | None = None
+
+    def __post_init__(self) -> None:
+        for op in self.ops:
+            if op not in TUNABLE_OPS:
+                raise ValueError(f"tune: op {op!r}; expected one of {', '.join(TUNABLE_OPS)}")
+        if not self.shapes:
+            raise ValueError("tune: no (N, K) shapes given")
+        if not self.m_sizes or any(m < 1 for m in self.m_sizes):
+            raise ValueError(f"tune: M sizes must be positive, got {list(self.m_sizes)}")
+
+
+def _inputs(op: str, m: int, n: int, k: int, sets: int, device: torch.device) -> list[tuple]:
+    """``sets`` independent random operand sets of ``op`` (rotated so weights come from HBM, not L2)."""
+    from ingot.formats.base import cdiv
+
+    out = []
+    for _ in range(sets):
+        if op == "int8_gemm_channel":
+            out.append((torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device),
+                        torch.rand(m, 1, device=device) / 100,
+                        torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device),
+                        torch.rand(n, 1, device=device) / 100))
+        else:
+            dtype = torch.int8 if op == "int8_gemm_block" else torch.float8_e4m3fn
+            if dtype == torch.int8:
+                x_q = torch.randint(-127, 128, (m, k), dtype=dtype, device=device)
+                w_q = torch.randint(-127, 128, (n, k), dtype=dtype, device=device)
+            else:
+                x_q = (torch.randn(m, k, device=device) * 100).to(dtype)
+                w_q = (torch.randn(n, k, device=device) * 100).to(dtype)
+            out.append((x_q, torch.rand(m, cdiv(k, 128), device=device) / 100, w_q,
+                        torch.rand(cdiv(n, 128), cdiv(k, 128), device=device) / 100))
+    return out
+
+
+def _op_fn(op: str):
+    from ingot.kernels import fp8_gemm, int8_gemm
+
+    return {"int8_gemm_channel": int8_gemm.int8_gemm_channel, "int8_gemm_block": int8_gemm.int8_gemm_block,
+            "fp8_gemm_block": fp8_gemm.fp8_gemm_block}[op]
+
+
+def tune(options: TuneOptions, log=print) -> list[Path]:
+    """Sweep ``candidates`` for every (op, shape, M) on the current CUDA device; write one table per (op, shape).
+
+    Timing: ``triton.testing.do_bench`` (median; it flushes L2 before each call), each call on the next of several
+    input sets. The winner is checked against the default config's output on the same inputs (a config that
+    computes something else is dropped); entries record the time, the default's time and how many were tried.
+    Returns the paths written.
+    """
+    import triton
+    import triton.testing
+
+    from ingot.kernels.int8_gemm import default_config
+
+    if not torch.cuda.is_available():
+        raise ValueError("tune: needs a CUDA device (torch.cuda.is_available() is False)")
+    device = torch.device("cuda", torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(device)
+    name, num_sms = props.name, props.multi_processor_count
+    l2 = getattr(props, "L2_cache_size", 0) or 50 * 2**20
+    written = []
+    for op in options.ops:
+        fn = _op_fn(op)
+        for n, k in options.shapes:
+            entries = {}
+            for m in options.m_sizes:
+                sets = _inputs(op, m, n, k, max(2, min(16, -(-2 * l2 // (n * k)))), device)
+                out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
+                state = [0]
+
+                def timed(cfg):
+                    def call():
+                        args = sets[state[0] % len(sets)]
+                        state[0] += 1
+                        fn(*args, out=out, config=cfg)
+                    return triton.testing.do_bench(call, warmup=max(2, options.rep_ms // 4), rep=options.rep_ms,
+                                                   return_mode="median") * 1e3
+
+                default = default_config(m, n, k, num_sms)
+                results = []
+                for cfg in candidates(op, m, n, k, num_sms):
+                    try:
+                        results.append((timed(cfg), cfg))
+                    except Exception as e:  # out of shared memory / registers for this tile: not a candidate
+                        log(f"  {op} M={m} {n}x{k} {cfg}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                default_us = timed(default)
+                reference = fn(*sets[0], config=default).float()
+                for us, cfg in sorted(results, key=lambda r: r[0]):
+                    y = fn(*sets[0], config=cfg).float()
+                    err = ((y - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+                    if err <= 1e-2:  # bf16 outputs, different summation orders
+                        break
+                    log(f"  {op} M={m} {n}x{k} {cfg}: output differs from the default config (rel {err:.3g}), dropped")
+                else:
+                    us, cfg = default_us, default
+                if default_us < us:
+                    us, cfg = default_us, default
+                entries[str(m)] = {**cfg.to_dict(), "us": round(us, 2), "default_us": round(default_us, 2),
+                                   "candidates": len(results)}
+                log(f"{op} M={m} N={n} K={k}: {us:.1f} us (default {default_us:.1f} us) "
+                    f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} split{cfg.split_k}")
+                del sets, out
+            path = config_path(op, n, k, name, options.out_dir)
+            write_table(path, {"op": op, "n": n, "k": k, "device_name": name, "triton": triton.__version__,
+                               "torch": torch.__version__, "git_sha": options.git_sha, "configs": entries})
+            written.append(path)
+    return written
