@@ -1,0 +1,288 @@
+"""Llama-family decoder-only transformers: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+
+One block structure (pre-norm residual: x + attn(norm(x)), then x + mlp(norm(x))); the families differ only in named
+fields of ``LlamaArgs``: q/k/v biases (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3), sliding windows (Mistral,
+Qwen2/3 when enabled), RoPE scaling (Llama 3.1: llama3), tied embeddings (SmolLM2, Llama 3.2 1B/3B).
+
+Module names equal the HF checkpoint names (``model.layers.{i}.self_attn.q_proj`` ...), so checkpoint tensor names
+are ``named_parameters()`` names. ``CausalLM`` (the shared embed -> blocks -> norm -> lm_head shell) is also the base of
+DeepSeek-V3 (``ingot.models.deepseek_v3``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ingot.layers.attention import Attention, AttnMetadata, KVSpec
+from ingot.layers.linear import Linear
+from ingot.layers.moe import MLP
+from ingot.layers.norm import RMSNorm
+from ingot.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary
+
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# ------------------------------------------------------------------------------------------------------------ args
+
+
+def _require(config: dict, *names: str) -> None:
+    missing = [n for n in names if config.get(n) is None]
+    if missing:
+        raise ValueError(f"config.json ({config.get('model_type')}): missing field(s) {', '.join(missing)}")
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    """Everything that shapes a Llama-family model, named as in config.json."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeScaling = field(default_factory=RopeScaling)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: always; Llama / Qwen3: attention_bias
+    o_bias: bool = False  # Llama / Qwen3: attention_bias; never in Qwen2
+    mlp_bias: bool = False  # Llama: mlp_bias
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of q and k, before RoPE
+    sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention; () = none anywhere
+
+    def __post_init__(self) -> None:
+        if self.model_type not in LLAMA_MODEL_TYPES:
+            raise ValueError(f"LlamaArgs: model_type {self.model_type!r} is not one of {', '.join(LLAMA_MODEL_TYPES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config.json {name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"config.json num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"config.json head_dim {self.head_dim} must be even (RoPE rotates channel pairs)")
+        if self.sliding_windows and len(self.sliding_windows) != self.num_hidden_layers:
+            raise ValueError(f"{len(self.sliding_windows)} sliding windows for {self.num_hidden_layers} layers")
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_windows[layer] if self.sliding_windows else None
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "LlamaArgs":
+        mt = config.get("model_type")
+        _require(config, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json hidden_act {config['hidden_act']!r} is not supported (only 'silu')")
+        heads = config["num_attention_heads"]
+        if not config.get("head_dim") and config["hidden_size"] % heads:
+            raise ValueError(f"config.json hidden_size {config['hidden_size']} is not a multiple of num_attention_heads {heads}")
+        attention_bias = bool(config.get("attention_bias", False))
+        return cls(
+            model_type=mt,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            rope=RopeScaling.from_hf_config(config),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=True if mt == "qwen2" else attention_bias and mt in ("llama", "qwen3"),
+            o_bias=attention_bias and mt in ("llama", "qwen3"),
+            mlp_bias=bool(config.get("mlp_bias", False)) and mt == "llama",
+            qk_norm=mt == "qwen3",
+            sliding_windows=_sliding_windows(config),
+        )
+
+
+def _sliding_windows(config: dict) -> tuple[int | None, ...]:
+    """Per-layer windows as transformers builds them: Mistral windows every layer when ``sliding_window`` is set;
+    Qwen2/3 only with ``use_sliding_window``, on the layers ``layer_types`` marks (default: from max_window_layers on)."""
+    mt, n = config.get("model_type"), config["num_hidden_layers"]
+    if mt == "mistral":
+        w = config.get("sliding_window")
+        return (w,) * n if w else ()
+    if mt not in ("qwen2", "qwen3") or not config.get("use_sliding_window") or not config.get("sliding_window"):
+        return ()
+    w, first = config["sliding_window"], config.get("max_window_layers", 28)
+    types = config.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if len(types) != n:
+        raise ValueError(f"config.json layer_types has {len(types)} entries for {n} layers")
+    return tuple(w if t == "sliding_attention" else None for t in types)
+
+
+# ------------------------------------------------------------------------------------------------------ primitives
+
+
+@dataclass(frozen=True)
+class LinearFactory:
+    """Makes the ingot Linear named ``prefix``, of the kind ``linear_kind(prefix)`` (the loader passes each stored
+    linear's kind; "bf16" by default)."""
+
+    linear_kind: Callable[[str], str]
+    device: torch.device | str | None
+    dtype: torch.dtype
+    fp8_fallback: str = "int8-block"
+
+    def __call__(self, prefix: str, in_features: int, out_features: int, bias: bool = False) -> Linear:
+        return Linear(
+            in_features, out_features, bias,
+            kind=self.linear_kind(prefix), device=self.device, dtype=self.dtype, fp8_fallback=self.fp8_fallback,
+        )
+
+
+def _embedding(vocab: int, dim: int, device, dtype) -> nn.Embedding:
+    # _weight skips the N(0, 1) init: 129280 x 7168 (DeepSeek-V3) is 0.9 G values filled for nothing.
+    return nn.Embedding(vocab, dim, _weight=torch.empty(vocab, dim, device=device, dtype=dtype))
+
+
+def _plain_linear(in_features: int, out_features: int, device, dtype) -> nn.Linear:
+    """An uninitialized bias-free nn.Linear (lm_head: never quantized, FORMATS.md)."""
+    return torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=False, device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------------- attention
+
+
+class LlamaAttention(nn.Module):
+    """GQA self-attention. x [..., hidden] -> [..., hidden]; q/k/v [..., heads, head_dim], RoPE in half layout."""
+
+    def __init__(self, args: LlamaArgs, prefix: str, layer: int, make: LinearFactory):
+        super().__init__()
+        h, hkv, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.head_dim = d
+        self.q_proj = make(f"{prefix}.q_proj", args.hidden_size, h * d, args.qkv_bias)
+        self.k_proj = make(f"{prefix}.k_proj", args.hidden_size, hkv * d, args.qkv_bias)
+        self.v_proj = make(f"{prefix}.v_proj", args.hidden_size, hkv * d, args.qkv_bias)
+        self.o_proj = make(f"{prefix}.o_proj", h * d, args.hidden_size, args.o_bias)
+        self.q_norm = self.k_norm = None
+        if args.qk_norm:
+            self.q_norm = RMSNorm(d, args.rms_norm_eps, device=make.device, dtype=make.dtype)
+            self.k_norm = RMSNorm(d, args.rms_norm_eps, device=make.device, dtype=make.dtype)
+        self.attn = Attention(h, hkv, d, d, d**-0.5, window=args.window(layer))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata | None) -> torch.Tensor:
+        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))  # (..., H, D)
+        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))  # (..., Hkv, D)
+        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return self.o_proj(self.attn(q, k, v, meta).flatten(-2))
+
+
+# ----------------------------------------------------------------------------------------------------------- block
+
+
+class DecoderLayer(nn.Module):
+    """x + self_attn(input_layernorm(x)), then + mlp(post_attention_layernorm(x)). Shared with DeepSeek-V3."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float, device, dtype):
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp
+        self.input_layernorm = RMSNorm(hidden_size, eps, device=device, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+
+class CausalLM(nn.Module):
+    """embed_tokens -> decoder layers -> norm -> lm_head, over a flattened batch with a paged KV cache.
+
+    Subclasses build ``self.model.layers`` (the first ``num_layers`` run in forward; DeepSeek's MTP layers may follow)
+    and ``self.model.rotary_emb``. Parameters are allocated empty; a loader fills them by name, then calls
+    ``process_weights_after_loading()``.
+    """
+
+    def __init__(self, config: dict, args, vocab_size: int, hidden_size: int, eps: float, tie: bool, device, dtype):
+        super().__init__()
+        self.config, self.args, self.dtype = config, args, dtype
+        self.model = nn.Module()
+        self.model.embed_tokens = _embedding(vocab_size, hidden_size, device, dtype)
+        self.model.layers = nn.ModuleList()
+        self.model.norm = RMSNorm(hidden_size, eps, device=device, dtype=dtype)
+        self.lm_head = _plain_linear(hidden_size, vocab_size, device, dtype)
+        if tie:  # one tensor: named_parameters() lists it once, as model.embed_tokens.weight
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.num_layers = 0
+
+    def _finish(self) -> None:
+        self.requires_grad_(False)
+
+    def process_weights_after_loading(self) -> None:
+        """Derive what the forward needs from the loaded weights (nothing for Llama; MLA's absorbed kv_b_proj)."""
+
+    # ---- running
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        """input_ids int64 [T], positions int64 [T] (flattened new tokens of a batch) -> hidden [T, hidden_size]."""
+        return self._hidden(input_ids, positions, meta)
+
+    def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata | None) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary_emb(positions)  # once per step, shared by every layer
+        for layer in self.model.layers[: self.num_layers]:
+            x = layer(x, rope, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden_size] -> float32 logits [n, vocab] (the matmul in the model dtype, as transformers)."""
+        return F.linear(hidden, self.lm_head.weight).float()
+
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids int64 [B, T] -> float32 logits [B, T, vocab]: no cache, causal attention within each row."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"score: input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.compute_logits(self._hidden(input_ids, positions, None))
+
+    # ---- KV cache
+    def _attention_ops(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers[: self.num_layers]]
+
+    def kv_cache_spec(self) -> list[KVSpec]:
+        """One KVSpec per attention layer, in layer order."""
+        return [op.spec for op in self._attention_ops()]
+
+    def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """caches[i] = (k_cache, v_cache or None) of layer i, shaped as ``kv_cache_spec()[i]`` says."""
+        ops = self._attention_ops()
+        if len(caches) != len(ops):
+            raise ValueError(f"bind_kv_cache: {len(caches)} caches for {len(ops)} attention layers")
+        for i, (op, (k, v)) in enumerate(zip(ops, caches)):
+            try:
+                op.bind_cache(k, v)
+            except ValueError as error:
+                raise ValueError(f"layer {i}: {error}") from None
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, config: dict, make: LinearFactory):
+        args = LlamaArgs.from_hf_config(config)
+        dev, dt = make.device, make.dtype
+        super().__init__(config, args, args.vocab_size, args.hidden_size, args.rms_norm_eps, args.tie_word_embeddings, dev, dt)
+        self.model.rotary_emb = RotaryEmbedding(args.head_dim, args.rope)
+        for i in range(args.num_hidden_layers):
+            prefix = f"model.layers.{i}"
+            attn = LlamaAttention(args, f"{prefix}.self_attn", i, make)
+            mlp = MLP(f"{prefix}.mlp", args.hidden_size, args.intermediate_size, make, bias=args.mlp_bias)
+            self.model.layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps, dev, dt))
+        self.num_layers = args.num_hidden_layers
+        self._finish()
