@@ -1,0 +1,303 @@
+"""LLM: load a checkpoint, then generate or stream text for many prompts at once (continuous batching).
+
+    llm = LLM("path/to/model")                      # any format ingot reads; CUDA if present, else CPU
+    outs = llm.generate(["Hello", "2 + 2 ="], SamplingParams(max_tokens=32))
+    for delta in llm.stream(["Tell me a story"], SamplingParams(max_tokens=200, temperature=0.7, seed=1)):
+        print(delta.text, end="")
+
+One step of the loop: Scheduler.schedule -> ModelRunner.execute -> Sampler.sample -> Scheduler.update -> stop checks
+(eos ids, stop token ids, stop strings, max_tokens, max_model_len) -> incremental text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ingot.engine.detokenizer import IncrementalDetokenizer
+from ingot.engine.kv_cache import KVCache, cuda_num_blocks, kv_bytes_per_token, reserve_bytes
+from ingot.engine.runner import ModelRunner, RunnerConfig
+from ingot.engine.sampling import Sampler, SamplingParams, find_stop
+from ingot.engine.scheduler import Scheduler, SchedulerConfig
+from ingot.engine.sequence import Sequence
+
+# Defaults where the GPU's memory does not decide: CPU runs a handful of sequences of modest length.
+CPU_MAX_NUM_SEQS = 16
+CPU_MAX_MODEL_LEN = 2048
+CUDA_MAX_NUM_BATCHED_TOKENS = 8192  # a prefill chunk: enough to saturate the tensor cores, bounded activations
+CPU_MAX_NUM_BATCHED_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings (the CLI's flags). None = decided from the device and the model (see LLM)."""
+
+    device: str | None = None
+    dtype: torch.dtype | None = None
+    mem_fraction: float = 0.85
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # override the memory-derived pool size (tests, benchmarks)
+    cuda_graphs: bool = True
+    fp8_fallback: str = "int8-block"
+    seed: int = 0  # seeds the generators of sampled requests that bring no seed
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mem_fraction <= 1.0:
+            raise ValueError(f"EngineConfig.mem_fraction must be in (0, 1], got {self.mem_fraction}")
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"EngineConfig.{name} must be an int >= 1 or None, got {v!r}")
+        if self.block_size < 1:
+            raise ValueError(f"EngineConfig.block_size must be >= 1, got {self.block_size}")
+
+
+@dataclass
+class RequestOutput:
+    """A finished request. text excludes stop strings and special tokens; token_ids are all generated ids (the eos
+    or stop token included). Times in seconds from the request's arrival."""
+
+    index: int
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    num_preemptions: int = 0
+
+
+@dataclass
+class StreamDelta:
+    """What a request produced in one engine step: new text and ids; finish_reason set on its last delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Request:
+    index: int
+    seq: Sequence
+    detok: IncrementalDetokenizer | None
+    text: str = ""
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    holdback: int = 0  # characters kept back while streaming: the start of a stop string may be forming
+    stops: tuple[str, ...] = field(default=())
+
+
+def eos_token_ids(model_dir: Path, tokenizer) -> tuple[int, ...]:
+    """eos ids from generation_config.json (an int or a list) and the tokenizer's eos token."""
+    ids: list[int] = []
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(ids))
+
+
+def _cache_dtype(model) -> torch.dtype:
+    """The model's activation dtype: that of its first floating-point tensor among parameters and buffers (the
+    embedding; quantized linears hold int8/fp8 weights and float32 scales, which never come first in ingot models)."""
+    for _, t in model.named_parameters():
+        if t.is_floating_point() and t.element_size() >= 2:
+            return t.dtype
+    raise ValueError("model has no floating-point parameters to take the KV cache dtype from")
+
+
+class LLM:
+    """Generation over a paged KV cache with continuous batching.
+
+    path: a model directory (loaded with ingot.models.loader.load_model; tokenizer and generation_config.json from
+    the same directory). Keyword arguments are EngineConfig's fields. On CUDA the KV pool takes mem_fraction of the
+    GPU's memory minus the weights and an activation reserve; max_model_len defaults to the config's
+    max_position_embeddings, capped by the pool. On CPU the pool holds max_num_seqs x max_model_len tokens.
+    """
+
+    def __init__(self, path: str | Path, **engine_kwargs):
+        from transformers import AutoTokenizer
+
+        from ingot.models.loader import load_model
+
+        config = EngineConfig(**engine_kwargs)
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load_model(Path(path), device=device, dtype=config.dtype, fp8_fallback=config.fp8_fallback)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self._setup(model, tokenizer, eos_token_ids(Path(path), tokenizer), config)
+
+    @classmethod
+    def from_model(cls, model, tokenizer=None, eos_ids: tuple[int, ...] = (), **engine_kwargs) -> "LLM":
+        """An engine over an already built model (random weights for benchmarks). Without a tokenizer, prompts must
+        be token ids and outputs carry no text."""
+        llm = cls.__new__(cls)
+        llm._setup(model, tokenizer, tuple(eos_ids), EngineConfig(**engine_kwargs))
+        return llm
+
+    def _setup(self, model, tokenizer, eos_ids: tuple[int, ...], config: EngineConfig) -> None:
+        self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
+        self.device = next(model.parameters()).device
+        cuda = self.device.type == "cuda"
+        max_pos = int(model.config.get("max_position_embeddings") or 2**31)
+        max_num_seqs = config.max_num_seqs or (256 if cuda else CPU_MAX_NUM_SEQS)
+        batched = config.max_num_batched_tokens or (CUDA_MAX_NUM_BATCHED_TOKENS if cuda else CPU_MAX_NUM_BATCHED_TOKENS)
+        batched = max(batched, max_num_seqs)  # a decode step of every sequence always fits the budget
+        specs = model.kv_cache_spec()
+        dtype = _cache_dtype(model)
+        bs = config.block_size
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        elif cuda:
+            reserve = reserve_bytes(batched, max_num_seqs, int(model.config["vocab_size"]))
+            num_blocks = cuda_num_blocks(specs, bs, dtype, self.device, config.mem_fraction, reserve)
+        else:
+            num_blocks = max_num_seqs * math.ceil(min(config.max_model_len or CPU_MAX_MODEL_LEN, max_pos) / bs)
+        max_model_len = config.max_model_len or min(max_pos, num_blocks * bs, CPU_MAX_MODEL_LEN if not cuda else max_pos)
+        if num_blocks * bs < max_model_len:
+            per_token = kv_bytes_per_token(specs, dtype)
+            raise ValueError(
+                f"KV cache of {num_blocks} blocks x {bs} tokens ({per_token} B per token) cannot hold one sequence "
+                f"of max_model_len {max_model_len}: lower max_model_len or raise mem_fraction"
+            )
+        self.config = config
+        self.max_model_len = max_model_len
+        self.kv_cache = KVCache(specs, num_blocks, bs, dtype, self.device)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, batched, max_model_len, bs), self.kv_cache.allocator)
+        self.runner = ModelRunner(model, self.kv_cache, RunnerConfig(max_num_seqs, max_model_len, config.cuda_graphs))
+        self.sampler = Sampler(config.seed)
+        self._next_id = 0
+
+    # ------------------------------------------------------------------------------------------- requests
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this LLM has no tokenizer: give prompts as lists of token ids")
+            return list(self.tokenizer.encode(prompt))
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt")
+        return ids
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation ([{"role": "user", "content": ...}, ...]) through the tokenizer's chat
+        template, ending with the assistant's turn opened."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _add(self, index: int, prompt, params: SamplingParams) -> _Request:
+        ids = self.encode(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt {index}: {len(ids)} tokens, max_model_len is {self.max_model_len}")
+        seq = Sequence(self._next_id, ids, params, self.sampler.new_state(params, self.device))
+        self._next_id += 1
+        self.scheduler.add(seq)
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
+        stops = params.stop
+        return _Request(index, seq, detok, holdback=max((len(s) for s in stops), default=1) - 1, stops=stops)
+
+    def _finish_reason(self, req: _Request, token: int) -> str | None:
+        seq, params = req.seq, req.seq.params
+        if (not params.ignore_eos and token in self.eos_ids) or token in params.stop_token_ids:
+            return "stop"
+        if req.detok is not None:
+            new = req.detok.add(token)
+            req.text += new
+            if req.stops and new:
+                cut = find_stop(req.text, req.stops, len(new))
+                if cut is not None:
+                    req.text = req.text[:cut]
+                    return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _step(self, requests: dict[int, _Request]) -> list[_Request]:
+        """One engine step; returns the requests that got a token."""
+        out = self.scheduler.schedule()
+        logits = self.runner.execute(out)
+        sampling = [s.seq for s in out.scheduled if s.samples]
+        tokens = self.sampler.sample(logits, [q.params for q in sampling], [q.sampling for q in sampling])
+        self.scheduler.update(out, tokens)
+        touched = []
+        for seq, token in zip(sampling, tokens):
+            req = requests[seq.seq_id]
+            reason = self._finish_reason(req, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            touched.append(req)
+        return touched
+
+    def _run(self, prompts, params) -> Iterator[tuple[_Request, StreamDelta]]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            raise TypeError("prompts must be a list of strings or a list of token-id lists")
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("LLM: another generation is still running on this engine")
+        requests: dict[int, _Request] = {}
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, plist)):
+                req = self._add(i, prompt, p)
+                requests[req.seq.seq_id] = req
+            while self.scheduler.has_unfinished():
+                for req in self._step(requests):
+                    done = req.seq.is_finished
+                    visible = len(req.text) if done else max(req.emitted_chars, len(req.text) - req.holdback)
+                    text = req.text[req.emitted_chars : visible]
+                    ids = req.seq.output_token_ids[req.emitted_tokens :]
+                    req.emitted_chars, req.emitted_tokens = visible, req.seq.num_output_tokens
+                    yield req, StreamDelta(req.index, text, ids, req.seq.finish_reason if done else None)
+        finally:  # a consumer that stops early (or an error) must not leave sequences holding cache blocks
+            for req in requests.values():
+                if not req.seq.is_finished:
+                    self.scheduler.finish(req.seq, "abort")
+
+    # ------------------------------------------------------------------------------------------- public
+
+    def stream(
+        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> Iterator[StreamDelta]:
+        """Run the prompts to completion, yielding each request's new text and token ids after every step that gave
+        it a token; its last delta carries finish_reason. While stop strings are set, text lags by
+        len(longest stop) - 1 characters (a stop string may be forming), released when the request ends."""
+        for _, delta in self._run(prompts, params):
+            yield delta
+
+    def generate(
+        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (one SamplingParams for all, or one each); outputs in prompt order."""
+        finished: dict[int, _Request] = {}
+        for req, delta in self._run(prompts, params):
+            if delta.finish_reason is not None:
+                finished[req.index] = req
+        outputs = []
+        for i in range(len(prompts)):
+            seq = finished[i].seq
+            outputs.append(RequestOutput(
+                index=i,
+                prompt_token_ids=seq.prompt_token_ids,
+                text=finished[i].text,
+                token_ids=seq.output_token_ids,
+                finish_reason=seq.finish_reason,
+                ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
+                latency_s=None if seq.finish_time is None else seq.finish_time - seq.arrival_time,
+                num_preemptions=seq.num_preemptions,
+            ))
+        return outputs

@@ -1,0 +1,113 @@
+"""LLM over a tiny contract-following model: greedy equals a plain loop over model.score, batching and chunked
+prefill and preemption leave greedy outputs unchanged, stop conditions, streaming, the runner's inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from ingot.engine import LLM, SamplingParams
+from ingot.engine.runner import build_inputs, graph_buckets
+from ingot.engine.scheduler import ScheduledSeq, SchedulerOutput
+from ingot.engine.sequence import Sequence
+
+from toy import ToyLM, greedy_reference
+
+PROMPTS = [[1, 2, 3], [5] * 17, [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28], [40]]
+
+
+def engine(model=None, **kw):
+    kw.setdefault("block_size", 4)
+    kw.setdefault("max_model_len", 64)
+    return LLM.from_model(model or ToyLM(), **kw)
+
+
+def test_greedy_equals_score_loop_batched_and_alone():
+    model = ToyLM()
+    refs = [greedy_reference(model, p, 12) for p in PROMPTS]
+    assert len({tuple(r) for r in refs}) > 1 and any(len(set(r)) > 2 for r in refs)  # a non-trivial model
+    llm = engine(model)
+    params = SamplingParams(max_tokens=12)
+    outs = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == refs
+    assert all(o.finish_reason == "length" for o in outs)
+    for p, ref in zip(PROMPTS, refs):  # each prompt alone
+        assert llm.generate([p], params)[0].token_ids == ref
+
+
+def test_chunked_prefill_and_preemption_keep_greedy_outputs():
+    model = ToyLM()
+    refs = [greedy_reference(model, p, 20) for p in PROMPTS]
+    # budget 8: prompts prefilled in chunks, mixed with decodes
+    chunked = engine(model, max_num_batched_tokens=8, max_num_seqs=4)
+    assert [o.token_ids for o in chunked.generate(PROMPTS, SamplingParams(max_tokens=20))] == refs
+    # 16 blocks of 4 = 64 tokens for four sequences that grow to 23..42 tokens: some are preempted and recomputed
+    tight = engine(model, num_kv_blocks=16, max_num_seqs=4)
+    outs = tight.generate(PROMPTS, SamplingParams(max_tokens=20))
+    assert [o.token_ids for o in outs] == refs
+    assert sum(o.num_preemptions for o in outs) > 0
+    assert tight.kv_cache.allocator.num_free == 16  # every block returned
+
+
+def test_stop_token_ids_eos_and_max_model_len():
+    model = ToyLM()
+    ref = greedy_reference(model, PROMPTS[0], 12)
+    stop_tok = ref[5]
+    first = ref.index(stop_tok)
+    llm = engine(model)
+    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=12, stop_token_ids=(stop_tok,)))[0]
+    assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"
+    eos = LLM.from_model(model, eos_ids=(stop_tok,), block_size=4, max_model_len=64)
+    assert eos.generate([PROMPTS[0]], SamplingParams(max_tokens=12))[0].token_ids == ref[: first + 1]
+    assert eos.generate([PROMPTS[0]], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids == ref
+    short = engine(model, max_model_len=8)
+    out = short.generate([PROMPTS[0]], SamplingParams(max_tokens=100))[0]
+    assert len(out.token_ids) == 8 - len(PROMPTS[0]) and out.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
+    model = ToyLM()
+    llm = engine(model)
+    p = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, seed=42)
+    alone = llm.generate([PROMPTS[1]], p)[0].token_ids
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[1]]
+    batched = llm.generate(prompts, [SamplingParams(max_tokens=5, temperature=0.9), p, SamplingParams(), p])
+    assert batched[1].token_ids == alone and batched[3].token_ids == alone  # own generators, same seed
+    other = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=1.0, top_k=20, seed=43))[0]
+    assert other.token_ids != alone
+
+
+def test_stream_yields_every_token_once_and_frees_on_early_exit():
+    model = ToyLM()
+    llm = engine(model)
+    got: dict[int, list[int]] = {}
+    reasons = {}
+    for d in llm.stream(PROMPTS, SamplingParams(max_tokens=6)):
+        got.setdefault(d.index, []).extend(d.token_ids)
+        if d.finish_reason:
+            reasons[d.index] = d.finish_reason
+    assert [got[i] for i in range(len(PROMPTS))] == [greedy_reference(model, p, 6) for p in PROMPTS]
+    assert reasons == {i: "length" for i in range(len(PROMPTS))}
+    it = llm.stream(PROMPTS, SamplingParams(max_tokens=50))
+    next(it)
+    it.close()  # the consumer leaves early: every sequence is aborted and its blocks freed
+    assert not llm.scheduler.has_unfinished() and llm.kv_cache.allocator.num_free == llm.kv_cache.num_blocks
+
+
+def test_build_inputs_slots_positions_and_sampled_rows():
+    a = Sequence(0, [1, 2, 3, 4, 5, 6], SamplingParams())
+    a.block_table, a.num_computed_tokens = [7, 2], 4
+    b = Sequence(1, [9, 9, 9], SamplingParams())
+    b.block_table = [5]
+    out = SchedulerOutput((ScheduledSeq.of(a, 2), ScheduledSeq.of(b, 2)), ())  # a finishes its prompt, b does not
+    x = build_inputs(out, block_size=4, device=torch.device("cpu"))
+    assert x.input_ids.tolist() == [5, 6, 9, 9] and x.positions.tolist() == [4, 5, 0, 1]
+    assert x.meta.slot_mapping.tolist() == [2 * 4 + 0, 2 * 4 + 1, 5 * 4 + 0, 5 * 4 + 1]
+    assert x.meta.cu_query_lens.tolist() == [0, 2, 4] and x.meta.seq_lens.tolist() == [6, 2]
+    assert x.meta.block_tables.tolist() == [[7, 2], [5, 0]] and x.logits_rows.tolist() == [1]
+    assert x.meta.max_query_len == 2 and x.meta.max_seq_len == 6
+
+
+def test_graph_buckets():
+    assert graph_buckets(1) == [1]
+    assert graph_buckets(256)[:8] == [1, 2, 4, 8, 16, 24, 32, 48] and graph_buckets(256)[-1] == 256
+    assert graph_buckets(20) == [1, 2, 4, 8, 16, 20]
