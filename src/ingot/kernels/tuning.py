@@ -203,8 +203,8 @@ def _inputs(op: str, m: int, n: int, k: int, sets: int, device: torch.device) ->
                 x_q = torch.randint(-127, 128, (m, k), dtype=dtype, device=device)
                 w_q = torch.randint(-127, 128, (n, k), dtype=dtype, device=device)
             else:
-                x_q = (torch.randn(m, k, device=device) * 100).to(dtype)
-                w_q = (torch.randn(n, k, device=device) * 100).to(dtype)
+                x_q = (torch.randn(m, k, device=device) * 100).clamp(-448, 448).to(dtype)  # e4m3 saturates at 448
+                w_q = (torch.randn(n, k, device=device) * 100).clamp(-448, 448).to(dtype)
             out.append((x_q, torch.rand(m, cdiv(k, 128), device=device) / 100, w_q,
                         torch.rand(cdiv(n, 128), cdiv(k, 128), device=device) / 100))
     return out
