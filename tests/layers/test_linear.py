@@ -230,6 +230,23 @@ def test_int4_weight_is_packed_in_the_compressed_tensors_layout():
     assert torch.equal(layer.weight_scale, qw.scale)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequantized_weight_is_the_reference_dequantization(kind, native_fp8):
+    layer, qw = make_linear(kind, 192, 300, dtype=torch.float32)
+    w = L.dequantized_weight(layer)
+    assert w.dtype == torch.float32 and w.shape == (192, 300)
+    assert torch.equal(w, ref.dequantize_weight(qw))
+    assert torch.equal(L.dequantized_weight(layer, torch.bfloat16), ref.dequantize_weight(qw, torch.bfloat16))
+
+
+def test_dequantized_weight_of_an_fp8_fallback_is_its_int8_weight(fresh_warning):
+    fp8 = ref.quantize_weight(make_weight(100, 300, 5), Scheme.from_name("fp8-block"))
+    layer = Linear(300, 100, kind="fp8-block", device="cpu")
+    layer.load(StoredLinear("fp8-block", fp8.qweight, fp8.scale))
+    int8 = ref.QuantizedWeight(Scheme.from_name("int8-block"), layer.weight, layer.weight_scale)
+    assert torch.equal(L.dequantized_weight(layer), ref.dequantize_weight(int8))
+
+
 # ------------------------------------------------------------------------------------------- fp8 fallback
 
 
@@ -381,6 +398,20 @@ def test_kernel_path_equals_cpu_path_in_the_interpreter(kind, m, interpreter):
             assert torch.equal(got, expected)
         else:
             assert_bf16_close(got, expected, x, qw)
+
+
+@pytest.mark.parametrize("kind", ["int8-weight", "int4-group"])
+@pytest.mark.parametrize("m", [1, 33])
+def test_weight_only_kernel_path_in_the_interpreter(kind, m, interpreter):
+    """use_kernels=True runs w8a16_gemm / w4a16_gemm (interpreted) on the layer's own parameters (the packed int32
+    layout for int4), bf16 in and out: within one bf16 ulp of the CPU path (interpreter casts truncate)."""
+    if importlib.util.find_spec("ingot.kernels.weight_only") is None:
+        pytest.skip("ingot.kernels.weight_only does not exist yet (the layer runs the reference)")
+    layer, qw = make_linear(kind, 100, 300, bias=True, seed=m)
+    x = make_x((m, 300), torch.bfloat16)
+    expected = layer(x)
+    layer.method.use_kernels = True
+    assert_bf16_close(layer(x), expected, x, qw)
 
 
 @pytest.mark.parametrize("scheme", ["fp8-block", "fp8-block-ue8m0"])

@@ -209,6 +209,10 @@ class LinearMethod:
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Finish the loaded parameters (once, after ``load``)."""
 
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        """The weight the layer multiplies by, W = q * scale: float32 [N, K] on the layer's device."""
+        raise NotImplementedError
+
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> y [..., N] in x's dtype, plus ``layer.bias`` when present (in the GEMM epilogue)."""
         k, n = layer.in_features, layer.out_features
@@ -244,6 +248,9 @@ class Bf16Method(LinearMethod):
             raise ValueError(f"weight: dtype {stored.qweight.dtype}, a bf16 linear expects a float weight")
         _copy_in(layer, "weight", stored.qweight)  # cast to the model dtype
 
+    def dequantize(self, layer):
+        return layer.weight.float()
+
     def apply(self, layer, x):
         return F.linear(x, layer.weight, layer.bias)  # any leading shape, on every device
 
@@ -262,6 +269,9 @@ class Int8ChannelMethod(LinearMethod):
         _check_kind(self, layer, stored)
         _copy_in(layer, "weight", stored.qweight, torch.int8)
         _copy_in(layer, "weight_scale", stored.scale.float())
+
+    def dequantize(self, layer):
+        return layer.weight.float() * layer.weight_scale  # (N, K) * (N, 1), as ref.dequantize_weight
 
     def _kernel(self, layer, x):
         from ingot.kernels.act_quant import per_token_quant_int8
@@ -298,6 +308,10 @@ class _BlockMethod(LinearMethod):
                       torch.float32, self.device)
         _copy_in(layer, "weight", stored.qweight, self.qdtype)
         _copy_in(layer, "weight_scale", stored.scale.float())
+
+    def dequantize(self, layer):
+        scheme = replace(Scheme.from_name(self.kind), block_size=tuple(layer.block_size))
+        return ref.dequantize_weight(ref.QuantizedWeight(scheme, layer.weight, layer.weight_scale))
 
 
 class Int8BlockMethod(_BlockMethod):
@@ -357,8 +371,11 @@ class Fp8BlockMethod(_BlockMethod):
         return block_gemm_f32(x_q, x_s, layer.weight, layer.weight_scale, layer.block_size, layer.bias, x.dtype)
 
 
-def _weight_only_kernels():
-    """ingot.kernels.weight_only, or None while it does not exist (the reference runs instead)."""
+def _weight_only_kernels(x: torch.Tensor):
+    """ingot.kernels.weight_only, or None where the reference must run: the module does not exist (yet), or x is
+    float32 (the A16 kernels take bf16/fp16 activations)."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return None
     try:
         from ingot.kernels import weight_only
     except ModuleNotFoundError as e:
@@ -383,8 +400,11 @@ class Int8WeightMethod(LinearMethod):
         _copy_in(layer, "weight", stored.qweight, torch.int8)
         _copy_in(layer, "weight_scale", stored.scale.float())
 
+    def dequantize(self, layer):
+        return layer.weight.float() * layer.weight_scale  # (N, K) * (N, 1), as ref.dequantize_weight
+
     def _kernel(self, layer, x):
-        kernels = _weight_only_kernels()
+        kernels = _weight_only_kernels(x)
         if kernels is None:
             return self._reference(layer, x)
         return kernels.w8a16_gemm(x, layer.weight, layer.weight_scale, bias=layer.bias)
@@ -423,8 +443,13 @@ class Int4GroupMethod(LinearMethod):
         _copy_in(layer, "weight_packed", pack_int32(q.cpu(), 4))  # pack_int32 builds its shifts on the CPU
         _copy_in(layer, "weight_scale", stored.scale.float())
 
+    def dequantize(self, layer):
+        q = unpack_int32(layer.weight_packed.cpu(), 4, layer.in_features).to(layer.weight_scale.device)
+        scheme = replace(Scheme.from_name("int4-group"), group_size=layer.group_size)
+        return ref.dequantize_weight(ref.QuantizedWeight(scheme, q, layer.weight_scale))
+
     def _kernel(self, layer, x):
-        kernels = _weight_only_kernels()
+        kernels = _weight_only_kernels(x)
         if kernels is None:
             return self._reference(layer, x)
         return kernels.w4a16_gemm(x, layer.weight_packed, layer.weight_scale, layer.in_features,
@@ -492,6 +517,9 @@ class Fp8FallbackMethod(LinearMethod):
     def process_weights_after_loading(self, layer):
         self.inner.process_weights_after_loading(layer)
 
+    def dequantize(self, layer):
+        return self.inner.dequantize(layer)
+
     def apply(self, layer, x):
         return self.inner.apply(layer, x)
 
@@ -547,6 +575,15 @@ def linear_method(kind: str, device: torch.device | str, *, fp8_fallback: str = 
             _warn_fp8_fallback(reason, fp8_fallback)
             return Fp8FallbackMethod(device, fp8_fallback)
     return METHODS[kind](device)
+
+
+def dequantized_weight(layer: "Linear", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight a loaded Linear of any kind multiplies by, W = q * scale, as ``dtype`` [N, K] on its device.
+
+    For load-time transforms that need the plain matrix (MLA absorbs kv_b_proj into the query and output): one
+    linear's float32 copy, made once, never on the forward path.
+    """
+    return layer.method.dequantize(layer).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ module
