@@ -83,17 +83,17 @@ def store_kv(
     if (v is None) != (v_cache is None):
         raise ValueError("store_kv: v and v_cache must both be given (separate values) or both be None (shared_kv)")
     valid = slot_mapping >= 0
-    first = torch.argmax(valid.to(torch.int32))  # first valid row (0 when none is valid)
-    any_valid = valid[first]
-    fallback_slot = torch.where(any_valid, slot_mapping[first], torch.zeros_like(slot_mapping[first]))
-    slots = torch.where(valid, slot_mapping, fallback_slot)
+    # Indexing with a 0-d tensor would be a host sync (.item()): keep everything as 1-element tensors.
+    first = torch.argmax(valid.to(torch.int32)).view(1)  # first valid row (0 when none is valid)
+    any_valid = valid.index_select(0, first)  # (1,)
+    slots = torch.where(valid, slot_mapping, torch.where(any_valid, slot_mapping.index_select(0, first), 0))
     for new, cache in ((k, k_cache), (v, v_cache)):
         if new is None:
             continue
         flat = cache.view(-1, *cache.shape[2:])  # (num_blocks * block_size, Hkv, D)
         if tuple(new.shape[1:]) != tuple(flat.shape[1:]):
             raise ValueError(f"store_kv: tokens of shape {tuple(new.shape[1:])} do not fit a cache of {tuple(flat.shape[1:])}")
-        fallback = torch.where(any_valid, new[first].to(cache.dtype), flat[0])
+        fallback = torch.where(any_valid[:, None, None], new.index_select(0, first).to(cache.dtype), flat[:1])
         rows = torch.where(valid[:, None, None], new.to(cache.dtype), fallback)
         flat.index_copy_(0, slots, rows)
 

@@ -118,7 +118,7 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
 
 def yarn_softmax_mscale(rope: RopeScaling) -> float:
     """Multiplier of the softmax scale under YaRN: get_mscale(factor, mscale_all_dim)^2 when mscale_all_dim is set
-    (DeepSeek-V3: factor 40 -> (0.1 ln 40 + 1)^2 = 1.8686), else 1. transformers' ``yarn_apply_mscale``, DeepSeek's
+    (DeepSeek-V3: factor 40 -> (0.1 ln 40 + 1)^2 = 1.8739), else 1. transformers' ``yarn_apply_mscale``, DeepSeek's
     ``softmax_scale * mscale * mscale``."""
     if rope.rope_type == "default" or not rope.mscale_all_dim:
         return 1.0
