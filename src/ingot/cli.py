@@ -1,5 +1,5 @@
-"""The one CLI: ``ingot pull|convert|inspect|bench|tune``. Flags map onto dataclass fields; this is the only place
-that reads argv or the environment (INGOT_CACHE_DIR, XDG_CACHE_HOME)."""
+"""The one CLI: ``ingot pull|convert|inspect|bench|tune|generate|chat``. Flags map onto dataclass fields; this is
+the only place that reads argv or the environment (INGOT_CACHE_DIR, XDG_CACHE_HOME)."""
 
 from __future__ import annotations
 
@@ -262,6 +262,93 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _engine(args):
+    """An LLM from the engine flags (``_add_engine_flags``); MODEL defaults to the embedded model."""
+    import torch
+
+    from ingot.engine import LLM
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    return LLM(
+        _resolve_model(args.model, _cache_dir(args.cache_dir)),
+        device=args.device,
+        dtype=dtypes[args.dtype] if args.dtype else None,
+        mem_fraction=args.mem_fraction,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        cuda_graphs=not args.eager,
+        fp8_fallback=args.fp8_fallback,
+    )
+
+
+def _sampling(args):
+    from ingot.engine import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+
+
+def cmd_generate(args) -> int:
+    llm, params = _engine(args), _sampling(args)
+    prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in args.prompt] if args.chat else args.prompt
+    if len(prompts) == 1:  # one prompt: stream it
+        for delta in llm.stream(prompts, params):
+            print(delta.text, end="", flush=True)
+        print()
+        return 0
+    for i, out in enumerate(llm.generate(prompts, params)):
+        print(f"--- [{i}] {out.finish_reason}, {len(out.token_ids)} tokens\n{out.text}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from ingot.engine.chat import chat_loop
+
+    llm, params = _engine(args), _sampling(args)
+    chat_loop(llm, params, input, lambda text: print(text, end="", flush=True), system=args.system)
+    return 0
+
+
+def _add_engine_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("model", nargs="?", help=f"model directory (default: the embedded {DEFAULT_MODEL})")
+    p.add_argument("--device", help="cuda[:N] or cpu (default: cuda if present)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="model dtype (default: the checkpoint's)")
+    p.add_argument("--mem-fraction", type=float, default=0.85, help="GPU memory share for weights + KV cache")
+    p.add_argument("--max-model-len", type=int, help="prompt + output tokens per sequence")
+    p.add_argument("--max-num-seqs", type=int, help="sequences per batch")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    p.add_argument("--fp8-fallback", default="int8-block", choices=["int8-block", "bf16"],
+                   help="what fp8-block linears run as where FP8 matmuls are missing (CPU, GPUs before sm89)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="new tokens at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, help="sampling seed (temperature > 0)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens whatever the model says")
+
+
+def cmd_bench_e2e(args) -> int:
+    from ingot.bench.e2e import BenchE2EOptions, run_bench_e2e
+
+    options = BenchE2EOptions(
+        model=args.random_weights,
+        layers=args.layers,
+        schemes=tuple(args.schemes),
+        batch_sizes=tuple(args.batch_sizes),
+        input_len=args.input_len,
+        output_len=args.output_len,
+        device=args.device,
+        hf_peer=not args.no_hf,
+        cuda_graphs=not args.eager,
+        out=Path(args.out) if args.out else None,
+        command=" ".join(["ingot", *sys.argv[1:]]),
+        git_sha=args.git_sha,
+    )
+    run_bench_e2e(options)
+    return 0
+
+
 def _add_eval_flags(p: argparse.ArgumentParser, tasks_default: str | None) -> None:
     p.add_argument("--tasks", required=tasks_default is None, default=tasks_default,
                    help="comma-separated: ppl, kl, mmlu, gsm8k")
@@ -335,6 +422,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--git-sha", help="record this sha (a copied tree without .git); default: the checkout's")
     b.set_defaults(func=cmd_bench_kernels)
 
+    b = bench.add_parser("e2e", help="engine tokens/s, TTFT, TPOT, memory per scheme vs BF16 and transformers (random weights)")
+    b.add_argument("--random-weights", default="llama3-8b", metavar="PRESET|CONFIG",
+                   help="llama3-8b, deepseek-v3, or a config.json path: real shapes, random weights built on the device")
+    b.add_argument("--layers", type=int, help="keep the first N decoder layers (DeepSeek-V3: e.g. 4 = 3 dense + 1 MoE)")
+    b.add_argument("--schemes", nargs="+", default=["bf16", "int8-channel", "int8-block", "fp8-block"])
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 256])
+    b.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    b.add_argument("--output-len", type=int, default=128, help="generated tokens per request (eos ignored)")
+    b.add_argument("--device", default="cuda")
+    b.add_argument("--no-hf", action="store_true", help="skip the transformers generate peer")
+    b.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    b.add_argument("--out", help="results JSON (default: benchmarks/results/e2e-<device>-<date>.json)")
+    b.add_argument("--git-sha", help="record this sha (a copied tree without .git); default: the checkout's")
+    b.set_defaults(func=cmd_bench_e2e)
+
     p = sub.add_parser("tune", help="sweep GEMM tile configs on this GPU; write tables the kernels read (CUDA)")
     p.add_argument("model", nargs="?", help="a checkpoint: tune its linears' shapes for the kernels its scheme uses")
     p.add_argument("--shapes", choices=["llama3-8b", "deepseek-v3", "all"], help="(N, K) preset (as bench kernels)")
@@ -363,6 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="report.md, report.png and the JSON results (default: --workdir)")
     p.add_argument("--convert-device", default="cpu", help="device of the conversions")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("generate", help="generate text for one or more prompts (streams a single prompt)")
+    _add_engine_flags(p, max_tokens=128)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: generated as one batch)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat, streaming replies (/reset, /exit)")
+    _add_engine_flags(p, max_tokens=512)
+    p.add_argument("--system", help="a system message that starts every conversation")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 
