@@ -117,6 +117,10 @@ def paged_attention(
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"paged_attention: {q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} kv heads")
     if meta.max_query_len == 1:
+        if q.is_cuda and window is None:  # the Triton split-KV kernel, tested against this reference
+            from ingot.kernels.attention import paged_decode_attention
+
+            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, head_dim_v)
         return _decode_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window)
     return _prefill_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window)
 
