@@ -496,11 +496,13 @@ def test_load_model_on_gpu_matches_cpu(scheme, fmt, converted, monkeypatch):
         if any(isinstance(m, Linear) and m.kind == "fp8-block" for m in gpu.modules()):  # an FP8 GPU: fp8 on CPU too
             patch.setattr(L, "fp8_unsupported_reason", lambda device: None)
         cpu = load_model(d, "cpu")
+    ids = PROMPT_IDS % CUT_VOCAB  # the cut model's vocabulary
     with torch.inference_mode():
-        a = gpu.score(PROMPT_IDS.cuda()).cpu()
-        b = cpu.score(PROMPT_IDS)
+        a = gpu.score(ids.cuda()).cpu()
+        b = cpu.score(ids)
+    # Bounds not yet measured on a GPU (kernels vs reference math differ in summation order and bf16 roundings only).
     assert ref.snr_db(b, a) > 25, f"SNR {ref.snr_db(b, a):.1f} dB"
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
 
 
 # ------------------------------------------------------------------------------------ DeepSeek-V3 (MoE, MLA, MTP)

@@ -39,8 +39,10 @@ the model dtype (``"bf16"``). One warning per process on logging.getLogger("ingo
 Activation scale format of fp8-block (``ue8m0``, DeepSeek-V3.1+): ``StoredLinear`` carries no flag, so
 ``process_weights_after_loading`` detects it per linear: when every non-zero weight scale is a power of two, the
 activations are quantized with power-of-two scales too (``layer.act_scale_fmt``). This reads the same for every
-format (compressed-tensors' fp8 has no scale_fmt field); float scales amax / 448 are all powers of two only for a
-weight whose every block amax is 448 * 2^e, which random or trained weights never are.
+format (compressed-tensors' fp8 has no scale_fmt field). A float scale amax / 448 is a power of two only when the
+block's amax is 1.75 * 2^e: for bf16 weights about 1 block in 128, so all blocks of a linear with B blocks about
+128^-B - 1 in 128 for a one-block toy linear (whose activations would then round to power-of-two scales, still
+correct math), never for real ones (DeepSeek-V3's smallest, kv_a_proj_with_mqa, has 280 blocks).
 """
 
 from __future__ import annotations
