@@ -58,6 +58,13 @@ class PagedRunner:
     def step(self, work: list[tuple[int, list[int]]], pad_rows: int = 0) -> list[torch.Tensor]:
         """work: (sequence id, its new tokens) per batch row; pad_rows padded rows (slot -1, seq_len 0) after them.
         Returns each row's logits float32 [len(new tokens), vocab]."""
+        ids, pos, meta = self.prepare(work, pad_rows)
+        logits = self.model.compute_logits(self.model(ids, pos, meta))
+        cu = meta.cu_query_lens.tolist()
+        return [logits[cu[i] : cu[i + 1]] for i in range(len(work))]
+
+    def prepare(self, work: list[tuple[int, list[int]]], pad_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+        """Allocate blocks for the new tokens and build the step's (input_ids, positions, AttnMetadata)."""
         ids, pos, slots, cu, seq_lens, tables = [], [], [], [0], [], []
         for seq, tokens in work:
             start, blocks = self.lens.get(seq, 0), self.blocks.setdefault(seq, [])
@@ -88,9 +95,7 @@ class PagedRunner:
             max_query_len=max(b - a for a, b in zip(cu, cu[1:])),
             max_seq_len=max(seq_lens),
         )
-        hidden = self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), meta)
-        logits = self.model.compute_logits(hidden)
-        return [logits[cu[i] : cu[i + 1]] for i in range(len(work))]
+        return torch.tensor(ids, device=device), torch.tensor(pos, device=device), meta
 
 
 def paged_vs_hf(model, hf_model, prompts: list[list[int]], decode_steps: int = 3) -> tuple[float, int, int]:
@@ -109,10 +114,10 @@ def paged_vs_hf(model, hf_model, prompts: list[list[int]], decode_steps: int = 3
 
     def hf_logits(i):
         with torch.no_grad():
-            return hf_model(torch.tensor([seqs[i]])).logits[0].float()
+            return hf_model(torch.tensor([seqs[i]], device=hf_model.device)).logits[0].float()
 
     def check(i, got):  # got: ingot logits of the tokens fed[i] - len(got) .. fed[i] - 1 of sequence i
-        ref = hf_logits(i)[fed[i] - got.shape[0] : fed[i]]
+        ref = hf_logits(i)[fed[i] - got.shape[0] : fed[i]].to(got.device)
         stats["diff"] = max(stats["diff"], (ref - got).abs().max().item())
         stats["agree"] += int((ref.argmax(-1) == got.argmax(-1)).sum())
         stats["n"] += got.shape[0]

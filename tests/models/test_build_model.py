@@ -131,14 +131,17 @@ def test_decode_step_has_no_host_sync():
     """A meta-device model has shapes and no data: any .item() / .tolist() / data-dependent shape in a decode step
     raises. Llama-family and dense DeepSeek-V3 (MLA) steps pass; a MoE layer counts tokens per expert on the host."""
     for config in ({**LLAMA, "model_type": "qwen3", "head_dim": 32}, {**LLAMA, "model_type": "mistral", "sliding_window": 8}):
-        logits = _decode_on_meta(build_model(config, device="meta"))
+        model = build_model(config, device="meta")
+        assert model.supports_cuda_graphs
+        logits = _decode_on_meta(model)
         assert logits.shape == (3, 128) and logits.dtype == torch.float32
     dense = build_model({"model_type": "deepseek_v3", **DSV3, "n_routed_experts": None}, device="meta")
     dense.process_weights_after_loading()
-    assert _decode_on_meta(dense).shape == (3, 128)
+    assert dense.supports_cuda_graphs and _decode_on_meta(dense).shape == (3, 128)
+    moe = build_model({"model_type": "deepseek_v3", **DSV3}, device="meta")
+    moe.process_weights_after_loading()
+    assert not moe.supports_cuda_graphs
     with pytest.raises(NotImplementedError, match="bincount"):  # MoE.routed: tokens per expert, on the host
-        moe = build_model({"model_type": "deepseek_v3", **DSV3}, device="meta")
-        moe.process_weights_after_loading()
         _decode_on_meta(moe)
 
 

@@ -196,10 +196,12 @@ def causal_attention(
 
 def _sdpa(q, k, v, scale, mask):
     """q [B, Tq, H, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv], mask bool [Tq, Tk] or None (causal, Tq == Tk)."""
-    rep = q.shape[2] // k.shape[2]
+    h, hkv = q.shape[2], k.shape[2]
     k, v = k.to(q.dtype), v.to(q.dtype)
-    if rep > 1:  # GQA: expand kv heads (enable_gqa needs torch >= 2.5)
-        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    if hkv == 1:  # MQA (MLA's latent): a broadcast view, no copy of 128 heads x 576 channels per token
+        k, v = k.expand(-1, -1, h, -1), v.expand(-1, -1, h, -1)
+    elif hkv < h:  # GQA: repeat kv heads (enable_gqa needs torch >= 2.5)
+        k, v = k.repeat_interleave(h // hkv, dim=2), v.repeat_interleave(h // hkv, dim=2)
     o = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None, scale=scale
     )

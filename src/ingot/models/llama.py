@@ -20,7 +20,7 @@ from torch import nn
 
 from ingot.layers.attention import Attention, AttnMetadata, KVSpec
 from ingot.layers.linear import Linear
-from ingot.layers.moe import MLP
+from ingot.layers.moe import MLP, MoE
 from ingot.layers.norm import RMSNorm
 from ingot.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary
 
@@ -228,7 +228,14 @@ class CausalLM(nn.Module):
         self.requires_grad_(False)
 
     def process_weights_after_loading(self) -> None:
-        """Derive what the forward needs from the loaded weights (nothing for Llama; MLA's absorbed kv_b_proj)."""
+        """Derive what the forward needs from the loaded weights (nothing for Llama; MLA's absorbed kv_b_proj).
+        Call after every Linear's own ``process_weights_after_loading``."""
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Whether a decode step is free of host syncs, so a CUDA graph can capture it. False with MoE layers: they
+        count tokens per expert on the host (one sync per layer) until a grouped-GEMM MoE kernel replaces the loop."""
+        return not any(isinstance(m, MoE) for m in self.modules())
 
     # ---- running
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
