@@ -176,7 +176,7 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     if pad:
         u = torch.nn.functional.pad(u, (0, pad))
     u = u.view(rows, -1, per)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=q.device) * bits
     packed = (u << shifts).sum(dim=-1)  # disjoint bit fields: sum == bitwise or; fits in 32 bits
     return (packed - ((packed >> 31) << 32)).to(torch.int32)  # reinterpret uint32 as int32
 
@@ -185,7 +185,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of ``pack_int32``: int32 [R, P] -> int8 [R, cols] signed values."""
     per = 32 // bits
     p = packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=packed.device) * bits
     u = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     u = u.reshape(packed.shape[0], -1)[:, :cols]
     return (u - (1 << (bits - 1))).to(torch.int8)

@@ -6,5 +6,6 @@ launches. Ops take tensors on CUDA, or on any device when triton runs its interp
 before the kernel modules are imported: that is how CPU CI runs them on small shapes). Each op has a plain-PyTorch
 reference with the same math in ``ingot.quant.ref``.
 
-Modules: ``act_quant`` (dynamic activation quantization), ``int8_gemm`` (W8A8 int8 GEMMs).
+Modules: ``act_quant`` (dynamic activation quantization), ``int8_gemm`` (W8A8 int8 GEMMs), ``weight_only`` (W8A16
+and W4A16 GEMMs for decode), ``dequant`` (block dequantization of fp8-block / int8-block weights).
 """

@@ -220,9 +220,11 @@ def convert_item(p: Plan, it: Item, src: Checkpoint, dst_fmt: Format, src_fmt: F
     stored.qweight = stored.qweight.to(device)
     stored.scale = None if stored.scale is None else stored.scale.to(device)
 
+    # On a GPU, block-scaled sources dequantize through the Triton kernel: one pass, the same float32 bits.
+    use_kernel = stored.qweight.is_cuda
     if it.dst_kind == "bf16":  # kept in source precision: dequantize only
         weight_name = f"{it.name}.weight"
-        w = _dequantize(stored)
+        w = _dequantize(stored, use_kernel)
         kept = ref.quantize_weight(w.to(p.out_dtype), BF16, name=weight_name).qweight  # checks NaN/Inf
         tensors, snr, shape = {weight_name: kept.cpu()}, ref.snr_db(w, kept), kept.shape
     else:
@@ -232,7 +234,7 @@ def convert_item(p: Plan, it: Item, src: Checkpoint, dst_fmt: Format, src_fmt: F
         if fast.supports(stored.kind, stored.block_size, scheme):  # FP8 -> INT8: bit-identical to the lines below
             result = fast.requantize(stored.qweight, stored.scale, stored.block_size, scheme, scale_dtype, f"{it.name}.weight")
         if result is None:
-            w = _dequantize(stored)
+            w = _dequantize(stored, use_kernel)
             qw = ref.quantize_weight(w, scheme, scale_dtype=scale_dtype, name=f"{it.name}.weight")
             result = qw, ref.snr_db(w, ref.dequantize_weight(qw))
         qw, snr = result
@@ -248,10 +250,23 @@ def convert_item(p: Plan, it: Item, src: Checkpoint, dst_fmt: Format, src_fmt: F
     return tensors, row
 
 
-def _dequantize(stored: StoredLinear) -> torch.Tensor:
-    """A stored linear as a float32 [N, K] weight."""
+BLOCK_KINDS = ("fp8-block", "int8-block")
+
+
+def _dequantize(stored: StoredLinear, use_kernel: bool = False) -> torch.Tensor:
+    """A stored linear as a float32 [N, K] weight.
+
+    use_kernel: block kinds go through ``ingot.kernels.dequant.block_dequant`` (CUDA tensors, or triton's interpreter),
+    one pass instead of torch's three over float32 temporaries, bit-identical to the reference below (both compute
+    ``q.float() * scale`` with one fp32 rounding; tests/kernels/test_dequant.py holds them to it).
+    """
     if stored.kind == "bf16":
         return stored.qweight.float()
+    if use_kernel and stored.kind in BLOCK_KINDS:
+        from ingot.kernels.dequant import block_dequant  # triton: imported only where the GPU path runs
+
+        return block_dequant(stored.qweight.contiguous(), stored.scale.float().contiguous(), tuple(stored.block_size),
+                             out_dtype=torch.float32)
     scheme = replace(Scheme.from_name(stored.kind), block_size=tuple(stored.block_size), group_size=stored.group_size)
     return ref.dequantize_weight(ref.QuantizedWeight(scheme, stored.qweight, stored.scale))
 

@@ -12,11 +12,11 @@ Shapes: a linear weight is ``[N, K]`` = ``[out_features, in_features]``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ingot.formats.base import cdiv
+from ingot.formats.base import cdiv, unpack_int32
 from ingot.quant.schemes import QMAX, QRANGE, Scheme
 
 FP8 = torch.float8_e4m3fn
@@ -314,3 +314,63 @@ def int8_gemm_block_ref(
 
 
 # ------------------------------------------------ end of W8A8 int8 GEMMs
+
+
+# ---- weight-only GEMMs and block dequant (references of ingot.kernels.weight_only / dequant)
+# One reference per scheme: each wraps its operands in a QuantizedWeight of the scheme's preset (int8-weight,
+# int4-group, fp8-block / int8-block) and goes through dequantize_weight and linear, so a kernel is held to the numbers
+# the converter writes and ref.linear reads. Weights are dequantized in float32 (q * scale, one rounding) and the
+# matmul runs in float32 on x's exact values; a kernel differs by its fp32 summation order only.
+
+
+def _a16_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, out_dtype: torch.dtype | None):
+    """linear's weight-only path (x not quantized) computed in float32, cast once to ``out_dtype`` (default x's)."""
+    return linear(x.float(), qw, bias).to(out_dtype or x.dtype)
+
+
+def w8a16_gemm_ref(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Weight-only int8 (int8-weight): y [M, N] = x @ (w_q * w_s).T (+ bias), in float32, cast to ``out_dtype``.
+
+    x [M, K] bf16/fp16, w_q int8 [N, K], w_s [N, 1] (any float dtype; used as float32), bias [N] or None.
+    """
+    return _a16_matmul(x, QuantizedWeight(Scheme.from_name("int8-weight"), w_q, w_s.float()), bias, out_dtype)
+
+
+def w4a16_gemm_ref(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_s: torch.Tensor,
+    k: int,
+    group_size: int = 128,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Weight-only int4 groups (int4-group): y [M, N] = x @ (q * w_s per group).T (+ bias), in float32.
+
+    w_packed int32 [N, cdiv(k, 8)] in compressed-tensors' layout (``ingot.formats.base.pack_int32(q, 4)``), unpacked to
+    q int8 [N, k] in [-8, 7]; w_s [N, cdiv(k, group_size)]; x [M, k]; bias [N] or None.
+    """
+    scheme = replace(Scheme.from_name("int4-group"), group_size=group_size)
+    qw = QuantizedWeight(scheme, unpack_int32(w_packed, 4, k), w_s.float())
+    return _a16_matmul(x, qw, bias, out_dtype)
+
+
+def block_dequant_ref(
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    block_size: tuple[int, int] = (128, 128),
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Block dequantization (fp8-block / int8-block): w [N, K] = w_q.float() * w_s[n // bn, k // bk], cast to
+    ``out_dtype``. w_q float8_e4m3fn or int8 [N, K]; w_s float32 [cdiv(N, bn), cdiv(K, bk)]; ragged edges are fine."""
+    scheme = replace(Scheme.from_name("fp8-block" if w_q.dtype == FP8 else "int8-block"), block_size=tuple(block_size))
+    return dequantize_weight(QuantizedWeight(scheme, w_q, w_s.float()), out_dtype)
+
+
+# ---- end of weight-only GEMMs and block dequant

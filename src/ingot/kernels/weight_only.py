@@ -1,0 +1,528 @@
+"""Weight-only GEMMs for decode: y [M, N] = x [M, K] @ dequant(W).T, activations kept in bf16/fp16 (A16).
+
+- ``w8a16_gemm`` (int8-weight): w_q int8 [N, K], one scale per output channel w_s [N, 1]. The K loop dots x with the
+  integer weights (exact in bf16/fp16: |q| <= 128 needs 8 significant bits) in fp32, and the scale is applied once in
+  the epilogue.
+- ``w4a16_gemm`` (int4-group): compressed-tensors' pack-quantized layout, w_packed int32 [N, cdiv(K, 8)] (value + 8
+  stored unsigned, element i at bit 4 * i of its int32, low bits first, along K: ``ingot.formats.base.pack_int32``),
+  one scale per row per ``group_size`` columns, w_s [N, cdiv(K, group_size)]. Every K step lies in one group (the
+  wrapper checks group_size % BLOCK_K == 0): the step's dot of x with the integers [-8, 7] is scaled by its group's
+  scale before it joins the fp32 accumulator, like the K blocks of ``int8_gemm_block``.
+
+Decode is weight-bandwidth bound: at M = 1 every weight byte is used for one multiply-add per row of x, so the time is
+the weight's bytes over HBM bandwidth (16.8 MB int8 / 8.4 MB int4 for 4096 x 4096: 5.0 / 2.5 us at 3.35 TB/s, against
+10.0 us for its bf16 weight). Three design points follow from that (numbers in kernels/NOTES.md, "weight-only GEMMs"):
+
+1. Swap-AB: each program computes a (BLOCK_N, BLOCK_M) tile of y.T = W @ x.T, so the weight tile is the dot's left
+   operand ("M" of the MMA: 64 rows fill Hopper's wgmma and Ampere's mma along their large side) and the handful of
+   tokens the right one (16 columns, the smallest a dot takes): no MMA lanes are spent on padding rows of x.
+2. Split-K: a 4096-row weight in 64-row tiles is only 64 programs for 132 SMs. When the (M, N) tiles do not give
+   ``PROGRAMS_PER_SM`` programs per SM, K is split in ``split_k`` ranges of whole K tiles, each program writes its
+   fp32 partial tile to a [split_k, M, N] workspace, and a second small kernel sums the partials in split order,
+   adds the bias and casts. The order is fixed, so results are deterministic run to run (fp32 atomics would not be,
+   and greedy decoding must be); the partials cost split_k * M * N * 4 bytes, 80 KB at M = 1, N = 4096, split 5,
+   against 16.8 MB of weight.
+3. Integer -> float by bit tricks, not I2F: an int4 weight per 0.5 byte at 3.35 TB/s is 6.7e12 weights/s, ~28 per
+   clock per SM on an H100 (1.83 GHz, 132 SMs), while I2F converts 16 per clock per SM. A nibble u becomes the fp32
+   2^23 + u by OR-ing in the exponent bits (0x4B000000) and one fp32 subtraction of 2^23 + 8 gives q = u - 8 exactly.
+
+References with the same signatures: ``ingot.quant.ref.w8a16_gemm_ref`` / ``w4a16_gemm_ref``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+
+import torch
+import triton
+import triton.language as tl
+
+from ingot.kernels.tuning import GemmConfig, lookup
+
+X_DTYPES = (torch.bfloat16, torch.float16)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BIAS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Split-K aims for this many programs per SM: two resident programs, each with (num_stages - 1) weight tiles in
+# flight (8 KB each at 64 x 128 int8), keep ~64 KB of loads outstanding per SM; Little's law wants ~25 KB per SM
+# (3.35 TB/s x ~1 us of latency / 132 SMs).
+PROGRAMS_PER_SM = 2
+# ... but every split keeps at least this many K tiles: a split's partial tile (BLOCK_M x BLOCK_N fp32, 4 KB at
+# 16 x 64) is then at most 1/8 of the int8 weight bytes it reads (4 x 64 x 128 = 32 KB).
+MIN_K_TILES_PER_SPLIT = 4
+# SMs assumed when there is no CUDA device (the interpreter): an H100's, so CPU tests take the same split decisions.
+NOMINAL_SMS = 132
+REDUCE_BLOCK = 512  # elements of y per program of the split-K reduction
+
+
+# Default tiles by M bucket (upper bound on M, config), used where no tuned table (ingot.kernels.tuning, ops
+# "w8a16_gemm" / "w4a16_gemm") has the shape. GemmConfig's block_m x block_n is the tile of y; the kernels compute it
+# transposed (swap-AB, above), so block_n is the weight tile's rows, the dot's large side.
+# Decode (M <= 64): BLOCK_M = M rounded up to 16..64, a 64-row weight tile (one wgmma M), BLOCK_K = 128: 8 KB of int8
+# or 4 KB of int4 per stage, 5 stages for int8 and 6 for int4 (the int4 tile is half the bytes; x's tile, 4 KB of
+# bf16 at BLOCK_M = 16, rides along in every stage: 60 / 48 KB of shared memory, 3-4 programs per SM). Split-K
+# (``choose_split_k``) fills the SMs. int4's BLOCK_K stays <= 128 = its group, so a K step never straddles two scales.
+# Prefill (M > 64) is tensor-core bound: 128 x 128 x 64 tiles, 8 warps, 4 stages (the int -> bf16 conversion of each
+# weight tile happens in registers between the shared-memory load and the MMA).
+_CONFIGS: dict[str, tuple[tuple[int, GemmConfig], ...]] = {
+    "w8a16_gemm": (
+        (16, GemmConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=5)),
+        (32, GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=4)),
+        (64, GemmConfig(64, 64, 128, group_m=1, num_warps=4, num_stages=4)),
+        (2**62, GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)),
+    ),
+    "w4a16_gemm": (
+        (16, GemmConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=6)),
+        (32, GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=5)),
+        (64, GemmConfig(64, 64, 128, group_m=1, num_warps=4, num_stages=4)),
+        (2**62, GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)),
+    ),
+}
+OPS = tuple(_CONFIGS)
+
+
+def choose_split_k(m: int, n: int, k: int, config: GemmConfig, num_sms: int) -> int:
+    """Split-K for untuned launches: enough K ranges for ``PROGRAMS_PER_SM`` programs per SM, with at least
+    ``MIN_K_TILES_PER_SPLIT`` K tiles per range; 1 when the (M, N) tiles alone fill the GPU."""
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, tiles)
+    return max(1, min(want, triton.cdiv(k, config.block_k) // MIN_K_TILES_PER_SPLIT))
+
+
+def default_config(op: str, m: int, n: int | None = None, k: int | None = None, num_sms: int | None = None) -> GemmConfig:
+    """The untuned config of ``op`` ("w8a16_gemm" or "w4a16_gemm") for ``m`` rows; with n, k and the SM count, its
+    split_k from ``choose_split_k``."""
+    table = _CONFIGS.get(op)
+    if table is None:
+        raise ValueError(f"unknown weight-only op {op!r}; expected one of {', '.join(OPS)}")
+    config = next(cfg for bound, cfg in table if m <= bound)
+    if n is None or k is None or not num_sms:
+        return config
+    return replace(config, split_k=choose_split_k(m, n, k, config, num_sms))
+
+
+def effective_split_k(k: int, config: GemmConfig) -> tuple[int, int]:
+    """(K ranges, K tiles per range) a launch uses: config.split_k capped at the K tile count, and never an empty
+    range (split 4 over 5 tiles would be 2 + 2 + 1 + 0; it becomes 3 ranges, 2 + 2 + 1)."""
+    k_tiles = triton.cdiv(k, config.block_k)
+    per = triton.cdiv(k_tiles, max(1, min(config.split_k, k_tiles)))
+    return triton.cdiv(k_tiles, per), per
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering over axis 0 of the grid: consecutive programs cover GROUP_M row tiles x all column tiles."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _int8_values(b):
+    """int8 tile -> the same integers in fp32, exactly: 0x4B000080 + v is the fp32 bit pattern of 2^23 + 128 + v
+    (v in [-128, 127] keeps it in [2^23, 2^23 + 255], where fp32 spacing is 1), minus 2^23 + 128."""
+    return (b.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _int4_values(p, SHIFT: tl.constexpr):
+    """Nibble at bit SHIFT of each int32 -> its signed value u - 8 in fp32, exactly (2^23 + u minus 2^23 + 8)."""
+    return (((p >> SHIFT) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def _unpack_int4(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed int32 tile (BLOCK_N, BLOCK_K // 8) -> fp32 (BLOCK_N, BLOCK_K), column 8 * j + i = nibble i of word j.
+
+    tl.join adds a new *minor* dimension of 2, so three nested joins give (BLOCK_N, BLOCK_K // 8, 2, 2, 2) where index
+    (a, b, c) of the last three holds the join's innermost choice a, middle b, outer c: flattened position 4a + 2b + c
+    must be nibble 4a + 2b + c, so the innermost joins pair nibbles 4 apart, the middle ones 2 apart, the outer 1 apart.
+    Each thread ends up holding a word's 8 values side by side, which the reshape keeps in place (no data movement).
+    """
+    t = tl.join(
+        tl.join(tl.join(_int4_values(p, 0), _int4_values(p, 16)), tl.join(_int4_values(p, 8), _int4_values(p, 24))),
+        tl.join(tl.join(_int4_values(p, 4), _int4_values(p, 20)), tl.join(_int4_values(p, 12), _int4_values(p, 28))),
+    )
+    return tl.reshape(t, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _dot_wx(w, a, UPCAST_DOT: tl.constexpr):
+    """w fp32 (BLOCK_N, BLOCK_K) holding exact integers, a (BLOCK_K, BLOCK_M) in x's dtype -> fp32 (BLOCK_N, BLOCK_M).
+
+    Compiled: a bf16/fp16 tensor-core dot (w cast to x's dtype, exact) with fp32 accumulation. UPCAST_DOT (the
+    interpreter only): both operands in fp32, because triton 3.6's interpreter keeps bf16 as raw uint16 bits and its
+    dot multiplies those bits as integers; the values and the fp32 accumulation are the same.
+    """
+    if UPCAST_DOT:
+        return tl.dot(w, a.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(w.to(a.dtype), a)
+
+
+@triton.jit
+def _store_tile(
+    acc, rows, cols, offs_n, pid_k, M, N, bias_ptr, y_ptr, part_ptr, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """acc fp32 (BLOCK_N, BLOCK_M), scaled: y[rows, cols] (+ bias, cast) without split-K, else the fp32 partial
+    part[pid_k, rows, cols] of a contiguous [SPLIT_K, M, N] workspace."""
+    mask = (cols[:, None] < N) & (rows[None, :] < M)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + rows.to(tl.int64)[None, :] * stride_ym + cols[:, None] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        p_ptrs = part_ptr + (pid_k * M + rows.to(tl.int64))[None, :] * N + cols[:, None]
+        tl.store(p_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _w8a16_gemm_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr,  # [M, K] bf16/fp16, int8 [N, K], [N, 1], [N], [M, N], fp32 ws
+    M, N, K,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk, stride_wsn,
+    stride_ym, stride_yn,
+    K_TILES_PER_SPLIT,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask
+    SPLIT_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrap out-of-range rows/columns onto valid ones so the loads need no M/N mask; their results are not stored.
+    offs_m = (rows % M).to(tl.int64)
+    offs_n = (cols % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    kt0 = pid_k * K_TILES_PER_SPLIT
+    kt1 = tl.minimum(kt0 + K_TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    k0 = kt0 * BLOCK_K
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None] * stride_xk  # (BLOCK_K, BLOCK_M): x.T
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk  # (BLOCK_N, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kt in range(kt0, kt1):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:  # ragged last K tile: missing columns load as 0 and add nothing
+            k_left = K - kt * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0)
+        acc += _dot_wx(_int8_values(b), a, UPCAST_DOT)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    ws = tl.load(ws_ptr + offs_n * stride_wsn).to(tl.float32)  # (BLOCK_N,)
+    _store_tile(acc * ws[:, None], rows, cols, offs_n, pid_k, M, N, bias_ptr, y_ptr, part_ptr, stride_ym, stride_yn,
+                HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _w4a16_gemm_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr,  # [M, K], int32 [N, KP], [N, G], [N], [M, N], fp32 ws
+    M, N, K, KP,  # KP = cdiv(K, 8): packed words per weight row
+    stride_xm, stride_xk,
+    stride_wn, stride_wp, stride_wsn, stride_wsg,
+    stride_ym, stride_yn,
+    K_TILES_PER_SPLIT,
+    GROUP_SIZE: tl.constexpr,  # a multiple of BLOCK_K (the wrapper checks it): a K step lies in one group
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    BLOCK_P: tl.constexpr = BLOCK_K // 8  # packed words per K step
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (rows % M).to(tl.int64)
+    offs_n = (cols % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = tl.arange(0, BLOCK_P)
+    kt0 = pid_k * K_TILES_PER_SPLIT
+    kt1 = tl.minimum(kt0 + K_TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (kt0 * BLOCK_K + offs_k)[:, None] * stride_xk  # (BLOCK_K, BLOCK_M)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (kt0 * BLOCK_P + offs_p)[None, :] * stride_wp  # (BLOCK_N, BLOCK_P)
+    ws_ptrs = ws_ptr + offs_n * stride_wsn  # (BLOCK_N,): group column 0 of this tile's rows
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kt in range(kt0, kt1):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            p = tl.load(w_ptrs)
+        else:
+            # Columns past K load x = 0: they add nothing, whatever the packed padding nibbles (0, i.e. q = -8) hold.
+            k_left = K - kt * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            p = tl.load(w_ptrs, mask=offs_p[None, :] < KP - kt * BLOCK_P, other=0)
+        dot = _dot_wx(_unpack_int4(p, BLOCK_N, BLOCK_K), a, UPCAST_DOT)  # |dot| <= 8 * sum |x|
+        s = tl.load(ws_ptrs + ((kt * BLOCK_K) // GROUP_SIZE) * stride_wsg).to(tl.float32)  # (BLOCK_N,)
+        acc += dot * s[:, None]
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_P * stride_wp
+
+    _store_tile(acc, rows, cols, offs_n, pid_k, M, N, bias_ptr, y_ptr, part_ptr, stride_ym, stride_yn,
+                HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    part_ptr, bias_ptr, y_ptr,  # fp32 [SPLIT_K, M, N] contiguous, [N], [M, N]
+    MN, N,  # M * N: the stride between two splits' partials
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """y = sum of the SPLIT_K partials, in split order (deterministic), + bias, cast to y's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat index m * N + n
+    mask = offs < MN
+    p_offs = offs
+    acc = tl.load(part_ptr + p_offs, mask=mask, other=0.0)
+    for _ in tl.static_range(1, SPLIT_K):
+        p_offs += MN  # int64: split * M * N may pass 2^31
+        acc += tl.load(part_ptr + p_offs, mask=mask, other=0.0)
+    m = offs // N
+    n = offs - m * N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + n * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
+# functions that run on any device (numpy); compiled ones need CUDA tensors.
+INTERPRETED = not isinstance(_w8a16_gemm_kernel, triton.runtime.JITFunction)
+
+
+# -------------------------------------------------------------------------------------------------- wrappers
+
+
+def _check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], dim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        want = dtypes[0] if len(dtypes) == 1 else f"one of {dtypes}"
+        raise TypeError(f"{name} must be {want}, got {t.dtype}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} with strides {t.stride()}")
+
+
+def _check_common(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_name: str,
+    w_dtype: torch.dtype,
+    w_s: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> torch.dtype:
+    """Checks shared by both GEMMs (dtypes, ranks, contiguity, bias, out, devices); returns the output dtype."""
+    _check_tensor("x", x, X_DTYPES, 2)
+    _check_tensor(w_name, w, (w_dtype,), 2)
+    if not isinstance(w_s, torch.Tensor):
+        raise TypeError(f"w_s must be a torch.Tensor, got {type(w_s).__name__}")
+    if w_s.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"w_s must be torch.float32 or x's dtype {x.dtype}, got {w_s.dtype}")
+    _check_tensor("w_s", w_s, (w_s.dtype,), 2)
+    m, n = x.shape[0], w.shape[0]
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype not in BIAS_DTYPES:
+            raise TypeError(f"bias must be one of {BIAS_DTYPES}, got {getattr(bias, 'dtype', type(bias).__name__)}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
+        if not bias.is_contiguous():
+            raise ValueError(f"bias must be contiguous, got strides {bias.stride()}")
+    if out is not None:
+        if out.dtype != out_dtype:
+            raise TypeError(f"out has dtype {out.dtype}, but the output dtype is {out_dtype}")
+        if tuple(out.shape) != (m, n):
+            raise ValueError(f"out must have shape (M, N) = ({m}, {n}), got {tuple(out.shape)}")
+        if out.stride(-1) != 1:
+            raise ValueError(f"out must have unit stride along N, got strides {out.stride()}")
+    tensors = {"x": x, w_name: w, "w_s": w_s, "bias": bias, "out": out}
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all operands must be on one device, got {devices}")
+    if not INTERPRETED and x.device.type != "cuda":
+        raise ValueError(
+            f"x must be on a CUDA device (or run triton's interpreter, TRITON_INTERPRET=1), got {x.device}"
+        )
+    return out_dtype
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NOMINAL_SMS
+
+
+def resolve_config(op: str, config: GemmConfig | None, m: int, n: int, k: int, device: torch.device) -> GemmConfig:
+    """The config a launch uses: the caller's, else the tuned table's (ingot.kernels.tuning), else the default (with
+    its automatic split-K)."""
+    if config is not None:
+        if not isinstance(config, GemmConfig):
+            raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
+        return config
+    return lookup(op, n, k, m, device) or default_config(op, m, n, k, _num_sms(device))
+
+
+def _launch(kernel, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, **constexprs) -> None:
+    """Launch ``kernel`` on a (tiles, split) grid, then the split-K reduction when split > 1.
+
+    sizes: (M, N, K, ...) as the kernel takes them; w_strides / ws_strides: the weight's and the scales' strides."""
+    m, n, k = sizes[:3]
+    split, per_split = effective_split_k(k, config)
+    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    bias_arg = w_s if bias is None else bias
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        kernel[(tiles, split)](
+            x, w, w_s, bias_arg, y, part,
+            *sizes,
+            x.stride(0), x.stride(1),
+            *w_strides, *ws_strides,
+            y.stride(0), y.stride(1),
+            per_split,
+            HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0, SPLIT_K=split, UPCAST_DOT=INTERPRETED,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            **constexprs,
+        )
+        if split > 1:
+            _split_k_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
+                part, bias_arg, y, m * n, n, y.stride(0), y.stride(1),
+                HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=REDUCE_BLOCK, num_warps=4,
+            )
+
+
+def w8a16_gemm(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Weight-only int8 GEMM: y [M, N] = x @ (w_q * w_s).T (+ bias).
+
+    x bf16/fp16 [M, K]; w_q int8 [N, K]; w_s [N, 1] per output channel, float32 or x's dtype (compressed-tensors
+    stores it in the model dtype); bias [N] bf16/fp16/fp32 or None; all contiguous. Returns y [M, N] in x's dtype
+    (or ``out_dtype``: bf16, fp16 or fp32), written into ``out`` when given. fp32 accumulation, scale and bias in fp32
+    in the epilogue. ``config`` overrides the M-bucketed default tiles and the automatic split-K.
+    Reference: ``ingot.quant.ref.w8a16_gemm_ref``.
+    """
+    out_dtype = _check_common(x, w_q, "w_q", torch.int8, w_s, bias, out, out_dtype)
+    m, k = x.shape
+    n, kw = w_q.shape
+    if kw != k:
+        raise ValueError(f"x [M, K] = {tuple(x.shape)} and w_q [N, K] = {tuple(w_q.shape)} disagree on K: {k} != {kw}")
+    if k == 0 or n == 0:
+        raise ValueError(f"empty GEMM: K = {k}, N = {n} (x {tuple(x.shape)}, w_q {tuple(w_q.shape)})")
+    if tuple(w_s.shape) != (n, 1):
+        raise ValueError(f"w_s must be per output channel, shape (N, 1) = ({n}, 1), got {tuple(w_s.shape)}")
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device) if out is None else out
+    if m == 0:
+        return y
+    config = resolve_config("w8a16_gemm", config, m, n, k, x.device)
+    _launch(
+        _w8a16_gemm_kernel, x, w_q, w_s, bias, y, (m, n, k), (w_q.stride(0), w_q.stride(1)), (w_s.stride(0),), config,
+    )
+    return y
+
+
+def w4a16_gemm(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_s: torch.Tensor,
+    k: int,
+    group_size: int = 128,
+    bias: torch.Tensor | None = None,
+    *,
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Weight-only int4 GEMM, symmetric groups: y [M, N] = x @ dequant(w_packed).T (+ bias).
+
+    x bf16/fp16 [M, K] with K = ``k``; w_packed int32 [N, cdiv(K, 8)] in compressed-tensors' pack-quantized layout
+    (``ingot.formats.base.pack_int32(q, 4)``: q + 8 in 4 bits, element i at bit 4 * i of its word, low bits first, the
+    tail of a ragged last word zero); w_s [N, cdiv(K, group_size)] float32 or x's dtype, w[n, j] = q[n, j] *
+    w_s[n, j // group_size]; bias [N] or None; all contiguous. Ragged K (K % 8 != 0, K % group_size != 0) is fine: the
+    missing columns multiply x's zero padding. Returns y [M, N] in x's dtype (or ``out_dtype``), written into ``out``
+    when given. Each K tile must lie in one group: config.block_k divides group_size (the default tiles are bent to
+    it; group_size must then be a multiple of 16). Reference: ``ingot.quant.ref.w4a16_gemm_ref``.
+    """
+    out_dtype = _check_common(x, w_packed, "w_packed", torch.int32, w_s, bias, out, out_dtype)
+    m, kx = x.shape
+    n, kp = w_packed.shape
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int (the unpacked K), got {k!r}")
+    if kx != k:
+        raise ValueError(f"x [M, K] = {tuple(x.shape)} does not have K = k = {k} columns")
+    if kp != triton.cdiv(k, 8):
+        raise ValueError(
+            f"w_packed must be [N, cdiv(K, 8)] = [{n}, {triton.cdiv(k, 8)}] for K = {k} (8 int4 values per int32), "
+            f"got {tuple(w_packed.shape)}"
+        )
+    if n == 0:
+        raise ValueError(f"empty GEMM: N = 0 (w_packed {tuple(w_packed.shape)})")
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    groups = triton.cdiv(k, group_size)
+    if tuple(w_s.shape) != (n, groups):
+        raise ValueError(
+            f"w_s must be per row per {group_size}-group, shape (N, cdiv(K, {group_size})) = ({n}, {groups}), "
+            f"got {tuple(w_s.shape)}"
+        )
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device) if out is None else out
+    if m == 0:
+        return y
+    if config is None:
+        config = resolve_config("w4a16_gemm", None, m, n, k, x.device)
+        bk = config.block_k  # bent to the group (a no-op for group 128)
+        while bk >= 16 and group_size % bk:
+            bk //= 2
+        if bk < 16:
+            raise ValueError(
+                f"group_size = {group_size} is not a multiple of 16: no K tile (a power of two >= 16) lies in one group"
+            )
+        config = replace(config, block_k=bk)
+    elif not isinstance(config, GemmConfig):
+        raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
+    if group_size % config.block_k:
+        raise ValueError(
+            f"config.block_k = {config.block_k} must divide group_size = {group_size}: a K step must lie in one group "
+            "(one scale per row per step)"
+        )
+    _launch(
+        _w4a16_gemm_kernel, x, w_packed, w_s, bias, y, (m, n, k, kp),
+        (w_packed.stride(0), w_packed.stride(1)), (w_s.stride(0), w_s.stride(1)), config, GROUP_SIZE=group_size,
+    )
+    return y
