@@ -111,3 +111,35 @@ def test_graph_buckets():
     assert graph_buckets(1) == [1]
     assert graph_buckets(256)[:8] == [1, 2, 4, 8, 16, 24, 32, 48] and graph_buckets(256)[-1] == 256
     assert graph_buckets(20) == [1, 2, 4, 8, 16, 20]
+
+
+def test_padded_decode_buffers_match_the_eager_step():
+    """The CUDA-graph path's inputs, run eagerly on CPU: a batch of 3 padded to bucket 4 (slot -1, seq_len 0 rows)
+    gives the eager step's logits for the 3 real rows, and the padded row writes no cache."""
+    from ingot.engine.runner import RunnerConfig, _DecodeGraphs
+
+    model = ToyLM()
+    llm = engine(model, max_num_seqs=4)
+    sched = llm.scheduler
+    for i, p in enumerate(PROMPTS[:3]):
+        llm._add(i, p, SamplingParams(max_tokens=5))
+    out = sched.schedule()  # prefill
+    sched.update(out, [1, 2, 3])
+    decode = sched.schedule()
+    assert decode.is_decode and len(decode.scheduled) == 3
+    eager = llm.runner.execute(decode)
+    graphs = _DecodeGraphs(model, RunnerConfig(4, llm.max_model_len), llm.kv_cache.block_size, torch.device("cpu"))
+    bucket = graphs.fill(decode)
+    assert bucket == 4 and graphs.slot_mapping[3] == -1 and graphs.seq_lens[3] == 0
+    real = graphs.slot_mapping[:3].tolist()
+    for k, v in llm.kv_cache.caches:  # clear the new tokens' slots: the padded run must write exactly these back
+        for t in (k, v):
+            t.view(-1, *t.shape[2:])[real] = 0.0
+    before = [k.clone() for k, _ in llm.kv_cache.caches]
+    with torch.inference_mode():
+        padded = graphs._run(bucket)
+    torch.testing.assert_close(padded[:3], eager, atol=1e-5, rtol=1e-5)
+    bs = llm.kv_cache.block_size
+    for (k, _), old in zip(llm.kv_cache.caches, before):
+        changed = (k != old).any(-1).any(-1).nonzero().tolist()
+        assert sorted(b * bs + o for b, o in changed) == sorted(real)  # the padded row wrote nothing

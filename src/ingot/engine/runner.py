@@ -126,7 +126,8 @@ class _DecodeGraphs:
             self.graphs[b] = (graph, logits)
         torch.cuda.synchronize()
 
-    def replay(self, out: SchedulerOutput) -> torch.Tensor:
+    def fill(self, out: SchedulerOutput) -> int:
+        """Copy a decode step into the static buffers, padded to its bucket; returns the bucket."""
         b = len(out.scheduled)
         bucket = next(x for x in self.buckets if x >= b)
         ids, pos, slots, lens = [], [], [], []
@@ -146,9 +147,12 @@ class _DecodeGraphs:
         self.slot_mapping[:bucket].copy_(host[2])
         self.seq_lens[:bucket].copy_(host[3])
         self.block_tables[:bucket].copy_(table.to(self.block_tables.device, non_blocking=True))
-        graph, logits = self.graphs[bucket]
+        return bucket
+
+    def replay(self, out: SchedulerOutput) -> torch.Tensor:
+        graph, logits = self.graphs[self.fill(out)]
         graph.replay()
-        return logits[:b]
+        return logits[: len(out.scheduled)]
 
 
 class ModelRunner:

@@ -44,11 +44,15 @@ MAX_SPLITS = 32
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
+def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """acc + a @ b in fp32. UPCAST (interpreter only): triton 3.6's interpreter multiplies bf16 operands as their raw
-    uint16 bit patterns (np.matmul on the storage; a 16x16 bf16 dot comes out ~1e10 off), so it gets fp32 copies."""
+    uint16 bit patterns (np.matmul on the storage; a 16x16 bf16 dot comes out ~1e10 off), so it gets fp32 copies.
+    IEEE (fp32 caches): full fp32 products; tl.dot's default on fp32 operands is TF32 (10-bit mantissa, ~1e-3
+    relative error), which would make an fp32 model's attention less exact than its torch reference."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
 
 
@@ -73,6 +77,7 @@ def _decode_partial_kernel(
     BLOCK_D2: tl.constexpr,  # second Dk tile covering Dk - BLOCK_D1 (0: none)
     BLOCK_DV: tl.constexpr,  # next_pow2(Dv)
     UPCAST: tl.constexpr,  # interpreter: fp32 dots (see _dot)
+    IEEE: tl.constexpr,  # fp32 operands: IEEE fp32 dots, not TF32 (see _dot)
 ):
     b = tl.program_id(0)
     pid_h = tl.program_id(1)  # kv head * HEAD_BLOCKS + head block
@@ -117,10 +122,10 @@ def _decode_partial_kernel(
         # (BLOCK_N,) offset of each token's row in the cache: its page, then its slot in the page
         row = page.to(tl.int64) * stride_kb + (t % PAGE_SIZE).to(tl.int64) * stride_kt
         k1 = tl.load(k_head + row[:, None] + d1[None, :] * stride_kd, mask=t_ok[:, None] & d1_ok[None, :], other=0.0)
-        s = _dot(q1, tl.trans(k1), tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32), UPCAST)  # (BLOCK_H, BLOCK_N)
+        s = _dot(q1, tl.trans(k1), tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)  # (BLOCK_H, BLOCK_N)
         if BLOCK_D2 > 0:
             k2 = tl.load(k_head + row[:, None] + d2[None, :] * stride_kd, mask=t_ok[:, None] & d2_ok[None, :], other=0.0)
-            s = _dot(q2, tl.trans(k2), s, UPCAST)
+            s = _dot(q2, tl.trans(k2), s, UPCAST, IEEE)
         s = tl.where(t_ok[None, :], s * scale, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has at least one valid token
@@ -129,7 +134,7 @@ def _decode_partial_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vrow = page.to(tl.int64) * stride_vb + (t % PAGE_SIZE).to(tl.int64) * stride_vt
         v = tl.load(v_head + vrow[:, None] + dv[None, :] * stride_vd, mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
         m_i = m_new
 
     if NUM_SPLITS == 1:
@@ -323,6 +328,7 @@ def paged_decode_attention(
             BLOCK_D2=block_d2,
             BLOCK_DV=block_dv,
             UPCAST=INTERPRETED,
+            IEEE=q.dtype == torch.float32,
             num_warps=4 if block_dv <= 128 else 8,
             num_stages=2,
         )

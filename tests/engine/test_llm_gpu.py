@@ -1,0 +1,68 @@
+"""The engine on CUDA (run on the GPU machine): CUDA-graph decode equals the score loop, padded buckets, batches
+that shrink and grow across buckets, memory sizing, a quantized checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ingot.engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived a",
+           "1, 2, 3, 4,", "The quick brown fox"]
+
+
+def score_logits(model, prompt_ids, generated):
+    ids = prompt_ids + generated
+    with torch.inference_mode():
+        return model.score(torch.tensor([ids], device="cuda"))[0, len(prompt_ids) - 1 : len(ids) - 1].float()
+
+
+def test_fp32_graphs_greedy_equals_score_and_batch_equals_alone(embedded_model_dir):
+    llm = LLM(embedded_model_dir, device="cuda", dtype=torch.float32, max_model_len=256, max_num_seqs=8)
+    assert llm.runner.graphs is not None and llm.runner.graphs.buckets == [1, 2, 4, 8]
+    # different max_tokens: the batch shrinks from 5 (bucket 8) to 1 as requests finish
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (16, 3, 9, 1, 12)]
+    outs = llm.generate(PROMPTS, params)
+    for prompt, p, out in zip(PROMPTS, params, outs):
+        assert len(out.token_ids) == p.max_tokens
+        want = score_logits(llm.model, out.prompt_token_ids, out.token_ids).argmax(-1).tolist()
+        assert out.token_ids == want, prompt
+        assert llm.generate([prompt], p)[0].token_ids == out.token_ids
+    assert "Paris" in outs[0].text
+
+
+def test_bf16_graphs_follow_the_model(embedded_model_dir):
+    """BF16: the engine's choice at every step is the score path's argmax up to bf16 noise (a wrong slot, position
+    or block table would put it far off)."""
+    llm = LLM(embedded_model_dir, device="cuda", max_model_len=512, max_num_seqs=32)
+    outs = llm.generate(PROMPTS * 5, SamplingParams(max_tokens=24, ignore_eos=True))  # 25 rows: bucket 32
+    for out in outs:
+        logits = score_logits(llm.model, out.prompt_token_ids, out.token_ids)
+        chosen = logits.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
+        assert (logits.max(-1).values - chosen).max() < 0.5
+
+
+def test_kv_pool_sized_from_memory(embedded_model_dir):
+    llm = LLM(embedded_model_dir, device="cuda", mem_fraction=0.5, max_num_seqs=16)
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert 0 < llm.kv_cache.nbytes < 0.5 * total
+    assert llm.max_model_len == 8192  # SmolLM2's max_position_embeddings fits the pool
+
+
+def test_int8_checkpoint_through_the_engine(embedded_model_dir, tmp_path):
+    from ingot.quant.convert import ConvertOptions, convert
+    from ingot.quant.schemes import Scheme
+
+    for scheme in ("int8-channel", "int8-block"):
+        dst = tmp_path / scheme
+        convert(embedded_model_dir, dst, ConvertOptions(scheme=Scheme.from_name(scheme), device="cuda"), progress=False)
+        llm = LLM(dst, device="cuda", max_model_len=256, max_num_seqs=4)
+        outs = llm.generate(PROMPTS[:3], SamplingParams(max_tokens=12, ignore_eos=True))
+        for out in outs:
+            logits = score_logits(llm.model, out.prompt_token_ids, out.token_ids)
+            chosen = logits.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
+            assert (logits.max(-1).values - chosen).max() < 0.5, scheme
+        assert "Paris" in outs[0].text, scheme
