@@ -41,7 +41,10 @@ class KVSpec:
         if min(self.num_kv_heads, self.head_dim_k, self.head_dim_v) <= 0:
             raise ValueError(f"KVSpec: sizes must be positive, got {self}")
         if self.shared_kv and self.head_dim_v > self.head_dim_k:
-            raise ValueError(f"KVSpec: shared_kv values are a prefix of the keys; head_dim_v {self.head_dim_v} > head_dim_k {self.head_dim_k}")
+            raise ValueError(
+                f"KVSpec: shared_kv values are a prefix of the keys; head_dim_v {self.head_dim_v} > "
+                f"head_dim_k {self.head_dim_k}"
+            )
 
 
 @dataclass
@@ -92,7 +95,9 @@ def store_kv(
             continue
         flat = cache.view(-1, *cache.shape[2:])  # (num_blocks * block_size, Hkv, D)
         if tuple(new.shape[1:]) != tuple(flat.shape[1:]):
-            raise ValueError(f"store_kv: tokens of shape {tuple(new.shape[1:])} do not fit a cache of {tuple(flat.shape[1:])}")
+            raise ValueError(
+                f"store_kv: tokens of shape {tuple(new.shape[1:])} do not fit a cache of {tuple(flat.shape[1:])}"
+            )
         fallback = torch.where(any_valid[:, None, None], new.index_select(0, first).to(cache.dtype), flat[:1])
         rows = torch.where(valid[:, None, None], new.to(cache.dtype), fallback)
         flat.index_copy_(0, slots, rows)
@@ -241,7 +246,10 @@ class Attention(nn.Module):
     def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor | None) -> None:
         s = self.spec
         if k_cache.dim() != 4 or tuple(k_cache.shape[2:]) != (s.num_kv_heads, s.head_dim_k):
-            raise ValueError(f"k_cache of shape {tuple(k_cache.shape)} does not fit {s}: expected [blocks, block_size, {s.num_kv_heads}, {s.head_dim_k}]")
+            raise ValueError(
+                f"k_cache of shape {tuple(k_cache.shape)} does not fit {s}: "
+                f"expected [blocks, block_size, {s.num_kv_heads}, {s.head_dim_k}]"
+            )
         if s.shared_kv and v_cache is not None:
             raise ValueError("this layer caches a shared latent (shared_kv): v_cache must be None")
         if not s.shared_kv and (v_cache is None or tuple(v_cache.shape) != (*k_cache.shape[:3], s.head_dim_v)):

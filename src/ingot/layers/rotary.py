@@ -65,7 +65,9 @@ class RopeScaling:
         if not self.theta > 0:
             raise ValueError(f"config rope_theta must be positive, got {self.theta}")
         if self.rope_type != "default" and (self.factor is None or not self.factor > 0):
-            raise ValueError(f"config rope_scaling.factor must be positive for rope_type {self.rope_type!r}, got {self.factor}")
+            raise ValueError(
+                f"config rope_scaling.factor must be positive for rope_type {self.rope_type!r}, got {self.factor}"
+            )
         if self.rope_type == "llama3":
             for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 if getattr(self, name) is None:

@@ -97,10 +97,9 @@ class DeepseekV3Args:
                  "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
         if config.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json hidden_act {config['hidden_act']!r} is not supported (only 'silu')")
-        if config.get("scoring_func", "sigmoid") != "sigmoid":
-            raise ValueError(f"config.json scoring_func {config['scoring_func']!r} is not supported (DeepSeek-V3 routing: 'sigmoid')")
-        if config.get("topk_method", "noaux_tc") != "noaux_tc":
-            raise ValueError(f"config.json topk_method {config['topk_method']!r} is not supported (DeepSeek-V3 routing: 'noaux_tc')")
+        for name, value in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):  # DeepSeek-V3's routing
+            if config.get(name, value) != value:
+                raise ValueError(f"config.json {name} {config[name]!r} is not supported (DeepSeek-V3 routing: {value!r})")
         moe = None
         if config.get("n_routed_experts"):
             _require(config, "moe_intermediate_size", "num_experts_per_tok")
@@ -231,12 +230,15 @@ class DeepseekV3ForCausalLM(CausalLM):
     def __init__(self, config: dict, make: LinearFactory, load_mtp: bool = False):
         args = DeepseekV3Args.from_hf_config(config)
         dev, dt = make.device, make.dtype
-        super().__init__(config, args, args.vocab_size, args.hidden_size, args.rms_norm_eps, args.tie_word_embeddings, dev, dt)
+        super().__init__(
+            config, args, args.vocab_size, args.hidden_size, args.rms_norm_eps, args.tie_word_embeddings, dev, dt
+        )
         self.model.rotary_emb = RotaryEmbedding(args.qk_rope_head_dim, args.rope)
         for i in range(args.num_hidden_layers):
             prefix = f"model.layers.{i}"
             attn = MLAttention(args, f"{prefix}.self_attn", make)
-            self.model.layers.append(DecoderLayer(attn, _mlp(args, prefix, i, make), args.hidden_size, args.rms_norm_eps, dev, dt))
+            mlp = _mlp(args, prefix, i, make)
+            self.model.layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps, dev, dt))
         self.num_layers = args.num_hidden_layers
         if load_mtp:
             for i in range(args.num_nextn_predict_layers):

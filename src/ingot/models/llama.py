@@ -85,7 +85,9 @@ class LlamaArgs:
             raise ValueError(f"config.json hidden_act {config['hidden_act']!r} is not supported (only 'silu')")
         heads = config["num_attention_heads"]
         if not config.get("head_dim") and config["hidden_size"] % heads:
-            raise ValueError(f"config.json hidden_size {config['hidden_size']} is not a multiple of num_attention_heads {heads}")
+            raise ValueError(
+                f"config.json hidden_size {config['hidden_size']} is not a multiple of num_attention_heads {heads}"
+            )
         attention_bias = bool(config.get("attention_bias", False))
         return cls(
             model_type=mt,
@@ -284,7 +286,9 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config: dict, make: LinearFactory):
         args = LlamaArgs.from_hf_config(config)
         dev, dt = make.device, make.dtype
-        super().__init__(config, args, args.vocab_size, args.hidden_size, args.rms_norm_eps, args.tie_word_embeddings, dev, dt)
+        super().__init__(
+            config, args, args.vocab_size, args.hidden_size, args.rms_norm_eps, args.tie_word_embeddings, dev, dt
+        )
         self.model.rotary_emb = RotaryEmbedding(args.head_dim, args.rope)
         for i in range(args.num_hidden_layers):
             prefix = f"model.layers.{i}"
