@@ -269,6 +269,8 @@ def bench_scheme(scheme: str, config: dict, options: BenchE2EOptions, device: to
         "engine_setup_s": round(setup_s, 2),
         "weights_allocated_bytes": weights_alloc,
         "kv_cache_bytes": llm.kv_cache.nbytes,
+        "cuda_graphs": llm.runner.graphs is not None,
+        "cuda_graphs_error": llm.runner.graphs_error,
         "kv_bytes_per_token": per_token_kv,
         "decode_read": {**read, "kv_cache_batch1": kv_read, "total": read["weights"] + kv_read},
         "batches": bench_engine_batches(llm, options, int(config["vocab_size"]), device),

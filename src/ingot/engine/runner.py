@@ -3,12 +3,15 @@
 Eager steps (prefill, mixed, and everything on CPU) build exact-size inputs. Decode steps on CUDA replay a CUDA
 graph captured at the smallest bucket >= the batch (1, 2, 4, 8, 16, 24, 32, ..., max_num_seqs): the step's inputs
 are copied into static buffers, padded rows get slot -1 and seq_len 0 (they write no cache and produce zeros, per
-ingot.layers.attention.AttnMetadata), and the graph runs forward + compute_logits with no host work per layer
-(a decode of a 30-layer model launches hundreds of kernels; the graph launches one).
+ingot.layers.attention.AttnMetadata), and the graph runs the forward with no host work per layer (a decode of a
+30-layer model launches hundreds of kernels; the graph launches one); compute_logits follows eagerly. A forward
+that syncs with the host (DeepSeek's MoE counts tokens per expert) cannot be captured: decode then runs eagerly,
+with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -108,22 +111,25 @@ class _DecodeGraphs:
         )
 
     def _run(self, b: int) -> torch.Tensor:
-        hidden = self.model.forward(self.input_ids[:b], self.positions[:b], self._meta(b))
-        return self.model.compute_logits(hidden)
+        """The forward of bucket b over the static buffers: hidden [b, hidden_size]."""
+        return self.model.forward(self.input_ids[:b], self.positions[:b], self._meta(b))
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first (the smaller graphs then fit in the largest one's memory pool).
-        The buffers hold padding (slot -1, seq_len 0) while capturing: warm-up and capture write no cache."""
+        The buffers hold padding (slot -1, seq_len 0) while capturing: warm-up and capture write no cache.
+        Graphs hold the forward only: their outputs stay allocated, and hidden states of every bucket take
+        sum(buckets) x hidden x 2 B (18 MB for Llama-3-8B up to 256), where logits would take 1.1 GB; the lm_head
+        GEMM runs after the replay."""
         for b in reversed(self.buckets):
             self._run(b)  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._run(b)
+                hidden = self._run(b)
             if self.pool is None:
                 self.pool = graph.pool()
-            self.graphs[b] = (graph, logits)
+            self.graphs[b] = (graph, hidden)
         torch.cuda.synchronize()
 
     def fill(self, out: SchedulerOutput) -> int:
@@ -150,9 +156,10 @@ class _DecodeGraphs:
         return bucket
 
     def replay(self, out: SchedulerOutput) -> torch.Tensor:
-        graph, logits = self.graphs[self.fill(out)]
+        """hidden [B, hidden_size] of a decode step (a view of the graph's output: read it before the next replay)."""
+        graph, hidden = self.graphs[self.fill(out)]
         graph.replay()
-        return logits[: len(out.scheduled)]
+        return hidden[: len(out.scheduled)]
 
 
 class ModelRunner:
@@ -163,9 +170,17 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         model.bind_kv_cache(kv_cache.caches)
         self.graphs = None
+        self.graphs_error: str | None = None  # why decode runs eagerly although CUDA graphs were asked for
         if config.cuda_graphs and self.device.type == "cuda":
-            self.graphs = _DecodeGraphs(model, config, kv_cache.block_size, self.device)
-            self.graphs.capture()
+            graphs = _DecodeGraphs(model, config, kv_cache.block_size, self.device)
+            try:
+                graphs.capture()
+                self.graphs = graphs
+            except RuntimeError as error:  # a host sync in the forward (MoE token counts): eager decode instead
+                torch.cuda.synchronize()
+                self.graphs_error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                logging.getLogger("ingot").warning("CUDA graphs off, decode runs eagerly: capture failed (%s)",
+                                                   self.graphs_error)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
@@ -173,7 +188,7 @@ class ModelRunner:
         if not out.scheduled:
             raise ValueError("execute: an empty step")
         if self.graphs is not None and out.is_decode and len(out.scheduled) <= self.config.max_num_seqs:
-            return self.graphs.replay(out)
+            return self.model.compute_logits(self.graphs.replay(out))
         inputs = build_inputs(out, self.kv_cache.block_size, self.device)
         hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))
