@@ -72,13 +72,15 @@ def random_scales(n: int, k: int, block: tuple[int, int], g: torch.Generator) ->
 def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     """Same dtype, shape, and bits (NaN positions compared as bits too: the kernel's NaN is the canonical 0x7FC00000
     where torch's may carry a sign, so NaNs are compared by position)."""
-    assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype}{tuple(got.shape)} vs {want.dtype}{tuple(want.shape)}"
+    assert got.dtype == want.dtype and got.shape == want.shape, (
+        f"{what}: {got.dtype}{tuple(got.shape)} vs {want.dtype}{tuple(want.shape)}")
     g, w = got.cpu(), want.cpu()
     nan = torch.isnan(w)
     assert torch.equal(torch.isnan(g), nan), f"{what}: NaN positions differ"
     width = {4: torch.int32, 2: torch.int16}[g.element_size()]
     bad = (g.view(width) != w.view(width)) & ~nan
-    assert not bad.any(), f"{what}: {int(bad.sum())} of {g.numel()} elements differ; first at {bad.nonzero()[0].tolist()}"
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} of {g.numel()} elements differ; first at {bad.nonzero()[0].tolist()}")
 
 
 # ------------------------------------------------------------------------------------------ against the ref
@@ -201,7 +203,9 @@ def test_refusals():
 # ------------------------------------------------------------------- the converter's dequantize step (--device cuda)
 
 
-@pytest.mark.parametrize("kind,block", [("fp8-block", (128, 128)), ("int8-block", (128, 128)), ("fp8-block", (64, 128))])
+@pytest.mark.parametrize("kind,block", [
+    ("fp8-block", (128, 128)), ("int8-block", (128, 128)), ("fp8-block", (64, 128)),
+])
 def test_convert_dequantize_kernel_path_bit_identical(kind, block):
     """convert._dequantize with the kernel (what --device cuda runs) gives the reference path's float32 bits, the
     weight every target scheme is then quantized from."""
@@ -259,7 +263,8 @@ def test_gpu_real_sizes(w_kind, n, k):
         out = torch.full((n, k), float("nan"), dtype=out_dtype, device="cuda")
         block_dequant(w_q, w_s, out_dtype=out_dtype, out=out)
         torch.cuda.synchronize()
-        assert_bits_equal(out, ref.block_dequant_ref(w_q, w_s, (128, 128), out_dtype), f"{w_kind} {n}x{k} {out_dtype} seed={seed}")
+        assert_bits_equal(out, ref.block_dequant_ref(w_q, w_s, (128, 128), out_dtype),
+                          f"{w_kind} {n}x{k} {out_dtype} seed={seed}")
 
 
 def _block_checkpoint(path, kind: str, seed: int) -> None:
@@ -280,7 +285,8 @@ def _block_checkpoint(path, kind: str, seed: int) -> None:
     tensors["model.layers.1.self_attn.o_proj.weight"].view(torch.uint8)[:128, :128] = 0
     path.mkdir()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    method = {"fp8-block": {"quant_method": "fp8", "fmt": "e4m3"}, "int8-block": {"quant_method": "blockwise_int8"}}[kind]
+    method = {"fp8-block": {"quant_method": "fp8", "fmt": "e4m3"},
+              "int8-block": {"quant_method": "blockwise_int8"}}[kind]
     config = {"model_type": "deepseek_v3", "num_hidden_layers": 2, "torch_dtype": "bfloat16",
               "quantization_config": {**method, "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}
     (path / "config.json").write_text(json.dumps(config))
@@ -304,7 +310,8 @@ def test_gpu_convert_matches_cpu_bytes(tmp_path, monkeypatch, src_kind, scheme):
     options = ConvertOptions(Scheme.from_name(scheme))
     convert(tmp_path / "src", tmp_path / "cpu", options, progress=False)
     assert calls == []
-    convert(tmp_path / "src", tmp_path / "cuda", ConvertOptions(Scheme.from_name(scheme), device="cuda"), progress=False)
+    convert(tmp_path / "src", tmp_path / "cuda", ConvertOptions(Scheme.from_name(scheme), device="cuda"),
+            progress=False)
     assert len(calls) == 4 and all(d.type == "cuda" for d in calls)
     for f in sorted((tmp_path / "cpu").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "cuda" / f.name).read_bytes(), f"{f.name} differs"

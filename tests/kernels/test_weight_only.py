@@ -432,7 +432,8 @@ def test_refuses_bad_shapes():
     x, w_p, w_s, _ = _w4_operands(4, 100, 300, seed=2)
     with pytest.raises(ValueError, match=r"does not have K = k = 296 columns"):
         w4a16_gemm(x, w_p, w_s, 296)
-    with pytest.raises(ValueError, match=r"w_packed must be \[N, cdiv\(K, 8\)\] = \[100, 38\] for K = 300 .*got \(100, 37\)"):
+    with pytest.raises(ValueError, match=r"w_packed must be \[N, cdiv\(K, 8\)\] = \[100, 38\] for K = 300 "
+                                         r".*got \(100, 37\)"):
         w4a16_gemm(x, w_p[:, :37].contiguous(), w_s, 300)
     with pytest.raises(ValueError, match=r"w_s must be per row per 128-group, .* = \(100, 3\), got \(100, 2\)"):
         w4a16_gemm(x, w_p, w_s[:, :2].contiguous(), 300)

@@ -89,7 +89,9 @@ def choose_split_k(m: int, n: int, k: int, config: GemmConfig, num_sms: int) -> 
     return max(1, min(want, triton.cdiv(k, config.block_k) // MIN_K_TILES_PER_SPLIT))
 
 
-def default_config(op: str, m: int, n: int | None = None, k: int | None = None, num_sms: int | None = None) -> GemmConfig:
+def default_config(
+    op: str, m: int, n: int | None = None, k: int | None = None, num_sms: int | None = None
+) -> GemmConfig:
     """The untuned config of ``op`` ("w8a16_gemm" or "w4a16_gemm") for ``m`` rows; with n, k and the SM count, its
     split_k from ``choose_split_k``."""
     table = _CONFIGS.get(op)
@@ -435,7 +437,8 @@ def w8a16_gemm(
     x bf16/fp16 [M, K]; w_q int8 [N, K]; w_s [N, 1] per output channel, float32 or x's dtype (compressed-tensors
     stores it in the model dtype); bias [N] bf16/fp16/fp32 or None; all contiguous. Returns y [M, N] in x's dtype
     (or ``out_dtype``: bf16, fp16 or fp32), written into ``out`` when given. fp32 accumulation, scale and bias in fp32
-    in the epilogue. ``config`` overrides the M-bucketed default tiles and the automatic split-K.
+    in the epilogue. ``config`` overrides the tuned table (ingot.kernels.tuning) or the M-bucketed default tiles
+    with their automatic split-K.
     Reference: ``ingot.quant.ref.w8a16_gemm_ref``.
     """
     out_dtype = _check_common(x, w_q, "w_q", torch.int8, w_s, bias, out, out_dtype)
