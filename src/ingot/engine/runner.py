@@ -15,6 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ingot.engine.kv_cache import KVCache
@@ -137,14 +138,18 @@ class _DecodeGraphs:
         b = len(out.scheduled)
         bucket = next(x for x in self.buckets if x >= b)
         ids, pos, slots, lens = [], [], [], []
-        table = torch.zeros((bucket, self.max_blocks), dtype=torch.int32)
+        # Only the columns this batch uses are copied (256 rows x 512 blocks would be 512 KB a step); columns past
+        # them keep stale but valid block ids, which are never read (masked by seq_lens).
+        width = max(len(s.seq.block_table) for s in out.scheduled)
+        table = np.zeros((bucket, width), dtype=np.int32)
         for i, s in enumerate(out.scheduled):
             p = s.start  # the one new token's position
+            bt = s.seq.block_table
             ids.append(s.seq.token_ids[p])
             pos.append(p)
-            slots.append(s.seq.block_table[p // self.block_size] * self.block_size + p % self.block_size)
+            slots.append(bt[p // self.block_size] * self.block_size + p % self.block_size)
             lens.append(p + 1)
-            table[i, : len(s.seq.block_table)] = torch.tensor(s.seq.block_table, dtype=torch.int32)
+            table[i, : len(bt)] = bt
         pad = bucket - b
         host = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [-1] * pad, lens + [0] * pad], dtype=torch.int64)
         host = host.to(self.input_ids.device, non_blocking=True)
@@ -152,7 +157,7 @@ class _DecodeGraphs:
         self.positions[:bucket].copy_(host[1])
         self.slot_mapping[:bucket].copy_(host[2])
         self.seq_lens[:bucket].copy_(host[3])
-        self.block_tables[:bucket].copy_(table.to(self.block_tables.device, non_blocking=True))
+        self.block_tables[:bucket, :width].copy_(torch.from_numpy(table).to(self.block_tables.device, non_blocking=True))
         return bucket
 
     def replay(self, out: SchedulerOutput) -> torch.Tensor:
