@@ -143,3 +143,24 @@ def test_padded_decode_buffers_match_the_eager_step():
     for (k, _), old in zip(llm.kv_cache.caches, before):
         changed = (k != old).any(-1).any(-1).nonzero().tolist()
         assert sorted(b * bs + o for b, o in changed) == sorted(real)  # the padded row wrote nothing
+
+
+def test_plan_engine_cpu_defaults_overrides_and_refusals():
+    import pytest
+
+    from ingot.engine.config import CPU_MAX_NUM_SEQS, EngineConfig, plan_engine
+
+    model = ToyLM(max_pos=256)
+    cpu = torch.device("cpu")
+    plan = plan_engine(model, EngineConfig(block_size=16), cpu)
+    assert plan.max_num_seqs == CPU_MAX_NUM_SEQS and plan.max_model_len == 256  # the model's limit under 2048
+    assert plan.num_blocks == CPU_MAX_NUM_SEQS * 256 // 16 and plan.cache_dtype == torch.float32
+    small = plan_engine(model, EngineConfig(block_size=4, num_kv_blocks=10, max_num_seqs=2), cpu)
+    assert small.num_blocks == 10 and small.max_model_len == 40  # capped by the pool
+    assert small.max_num_batched_tokens >= small.max_num_seqs
+    with pytest.raises(ValueError, match="cannot hold one sequence of max_model_len 100"):
+        plan_engine(model, EngineConfig(block_size=4, num_kv_blocks=10, max_model_len=100), cpu)
+    with pytest.raises(ValueError, match="mem_fraction"):
+        EngineConfig(mem_fraction=0.0)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=0)

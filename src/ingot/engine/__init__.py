@@ -5,14 +5,15 @@
 logits), ``Sampler`` (greedy / temperature / top-k / top-p, per-request seeds), ``LLM`` (generate and stream).
 """
 
+from ingot.engine.config import EngineConfig
 from ingot.engine.sampling import SamplingParams
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "StreamDelta"]
+__all__ = ["LLM", "EngineConfig", "RequestOutput", "SamplingParams", "StreamDelta"]
 
 
 def __getattr__(name: str):
     # LLM pulls in the models and transformers; importing SamplingParams alone stays light.
-    if name in ("LLM", "RequestOutput", "StreamDelta", "EngineConfig"):
+    if name in ("LLM", "RequestOutput", "StreamDelta"):
         from ingot.engine import llm
 
         return getattr(llm, name)

@@ -11,54 +11,19 @@ One step of the loop: Scheduler.schedule -> ModelRunner.execute -> Sampler.sampl
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ingot.engine.config import EngineConfig, eos_token_ids, plan_engine
 from ingot.engine.detokenizer import IncrementalDetokenizer
-from ingot.engine.kv_cache import KVCache, cuda_num_blocks, kv_bytes_per_token, reserve_bytes
+from ingot.engine.kv_cache import KVCache
 from ingot.engine.runner import ModelRunner, RunnerConfig
 from ingot.engine.sampling import Sampler, SamplingParams, find_stop
 from ingot.engine.scheduler import Scheduler, SchedulerConfig
 from ingot.engine.sequence import Sequence
-
-# Defaults where the GPU's memory does not decide: CPU runs a handful of sequences of modest length.
-CPU_MAX_NUM_SEQS = 16
-CPU_MAX_MODEL_LEN = 2048
-CUDA_MAX_NUM_BATCHED_TOKENS = 8192  # a prefill chunk: enough to saturate the tensor cores, bounded activations
-CPU_MAX_NUM_BATCHED_TOKENS = 1024
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine settings (the CLI's flags). None = decided from the device and the model (see LLM)."""
-
-    device: str | None = None
-    dtype: torch.dtype | None = None
-    mem_fraction: float = 0.85
-    max_num_seqs: int | None = None
-    max_model_len: int | None = None
-    max_num_batched_tokens: int | None = None
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # override the memory-derived pool size (tests, benchmarks)
-    cuda_graphs: bool = True
-    fp8_fallback: str = "int8-block"
-    seed: int = 0  # seeds the generators of sampled requests that bring no seed
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.mem_fraction <= 1.0:
-            raise ValueError(f"EngineConfig.mem_fraction must be in (0, 1], got {self.mem_fraction}")
-        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"EngineConfig.{name} must be an int >= 1 or None, got {v!r}")
-        if self.block_size < 1:
-            raise ValueError(f"EngineConfig.block_size must be >= 1, got {self.block_size}")
-
 
 @dataclass
 class RequestOutput:
@@ -97,34 +62,13 @@ class _Request:
     stops: tuple[str, ...] = field(default=())
 
 
-def eos_token_ids(model_dir: Path, tokenizer) -> tuple[int, ...]:
-    """eos ids from generation_config.json (an int or a list) and the tokenizer's eos token."""
-    ids: list[int] = []
-    gen = Path(model_dir) / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids += [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return tuple(dict.fromkeys(ids))
-
-
-def _cache_dtype(model) -> torch.dtype:
-    """The model's activation dtype: that of its first floating-point tensor among parameters and buffers (the
-    embedding; quantized linears hold int8/fp8 weights and float32 scales, which never come first in ingot models)."""
-    for _, t in model.named_parameters():
-        if t.is_floating_point() and t.element_size() >= 2:
-            return t.dtype
-    raise ValueError("model has no floating-point parameters to take the KV cache dtype from")
-
-
 class LLM:
     """Generation over a paged KV cache with continuous batching.
 
     path: a model directory (loaded with ingot.models.loader.load_model; tokenizer and generation_config.json from
-    the same directory). Keyword arguments are EngineConfig's fields. On CUDA the KV pool takes mem_fraction of the
-    GPU's memory minus the weights and an activation reserve; max_model_len defaults to the config's
-    max_position_embeddings, capped by the pool. On CPU the pool holds max_num_seqs x max_model_len tokens.
+    the same directory). Keyword arguments are EngineConfig's fields (device, dtype, mem_fraction, max_num_seqs,
+    max_model_len, max_num_batched_tokens, block_size, num_kv_blocks, cuda_graphs, fp8_fallback, seed); how they
+    resolve for the model and device: ingot.engine.config.plan_engine.
     """
 
     def __init__(self, path: str | Path, **engine_kwargs):
@@ -149,33 +93,13 @@ class LLM:
     def _setup(self, model, tokenizer, eos_ids: tuple[int, ...], config: EngineConfig) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.device = next(model.parameters()).device
-        cuda = self.device.type == "cuda"
-        max_pos = int(model.config.get("max_position_embeddings") or 2**31)
-        max_num_seqs = config.max_num_seqs or (256 if cuda else CPU_MAX_NUM_SEQS)
-        batched = config.max_num_batched_tokens or (CUDA_MAX_NUM_BATCHED_TOKENS if cuda else CPU_MAX_NUM_BATCHED_TOKENS)
-        batched = max(batched, max_num_seqs)  # a decode step of every sequence always fits the budget
-        specs = model.kv_cache_spec()
-        dtype = _cache_dtype(model)
-        bs = config.block_size
-        if config.num_kv_blocks is not None:
-            num_blocks = config.num_kv_blocks
-        elif cuda:
-            reserve = reserve_bytes(batched, max_num_seqs, int(model.config["vocab_size"]))
-            num_blocks = cuda_num_blocks(specs, bs, dtype, self.device, config.mem_fraction, reserve)
-        else:
-            num_blocks = max_num_seqs * math.ceil(min(config.max_model_len or CPU_MAX_MODEL_LEN, max_pos) / bs)
-        max_model_len = config.max_model_len or min(max_pos, num_blocks * bs, CPU_MAX_MODEL_LEN if not cuda else max_pos)
-        if num_blocks * bs < max_model_len:
-            per_token = kv_bytes_per_token(specs, dtype)
-            raise ValueError(
-                f"KV cache of {num_blocks} blocks x {bs} tokens ({per_token} B per token) cannot hold one sequence "
-                f"of max_model_len {max_model_len}: lower max_model_len or raise mem_fraction"
-            )
-        self.config = config
-        self.max_model_len = max_model_len
-        self.kv_cache = KVCache(specs, num_blocks, bs, dtype, self.device)
-        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, batched, max_model_len, bs), self.kv_cache.allocator)
-        self.runner = ModelRunner(model, self.kv_cache, RunnerConfig(max_num_seqs, max_model_len, config.cuda_graphs))
+        plan = plan_engine(model, config, self.device)
+        max_model_len, bs = plan.max_model_len, plan.block_size
+        self.config, self.plan, self.max_model_len = config, plan, max_model_len
+        self.kv_cache = KVCache(model.kv_cache_spec(), plan.num_blocks, bs, plan.cache_dtype, self.device)
+        sched = SchedulerConfig(plan.max_num_seqs, plan.max_num_batched_tokens, max_model_len, bs)
+        self.scheduler = Scheduler(sched, self.kv_cache.allocator)
+        self.runner = ModelRunner(model, self.kv_cache, RunnerConfig(plan.max_num_seqs, max_model_len, config.cuda_graphs))
         self.sampler = Sampler(config.seed)
         self._next_id = 0
 

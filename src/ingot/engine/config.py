@@ -1,0 +1,111 @@
+"""Engine settings (EngineConfig, the CLI's flags) and what they resolve to for one model on one device (EnginePlan):
+batch limits, max_model_len, and the KV pool's size."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ingot.engine.kv_cache import cuda_num_blocks, kv_bytes_per_token, reserve_bytes
+
+# Defaults where the GPU's memory does not decide: CPU runs a handful of sequences of modest length.
+CUDA_MAX_NUM_SEQS = 256
+CPU_MAX_NUM_SEQS = 16
+CPU_MAX_MODEL_LEN = 2048
+CUDA_MAX_NUM_BATCHED_TOKENS = 8192  # a prefill chunk: enough to saturate the tensor cores, bounded activations
+CPU_MAX_NUM_BATCHED_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings. None = decided from the device and the model (``plan_engine``)."""
+
+    device: str | None = None
+    dtype: torch.dtype | None = None
+    mem_fraction: float = 0.85
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # override the memory-derived pool size (tests, benchmarks)
+    cuda_graphs: bool = True
+    fp8_fallback: str = "int8-block"
+    seed: int = 0  # seeds the generators of sampled requests that bring no seed
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mem_fraction <= 1.0:
+            raise ValueError(f"EngineConfig.mem_fraction must be in (0, 1], got {self.mem_fraction}")
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"EngineConfig.{name} must be an int >= 1 or None, got {v!r}")
+        if self.block_size < 1:
+            raise ValueError(f"EngineConfig.block_size must be >= 1, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    cache_dtype: torch.dtype
+
+
+def cache_dtype(model) -> torch.dtype:
+    """The model's activation dtype: that of its first floating-point parameter of >= 2 bytes (the embedding;
+    quantized linears hold int8/fp8 weights and float32 scales, which never come first in ingot models)."""
+    for _, t in model.named_parameters():
+        if t.is_floating_point() and t.element_size() >= 2:
+            return t.dtype
+    raise ValueError("model has no floating-point parameters to take the KV cache dtype from")
+
+
+def plan_engine(model, config: EngineConfig, device: torch.device) -> EnginePlan:
+    """Resolve the config for ``model`` on ``device``.
+
+    CUDA: the KV pool takes mem_fraction of the GPU's memory minus what is allocated (the weights) and an
+    activation reserve (``kv_cache.reserve_bytes``); max_model_len defaults to the config's max_position_embeddings,
+    capped by the pool. CPU: the pool holds max_num_seqs x max_model_len tokens (max_model_len <= 2048 by default).
+    num_kv_blocks overrides the pool size. The pool must hold one sequence of max_model_len.
+    """
+    cuda = device.type == "cuda"
+    max_pos = int(model.config.get("max_position_embeddings") or 2**31)
+    max_num_seqs = config.max_num_seqs or (CUDA_MAX_NUM_SEQS if cuda else CPU_MAX_NUM_SEQS)
+    batched = config.max_num_batched_tokens or (CUDA_MAX_NUM_BATCHED_TOKENS if cuda else CPU_MAX_NUM_BATCHED_TOKENS)
+    batched = max(batched, max_num_seqs)  # a decode step of every sequence always fits the budget
+    specs = model.kv_cache_spec()
+    dtype = cache_dtype(model)
+    bs = config.block_size
+    cap = max_pos if cuda else min(max_pos, CPU_MAX_MODEL_LEN)
+    if config.num_kv_blocks is not None:
+        num_blocks = config.num_kv_blocks
+    elif cuda:
+        reserve = reserve_bytes(batched, max_num_seqs, int(model.config["vocab_size"]))
+        num_blocks = cuda_num_blocks(specs, bs, dtype, device, config.mem_fraction, reserve)
+    else:
+        num_blocks = max_num_seqs * math.ceil((config.max_model_len or cap) / bs)
+    max_model_len = config.max_model_len or min(cap, num_blocks * bs)
+    if num_blocks * bs < max_model_len or max_model_len < 2:
+        raise ValueError(
+            f"KV cache of {num_blocks} blocks x {bs} tokens ({kv_bytes_per_token(specs, dtype)} B per token) cannot "
+            f"hold one sequence of max_model_len {max_model_len}: lower max_model_len or raise mem_fraction"
+        )
+    return EnginePlan(max_num_seqs, batched, max_model_len, bs, num_blocks, dtype)
+
+
+def eos_token_ids(model_dir: Path, tokenizer) -> tuple[int, ...]:
+    """eos ids from generation_config.json (an int or a list) and the tokenizer's eos token."""
+    ids: list[int] = []
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(ids))
