@@ -12,7 +12,7 @@ from ingot.engine.sequence import Sequence
 
 from toy import ToyLM, greedy_reference
 
-PROMPTS = [[1, 2, 3], [5] * 17, [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28], [40]]
+PROMPTS = [[1, 2, 3], [5] * 17, list(range(7, 29)), [40]]
 
 
 def engine(model=None, **kw):

@@ -49,7 +49,8 @@ def test_top_k_top_p_masks():
     masked = apply_top_k_top_p(logits, top_k, top_p)
     assert torch.equal(masked[kept], logits[kept])  # kept logits are unchanged
     # the most likely token is kept even when top_p is tiny
-    assert apply_top_k_top_p(row[None], torch.tensor([0]), torch.tensor([1e-6])).isfinite().tolist() == [[True] + [False] * 3]
+    tiny_p = apply_top_k_top_p(row[None], torch.tensor([0]), torch.tensor([1e-6]))
+    assert tiny_p.isfinite().tolist() == [[True] + [False] * 3]
 
 
 def _draw(seed, logits, n, **kw):

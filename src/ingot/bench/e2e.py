@@ -315,7 +315,8 @@ def bench_hf(config: dict, options: BenchE2EOptions, device: torch.device, weigh
     gen = dict(do_sample=False, cache_implementation="static", pad_token_id=0, eos_token_id=None)
     try:
         for b in options.hf_batch_sizes:
-            ids = torch.tensor(_prompts(b, options.input_len, int(config["vocab_size"]), options.seed + b), device=device)
+            prompts = _prompts(b, options.input_len, int(config["vocab_size"]), options.seed + b)
+            ids = torch.tensor(prompts, device=device)
             with torch.inference_mode():
                 hf.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
                 times = {}

@@ -99,7 +99,8 @@ class LLM:
         self.kv_cache = KVCache(model.kv_cache_spec(), plan.num_blocks, bs, plan.cache_dtype, self.device)
         sched = SchedulerConfig(plan.max_num_seqs, plan.max_num_batched_tokens, max_model_len, bs)
         self.scheduler = Scheduler(sched, self.kv_cache.allocator)
-        self.runner = ModelRunner(model, self.kv_cache, RunnerConfig(plan.max_num_seqs, max_model_len, config.cuda_graphs))
+        runner = RunnerConfig(plan.max_num_seqs, max_model_len, config.cuda_graphs)
+        self.runner = ModelRunner(model, self.kv_cache, runner)
         self.sampler = Sampler(config.seed)
         self._next_id = 0
 

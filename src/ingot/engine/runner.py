@@ -157,7 +157,8 @@ class _DecodeGraphs:
         self.positions[:bucket].copy_(host[1])
         self.slot_mapping[:bucket].copy_(host[2])
         self.seq_lens[:bucket].copy_(host[3])
-        self.block_tables[:bucket, :width].copy_(torch.from_numpy(table).to(self.block_tables.device, non_blocking=True))
+        table_dev = torch.from_numpy(table).to(self.block_tables.device, non_blocking=True)
+        self.block_tables[:bucket, :width].copy_(table_dev)
         return bucket
 
     def replay(self, out: SchedulerOutput) -> torch.Tensor:

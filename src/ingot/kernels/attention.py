@@ -124,7 +124,8 @@ def _decode_partial_kernel(
         k1 = tl.load(k_head + row[:, None] + d1[None, :] * stride_kd, mask=t_ok[:, None] & d1_ok[None, :], other=0.0)
         s = _dot(q1, tl.trans(k1), tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)  # (BLOCK_H, BLOCK_N)
         if BLOCK_D2 > 0:
-            k2 = tl.load(k_head + row[:, None] + d2[None, :] * stride_kd, mask=t_ok[:, None] & d2_ok[None, :], other=0.0)
+            k2_mask = t_ok[:, None] & d2_ok[None, :]
+            k2 = tl.load(k_head + row[:, None] + d2[None, :] * stride_kd, mask=k2_mask, other=0.0)
             s = _dot(q2, tl.trans(k2), s, UPCAST, IEEE)
         s = tl.where(t_ok[None, :], s * scale, float("-inf"))
 
