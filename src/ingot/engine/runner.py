@@ -5,8 +5,9 @@ graph captured at the smallest bucket >= the batch (1, 2, 4, 8, 16, 24, 32, ...,
 are copied into static buffers, padded rows get slot -1 and seq_len 0 (they write no cache and produce zeros, per
 ingot.layers.attention.AttnMetadata), and the graph runs the forward with no host work per layer (a decode of a
 30-layer model launches hundreds of kernels; the graph launches one); compute_logits follows eagerly. A forward
-that syncs with the host (DeepSeek's MoE counts tokens per expert) cannot be captured: decode then runs eagerly,
-with a warning.
+that syncs with the host (DeepSeek's MoE counts tokens per expert; such models say so with
+``supports_cuda_graphs = False``) cannot be captured: decode then runs eagerly, with a warning, as it does when
+a capture fails.
 """
 
 from __future__ import annotations
@@ -177,7 +178,10 @@ class ModelRunner:
         model.bind_kv_cache(kv_cache.caches)
         self.graphs = None
         self.graphs_error: str | None = None  # why decode runs eagerly although CUDA graphs were asked for
-        if config.cuda_graphs and self.device.type == "cuda":
+        if config.cuda_graphs and self.device.type == "cuda" and not getattr(model, "supports_cuda_graphs", True):
+            self.graphs_error = "the model's decode step syncs with the host (model.supports_cuda_graphs is False)"
+            logging.getLogger("ingot").warning("CUDA graphs off, decode runs eagerly: %s", self.graphs_error)
+        elif config.cuda_graphs and self.device.type == "cuda":
             graphs = _DecodeGraphs(model, config, kv_cache.block_size, self.device)
             try:
                 graphs.capture()
