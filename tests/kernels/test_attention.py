@@ -79,10 +79,12 @@ def test_matches_plain_attention(h, hkv, dk, dv, splits):
     check(*case, dv, num_splits=splits, block_n=16)
 
 
-def test_shared_kv_latent_cache_mla_dims():
-    """MLA: one latent 'kv head' of 576 channels (512 + 64 rope), values its first 512, 4 query heads."""
-    case = make_case(2, 4, 1, 576, 512, [5, 21], page=8, shared=True)
-    check(*case, 512, num_splits=2, block_n=16)
+@pytest.mark.parametrize("dk,dv", [(576, 512), (100, 40), (48, 40)])
+def test_shared_kv_latent_cache(dk, dv):
+    """MLA: one latent 'kv head' of 576 channels (512 + 64 rope), values its first 512, 4 query heads; values taken
+    from the first key tile (100/40: masked to 40 of its 64 lanes) or loaded apart (48/40: tile of 32 < 64)."""
+    case = make_case(2, 4, 1, dk, dv, [5, 21], page=8, shared=True, seed=dk)
+    check(*case, dv, num_splits=2, block_n=16)
 
 
 def test_float32_and_long_context_splits_agree():

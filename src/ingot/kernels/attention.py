@@ -15,6 +15,8 @@
   them: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. The ranges are split on the device from each row's
   own seq_len (cdiv(seq_len, num_splits) rounded up to the KV tile), so the launch depends only on host-known
   shapes: no host sync, CUDA-graph capturable. With one split the kernel normalizes and writes the output itself.
+- Shared KV (MLA) whose values fit the first key tile (512 of 576) takes them from that tile: the latent is read
+  from memory once per token, not twice.
 - fp32 scores, softmax and accumulation; p is cast to the cache dtype for the p @ v dot (as FlashAttention does).
 - seq_len 0 rows (padding of a CUDA-graph batch) write zeros, and touch neither block table nor cache.
 
@@ -76,6 +78,7 @@ def _decode_partial_kernel(
     BLOCK_D1: tl.constexpr,  # first Dk tile (a power of two <= Dk)
     BLOCK_D2: tl.constexpr,  # second Dk tile covering Dk - BLOCK_D1 (0: none)
     BLOCK_DV: tl.constexpr,  # next_pow2(Dv)
+    V_FROM_K: tl.constexpr,  # shared KV and BLOCK_DV == BLOCK_D1: values are the first key tile, already loaded
     UPCAST: tl.constexpr,  # interpreter: fp32 dots (see _dot)
     IEEE: tl.constexpr,  # fp32 operands: IEEE fp32 dots, not TF32 (see _dot)
 ):
@@ -133,8 +136,12 @@ def _decode_partial_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vrow = page.to(tl.int64) * stride_vb + (t % PAGE_SIZE).to(tl.int64) * stride_vt
-        v = tl.load(v_head + vrow[:, None] + dv[None, :] * stride_vd, mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
+        if V_FROM_K:  # MLA: the 512 latent channels are both keys and values; read them from memory once
+            v = tl.where(dv_ok[None, :], k1, 0.0).to(k1.dtype)
+        else:
+            vrow = page.to(tl.int64) * stride_vb + (t % PAGE_SIZE).to(tl.int64) * stride_vt
+            v_mask = t_ok[:, None] & dv_ok[None, :]
+            v = tl.load(v_head + vrow[:, None] + dv[None, :] * stride_vd, mask=v_mask, other=0.0)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
         m_i = m_new
 
@@ -328,6 +335,7 @@ def paged_decode_attention(
             BLOCK_D1=block_d1,
             BLOCK_D2=block_d2,
             BLOCK_DV=block_dv,
+            V_FROM_K=v_cache is None and block_dv == block_d1,
             UPCAST=INTERPRETED,
             IEEE=q.dtype == torch.float32,
             num_warps=4 if block_dv <= 128 else 8,
