@@ -59,6 +59,9 @@ class StandInModel:
         self.answers = answers or (lambda prompt: " I do not know.")
         self.released = False
 
+    def load(self):
+        self.loaded = True
+
     def score(self, input_ids):
         return self.lm.score(input_ids)
 
