@@ -91,3 +91,18 @@ def test_options_validation():
     with pytest.raises(ValueError, match="neither a preset"):
         model_config(BenchE2EOptions(model="/nonexistent/config.json"))
     assert model_config(BenchE2EOptions(model="deepseek-v3", layers=4))["num_hidden_layers"] == 4
+
+
+def test_cli_bench_e2e(tmp_path, capsys):
+    from ingot.cli import main
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY))
+    out = tmp_path / "r.json"
+    assert main(["bench", "e2e", "--random-weights", str(cfg), "--schemes", "bf16", "int8-block", "--batch-sizes", "2",
+                 "--input-len", "5", "--output-len", "3", "--device", "cpu", "--no-hf", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["hf_peer"]["status"] == "skipped: --no-hf" and results["command"].startswith("ingot ")
+    assert set(results["ratios"]["vs_bf16_tokens_per_s"]) == {"int8-block"}
+    assert "int8-block" in capsys.readouterr().out
+    assert main(["bench", "e2e", "--random-weights", "deepseek-v3", "--device", "cpu"]) == 1  # needs --layers

@@ -164,7 +164,9 @@ def measure_bandwidth(device: torch.device, nbytes: int = BANDWIDTH_BYTES, reps:
 
 def decode_bytes_per_token(model, config: dict) -> dict:
     """Bytes a batch-1 decode step reads from weights: every tensor once, the embedding one row (unless tied to
-    lm_head), routed experts scaled by num_experts_per_tok / n_routed_experts; rotary tables are not counted."""
+    lm_head), routed experts scaled by num_experts_per_tok / n_routed_experts; rotary tables are not counted.
+    Tensors that are plain attributes are not seen: a quantized DeepSeek's MLA reads a BF16 copy of kv_b_proj
+    (2x its int8 bytes) that is counted as the stored int8 weight (~0.2% of a layer)."""
     embed = model.model.embed_tokens.weight
     tied = embed.data_ptr() == model.lm_head.weight.data_ptr()
     routed = config.get("n_routed_experts") or 0
