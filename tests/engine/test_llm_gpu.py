@@ -20,6 +20,31 @@ def score_logits(model, prompt_ids, generated):
         return model.score(torch.tensor([ids], device="cuda"))[0, len(prompt_ids) - 1 : len(ids) - 1].float()
 
 
+LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+         "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 1024,
+         "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8-channel", "int8-block"])
+def test_random_llama_graphs_equal_score_path(scheme):
+    """No embedded model needed: a random Llama (fp32 activations) whose greedy tokens through CUDA-graph decode
+    (buckets 1..16, batches shrinking as requests finish) equal the score path's argmax at every step."""
+    from ingot.models.loader import random_model
+
+    model = random_model(LLAMA, scheme, "cuda", dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)  # spread N(0, 0.02) logits: no near-ties
+    llm = LLM.from_model(model, max_model_len=256, max_num_seqs=16)
+    assert llm.runner.graphs is not None, llm.runner.graphs_error
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 7, 33, 16, 90, 3, 64, 5, 12)]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (20, 5, 12, 1, 8, 30, 2, 17, 9)]
+    outs = llm.generate(prompts, params)
+    for p, out in zip(prompts, outs):
+        assert out.token_ids == score_logits(model, p, out.token_ids).argmax(-1).tolist()
+    assert len({tuple(o.token_ids) for o in outs}) > 1
+
+
 def test_fp32_graphs_greedy_equals_score_and_batch_equals_alone(embedded_model_dir):
     llm = LLM(embedded_model_dir, device="cuda", dtype=torch.float32, max_model_len=256, max_num_seqs=8)
     assert llm.runner.graphs is not None and llm.runner.graphs.buckets == [1, 2, 4, 8]
