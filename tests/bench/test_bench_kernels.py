@@ -60,7 +60,9 @@ def test_bench_kernels_tiny(tmp_path):
         for op in ("int8_channel", "int8_block"):
             assert ops[(op, m)]["ratio_to_bf16"] > 0 and "target" in ops[(op, m)]
             assert ops[(op, m)]["tflops"] > 0 and "frac_of_roofline" in ops[(op, m)]
-        assert ops[("fp8_block", m)]["status"] == "ok" and ops[("fp8_block", m)]["ratio_to_bf16"] > 0
+        for op in ("fp8_block", "w8a16", "w4a16"):
+            assert ops[(op, m)]["status"] == "ok" and ops[(op, m)]["ratio_to_bf16"] > 0, ops[(op, m)]
+    assert "target" in ops[("w4a16", 1)] and "target" not in ops[("w4a16", 64)]
     assert ops[("int_mm", 1)]["status"].startswith("n/a")
     assert "us" in ops[("int_mm", 64)] or ops[("int_mm", 64)]["status"].startswith("error")
     assert "us" in ops[("scaled_mm_fp8", 64)] or ops[("scaled_mm_fp8", 64)]["status"].startswith("n/a")

@@ -1,4 +1,4 @@
-"""``ingot bench kernels``: ingot's W8A8 GEMMs and activation quantizers against cuBLAS, one run, one JSON.
+"""``ingot bench kernels``: ingot's GEMMs and activation quantizers against cuBLAS, one run, one JSON.
 
 For each (N, K) of the chosen model shapes and each M (tokens), times in the same process:
 
@@ -9,6 +9,9 @@ For each (N, K) of the chosen model shapes and each M (tokens), times in the sam
   is recorded);
 - ``int8_channel`` / ``int8_block``: ``ingot.kernels.int8_gemm_channel`` / ``int8_gemm_block`` (GEMM only: the
   activations are already quantized, as for the cuBLAS rows);
+- ``fp8_block``: ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (e4m3, 1x128 activation x 128x128 weight scales);
+- ``w8a16`` / ``w4a16``: ``ingot.kernels.weight_only`` (bf16 activations; int8 per-channel / int4 group-128 packed
+  weights, dequantized in the kernel);
 - ``quant_int8`` / ``quant_fp8``: ``ingot.kernels.per_token_group_quant`` (group 128) on the activation [M, K].
 
 Timing: ``triton.testing.do_bench_cudagraph`` (``do_bench`` with a note where graph capture fails), median of its
@@ -37,8 +40,10 @@ SHAPES: dict[str, tuple[tuple[int, int], ...]] = {  # (N, K) of the linears
 }
 SHAPES["all"] = SHAPES["llama3-8b"] + SHAPES["deepseek-v3"]
 DEFAULT_M = (1, 16, 64, 128, 256, 1024, 4096)
-OPS = ("bf16", "int_mm", "scaled_mm_fp8", "int8_channel", "int8_block", "fp8_block", "quant_int8", "quant_fp8")
-GEMM_OPS = OPS[:6]
+OPS = ("bf16", "int_mm", "scaled_mm_fp8", "int8_channel", "int8_block", "fp8_block", "w8a16", "w4a16", "quant_int8",
+       "quant_fp8")
+GEMM_OPS = OPS[:8]
+WEIGHT_ONLY_OPS = ("w8a16", "w4a16")
 _DEV = "cuda"  # where inputs are made (a CPU smoke run of the loop patches it)
 H100_L2_BYTES = 50 * 2**20
 QUANT_MIN_M = 1024  # the bandwidth target applies where the activation is large enough to be bandwidth-bound
@@ -46,11 +51,12 @@ TARGETS = {
     "int8_channel": {"small_m": 1.7, "large_m": 1.4},
     "int8_block": {"small_m": 1.5, "large_m": 1.2},
     "fp8_block": {"large_m": 1.5},
+    "w4a16": {"m1": 2.5},
     "quant_fraction_of_copy_bandwidth": 0.70,
     "small_m_max": 64,
     "large_m_min": 1024,
     "quant_min_m": QUANT_MIN_M,
-    "not_implemented": ["W8A16 / W4A16 GEMM rows"],
+    "not_implemented": [],
 }
 
 
@@ -149,6 +155,9 @@ def _weights(n: int, k: int, copies: int) -> list[dict]:
             "w8": (w * 16).to(torch.float8_e4m3fn),
             "w8_s_row": torch.rand(1, n, device=_DEV, dtype=torch.float32) / 16 + 1e-4,
             "w8_sb": torch.rand((n + 127) // 128, (k + 127) // 128, device=_DEV, dtype=torch.float32) / 16 + 1e-4,
+            # int4 group-128, compressed-tensors' packing: 8 values per int32 along K
+            "w4": torch.randint(-2**31, 2**31, (n, (k + 7) // 8), device=_DEV, dtype=torch.int64).to(torch.int32),
+            "w4_s": torch.rand(n, (k + 127) // 128, device=_DEV, dtype=torch.float32) / 8 + 1e-4,
         })
     return out
 
@@ -178,6 +187,8 @@ def _bytes(op: str, m: int, n: int, k: int) -> int:
         "int8_channel": m * k + n * k + 4 * (m + n) + 2 * m * n,
         "int8_block": m * k + n * k + 4 * m * g + 4 * ((n + 127) // 128) * g + 2 * m * n,
         "fp8_block": m * k + n * k + 4 * m * g + 4 * ((n + 127) // 128) * g + 2 * m * n,
+        "w8a16": 2 * m * k + n * k + 4 * n + 2 * m * n,
+        "w4a16": 2 * m * k + 4 * n * ((k + 7) // 8) + 4 * n * g + 2 * m * n,
         "quant_int8": 2 * m * k + m * k + 4 * m * g,
         "quant_fp8": 2 * m * k + m * k + 4 * m * g,
     }[op]
@@ -189,6 +200,7 @@ def _bytes(op: str, m: int, n: int, k: int) -> int:
 def _gemm_fns(m: int, n: int, k: int, pairs: list[tuple[dict, dict]], scaled_mode: list) -> dict:
     from ingot.kernels.fp8_gemm import fp8_gemm_block, fp8_supported
     from ingot.kernels.int8_gemm import int8_gemm_block, int8_gemm_channel
+    from ingot.kernels.weight_only import w4a16_gemm, w8a16_gemm
 
     def int_mm(a, w):
         y = torch._int_mm(a["x_q"], w["w_q"].t())
@@ -209,6 +221,8 @@ def _gemm_fns(m: int, n: int, k: int, pairs: list[tuple[dict, dict]], scaled_mod
         "int8_block": lambda a, w: int8_gemm_block(a["x_q"], a["x_sg"], w["w_q"], w["w_sb"]),
         "fp8_block": (lambda a, w: fp8_gemm_block(a["x8"], a["x8_sg"], w["w8"], w["w8_sb"]))
         if fp8_supported(_DEV) else "n/a: no FP8 tensor cores (compute capability < 8.9)",
+        "w8a16": lambda a, w: w8a16_gemm(a["x"], w["w_q"], w["w_s"]),
+        "w4a16": lambda a, w: w4a16_gemm(a["x"], w["w4"], w["w4_s"], k),
     }
     if m > 16 and n % 8 == 0 and k % 8 == 0:
         fns["int_mm"] = int_mm
@@ -242,7 +256,8 @@ def _row(op: str, m: int, n: int, k: int, us: float | None, peaks: dict, **extra
                 "gbps_frac_of_copy_peak": round(nbytes / us / 1e3 / peak_bw, 3)})
     if op in GEMM_OPS:
         flops = 2 * m * n * k
-        factor = 1.0 if op == "bf16" else peaks["assumed_int8_fp8_tflops_factor"]
+        # weight-only kernels run bf16 tensor-core dots: the bf16 peak is theirs
+        factor = 1.0 if op == "bf16" or op in WEIGHT_ONLY_OPS else peaks["assumed_int8_fp8_tflops_factor"]
         tflops = flops / us / 1e6
         floor_us = max(flops / (peak_tf * factor * 1e6), nbytes / (peak_bw * 1e3))
         row.update({"tflops": round(tflops, 2), "tflops_frac_of_bf16_peak": round(tflops / peak_tf, 3),
@@ -257,7 +272,11 @@ def _targets(rows: list[dict]) -> dict:
         op, m = r["op"], r["m"]
         if "us" not in r:
             continue
-        if op in ("int8_channel", "int8_block", "fp8_block") and "ratio_to_bf16" in r:
+        if op == "w4a16" and m == 1 and "ratio_to_bf16" in r:
+            need = TARGETS["w4a16"]["m1"]
+            r["target"] = {"speedup_vs_bf16": need, "pass": r["ratio_to_bf16"] >= need}
+            checks.append(r)
+        elif op in ("int8_channel", "int8_block", "fp8_block") and "ratio_to_bf16" in r:
             if m <= TARGETS["small_m_max"] and "small_m" in TARGETS[op]:
                 need = TARGETS[op]["small_m"]
             elif m >= TARGETS["large_m_min"]:
@@ -398,7 +417,7 @@ def format_table(results: dict) -> str:
     lines = [f"peaks: bf16 matmul {p['bf16_matmul']['tflops']} TFLOP/s, copy {p['copy']['gbps']} GB/s",
              "times in us; (x) = speed-up over bf16; quant: % of copy GB/s"]
     head = (f"{'M':>5} {'N x K':>12} {'bf16':>8} {'int_mm':>14} {'fp8':>14} {'channel':>14} {'block':>14} "
-            f"{'fp8_block':>14} {'q_int8':>12} {'q_fp8':>12}")
+            f"{'fp8_block':>14} {'w8a16':>14} {'w4a16':>14} {'q_int8':>12} {'q_fp8':>12}")
     lines += [head, "-" * len(head)]
     groups: dict = {}
     for r in results["rows"]:
@@ -416,7 +435,7 @@ def format_table(results: dict) -> str:
                 cells.append(f"{r['us']:.1f}({r.get('ratio_to_bf16', 0):.2f}){mark}")
             else:
                 cells.append(f"{r['us']:.1f}/{100 * r['gbps_frac_of_copy_peak']:.0f}%")
-        w = (8, 14, 14, 14, 14, 14, 12, 12)
+        w = (8, 14, 14, 14, 14, 14, 14, 14, 12, 12)
         lines.append(f"{m:>5} {f'{n}x{k}':>12} " + " ".join(f"{c:>{wi}}" for c, wi in zip(cells, w)))
     t = results["targets"]
     for op, d in t["summary"].items():
