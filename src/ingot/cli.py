@@ -1,5 +1,5 @@
-"""The one CLI: ``ingot pull|convert|inspect|bench|tune|generate|chat``. Flags map onto dataclass fields; this is
-the only place that reads argv or the environment (INGOT_CACHE_DIR, XDG_CACHE_HOME)."""
+"""The one CLI: ``ingot pull|convert|inspect|bench|tune|generate|chat|eval|compare``. Flags map onto dataclass
+fields; this is the only place that reads argv or the environment (INGOT_CACHE_DIR, XDG_CACHE_HOME, INGOT_DATA_DIR)."""
 
 from __future__ import annotations
 
