@@ -194,7 +194,8 @@ def _data_dir(arg: str | None):
     """--data-dir, else $INGOT_DATA_DIR; DataDir raises a clear error when neither is set or it is missing."""
     from ingot.eval.data import DataDir
 
-    return DataDir(Path(arg) if arg else (Path(os.environ["INGOT_DATA_DIR"]) if os.environ.get("INGOT_DATA_DIR") else None))
+    env = os.environ.get("INGOT_DATA_DIR")
+    return DataDir(Path(arg) if arg else (Path(env) if env else None))
 
 
 def _limits(text: str) -> tuple[int | None, dict[str, int]]:
@@ -203,7 +204,8 @@ def _limits(text: str) -> tuple[int | None, dict[str, int]]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         task, _, n = part.rpartition("=")
         if not n.isdigit() or int(n) <= 0:
-            raise argparse.ArgumentTypeError(f"--limit {text!r}: expected N or TASK=N (positive integers), got {part!r}")
+            raise argparse.ArgumentTypeError(
+                f"--limit {text!r}: expected N or TASK=N (positive integers), got {part!r}")
         if task:
             per_task[task] = int(n)
         else:
@@ -358,7 +360,8 @@ def _add_eval_flags(p: argparse.ArgumentParser, tasks_default: str | None) -> No
     p.add_argument("--seed", type=int, default=0, help="which subset --limit picks")
     p.add_argument("--data-dir", help="evaluation data (default: $INGOT_DATA_DIR)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="model dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="model dtype (default: the checkpoint's)")
     p.add_argument("--n-ctx", type=int, default=512, help="perplexity/KL window (second half scored)")
     p.add_argument("--stride", type=int, help="window step (default: --n-ctx, as llama.cpp)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward while scoring")
@@ -452,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity, KL vs a reference, MMLU, GSM8K of one model -> JSON")
     p.add_argument("model", help=f"model directory (or an embedded model's name, e.g. {DEFAULT_MODEL})")
     _add_eval_flags(p, tasks_default=None)
-    p.add_argument("--ref", help="kl reference model (default: the source named in ingot_manifest.json, or MODEL itself if unquantized)")
+    p.add_argument("--ref", help="kl reference model (default: the source named in ingot_manifest.json, "
+                                 "or MODEL itself if unquantized)")
     p.add_argument("--out", help="results JSON (default: out/eval/<model>.json)")
     p.set_defaults(func=cmd_eval)
 

@@ -20,7 +20,8 @@ class WordTokenizer:
         self.vocab = vocab
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [1 + int(hashlib.md5(w.encode()).hexdigest(), 16) % (self.vocab - 1) for w in re.findall(r"\s*\S+|\s+", text)]
+        words = re.findall(r"\s*\S+|\s+", text)
+        return [1 + int(hashlib.md5(w.encode()).hexdigest(), 16) % (self.vocab - 1) for w in words]
 
 
 class PrefixMeanLM(torch.nn.Module):

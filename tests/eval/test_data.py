@@ -39,7 +39,8 @@ def test_malformed_rows_name_file_and_row(tmp_path):
     with pytest.raises(DataFormatError, match="test.jsonl line 2: expected an object with string 'question'"):
         DataDir(tmp_path).gsm8k("test")
     (tmp_path / "mmlu" / "test").mkdir(parents=True)
-    (tmp_path / "mmlu" / "test" / "x_test.csv").write_text("question,choice0,choice1,choice2,choice3,answer\nq,a,b,c,d,4\n")
+    header = "question,choice0,choice1,choice2,choice3,answer\n"
+    (tmp_path / "mmlu" / "test" / "x_test.csv").write_text(header + "q,a,b,c,d,4\n")
     with pytest.raises(DataFormatError, match="x_test.csv row 1: expected 6 fields with answer 0-3"):
         DataDir(tmp_path).mmlu("test", "x")
 
@@ -48,10 +49,8 @@ def test_files_read_are_hashed(data, data_root):
     text = data.wikitext_test()
     assert len(text.encode()) == 1_290_547  # the size the data README states
     data.mmlu("dev", "anatomy")
-    assert data.hashes == {
-        "wikitext-2/wiki.test.raw": hashlib.sha256((data_root / "wikitext-2" / "wiki.test.raw").read_bytes()).hexdigest(),
-        "mmlu/dev/anatomy_dev.csv": hashlib.sha256((data_root / "mmlu" / "dev" / "anatomy_dev.csv").read_bytes()).hexdigest(),
-    }
+    files = ("wikitext-2/wiki.test.raw", "mmlu/dev/anatomy_dev.csv")
+    assert data.hashes == {f: hashlib.sha256((data_root / f).read_bytes()).hexdigest() for f in files}
     assert len(data.mmlu_subjects("test")) == 57 == len(data.mmlu_subjects("dev"))
 
 

@@ -70,7 +70,8 @@ def test_evaluate_with_a_stand_in_engine(data):
             row = next(r for r in test if r["question"] == question)
             right = gsm8k.clean_solution(row["answer"])
             # every other question right; the rest trail off into a new question whose number must not count
-            outs.append(Generation(f" {right}\n\nQuestion: what is 99?" if len(outs) % 2 == 0 else " I am not sure.", 11))
+            text = f" {right}\n\nQuestion: what is 99?" if len(outs) % 2 == 0 else " I am not sure."
+            outs.append(Generation(text, 11))
         return outs
 
     metrics, items = gsm8k.evaluate_gsm8k(generate, data, limit=10, seed=1)

@@ -15,7 +15,8 @@ from eval_standins import PrefixMeanLM, WordTokenizer
 EXPECTED_ONE_SHOT = (
     "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
     "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer: B\n\n"
-    "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:"
+    "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q."
+    "\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:"
 )
 
 
@@ -31,7 +32,8 @@ def test_prompt_of_a_real_item(data):
     assert [chunk[1] for chunk in five.split("\nAnswer:")[1:-1]] == [mmlu.LETTERS[d.answer] for d in dev]
     # a quoted csv field with commas stays one choice
     bio = data.mmlu("dev", "high_school_biology")[0]
-    assert bio.choices == ("Translation", "Conjugation", "Specialized transduction", "Transformation") and bio.answer == 0
+    assert bio.choices == ("Translation", "Conjugation", "Specialized transduction", "Transformation")
+    assert bio.answer == 0
 
 
 def test_letter_tokens_of_the_embedded_tokenizer(embedded_model_dir):

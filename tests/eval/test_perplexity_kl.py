@@ -79,7 +79,8 @@ def test_kl_matches_torch_kl_div_and_argmax():
     cfg = WindowConfig(n_ctx=64)
     windows = make_windows(_tokens(64 * 6, seed=3), cfg)
     ref, model = PrefixMeanLM(vocab=V), PrefixMeanLM(vocab=V, noise=0.3)
-    metrics, items, ppl = kl_divergence(model.score, ref.score, windows, cfg, batch_tokens=128, window_ids=list(range(6)))
+    metrics, items, ppl = kl_divergence(model.score, ref.score, windows, cfg, batch_tokens=128,
+                                        window_ids=list(range(6)))
 
     logits = model.score(windows)[:, 32:63].double().reshape(-1, V)
     ref_logits = ref.score(windows)[:, 32:63].double().reshape(-1, V)

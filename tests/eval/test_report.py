@@ -10,7 +10,8 @@ from ingot.eval import report
 def _results(ppl, kl=None, mmlu=None, gsm=None):
     m = {"ppl": {"ppl": ppl, "windows": 10, "model_seconds": 2.0}}
     if kl is not None:
-        m["kl"] = {"kl_mean": kl, "kl_p99": 10 * kl, "top1": 0.985, "ref_ppl": 20.0, "windows": 10, "model_seconds": 4.0}
+        m["kl"] = {"kl_mean": kl, "kl_p99": 10 * kl, "top1": 0.985, "ref_ppl": 20.0, "windows": 10,
+                   "model_seconds": 4.0}
     if mmlu is not None:
         m["mmlu"] = {"accuracy": mmlu}
     if gsm is not None:
@@ -31,7 +32,8 @@ def test_rows_and_table():
     lines = table.splitlines()
     assert lines[0].startswith("| scheme | bytes | weight SNR") and "| GSM8K % |" in lines[0]
     assert lines[2].startswith("| bf16 | 269.0 MB | - | 20.0000 |")
-    assert lines[3].startswith("| int8-channel | 162.0 MB | 41.4 / 38.0 | 20.1000 | +0.500 | 0.001200 | 0.01200 | 98.50 | 5.0 | 30.00 |")
+    assert lines[3].startswith(
+        "| int8-channel | 162.0 MB | 41.4 / 38.0 | 20.1000 | +0.500 | 0.001200 | 0.01200 | 98.50 | 5.0 | 30.00 |")
     # columns nobody measured are left out
     assert "MMLU" not in report.format_table([bf16])
 
@@ -44,7 +46,8 @@ def test_plot_and_report(tmp_path):
     assert report.plot(rows, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert not report.plot([{"scheme": "x", "bytes": None, "ppl": 3.0}], tmp_path / "none.png")
-    md = report.format_report(rows, {"model": "m", "config": {"tasks": ["ppl", "kl"], "limit": 8, "n_ctx": 512, "seed": 0},
-                                     "data": {"wikitext-2/wiki.test.raw": "ab" * 32}, "notes": ["a note"]})
+    config = {"tasks": ["ppl", "kl"], "limit": 8, "n_ctx": 512, "seed": 0}
+    md = report.format_report(rows, {"model": "m", "config": config, "data": {"wikitext-2/wiki.test.raw": "ab" * 32},
+                                     "notes": ["a note"]})
     assert "ppl (limit 8), kl (limit 8)" in md and "| int4-group |" in md and "- a note" in md
     assert "wikitext-2/wiki.test.raw sha256 abababababab" in md

@@ -73,8 +73,8 @@ def compare(model_path: Path | str, options: CompareOptions, data: DataDir,
         for name in options.schemes:
             dst = Path(options.workdir) / name
             log(f"compare: {name}: converting to {dst}")
-            manifest = convert(model_path, dst, ConvertOptions(scheme=Scheme.from_name(name), device=options.convert_device),
-                               progress=False)
+            convert_options = ConvertOptions(scheme=Scheme.from_name(name), device=options.convert_device)
+            manifest = convert(model_path, dst, convert_options, progress=False)
             log(f"compare: {name}: evaluating {', '.join(ev.tasks)}")
             results = evaluate(dst, ev, data, ref=ref_path, ref_model=ref_model, out=out_dir / f"eval-{name}.json")
             row = report.make_row(name, manifest, results, baseline_ppl)
@@ -99,7 +99,8 @@ def compare(model_path: Path | str, options: CompareOptions, data: DataDir,
         "ref": str(ref_path) if ref_path else None,
         "config": asdict(ev),
         "data": dict(sorted(data.hashes.items())),
-        "device_name": dev["gpus"][0]["name"] if dev["gpus"] else f"CPU {dev['cpu']['model']} ({dev['cpu']['cores_usable']} cores)",
+        "device_name": (dev["gpus"][0]["name"] if dev["gpus"]
+                        else f"CPU {dev['cpu']['model']} ({dev['cpu']['cores_usable']} cores)"),
         "git_sha": (info["git"]["sha"] or "unknown")[:12] + (" (dirty)" if info["git"]["dirty"] else ""),
         "timestamp": info["timestamp"],
         "notes": _notes(options, ev),
@@ -120,8 +121,8 @@ def compare(model_path: Path | str, options: CompareOptions, data: DataDir,
 def _notes(options: CompareOptions, ev: EvalOptions) -> list[str]:
     notes = []
     if "fp8-block" in options.schemes and not _fp8_native(ev.device):
-        notes.append(f"fp8-block ran on {ev.device}, which has no FP8 matmul (needs CUDA sm89+): its linears ran as the "
-                     f"{ev.fp8_fallback!r} fallback (re-quantized at load), so that row measures the fallback.")
+        notes.append(f"fp8-block ran on {ev.device}, which has no FP8 matmul (needs CUDA sm89+): its linears ran "
+                     f"as the {ev.fp8_fallback!r} fallback (re-quantized at load), so that row measures the fallback.")
     return notes
 
 

@@ -64,13 +64,15 @@ class DataDir:
             )
         self.root = Path(self.root)
         if not self.root.is_dir():
-            raise MissingDataError(f"evaluation data directory {self.root} does not exist (from --data-dir / INGOT_DATA_DIR)")
+            raise MissingDataError(
+                f"evaluation data directory {self.root} does not exist (from --data-dir / INGOT_DATA_DIR)")
 
     def path(self, rel: str) -> Path:
         """The absolute path of ``rel``; MissingDataError naming the expected path when it is not a file."""
         p = self.root / rel
         if not p.is_file():
-            raise MissingDataError(f"evaluation data file not found: expected {p} ({rel} under the data directory {self.root})")
+            raise MissingDataError(
+                f"evaluation data file not found: expected {p} ({rel} under the data directory {self.root})")
         return p
 
     def read_bytes(self, rel: str) -> bytes:
@@ -102,8 +104,9 @@ class DataDir:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataFormatError(f"{self.root / rel} line {n}: not JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
-                raise DataFormatError(f"{self.root / rel} line {n}: expected an object with string 'question' and 'answer'")
+            if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("question", "answer"))):
+                raise DataFormatError(
+                    f"{self.root / rel} line {n}: expected an object with string 'question' and 'answer'")
             rows.append(row)
         if not rows:
             raise DataFormatError(f"{self.root / rel}: no rows")
@@ -113,7 +116,8 @@ class DataDir:
         """Sorted subject names that have a ``{subject}_{split}.csv`` under ``mmlu/{split}`` (57 in MMLU)."""
         d = self.root / MMLU_DIR.format(split=split)
         if not d.is_dir():
-            raise MissingDataError(f"evaluation data folder not found: expected {d} (mmlu/{split} under the data directory {self.root})")
+            raise MissingDataError(
+                f"evaluation data folder not found: expected {d} (mmlu/{split} under the data directory {self.root})")
         suffix = f"_{split}.csv"
         subjects = sorted(p.name[: -len(suffix)] for p in d.iterdir() if p.name.endswith(suffix))
         if not subjects:

@@ -31,8 +31,8 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tens
     kl: KL(ref || model); nll / ref_nll: -log p of the target under each; top1: the argmaxes agree.
     """
     if logits.shape != ref_logits.shape:
-        raise ValueError(f"model logits {tuple(logits.shape)} and reference logits {tuple(ref_logits.shape)} differ in shape "
-                         "(different vocabularies?)")
+        raise ValueError(f"model logits {tuple(logits.shape)} and reference logits {tuple(ref_logits.shape)} differ "
+                         "in shape (different vocabularies?)")
     logp = torch.log_softmax(logits.double(), dim=-1)
     ref_logp = torch.log_softmax(ref_logits.double(), dim=-1)
     # p_ref * (log p_ref - log p): where p_ref underflows to 0 the term is 0 (exp(-inf) * finite).
@@ -69,7 +69,8 @@ def kl_divergence(score: Score, ref_score: Score, windows: torch.Tensor, cfg: Wi
         if ref_score is score:  # a model against itself (an unquantized model's own reference): one forward
             ref_logits = logits
         else:
-            _, ref_logits, _, r_seconds = next(scored_logits(ref_score, windows[start : start + logits.shape[0]], cfg.first, batch_tokens))
+            same_windows = windows[start : start + logits.shape[0]]
+            _, ref_logits, _, r_seconds = next(scored_logits(ref_score, same_windows, cfg.first, batch_tokens))
             ref_seconds += r_seconds
             ref_logits = ref_logits.to(logits.device)
         for b in range(logits.shape[0]):

@@ -49,7 +49,8 @@ def subject_name(subject: str) -> str:
 
 
 def format_question(item: MmluItem, with_answer: bool) -> str:
-    text = item.question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, item.choices)) + "\nAnswer:"
+    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, item.choices))
+    text = item.question + options + "\nAnswer:"
     return text + f" {LETTERS[item.answer]}\n\n" if with_answer else text
 
 
@@ -73,7 +74,8 @@ def choice_token_ids(tokenizer: Tokenizer) -> list[int]:
     return ids
 
 
-def encode_prompt(tokenizer: Tokenizer, item: MmluItem, dev: Sequence[MmluItem], shots: int, max_len: int | None) -> tuple[list[int], int]:
+def encode_prompt(tokenizer: Tokenizer, item: MmluItem, dev: Sequence[MmluItem], shots: int,
+                  max_len: int | None) -> tuple[list[int], int]:
     """(token ids, shots used): drops shots from the end while the prompt is longer than ``max_len``."""
     for k in range(min(shots, len(dev)), -1, -1):
         ids = tokenizer.encode(build_prompt(item, dev[:k]))

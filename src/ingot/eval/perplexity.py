@@ -88,7 +88,8 @@ def scored_logits(
         t0 = time.perf_counter()
         logits = score(batch)
         if logits.shape[:2] != batch.shape:
-            raise ValueError(f"score returned logits of shape {tuple(logits.shape)} for input {tuple(batch.shape)}; expected [B, T, vocab]")
+            raise ValueError(f"score returned logits of shape {tuple(logits.shape)} for input {tuple(batch.shape)}; "
+                             "expected [B, T, vocab]")
         logits = logits[:, first:-1]
         _sync(logits.device)
         seconds = time.perf_counter() - t0

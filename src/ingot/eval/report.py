@@ -113,19 +113,21 @@ def format_report(rows: Sequence[dict], meta: dict) -> str:
     lines = [
         f"# ingot compare: {meta.get('model')}",
         "",
-        f"- tasks: {', '.join(f'{t} (limit {n})' if n else f'{t} (all)' for t, n in limits.items())}; seed {cfg.get('seed')}",
-        f"- perplexity / KL: WikiText-2 test, windows of {cfg.get('n_ctx')} tokens, stride {cfg.get('stride') or cfg.get('n_ctx')}, "
-        f"second half of each window scored (llama.cpp); reference: {meta.get('ref')}",
+        f"- tasks: {', '.join(f'{t} (limit {n})' if n else f'{t} (all)' for t, n in limits.items())}; "
+        f"seed {cfg.get('seed')}",
+        f"- perplexity / KL: WikiText-2 test, windows of {cfg.get('n_ctx')} tokens, "
+        f"stride {cfg.get('stride') or cfg.get('n_ctx')}, second half of each window scored (llama.cpp); "
+        f"reference: {meta.get('ref')}",
         f"- device: {meta.get('device_name')}; git {meta.get('git_sha')}; {meta.get('timestamp')}",
         f"- data: {', '.join(f'{k} sha256 {v[:12]}' for k, v in sorted(meta.get('data', {}).items()))}",
         "",
         format_table(rows),
         "",
-        "bytes: all tensors written (quantized linears, their scales, and what stays BF16: embeddings, norms, lm_head). "
-        "Weight SNR: of each dequantized linear against its source, over all linears (the conversion manifest). "
-        "dPPL: against the bf16 row. KL: KL(reference || model) per scored token, float64. top-1: the two models' "
-        "argmax tokens agree. score tok/s: window tokens through score() per second (the ppl/kl pass, model only); "
-        "gen tok/s: GSM8K tokens generated per second through the engine.",
+        "bytes: all tensors written (quantized linears, their scales, and what stays BF16: embeddings, norms, "
+        "lm_head). Weight SNR: of each dequantized linear against its source, over all linears (the conversion "
+        "manifest). dPPL: against the bf16 row. KL: KL(reference || model) per scored token, float64. top-1: the two "
+        "models' argmax tokens agree. score tok/s: window tokens through score() per second (the ppl/kl pass, model "
+        "only); gen tok/s: GSM8K tokens generated per second through the engine.",
     ]
     if meta.get("notes"):
         lines += [""] + [f"- {n}" for n in meta["notes"]]

@@ -241,14 +241,17 @@ def evaluate(model_path: Path | str, options: EvalOptions, data: DataDir, *, ref
             windows = all_windows[ids]
             score: Score = model.score  # one bound method: kl_divergence recognises a model that is its own reference
             if task == "ppl":
-                metrics["ppl"], predictions["ppl"] = perplexity(score, windows, options.windows, options.batch_tokens, ids)
+                metrics["ppl"], predictions["ppl"] = perplexity(score, windows, options.windows,
+                                                                options.batch_tokens, ids)
             else:
                 ref_score = score if ref_model is model else ref_model.score
-                kl_m, kl_items, ppl_m = kl_divergence(score, ref_score, windows, options.windows, options.batch_tokens, ids)
+                kl_m, kl_items, ppl_m = kl_divergence(score, ref_score, windows, options.windows,
+                                                      options.batch_tokens, ids)
                 metrics["kl"], predictions["kl"] = kl_m, kl_items
                 if shared:
                     metrics["ppl"] = ppl_m
-                    predictions["ppl"] = [{k: it[k] for k in ("window", "start", "nll_sum", "tokens")} for it in kl_items]
+                    keys = ("window", "start", "nll_sum", "tokens")
+                    predictions["ppl"] = [{k: it[k] for k in keys} for it in kl_items]
             timing[task] = time.perf_counter() - t0
         if own_ref:
             ref_model.release()
@@ -318,15 +321,16 @@ def format_summary(results: dict) -> str:
     lines = [f"{results['model']}:"]
     if "ppl" in m:
         p = m["ppl"]
-        lines.append(f"  ppl    {p['ppl']:.4f} +/- {p['ppl_stderr'] or 0:.4f} over {p['tokens']} tokens ({p['windows']} windows)")
+        lines.append(f"  ppl    {p['ppl']:.4f} +/- {p['ppl_stderr'] or 0:.4f} over {p['tokens']} tokens "
+                     f"({p['windows']} windows)")
     if "kl" in m:
         k = m["kl"]
         lines.append(f"  kl     mean {k['kl_mean']:.6f} (p99 {k['kl_p99']:.6f}), top-1 {100 * k['top1']:.2f}%, "
                      f"dPPL {k['dppl_pct']:+.3f}% vs {results['ref']}")
     if "mmlu" in m:
         q = m["mmlu"]
-        lines.append(f"  mmlu   {100 * q['accuracy']:.2f}% (macro {100 * q['macro_accuracy']:.2f}%) of {q['n']} questions, "
-                     f"{q['subjects']} subjects")
+        lines.append(f"  mmlu   {100 * q['accuracy']:.2f}% (macro {100 * q['macro_accuracy']:.2f}%) of {q['n']} "
+                     f"questions, {q['subjects']} subjects")
     if "gsm8k" in m:
         g = m["gsm8k"]
         lines.append(f"  gsm8k  {100 * g['accuracy']:.2f}% of {g['n']} questions ({g['no_answer']} without a number)")
