@@ -560,3 +560,30 @@ def test_gpu_end_to_end_vs_ref_linear(scheme):
         y = w4a16_gemm(x, pack_int32(qw.qweight, 4), qw.scale, k, out_dtype=torch.float32)
     rel = ((y - expected).norm() / expected.norm()).item()
     assert rel < (1e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-5), f"{scheme}: relative error {rel:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["w8a16", "w4a16"])
+@pytest.mark.parametrize("m", [1, 7, 64, 300, 2048, 4096])
+@pytest.mark.parametrize("n,k", [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)])
+def test_gpu_smollm2_shapes_finite(op, m, n, k):
+    """SmolLM2-135M's linears at decode and prefill sizes (an H100 eval of int8-weight once read NaN perplexity):
+    every output finite and close to the reference, bf16 activations of realistic scale."""
+    from ingot.formats.base import pack_int32
+    from ingot.kernels.weight_only import w4a16_gemm, w8a16_gemm
+
+    g = torch.Generator(device="cuda").manual_seed(m * 7 + n + k)
+    x = (torch.randn(m, k, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g, device="cuda") * 0.05
+    scheme = Scheme.from_name("int8-weight" if op == "w8a16" else "int4-group")
+    qw = ref.quantize_weight(w, scheme)
+    expected = ref.linear(x.float(), qw)
+    if op == "w8a16":
+        y = w8a16_gemm(x, qw.qweight, qw.scale)
+    else:
+        y = w4a16_gemm(x, pack_int32(qw.qweight, 4), qw.scale, k)
+    torch.cuda.synchronize()
+    bad = (~torch.isfinite(y)).sum().item()
+    assert bad == 0, f"{op} M={m} N={n} K={k}: {bad} non-finite outputs"
+    rel = ((y.float() - expected).norm() / expected.norm()).item()
+    assert rel < 1e-2, f"{op} M={m} N={n} K={k}: relative error {rel:.3g}"
