@@ -228,6 +228,7 @@ def _eval_options(args):
         stride=args.stride,
         batch_tokens=args.batch_tokens,
         fp8_fallback=args.fp8_fallback,
+        git_sha=args.git_sha,
     )
 
 
@@ -367,6 +368,7 @@ def _add_eval_flags(p: argparse.ArgumentParser, tasks_default: str | None) -> No
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward while scoring")
     p.add_argument("--fp8-fallback", default="int8-block", choices=["int8-block", "bf16"],
                    help="what fp8-block linears run as where FP8 matmuls are missing (CPU, GPUs before sm89)")
+    p.add_argument("--git-sha", help="record this sha (a copied tree without .git); default: the checkout's")
 
 
 def build_parser() -> argparse.ArgumentParser:

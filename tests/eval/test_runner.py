@@ -54,6 +54,11 @@ def test_same_seed_same_items_other_seed_other_items(data):
     assert [i["window"] for i in c["predictions"]["ppl"]] != [i["window"] for i in a["predictions"]["ppl"]]
 
 
+def test_git_sha_given_for_a_copied_tree(data):
+    r = evaluate("m", EvalOptions(tasks=("ppl",), limit=1, n_ctx=64, git_sha="abc123"), data, model=StandInModel())
+    assert r["git"] == {"sha": "abc123", "dirty": None, "note": "given with --git-sha"}
+
+
 def test_ppl_and_kl_with_different_limits_run_separately(data):
     model, ref = StandInModel(), StandInModel(seed=1)
     r = evaluate("m", EvalOptions(tasks=("ppl", "kl"), task_limits={"ppl": 3, "kl": 2}, n_ctx=64), data,

@@ -92,7 +92,7 @@ def compare(model_path: Path | str, options: CompareOptions, data: DataDir,
             if r.get("ppl") is not None:
                 r["dppl_pct"] = 100.0 * (r["ppl"] / baseline_ppl - 1.0)
 
-    info = run_info(ev.device)
+    info = run_info(ev.device, ev.git_sha)
     dev = info["device"]
     meta = {
         "model": str(model_path),

@@ -46,6 +46,7 @@ class EvalOptions:
     gsm8k_shots: int = gsm8k_task.DEFAULT_SHOTS
     gsm8k_max_tokens: int = gsm8k_task.DEFAULT_MAX_TOKENS
     fp8_fallback: str = "int8-block"
+    git_sha: str | None = None  # for trees copied without .git (the GPU machine): the sha they were copied at
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -282,7 +283,7 @@ def evaluate(model_path: Path | str, options: EvalOptions, data: DataDir, *, ref
         "metrics": metrics,
         "predictions": predictions,
         "timing": timing,
-        **run_info(options.device),
+        **run_info(options.device, options.git_sha),
     }
     results = _finite(results)
     if out is not None:
@@ -290,11 +291,13 @@ def evaluate(model_path: Path | str, options: EvalOptions, data: DataDir, *, ref
     return results
 
 
-def run_info(device: str) -> dict:
-    """git sha, device, software versions and the time: what every ingot result records (DESIGN rule 12)."""
+def run_info(device: str, git_sha: str | None = None) -> dict:
+    """git sha (``git_sha`` when given: a tree copied without .git), device, software versions and the time: what
+    every ingot result records (DESIGN rule 12)."""
     from ingot.bench.common import device_info, git_info, load_average, software_info, timestamp
 
-    return {"git": git_info(), "device": device_info([device]), "software": software_info(),
+    git = {"sha": git_sha, "dirty": None, "note": "given with --git-sha"} if git_sha else git_info()
+    return {"git": git, "device": device_info([device]), "software": software_info(),
             "load_average": load_average(), "timestamp": timestamp()}
 
 
