@@ -136,3 +136,23 @@ def test_seeded_subset_is_fixed_sorted_and_seed_dependent():
     assert seeded_subset(100, 5, seed=0) == [5, 33, 49, 53, 97]
     with pytest.raises(ValueError, match="limit 0"):
         seeded_subset(10, 0, 0)
+
+
+def test_non_finite_windows_are_named():
+    """A model that returns NaN in one window (a kernel bug) gets ppl / KL NaN and the window named, not a silent
+    average over the rest."""
+    cfg = WindowConfig(n_ctx=16)
+    windows = make_windows(_tokens(16 * 4), cfg)
+    lm = PrefixMeanLM(vocab=V)
+
+    def broken(ids):
+        out = lm.score(ids)
+        out[(ids == windows[2]).all(1), 10] = float("nan")  # window 2, at a scored position
+        return out
+
+    metrics, items = perplexity(broken, windows, cfg, window_ids=[5, 6, 7, 8])
+    assert metrics["nonfinite_windows"] == [7] and math.isnan(metrics["ppl"])
+    assert math.isnan(items[2]["nll_sum"]) and math.isfinite(items[1]["nll_sum"])
+    kl, _, ppl = kl_divergence(broken, lm.score, windows, cfg, window_ids=[5, 6, 7, 8])
+    assert kl["nonfinite_windows"] == [7] == ppl["nonfinite_windows"] and math.isnan(kl["kl_mean"])
+    assert perplexity(lm.score, windows, cfg)[0]["nonfinite_windows"] == []

@@ -103,7 +103,9 @@ def compare(model_path: Path | str, options: CompareOptions, data: DataDir,
                         else f"CPU {dev['cpu']['model']} ({dev['cpu']['cores_usable']} cores)"),
         "git_sha": (info["git"]["sha"] or "unknown")[:12] + (" (dirty)" if info["git"]["dirty"] else ""),
         "timestamp": info["timestamp"],
-        "notes": _notes(options, ev),
+        "notes": _notes(options, ev) + [
+            f"{r['scheme']}: non-finite log-probabilities in windows {r['nonfinite_windows']} (a numerics bug in the "
+            "model): its ppl and KL are left empty" for r in rows if r.get("nonfinite_windows")],
     }
     md = out_dir / "report.md"
     md_tmp = md.with_name(md.name + ".tmp")

@@ -87,7 +87,7 @@ def kl_divergence(score: Score, ref_score: Score, windows: torch.Tensor, cfg: Wi
     kl = torch.cat(kls)
     n = kl.numel()
     mean = float(kl.mean())
-    ppl_metrics = window_metrics(stats, windows, model_seconds)
+    ppl_metrics = window_metrics(stats, windows, model_seconds, window_ids)
     ref_ppl = ref_stats.result()
     agree = top1 / n
     metrics = {
@@ -99,6 +99,9 @@ def kl_divergence(score: Score, ref_score: Score, windows: torch.Tensor, cfg: Wi
         "top1_stderr": math.sqrt(agree * (1 - agree) / (n - 1)) if n > 1 else float("nan"),
         "tokens": n,
         "windows": n_windows,
+        "nonfinite_windows": sorted(set(ppl_metrics["nonfinite_windows"]) | {
+            w for w, k in zip(window_ids if window_ids is not None else range(n_windows), window_kl)
+            if not math.isfinite(k)}),
         "ppl": ppl_metrics["ppl"],
         "ref_ppl": ref_ppl["ppl"],
         "dppl_pct": 100.0 * (ppl_metrics["ppl"] / ref_ppl["ppl"] - 1.0),

@@ -144,8 +144,8 @@ def perplexity(score: Score, windows: torch.Tensor, cfg: WindowConfig, batch_tok
     """Perplexity of ``score`` on ``windows`` int64 [W, n_ctx] (from ``make_windows``).
 
     Returns (metrics, per-window items). metrics: ppl, ppl_stderr, nll_mean, tokens (scored), windows,
-    model_seconds, model_tokens_per_s (window tokens through ``score`` per second). ``window_ids``: each
-    window's index in the full list (for the items), default 0..W-1.
+    nonfinite_windows, model_seconds, model_tokens_per_s (window tokens through ``score`` per second).
+    ``window_ids``: each window's index in the full list (for the items), default 0..W-1.
     """
     stats = NllStats(windows.shape[0])
     model_seconds = 0.0
@@ -154,11 +154,16 @@ def perplexity(score: Score, windows: torch.Tensor, cfg: WindowConfig, batch_tok
         for b in range(logits.shape[0]):
             for rows in row_chunks(logits.shape[1], logits.shape[2]):
                 stats.add(start + b, token_nll(logits[b, rows], targets[b, rows]).cpu())
-    return window_metrics(stats, windows, model_seconds), window_items(stats, cfg, window_ids)
+    return window_metrics(stats, windows, model_seconds, window_ids), window_items(stats, cfg, window_ids)
 
 
-def window_metrics(stats: NllStats, windows: torch.Tensor, model_seconds: float) -> dict:
+def window_metrics(stats: NllStats, windows: torch.Tensor, model_seconds: float,
+                   window_ids: list[int] | None = None) -> dict:
+    """NllStats.result() plus windows, timing and ``nonfinite_windows``: the ids of windows whose log-probabilities
+    were NaN or inf (a numerics bug in the model: ppl is then NaN, written as null, and these name where to look)."""
     m = stats.result()
+    ids = window_ids if window_ids is not None else list(range(len(stats.window_nll)))
+    m["nonfinite_windows"] = [w for w, nll in zip(ids, stats.window_nll) if not math.isfinite(nll)]
     m["windows"] = windows.shape[0]
     m["model_seconds"] = model_seconds
     m["model_tokens_per_s"] = windows.numel() / model_seconds if model_seconds > 0 else None

@@ -47,6 +47,9 @@ def make_row(scheme: str, manifest: dict | None, results: dict, baseline_ppl: fl
         row["gen_tokens_per_s"] = m["gsm8k"]["gen_tokens_per_s"]
     if "mmlu" in m:
         row["mmlu_pct"] = 100.0 * m["mmlu"]["accuracy"]
+    bad = sorted(set(m.get("ppl", {}).get("nonfinite_windows", [])) | set(m.get("kl", {}).get("nonfinite_windows", [])))
+    if bad:
+        row["nonfinite_windows"] = bad
     scoring = m.get("kl") or m.get("ppl")
     if scoring and scoring.get("model_seconds"):
         windows, n_ctx = scoring["windows"], results["config"]["n_ctx"]

@@ -337,5 +337,10 @@ def format_summary(results: dict) -> str:
     if "gsm8k" in m:
         g = m["gsm8k"]
         lines.append(f"  gsm8k  {100 * g['accuracy']:.2f}% of {g['n']} questions ({g['no_answer']} without a number)")
+    for task in ("ppl", "kl"):
+        bad = m.get(task, {}).get("nonfinite_windows")
+        if bad:
+            lines.append(f"  WARNING {task}: non-finite log-probabilities in windows {bad} (a numerics bug in the "
+                         "model; its ppl/KL are null)")
     lines.append(f"  {results['timing']['total']:.1f}s")
     return "\n".join(lines)
