@@ -30,9 +30,9 @@ demo: setup
 	$(BIN)/ingot inspect $(addprefix $(DEMO_DIR)/,$(SCHEMES))
 
 # Compare every scheme of the embedded model on small seeded subsets: WikiText-2 perplexity and KL (8 windows of
-# 512 tokens), MMLU (20 questions), GSM8K (4 questions); prints the table, writes $(COMPARE_DIR)/report.{md,png}.
+# 512 tokens), MMLU (16 questions), GSM8K (3 questions); prints the table, writes $(COMPARE_DIR)/report.{md,png}.
 compare: setup
-	$(BIN)/ingot compare smollm2-135m-instruct --tasks ppl,kl,mmlu,gsm8k --limit 8,mmlu=20,gsm8k=4 --workdir $(COMPARE_DIR)
+	$(BIN)/ingot compare smollm2-135m-instruct --tasks ppl,kl,mmlu,gsm8k --limit 8,mmlu=16,gsm8k=3 --workdir $(COMPARE_DIR)
 
 # The full CPU suite (gpu tests skip themselves without CUDA).
 test: setup
