@@ -343,6 +343,7 @@ def cmd_bench_e2e(args) -> int:
         output_len=args.output_len,
         device=args.device,
         hf_peer=not args.no_hf,
+        hf_compile=not args.hf_no_compile,
         cuda_graphs=not args.eager,
         out=Path(args.out) if args.out else None,
         command=" ".join(["ingot", *sys.argv[1:]]),
@@ -437,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output-len", type=int, default=128, help="generated tokens per request (eos ignored)")
     b.add_argument("--device", default="cuda")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers generate peer")
+    b.add_argument("--hf-no-compile", action="store_true",
+                   help="run the transformers peer without its static-cache torch.compile (default: compiled, "
+                        "compile time excluded by identical warm-up calls)")
     b.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
     b.add_argument("--out", help="results JSON (default: benchmarks/results/e2e-<device>-<date>.json)")
     b.add_argument("--git-sha", help="record this sha (a copied tree without .git); default: the checkout's")

@@ -50,6 +50,12 @@ def test_bench_e2e_cpu_tiny(tmp_path):
     assert int8["decode_read"]["weights"] < bf16["decode_read"]["weights"]
     assert on_disk["hf_peer"]["status"] == "ok", on_disk["hf_peer"]
     assert on_disk["hf_peer"]["weights_copied"]["missing"] == 0
+    # what the peer ran: static cache, compiled or not (never on CPU), warm-up calls identical to the timed ones
+    peer = on_disk["hf_peer"]
+    assert peer["static_cache"] and peer["compiled"] is False and "not compiled" in peer["compile_note"]
+    row = peer["batches"][0]
+    assert set(row["warmup_s"]) == set(row["timed_s"]) == {"4", "1"}
+    assert all(len(t) == 2 for t in row["timed_s"].values())
     assert "bf16_vs_hf_generate_batch1" in on_disk["ratios"]
     assert any("transformers" in name for name in on_disk["targets"])
     assert results["targets"] == on_disk["targets"]
@@ -106,3 +112,24 @@ def test_cli_bench_e2e(tmp_path, capsys):
     assert set(results["ratios"]["vs_bf16_tokens_per_s"]) == {"int8-block"}
     assert "int8-block" in capsys.readouterr().out
     assert main(["bench", "e2e", "--random-weights", "deepseek-v3", "--device", "cpu"]) == 1  # needs --layers
+
+
+def test_hf_peer_falls_back_to_eager_when_compiled_timings_are_unstable(monkeypatch):
+    """A compiled peer whose identical timed calls disagree (a recompile inside the timing) is measured again with
+    transformers' compile disabled, and the JSON says why."""
+    import ingot.bench.e2e as e2e
+
+    calls = []
+
+    def fake_batch(hf, b, config, options, device, gen):
+        calls.append(dict(gen))
+        hf._compiled_call = object()  # as transformers' get_compiled_call leaves it
+        stable = gen.get("disable_compile", False)
+        return {"batch": b, "output_tokens_per_s": 1.0, "tpot_ms": 1.0, "timed_s": {"4": [1.0, 1.0 if stable else 9.0]},
+                "stable": stable}
+
+    monkeypatch.setattr(e2e, "_hf_batch", fake_batch)
+    opts = BenchE2EOptions(model="x", schemes=("bf16",), batch_sizes=(1,), input_len=3, output_len=4, device="cpu")
+    peer = e2e.bench_hf(dict(TINY), opts, torch.device("cpu"))
+    assert peer["status"] == "ok" and peer["compiled"] is False and "compile disabled" in peer["compile_note"]
+    assert [c.get("disable_compile") for c in calls] == [None, True] and peer["generate"]["disable_compile"] is True

@@ -115,8 +115,8 @@ def test_graph_buckets():
 
 def test_padded_decode_buffers_match_the_eager_step():
     """The CUDA-graph path's inputs, run eagerly on CPU: a batch of 3 padded to bucket 4 (slot -1, seq_len 0 rows)
-    gives the eager step's logits for the 3 real rows, and the padded row writes no cache."""
-    from ingot.engine.runner import RunnerConfig, _DecodeGraphs
+    gives the exact-size step's logits for the 3 real rows, and the padded row writes no cache."""
+    from ingot.engine.runner import DecodeBuffers
 
     model = ToyLM()
     llm = engine(model, max_num_seqs=4)
@@ -127,22 +127,53 @@ def test_padded_decode_buffers_match_the_eager_step():
     sched.update(out, [1, 2, 3])
     decode = sched.schedule()
     assert decode.is_decode and len(decode.scheduled) == 3
-    eager = llm.runner.execute(decode)
-    graphs = _DecodeGraphs(model, RunnerConfig(4, llm.max_model_len), llm.kv_cache.block_size, torch.device("cpu"))
-    bucket = graphs.fill(decode)
-    assert bucket == 4 and graphs.slot_mapping[3] == -1 and graphs.seq_lens[3] == 0
-    real = graphs.slot_mapping[:3].tolist()
+    exact = llm.runner.execute(decode)  # the runner's own decode buffers, 3 rows
+    buf = DecodeBuffers(4, llm.max_model_len, llm.kv_cache.block_size, torch.device("cpu"))
+    buf.fill(decode.scheduled, 4)
+    assert buf.slot_mapping[3] == -1 and buf.seq_lens[3] == 0
+    for i, s in enumerate(decode.scheduled):
+        assert buf.block_tables[i, : len(s.seq.block_table)].tolist() == s.seq.block_table
+    real = buf.slot_mapping[:3].tolist()
     for k, v in llm.kv_cache.caches:  # clear the new tokens' slots: the padded run must write exactly these back
         for t in (k, v):
             t.view(-1, *t.shape[2:])[real] = 0.0
     before = [k.clone() for k, _ in llm.kv_cache.caches]
     with torch.inference_mode():
-        padded = model.compute_logits(graphs._run(bucket))
-    torch.testing.assert_close(padded[:3], eager, atol=1e-5, rtol=1e-5)
+        padded = model.compute_logits(model.forward(buf.input_ids[:4], buf.positions[:4], buf.meta(4)))
+    torch.testing.assert_close(padded[:3], exact, atol=1e-5, rtol=1e-5)
+    eager = build_inputs(decode, llm.kv_cache.block_size, torch.device("cpu"))  # the prefill path's inputs agree
+    assert eager.meta.slot_mapping.tolist() == real and eager.input_ids.tolist() == buf.input_ids[:3].tolist()
     bs = llm.kv_cache.block_size
     for (k, _), old in zip(llm.kv_cache.caches, before):
         changed = (k != old).any(-1).any(-1).nonzero().tolist()
         assert sorted(b * bs + o for b, o in changed) == sorted(real)  # the padded row wrote nothing
+
+
+def test_decode_buffers_rewrite_tables_when_rows_change():
+    """Table columns are cached per row: a sequence that gains a block, a row taken by another sequence and a
+    preempted sequence re-admitted with new blocks of the same count are all rewritten."""
+    from ingot.engine.runner import DecodeBuffers
+
+    buf = DecodeBuffers(2, 64, 4, torch.device("cpu"))
+
+    def seq(i, blocks, n):
+        s = Sequence(i, list(range(n)), SamplingParams())
+        s.block_table, s.num_computed_tokens = list(blocks), n - 1
+        return s
+
+    a, b = seq(0, [3, 4], 6), seq(1, [7], 2)
+    buf.fill((ScheduledSeq.of(a, 1), ScheduledSeq.of(b, 1)), 2)
+    assert buf.block_tables[0, :2].tolist() == [3, 4] and buf.block_tables[1, :1].tolist() == [7]
+    a.block_table.append(9)
+    a.token_ids += [1] * 4
+    a.num_computed_tokens = 9
+    buf.fill((ScheduledSeq.of(b, 1), ScheduledSeq.of(a, 1)), 2)  # a moved to row 1 and grew
+    assert buf.block_tables[0, :1].tolist() == [7] and buf.block_tables[1, :3].tolist() == [3, 4, 9]
+    assert buf.slot_mapping.tolist() == [7 * 4 + 1, 9 * 4 + 1] and buf.seq_lens.tolist() == [2, 10]
+    b.block_table, b.num_preemptions = [5], 1  # recomputed after a preemption: same block count, new block
+    buf.fill((ScheduledSeq.of(b, 1),), 2)
+    assert buf.block_tables[0, :1].tolist() == [5] and buf.slot_mapping.tolist() == [5 * 4 + 1, -1]
+    assert buf.seq_lens.tolist() == [2, 0]
 
 
 def test_plan_engine_cpu_defaults_overrides_and_refusals():
@@ -164,3 +195,12 @@ def test_plan_engine_cpu_defaults_overrides_and_refusals():
         EngineConfig(mem_fraction=0.0)
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineConfig(max_num_seqs=0)
+
+
+def test_one_token_chunks_beside_decodes_keep_greedy_outputs():
+    """A budget of 2 with 2 sequences: a decode plus a 1-token chunk of the next prompt makes an all-one-token
+    ("decode") step in which one row does not sample; only the sampling rows reach the sampler."""
+    model = ToyLM()
+    refs = [greedy_reference(model, p, 6) for p in PROMPTS[:3]]
+    llm = engine(model, max_num_batched_tokens=2, max_num_seqs=2)
+    assert [o.token_ids for o in llm.generate(PROMPTS[:3], SamplingParams(max_tokens=6))] == refs

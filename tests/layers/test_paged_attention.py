@@ -221,3 +221,66 @@ def test_attention_module_paths_and_cache_checks():
         Attention(6, 4, 8, 8, 1.0)
     with pytest.raises(ValueError, match="shared_kv"):
         KVSpec(1, 16, 24, True)
+
+
+def _with_host_lengths(meta):
+    cu = meta.cu_query_lens.tolist()
+    return AttnMetadata(meta.cu_query_lens, meta.seq_lens, meta.slot_mapping, meta.block_tables, meta.max_query_len,
+                        meta.max_seq_len, query_lens_host=tuple(b - a for a, b in zip(cu, cu[1:])),
+                        seq_lens_host=tuple(meta.seq_lens.tolist()))
+
+
+@pytest.mark.parametrize("ctx, qn", [
+    ((6, 6, 6), (6, 6, 6)),  # fresh prompts of one length: one batched causal call, no mask
+    ((7, 3, 12, 5, 1), (7, 3, 4, 1, 1)),  # uneven prompts, a chunk over cached context, decodes: masked + decode rows
+    ((9,), (2,)),  # one chunk
+])
+@pytest.mark.parametrize("window", [None, 3])
+def test_prefill_plan_paths_match_naive(ctx, qn, window):
+    q, kc, vc, meta, kf, vf = _batch(ctx, qn, h=4, hkv=2, dk=16, dv=12, pad_rows=1)
+    ref = _naive(q, kf, vf, qn, _scale(16), window=window, pad_rows=1)
+    for m in (meta, _with_host_lengths(meta)):
+        out = paged_attention(q, kc, vc, m, _scale(16), 12, window=window)
+        assert (out.double() - ref).abs().max().item() < 1e-5
+        assert m.prefill_plan is not None  # built by the first call; a model's other layers reuse it
+        assert (paged_attention(q, kc, vc, m, _scale(16), 12, window=window) - out).abs().max().item() == 0
+
+
+def test_prefill_path_with_host_lengths_has_no_host_sync():
+    """With the host copies of the lengths (what the engine passes), prefill and mixed steps run on the meta device:
+    no .tolist() / .item() / data-dependent shape, per layer or per step."""
+    meta_dev = torch.device("meta")
+    qlens, ctxs = (5, 1, 3), (5, 9, 7)
+    b, t, h, hkv, dk, blocks = 3, sum(qlens), 4, 2, 16, 4
+    md = AttnMetadata(
+        cu_query_lens=torch.empty(b + 1, dtype=torch.int32, device=meta_dev),
+        seq_lens=torch.empty(b, dtype=torch.int32, device=meta_dev),
+        slot_mapping=torch.empty(t, dtype=torch.int64, device=meta_dev),
+        block_tables=torch.empty(b, blocks, dtype=torch.int32, device=meta_dev),
+        max_query_len=5, max_seq_len=9, query_lens_host=qlens, seq_lens_host=ctxs,
+    )
+    k_cache = torch.empty(20, BS, hkv, dk, device=meta_dev)
+    v_cache = torch.empty(20, BS, hkv, dk, device=meta_dev)
+    q = torch.empty(t, h, dk, device=meta_dev)
+    out = paged_attention(q, k_cache, v_cache, md, 0.1, dk)
+    assert out.shape == (t, h, dk) and out.device == meta_dev
+
+
+def test_prefill_groups_bound_the_padding():
+    """A long chunk is not batched with many short ones (its length would pad them all): every group's padded query and
+    context rows stay within PAD_FACTOR x its real rows (+ PAD_SLACK); results still match the naive attention."""
+    from ingot.layers.attention import PAD_FACTOR, PAD_SLACK, PrefillPlan
+
+    qlens, ctxs = [800] + [3] * 20, [800] + [3 + i % 4 for i in range(20)]
+    groups = PrefillPlan._group(list(range(21)), qlens, ctxs)
+    assert sorted(b for g in groups for b in g) == list(range(21)) and len(groups) == 2
+    assert max(len(g) for g in groups) >= 19  # the short ones share one call
+    for g in groups:
+        assert len(g) * max(qlens[b] for b in g) <= PAD_FACTOR * sum(qlens[b] for b in g) + PAD_SLACK
+        assert len(g) * max(ctxs[b] for b in g) <= PAD_FACTOR * sum(ctxs[b] for b in g) + PAD_SLACK
+    ctx, qn = (300, 3, 4, 3, 310), (300, 3, 2, 3, 280)
+    q, kc, vc, meta, kf, vf = _batch(ctx, qn, h=4, hkv=2, dk=16, dv=16)
+    plan = PrefillPlan.build(meta)
+    assert sorted(b for g in plan.groups for b in g.seqs.tolist()) == [0, 1, 2, 3, 4] and plan.decode_rows is None
+    out = paged_attention(q, kc, vc, meta, _scale(16), 16)
+    assert (out.double() - _naive(q, kf, vf, qn, _scale(16))).abs().max().item() < 1e-5

@@ -18,8 +18,13 @@ with it.
 
 transformers peer: the same architecture in BF16 (``AutoModelForCausalLM.from_config``, the ingot BF16 model's
 weights copied in by name where they line up), ``generate`` with a static cache, greedy, min_new_tokens =
-max_new_tokens = output_len; TTFT from a separate max_new_tokens = 1 call. Skipped (with the reason) where
-transformers is missing.
+max_new_tokens = output_len; TTFT from a separate max_new_tokens = 1 call. transformers 5 compiles the decode forward
+of a static-cache generate (torch.compile, mode "reduce-overhead") on CUDA the first time it runs: ~40 s for
+Llama-3-8B, which an untimed 2-token warm-up did not cover (other lengths, other cache size), so it once landed in
+the timing (1.5 tok/s at batch 1). Now both timed calls are first made once, identically (same batch, prompt,
+max_new_tokens), then timed twice each; if the two timings of a call differ by more than 25% (a recompile), the peer
+is measured again with compile disabled, and the JSON says so (``compiled``, ``compile_note``). ``hf_compile=False``
+disables it from the start. Skipped (with the reason) where transformers is missing.
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class BenchE2EOptions:
     device: str = "cuda"
     hf_peer: bool = True
     hf_batch_sizes: tuple[int, ...] = (1,)
+    hf_compile: bool = True  # let transformers compile the static-cache decode (its default on CUDA), warm-up excluded
     cuda_graphs: bool = True
     block_size: int = 16
     out: Path | None = None  # default: benchmarks/results/e2e-<device>-<date>.json
@@ -290,6 +296,44 @@ def bench_scheme(scheme: str, config: dict, options: BenchE2EOptions, device: to
 # ------------------------------------------------------------------------------------------------- peer
 
 
+HF_UNSTABLE = 1.25  # two timings of one identical generate call further apart than this: something recompiled
+
+
+def _hf_time(hf, ids, n: int, gen: dict, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **gen)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    if out.shape[1] != ids.shape[1] + n:
+        raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} tokens, not {n}")
+    return dt
+
+
+def _hf_batch(hf, b: int, config: dict, options: BenchE2EOptions, device: torch.device, gen: dict) -> dict:
+    """Warm up with the very calls that are timed (output_len first: its static cache also serves the 1-token call),
+    then time each twice."""
+    prompts = _prompts(b, options.input_len, int(config["vocab_size"]), options.seed + b)
+    ids = torch.tensor(prompts, device=device)
+    lengths = (options.output_len, 1)
+    with torch.inference_mode():
+        warm = {n: _hf_time(hf, ids, n, gen, device) for n in lengths}
+        _reset_peak(device)
+        timed = {n: [_hf_time(hf, ids, n, gen, device) for _ in range(2)] for n in lengths}
+    full, first = min(timed[options.output_len]), min(timed[1])
+    return {
+        "batch": b,
+        "wall_s": round(full, 4),
+        "output_tokens_per_s": round(b * options.output_len / full, 2),
+        "ttft_ms": round(1e3 * first, 3),
+        "tpot_ms": round(1e3 * (full - first) / (options.output_len - 1), 4),
+        "peak_memory_bytes": _peak_memory(device),
+        "warmup_s": {str(n): round(t, 3) for n, t in warm.items()},
+        "timed_s": {str(n): [round(t, 4) for t in ts] for n, ts in timed.items()},
+        "stable": all(max(ts) <= HF_UNSTABLE * min(ts) for ts in timed.values()),
+    }
+
+
 def bench_hf(config: dict, options: BenchE2EOptions, device: torch.device, weights=None) -> dict:
     """transformers generate (static cache) on the same architecture in BF16; ``weights``: an ingot BF16 model whose
     tensors are copied in by name."""
@@ -313,34 +357,26 @@ def bench_hf(config: dict, options: BenchE2EOptions, device: torch.device, weigh
                       "missing_examples": result.missing_keys[:5]}
         except RuntimeError as e:  # a tensor of another shape under the same name: keep the random init
             copied = {"error": str(e)[:300]}
-    rows = []
     gen = dict(do_sample=False, cache_implementation="static", pad_token_id=0, eos_token_id=None)
+    note = "compile disabled (hf_compile=False)"
+    if not options.hf_compile:
+        gen["disable_compile"] = True
     try:
-        for b in options.hf_batch_sizes:
-            prompts = _prompts(b, options.input_len, int(config["vocab_size"]), options.seed + b)
-            ids = torch.tensor(prompts, device=device)
-            with torch.inference_mode():
-                hf.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
-                times = {}
-                for n in (1, options.output_len):
-                    _reset_peak(device)
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **gen)
-                    _sync(device)
-                    times[n] = time.perf_counter() - t0
-                    if out.shape[1] != options.input_len + n:
-                        raise RuntimeError(f"generate returned {out.shape[1] - options.input_len} tokens, not {n}")
-            full, first = times[options.output_len], times[1]
-            rows.append({
-                "batch": b,
-                "wall_s": round(full, 4),
-                "output_tokens_per_s": round(b * options.output_len / full, 2),
-                "ttft_ms": round(1e3 * first, 3),
-                "tpot_ms": round(1e3 * (full - first) / (options.output_len - 1), 4),
-                "peak_memory_bytes": _peak_memory(device),
-            })
-            print(f"transformers batch {b:>4}: {rows[-1]['output_tokens_per_s']:>10.1f} tok/s", flush=True)
+        rows = [_hf_batch(hf, b, config, options, device, gen) for b in options.hf_batch_sizes]
+        compiled = hasattr(hf, "_compiled_call")  # transformers' get_compiled_call caches it on first use
+        if options.hf_compile:
+            note = ("not compiled (transformers compiles only on CUDA-like devices)" if not compiled else
+                    "compiled; the compile ran in the untimed warm-up calls (identical to the timed ones)")
+        if compiled and not all(r["stable"] for r in rows):
+            unstable = [r["timed_s"] for r in rows if not r["stable"]]
+            gen["disable_compile"] = True
+            rows = [_hf_batch(hf, b, config, options, device, gen) for b in options.hf_batch_sizes]
+            compiled = False
+            note = (f"compile disabled: with it, repeated identical calls differed by more than {HF_UNSTABLE}x "
+                    f"({unstable}: a recompile inside the timing), so these numbers are eager")
+        for r in rows:
+            print(f"transformers batch {r['batch']:>4}: {r['output_tokens_per_s']:>10.1f} tok/s, TPOT "
+                  f"{r['tpot_ms']:.3f} ms ({note})", flush=True)
     except Exception as e:
         return {"status": f"error: {type(e).__name__}: {str(e)[:300]}", "transformers": transformers.__version__}
     finally:
@@ -349,7 +385,8 @@ def bench_hf(config: dict, options: BenchE2EOptions, device: torch.device, weigh
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"status": "ok", "transformers": transformers.__version__, "weights_copied": copied,
-            "generate": {**gen, "min_new_tokens": "= max_new_tokens"}, "batches": rows}
+            "generate": {**gen, "min_new_tokens": "= max_new_tokens"}, "static_cache": True, "compiled": compiled,
+            "compile_note": note, "batches": rows}
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -152,7 +152,8 @@ class LLM:
         return None
 
     def _step(self, requests: dict[int, _Request]) -> list[_Request]:
-        """One engine step; returns the requests that got a token."""
+        """One engine step; returns the requests that got a token. The sampled ids are the step's one read from the
+        device; everything else here is host bookkeeping over Python lists."""
         out = self.scheduler.schedule()
         logits = self.runner.execute(out)
         sampling = [s.seq for s in out.scheduled if s.samples]
@@ -167,7 +168,7 @@ class LLM:
             touched.append(req)
         return touched
 
-    def _run(self, prompts, params) -> Iterator[tuple[_Request, StreamDelta]]:
+    def _start(self, prompts, params) -> dict[int, _Request]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             raise TypeError("prompts must be a list of strings or a list of token-id lists")
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
@@ -180,18 +181,32 @@ class LLM:
             for i, (prompt, p) in enumerate(zip(prompts, plist)):
                 req = self._add(i, prompt, p)
                 requests[req.seq.seq_id] = req
+        except BaseException:
+            self._abort(requests)
+            raise
+        return requests
+
+    def _abort(self, requests: dict[int, _Request]) -> None:
+        for req in requests.values():
+            if not req.seq.is_finished:
+                self.scheduler.finish(req.seq, "abort")
+
+    def _run(self, requests: dict[int, _Request]) -> Iterator[list[_Request]]:
+        """Step until every request is finished, yielding the requests that got a token in each step."""
+        try:
             while self.scheduler.has_unfinished():
-                for req in self._step(requests):
-                    done = req.seq.is_finished
-                    visible = len(req.text) if done else max(req.emitted_chars, len(req.text) - req.holdback)
-                    text = req.text[req.emitted_chars : visible]
-                    ids = req.seq.output_token_ids[req.emitted_tokens :]
-                    req.emitted_chars, req.emitted_tokens = visible, req.seq.num_output_tokens
-                    yield req, StreamDelta(req.index, text, ids, req.seq.finish_reason if done else None)
+                yield self._step(requests)
         finally:  # a consumer that stops early (or an error) must not leave sequences holding cache blocks
-            for req in requests.values():
-                if not req.seq.is_finished:
-                    self.scheduler.finish(req.seq, "abort")
+            self._abort(requests)
+
+    @staticmethod
+    def _delta(req: _Request) -> StreamDelta:
+        done = req.seq.is_finished
+        visible = len(req.text) if done else max(req.emitted_chars, len(req.text) - req.holdback)
+        text = req.text[req.emitted_chars : visible]
+        ids = req.seq.token_ids[req.seq.num_prompt_tokens + req.emitted_tokens :]
+        req.emitted_chars, req.emitted_tokens = visible, req.seq.num_output_tokens
+        return StreamDelta(req.index, text, ids, req.seq.finish_reason if done else None)
 
     # ------------------------------------------------------------------------------------------- public
 
@@ -201,24 +216,28 @@ class LLM:
         """Run the prompts to completion, yielding each request's new text and token ids after every step that gave
         it a token; its last delta carries finish_reason. While stop strings are set, text lags by
         len(longest stop) - 1 characters (a stop string may be forming), released when the request ends."""
-        for _, delta in self._run(prompts, params):
-            yield delta
+        run = self._run(self._start(prompts, params))
+        try:
+            for touched in run:
+                for req in touched:
+                    yield self._delta(req)
+        finally:
+            run.close()  # at once, not at garbage collection: an early exit frees the cache blocks now
 
     def generate(
         self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """Generate for every prompt (one SamplingParams for all, or one each); outputs in prompt order."""
-        finished: dict[int, _Request] = {}
-        for req, delta in self._run(prompts, params):
-            if delta.finish_reason is not None:
-                finished[req.index] = req
+        requests = self._start(prompts, params)
+        for _ in self._run(requests):  # no per-step deltas: only the finished requests are read
+            pass
         outputs = []
-        for i in range(len(prompts)):
-            seq = finished[i].seq
+        for req in sorted(requests.values(), key=lambda r: r.index):
+            seq = req.seq
             outputs.append(RequestOutput(
-                index=i,
+                index=req.index,
                 prompt_token_ids=seq.prompt_token_ids,
-                text=finished[i].text,
+                text=req.text,
                 token_ids=seq.output_token_ids,
                 finish_reason=seq.finish_reason,
                 ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,

@@ -1,13 +1,19 @@
 """ModelRunner: turns a scheduled step into model inputs, runs the model, and returns the logits that sample.
 
-Eager steps (prefill, mixed, and everything on CPU) build exact-size inputs. Decode steps on CUDA replay a CUDA
-graph captured at the smallest bucket >= the batch (1, 2, 4, 8, 16, 24, 32, ..., max_num_seqs): the step's inputs
-are copied into static buffers, padded rows get slot -1 and seq_len 0 (they write no cache and produce zeros, per
+Decode steps (one new token per sequence) fill persistent buffers of max_num_seqs rows in place (``DecodeBuffers``:
+a host staging copy, pinned on CUDA, then two host-to-device copies; on CPU the buffers are the host arrays). On CUDA
+they replay a CUDA graph captured at the smallest bucket >= the batch (1, 2, 4, 8, 16, 24, 32, ..., max_num_seqs)
+over those buffers: padded rows get slot -1 and seq_len 0 (they write no cache and produce zeros, per
 ingot.layers.attention.AttnMetadata), and the graph runs the forward with no host work per layer (a decode of a
-30-layer model launches hundreds of kernels; the graph launches one); compute_logits follows eagerly. A forward
-that syncs with the host (DeepSeek's MoE counts tokens per expert; such models say so with
+32-layer model launches ~1000 kernels; the graph launches one); compute_logits follows eagerly. Without graphs (CPU,
+or a model whose forward syncs with the host) the same buffers feed an eager forward of exactly the batch.
+
+Prefill and mixed steps build exact-size inputs (``build_inputs``: numpy on the host, one copy per dtype) and pass
+the host copies of query and context lengths in the metadata, so attention plans the step without reading them back.
+
+A forward that syncs with the host (DeepSeek's MoE counts tokens per expert; such models say so with
 ``supports_cuda_graphs = False``) cannot be captured: decode then runs eagerly, with a warning, as it does when
-a capture fails.
+a capture fails. The step's only device-to-host read is the sampled token ids (``Sampler.sample``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 
 from ingot.engine.kv_cache import KVCache
-from ingot.engine.scheduler import SchedulerOutput
+from ingot.engine.scheduler import ScheduledSeq, SchedulerOutput
 from ingot.layers.attention import AttnMetadata
 
 
@@ -54,67 +60,135 @@ class StepInputs:
 
 
 def build_inputs(out: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
-    """Exact-size inputs of a scheduled step (host lists, one copy per tensor)."""
-    ids: list[int] = []
-    pos: list[int] = []
-    slots: list[int] = []
-    cu = [0]
-    seq_lens: list[int] = []
-    rows: list[int] = []
-    width = max(len(s.seq.block_table) for s in out.scheduled)
-    tables = []
-    for s in out.scheduled:
+    """Exact-size inputs of a scheduled step: built in numpy, one host-to-device copy per dtype."""
+    scheduled = out.scheduled
+    b = len(scheduled)
+    qlens = [s.num_new_tokens for s in scheduled]
+    ctxs = [s.start + s.num_new_tokens for s in scheduled]
+    t = sum(qlens)
+    width = max(len(s.seq.block_table) for s in scheduled)
+    rows = []
+    # int64: input_ids [T] | positions [T] | slot_mapping [T] | logits_rows [n]
+    i64 = np.empty(3 * t + sum(s.samples for s in scheduled), dtype=np.int64)
+    # int32: cu_query_lens [B + 1] | seq_lens [B] | block_tables [B, width] (padding: block 0, never read)
+    i32 = np.zeros(2 * b + 1 + b * width, dtype=np.int32)
+    table = i32[2 * b + 1 :].reshape(b, width)
+    row = 0
+    for i, s in enumerate(scheduled):
         seq, start, n = s.seq, s.start, s.num_new_tokens
-        ids.extend(seq.token_ids[start : start + n])
-        pos.extend(range(start, start + n))
-        table = seq.block_table
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
-        cu.append(cu[-1] + n)
-        seq_lens.append(start + n)
-        tables.append(table + [0] * (width - len(table)))
+        bt = seq.block_table
+        pos = np.arange(start, start + n)
+        i64[row : row + n] = seq.token_ids[start : start + n]
+        i64[t + row : t + row + n] = pos
+        blocks = np.asarray(bt, dtype=np.int64)[pos // block_size]
+        i64[2 * t + row : 2 * t + row + n] = blocks * block_size + pos % block_size
+        table[i, : len(bt)] = bt
+        row += n
         if s.samples:
-            rows.append(cu[-1] - 1)
-
-    def tensor(data, dtype):
-        return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
-
+            rows.append(row - 1)
+    i64[3 * t :] = rows
+    i32[1 : b + 1] = np.cumsum(qlens)
+    i32[b + 1 : 2 * b + 1] = ctxs
+    d64 = torch.from_numpy(i64).to(device, non_blocking=True)  # pageable: staged before the call returns
+    d32 = torch.from_numpy(i32).to(device, non_blocking=True)
     meta = AttnMetadata(
-        cu_query_lens=tensor(cu, torch.int32),
-        seq_lens=tensor(seq_lens, torch.int32),
-        slot_mapping=tensor(slots, torch.int64),
-        block_tables=tensor(tables, torch.int32),
-        max_query_len=max(s.num_new_tokens for s in out.scheduled),
-        max_seq_len=max(seq_lens),
+        cu_query_lens=d32[: b + 1],
+        seq_lens=d32[b + 1 : 2 * b + 1],
+        slot_mapping=d64[2 * t : 3 * t],
+        block_tables=d32[2 * b + 1 :].view(b, width),
+        max_query_len=max(qlens),
+        max_seq_len=max(ctxs),
+        query_lens_host=tuple(qlens),
+        seq_lens_host=tuple(ctxs),
     )
-    return StepInputs(tensor(ids, torch.int64), tensor(pos, torch.int64), meta, tensor(rows, torch.int64))
+    return StepInputs(d64[:t], d64[t : 2 * t], meta, d64[3 * t :])
 
 
-class _DecodeGraphs:
-    """Static decode buffers of max_num_seqs rows and one captured graph per bucket (views of those buffers)."""
+class DecodeBuffers:
+    """Decode inputs of up to max_num_seqs rows, in persistent device tensors filled in place every step.
 
-    def __init__(self, model, config: RunnerConfig, block_size: int, device: torch.device):
-        self.model, self.block_size = model, block_size
-        n, self.max_blocks = config.max_num_seqs, math.ceil(config.max_model_len / block_size)
-        self.max_model_len = config.max_model_len
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
-        self.cu_query_lens = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.buckets = graph_buckets(n)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
+    Host staging (pinned on CUDA; on CPU the staging arrays are the buffers themselves) holds int64
+    input_ids | positions | slot_mapping and int32 seq_lens | block table. The block table is stored column-major
+    (entry j of row i at j * max_num_seqs + i), so the columns a step uses are one contiguous prefix: a step copies
+    3 x max_num_seqs int64 and (1 + widest table) x max_num_seqs int32, two host-to-device copies (6 KB + 13 KB for
+    256 rows of 192 tokens), whatever max_model_len is. A row's table is rewritten only when its sequence changes or
+    gains a block (every block_size tokens), not every step.
+    """
 
-    def _meta(self, b: int) -> AttnMetadata:
+    def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device):
+        n, mb = max_num_seqs, math.ceil(max_model_len / block_size)
+        self.n, self.max_blocks, self.block_size, self.max_model_len = n, mb, block_size, max_model_len
+        cuda = device.type == "cuda"
+        self.host_i64 = torch.zeros(3 * n, dtype=torch.int64, pin_memory=cuda)
+        self.host_i32 = torch.zeros(n + mb * n, dtype=torch.int32, pin_memory=cuda)
+        self.dev_i64 = torch.zeros(3 * n, dtype=torch.int64, device=device) if cuda else self.host_i64
+        self.dev_i32 = torch.zeros(n + mb * n, dtype=torch.int32, device=device) if cuda else self.host_i32
+        self.host_i64[2 * n :] = -1  # every row starts as padding: slot -1, seq_len 0
+        self.dev_i64.copy_(self.host_i64)
+        self.input_ids, self.positions, self.slot_mapping = self.dev_i64.view(3, n)
+        self.seq_lens = self.dev_i32[:n]
+        self.block_tables = self.dev_i32[n:].view(mb, n).t()  # [n, mb], strides (1, n)
+        h64, h32 = self.host_i64.numpy(), self.host_i32.numpy()
+        self._ids, self._pos, self._slots = h64[:n], h64[n : 2 * n], h64[2 * n :]
+        self._lens, self._table = h32[:n], h32[n:].reshape(mb, n)
+        self._rows: list[tuple | None] = [None] * n  # (sequence, its preemption count, blocks) a table column holds
+        self._copied = torch.cuda.Event() if cuda else None  # the last copy out of the staging buffers
+        self._cu = torch.arange(n + 1, dtype=torch.int32, device=device)  # one new token per row
+
+    def meta(self, b: int) -> AttnMetadata:
+        """The attention batch of the first b rows (views of the buffers: graphs capture these)."""
         return AttnMetadata(
-            cu_query_lens=self.cu_query_lens[: b + 1], seq_lens=self.seq_lens[:b], slot_mapping=self.slot_mapping[:b],
+            cu_query_lens=self._cu[: b + 1], seq_lens=self.seq_lens[:b], slot_mapping=self.slot_mapping[:b],
             block_tables=self.block_tables[:b], max_query_len=1, max_seq_len=self.max_model_len,
         )
 
+    def fill(self, scheduled: tuple[ScheduledSeq, ...], rows: int) -> None:
+        """Write a decode step into rows [0, len(scheduled)); rows up to ``rows`` (the graph bucket) are padding."""
+        if self._copied is not None:
+            self._copied.synchronize()  # returns at once: the step's token read came after the previous copy
+        b, bs, n = len(scheduled), self.block_size, self.n
+        ids, pos, slots = [], [], []
+        width = 0
+        cache, table = self._rows, self._table
+        for i, s in enumerate(scheduled):
+            seq, p = s.seq, s.start  # the one new token's position
+            bt = seq.block_table
+            nb = len(bt)
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(bt[p // bs] * bs + p % bs)
+            key = cache[i]
+            if key is None or key[0] is not seq or key[1] != seq.num_preemptions:
+                table[:nb, i] = bt
+                cache[i] = (seq, seq.num_preemptions, nb)
+            elif key[2] != nb:  # the same sequence gained blocks
+                table[key[2] : nb, i] = bt[key[2] :]
+                cache[i] = (seq, seq.num_preemptions, nb)
+            if nb > width:
+                width = nb
+        self._ids[:b], self._pos[:b], self._slots[:b] = ids, pos, slots
+        self._lens[:b] = self._pos[:b] + 1
+        # padding rows write no cache and attend to nothing; their stale table columns hold valid ids, never read
+        self._ids[b:rows], self._pos[b:rows], self._slots[b:rows], self._lens[b:rows] = 0, 0, -1, 0
+        if self._copied is not None:
+            self.dev_i64.copy_(self.host_i64, non_blocking=True)
+            self.dev_i32[: n + width * n].copy_(self.host_i32[: n + width * n], non_blocking=True)
+            self._copied.record()
+
+
+class _DecodeGraphs:
+    """One captured graph per bucket over the decode buffers (views of them)."""
+
+    def __init__(self, model, buffers: DecodeBuffers, max_num_seqs: int):
+        self.model, self.buffers = model, buffers
+        self.buckets = graph_buckets(max_num_seqs)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
     def _run(self, b: int) -> torch.Tensor:
         """The forward of bucket b over the static buffers: hidden [b, hidden_size]."""
-        return self.model.forward(self.input_ids[:b], self.positions[:b], self._meta(b))
+        buf = self.buffers
+        return self.model.forward(buf.input_ids[:b], buf.positions[:b], buf.meta(b))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -134,39 +208,15 @@ class _DecodeGraphs:
             self.graphs[b] = (graph, hidden)
         torch.cuda.synchronize()
 
-    def fill(self, out: SchedulerOutput) -> int:
-        """Copy a decode step into the static buffers, padded to its bucket; returns the bucket."""
-        b = len(out.scheduled)
-        bucket = next(x for x in self.buckets if x >= b)
-        ids, pos, slots, lens = [], [], [], []
-        # Only the columns this batch uses are copied (256 rows x 512 blocks would be 512 KB a step); columns past
-        # them keep stale but valid block ids, which are never read (masked by seq_lens).
-        width = max(len(s.seq.block_table) for s in out.scheduled)
-        table = np.zeros((bucket, width), dtype=np.int32)
-        for i, s in enumerate(out.scheduled):
-            p = s.start  # the one new token's position
-            bt = s.seq.block_table
-            ids.append(s.seq.token_ids[p])
-            pos.append(p)
-            slots.append(bt[p // self.block_size] * self.block_size + p % self.block_size)
-            lens.append(p + 1)
-            table[i, : len(bt)] = bt
-        pad = bucket - b
-        host = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [-1] * pad, lens + [0] * pad], dtype=torch.int64)
-        host = host.to(self.input_ids.device, non_blocking=True)
-        self.input_ids[:bucket].copy_(host[0])
-        self.positions[:bucket].copy_(host[1])
-        self.slot_mapping[:bucket].copy_(host[2])
-        self.seq_lens[:bucket].copy_(host[3])
-        table_dev = torch.from_numpy(table).to(self.block_tables.device, non_blocking=True)
-        self.block_tables[:bucket, :width].copy_(table_dev)
-        return bucket
+    def bucket(self, b: int) -> int:
+        return next(x for x in self.buckets if x >= b)
 
-    def replay(self, out: SchedulerOutput) -> torch.Tensor:
-        """hidden [B, hidden_size] of a decode step (a view of the graph's output: read it before the next replay)."""
-        graph, hidden = self.graphs[self.fill(out)]
+    def replay(self, b: int) -> torch.Tensor:
+        """hidden [b, hidden_size] of the filled buffers (a view of the graph's output: read it before the next
+        replay)."""
+        graph, hidden = self.graphs[self.bucket(b)]
         graph.replay()
-        return hidden[: len(out.scheduled)]
+        return hidden[:b]
 
 
 class ModelRunner:
@@ -176,13 +226,14 @@ class ModelRunner:
         self.model, self.kv_cache, self.config = model, kv_cache, config
         self.device = next(model.parameters()).device
         model.bind_kv_cache(kv_cache.caches)
+        self.decode = DecodeBuffers(config.max_num_seqs, config.max_model_len, kv_cache.block_size, self.device)
         self.graphs = None
         self.graphs_error: str | None = None  # why decode runs eagerly although CUDA graphs were asked for
         if config.cuda_graphs and self.device.type == "cuda" and not getattr(model, "supports_cuda_graphs", True):
             self.graphs_error = "the model's decode step syncs with the host (model.supports_cuda_graphs is False)"
             logging.getLogger("ingot").warning("CUDA graphs off, decode runs eagerly: %s", self.graphs_error)
         elif config.cuda_graphs and self.device.type == "cuda":
-            graphs = _DecodeGraphs(model, config, kv_cache.block_size, self.device)
+            graphs = _DecodeGraphs(model, self.decode, config.max_num_seqs)
             try:
                 graphs.capture()
                 self.graphs = graphs
@@ -192,13 +243,26 @@ class ModelRunner:
                 logging.getLogger("ingot").warning("CUDA graphs off, decode runs eagerly: capture failed (%s)",
                                                    self.graphs_error)
 
+    def _decode_hidden(self, out: SchedulerOutput) -> torch.Tensor:
+        b = len(out.scheduled)
+        if self.graphs is not None:
+            self.decode.fill(out.scheduled, self.graphs.bucket(b))
+            return self.graphs.replay(b)
+        self.decode.fill(out.scheduled, b)
+        buf = self.decode
+        return self.model.forward(buf.input_ids[:b], buf.positions[:b], buf.meta(b))
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         """Run one step; float32 logits [n, vocab] of the sequences that sample, in scheduled order."""
         if not out.scheduled:
             raise ValueError("execute: an empty step")
-        if self.graphs is not None and out.is_decode and len(out.scheduled) <= self.config.max_num_seqs:
-            return self.model.compute_logits(self.graphs.replay(out))
+        if out.is_decode and len(out.scheduled) <= self.config.max_num_seqs:
+            hidden = self._decode_hidden(out)
+            if not all(s.samples for s in out.scheduled):  # a 1-token prefill chunk that does not end its prompt
+                rows = [i for i, s in enumerate(out.scheduled) if s.samples]
+                hidden = hidden.index_select(0, torch.tensor(rows, device=hidden.device))
+            return self.model.compute_logits(hidden)
         inputs = build_inputs(out, self.kv_cache.block_size, self.device)
         hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))

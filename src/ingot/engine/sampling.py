@@ -97,8 +97,10 @@ class Sampler:
         """logits float32 [n, V] (one row per sequence that samples), params/states per row -> n token ids."""
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(states):
             raise ValueError(f"logits {tuple(logits.shape)} must be [n, V] with n = {len(params)} params and states")
+        if not params:
+            return []  # a prefill chunk that ends no prompt: nothing to read back
         out = logits.argmax(dim=-1)  # greedy rows are final; sampled rows are overwritten below
-        rows = [i for i, p in enumerate(params) if not p.greedy]
+        rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
         if rows:
             idx = torch.tensor(rows, device=logits.device)
             temps = torch.tensor([params[i].temperature for i in rows], device=logits.device, dtype=torch.float32)
@@ -110,7 +112,7 @@ class Sampler:
             probs = scaled.softmax(dim=-1)
             for j, i in enumerate(rows):  # one draw per row from its own generator: independent of the batch
                 out[i] = torch.multinomial(probs[j], 1, generator=states[i].generator)[0]
-        return out.tolist()
+        return out.tolist()  # the step's one device-to-host read (a sync): n int64
 
 
 def find_stop(text: str, stops: tuple[str, ...], new_chars: int) -> int | None:
