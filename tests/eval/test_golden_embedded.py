@@ -3,12 +3,12 @@ it to bf16, int8-channel and int8-block, evaluates each on the same 4 WikiText-2
 windows 82, 530, 788 and 861; 508 scored tokens) against the source model, and writes the report.
 
 The locked values were measured once on CPU (ingot a0ebe18, torch 2.13, 2-vCPU EPYC). Tolerances: BF16 perplexity
-0.2% (bf16 matmuls may round differently on other CPUs); the int8 deltas about +-30%, far tighter than what a broken
-path gives (a linear left unquantized: KL 0; activations quantized with the wrong granularity or a lost scale: KL
-several times larger or inf).
+0.2% (bf16 matmuls may round differently on other CPUs); the int8 deltas about +-30% (a model that silently ran
+unquantized gives KL 0 and top-1 100%; int8-weight, the same weights without activation quantization, KL 0.004:
+both far outside).
 
 Why the int8 rows are far from "KL 0.002": SmolLM2-135M's activations have outlier channels (max |x| / mean |x| of
-a token reaches 1,160 at down_proj inputs), and W8A8 round-to-nearest with per-token (or per-128-group) activation
+a token exceeds 1,000 at down_proj inputs), and W8A8 round-to-nearest with per-token (or per-128-group) activation
 scales loses them; weight-only int8 of the same weights gives KL 0.003. An independent fake-quant of transformers'
 model (fp32, per-token int8 activations, per-channel int8 weights) gives the same KL, 0.028 over the first 4
 windows of 512.
