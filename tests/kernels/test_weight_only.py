@@ -469,7 +469,7 @@ def test_refuses_non_contiguous(which):
 
 def test_refuses_bad_out():
     x, w_q, w_s = _w8_operands(4, 100, 300, seed=5)
-    with pytest.raises(TypeError, match=r"out has dtype torch.float32, but the output dtype is torch.bfloat16"):
+    with pytest.raises(TypeError, match=r"out has dtype torch.float32, but out_dtype is torch.bfloat16"):
         w8a16_gemm(x, w_q, w_s, out=torch.empty(4, 100, device=DEVICE))
     with pytest.raises(ValueError, match=r"out must have shape \(M, N\) = \(4, 100\), got \(100, 4\)"):
         w8a16_gemm(x, w_q, w_s, out=torch.empty(100, 4, dtype=torch.bfloat16, device=DEVICE))

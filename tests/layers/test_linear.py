@@ -132,7 +132,8 @@ def test_cpu_apply_bf16_leading_dims(kind, native_fp8):
 
 @pytest.mark.parametrize("m", [1, 33])
 def test_int8_cpu_gemms_equal_the_references_bit_for_bit(m):
-    """The float32 CPU GEMMs give the bits of ref.int8_gemm_*_ref (float64 there), K below and above 1024."""
+    """The references' chunked float32 integer dot (the CPU path of the int8 layers) is the exact integer dot, K below
+    and above one 1024-column chunk, at the worst case; the GEMMs built on it equal the same math on int64 dots."""
     g = torch.Generator().manual_seed(m)
     for k in (300, 2100):
         n = 192
@@ -140,14 +141,13 @@ def test_int8_cpu_gemms_equal_the_references_bit_for_bit(m):
         w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
         w_q[:, :] = 127  # worst case: every product 16129, partial sums far above 2^24
         x_q[0, :] = -127
+        exact = (x_q.long() @ w_q.long().T).double()
+        assert torch.equal(ref._int8_dot_exact(x_q, w_q), exact)
         bias = torch.randn(n, generator=g).bfloat16()
         x_s, w_s = torch.rand(m, 1, generator=g) + 0.5, torch.rand(n, 1, generator=g) + 0.5
         for out in (torch.float32, torch.bfloat16):
-            assert torch.equal(L.int8_gemm_channel_f32(x_q, x_s, w_q, w_s, bias, out),
-                               ref.int8_gemm_channel_ref(x_q, x_s, w_q, w_s, bias, out))
-        xb, wb = torch.rand(m, cdiv(k, 128), generator=g), torch.rand(cdiv(n, 128), cdiv(k, 128), generator=g)
-        assert torch.equal(L.block_gemm_f32(x_q, xb, w_q, wb, (128, 128), bias, torch.float32),
-                           ref.int8_gemm_block_ref(x_q, xb, w_q, wb, (128, 128), bias, torch.float32))
+            expected = (exact.float() * x_s.view(-1, 1) * w_s.view(1, -1) + bias.float().view(1, -1)).to(out)
+            assert torch.equal(ref.int8_gemm_channel_ref(x_q, x_s, w_q, w_s, bias, out), expected)
 
 
 def test_int8_layers_use_the_scheme_activation_quantizers():

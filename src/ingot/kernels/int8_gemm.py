@@ -22,13 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.kernels.tuning import GemmConfig, lookup
+from ingot.kernels.checks import check_device, check_epilogue, check_tensor
+from ingot.kernels import tuning
+from ingot.kernels.tuning import GemmConfig
 
 # An int32 accumulator holds K products of at most 128 * 128 = 2^14 (-128 * -128; the symmetric quantizers stop at
 # +-127, 16129): K below 2^31 / 2^14 = 131072 can never overflow, whatever the values.
 MAX_K_CHANNEL = 2**31 // (128 * 128)
-OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-BIAS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 # Default tiles by M bucket (upper bound on M, config), used where no tuned table (ingot.kernels.tuning) has the
@@ -92,7 +92,50 @@ def _k_range(K, pid_k, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, num_tiles,
+def _operand_tiles(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   SPLIT_K: tl.constexpr):
+    """This program's output tile and K slice: (rows, cols, offs_m, offs_n, offs_k, kt_first, kt_last, x_ptrs
+    (BM, BK), w_ptrs (BK, BN) at K tile kt_first, pid_n, pid_k, tile). Out-of-range rows/columns wrap onto valid ones
+    so the loads need no M/N mask; their results are never stored."""
+    pid_m, pid_n, pid_k, tile = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (rows % M).to(tl.int64)
+    offs_n = (cols % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    kt_first, kt_last = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (kt_first * BLOCK_K + offs_k[None, :]) * stride_xk
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + (kt_first * BLOCK_K + offs_k[:, None]) * stride_wk
+    return rows, cols, offs_m, offs_n, offs_k, kt_first, kt_last, x_ptrs, w_ptrs, pid_n, pid_k, tile
+
+
+@triton.jit
+def _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr):
+    """The (BM, BK) activation and (BK, BN) weight tiles of K tile kt; a ragged last tile loads its missing columns
+    as zeros (fp8 takes a float zero: an int 0 does not cast to fp8)."""
+    if EVEN_K:
+        a = tl.load(x_ptrs)
+        b = tl.load(w_ptrs)
+    elif FP8:
+        k_left = K - kt * BLOCK_K
+        a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+    else:
+        k_left = K - kt * BLOCK_K
+        a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0)
+        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+    return a, b
+
+
+@triton.jit
+def _store_tile(y_ptr, y, rows, cols, M, N, stride_ym, stride_yn):
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, M, N,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Split-K in one launch: every split stores its partial tile, then bumps the tile's counter; the split that
     arrives last (counter == SPLIT_K - 1) sums all partials (int32 partials stay exact), resets the counter to 0 for
@@ -100,6 +143,7 @@ def _split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, num_tiles,
 
     Ordering: the barrier makes the program's stores precede its counter bump, which is acq_rel at GPU scope (the
     CUTLASS semaphore pattern); the last split reads the partials with .cg loads (L2, never a stale L1 line)."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     tile_elems: tl.constexpr = BLOCK_M * BLOCK_N
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     tl.store(part_ptr + (pid_k * num_tiles + tile).to(tl.int64) * tile_elems + offs, acc, cache_modifier=".cg")
@@ -127,43 +171,27 @@ def _int8_gemm_channel_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    pid_m, pid_n, pid_k, tile = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Wrap out-of-range rows/columns onto valid ones so the loads need no M/N mask; their results are not stored.
-    offs_m = (rows % M).to(tl.int64)
-    offs_n = (cols % N).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    kt_first, kt_last = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (kt_first * BLOCK_K + offs_k[None, :]) * stride_xk  # (BM, BK)
-    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + (kt_first * BLOCK_K + offs_k[:, None]) * stride_wk  # (BK, BN)
+    rows, cols, offs_m, offs_n, offs_k, kt_first, kt_last, x_ptrs, w_ptrs, pid_n, pid_k, tile = _operand_tiles(
+        x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     # A `for` over range, not a `while`: triton software-pipelines only for loops (num_stages of loads in flight).
     for kt in range(kt_first, kt_last):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
-        else:  # ragged last K tile: missing columns load as 0 and add nothing
-            k_left = K - kt * BLOCK_K
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0)
-            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        a, b = _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K, EVEN_K, False)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
     is_last = True
     if SPLIT_K > 1:
-        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-        acc, is_last = _split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, num_tiles, SPLIT_K, BLOCK_M, BLOCK_N)
+        acc, is_last = _split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, M, N, SPLIT_K, BLOCK_M, BLOCK_N)
     if is_last:
         xs = tl.load(xs_ptr + offs_m * stride_xsm)  # (BLOCK_M,)
         ws = tl.load(ws_ptr + offs_n * stride_wsn)  # (BLOCK_N,)
         y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+        _store_tile(y_ptr, y, rows, cols, M, N, stride_ym, stride_yn)
 
 
 @triton.jit
@@ -184,36 +212,20 @@ def _block_gemm_kernel(
 ):
     """int8-block and fp8-block: BLOCK_K is the K quantization block (the wrappers check it), so K step kt uses
     scale column kt; each step's dot is promoted to fp32 and scaled before it joins the fp32 accumulator."""
-    pid_m, pid_n, pid_k, tile = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = (rows % M).to(tl.int64)
-    offs_n = (cols % N).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    kt_first, kt_last = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (kt_first * BLOCK_K + offs_k[None, :]) * stride_xk  # (BM, BK)
-    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + (kt_first * BLOCK_K + offs_k[:, None]) * stride_wk  # (BK, BN)
+    rows, cols, offs_m, offs_n, offs_k, kt_first, kt_last, x_ptrs, w_ptrs, pid_n, pid_k, tile = _operand_tiles(
+        x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
     xs_ptrs = xs_ptr + offs_m * stride_xsm  # (BLOCK_M,): column 0 of this tile's token scales
     if WS_PER_COLUMN:
         # (BLOCK_N,): each column's weight block row (BLOCK_N = 256 spans two). The gather costs BLOCK_N loads and
-        # registers per K step: measured ~15% slower at M = 4096 than one scalar, so only where tiles need it.
+        # registers per K step: 28672x4096 at M = 4096 took 1728 us with it and 1269 us with one scalar (ingot tune,
+        # H100, same 128x128x128 default tiles), so only where tiles need it.
         ws_ptrs = ws_ptr + (offs_n // SCALE_N) * stride_wsn
     else:
         ws_ptrs = ws_ptr + ((pid_n * BLOCK_N) // SCALE_N) * stride_wsn  # scalar: the tile's one block row
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(kt_first, kt_last):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
-        elif FP8:  # ragged last K tile; fp8 takes a float zero (an int 0 does not cast to fp8)
-            k_left = K - kt * BLOCK_K
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        else:
-            k_left = K - kt * BLOCK_K
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0)
-            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        a, b = _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K, EVEN_K, FP8)
         if FP8:
             dot = tl.dot(a, b, out_dtype=tl.float32)
         else:
@@ -229,13 +241,11 @@ def _block_gemm_kernel(
 
     is_last = True
     if SPLIT_K > 1:
-        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-        acc, is_last = _split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, num_tiles, SPLIT_K, BLOCK_M, BLOCK_N)
+        acc, is_last = _split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, M, N, SPLIT_K, BLOCK_M, BLOCK_N)
     if is_last:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+        _store_tile(y_ptr, acc, rows, cols, M, N, stride_ym, stride_yn)
 
 
 # Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
@@ -257,16 +267,10 @@ def _check_operands(
     qdtype: torch.dtype = torch.int8,
 ) -> tuple[int, int, int]:
     """Checks shared by the W8A8 GEMMs; returns (M, N, K). Scale shapes are checked by each op."""
-    for name, t, dtype in (("x_q", x_q, qdtype), ("w_q", w_q, qdtype), ("x_s", x_s, torch.float32),
-                           ("w_s", w_s, torch.float32)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != dtype:
-            raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-        if name != "x_s" and not t.is_contiguous():  # x_s may be the column-major view of the act quantizer
-            raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} with strides {t.stride()}")
+    check_tensor("x_q", x_q, (qdtype,), 2)
+    check_tensor("x_s", x_s, (torch.float32,), 2, contiguous=False)  # may be the act quantizer's column-major view
+    check_tensor("w_q", w_q, (qdtype,), 2)
+    check_tensor("w_s", w_s, (torch.float32,), 2)
     m, k = x_q.shape
     n, kw = w_q.shape
     if kw != k:
@@ -275,47 +279,14 @@ def _check_operands(
         )
     if k == 0 or n == 0:
         raise ValueError(f"empty GEMM: K = {k}, N = {n} (x_q {tuple(x_q.shape)}, w_q {tuple(w_q.shape)})")
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
-    if bias is not None:
-        if bias.dtype not in BIAS_DTYPES:
-            raise TypeError(f"bias must be one of {BIAS_DTYPES}, got {bias.dtype}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
-        if not bias.is_contiguous():
-            raise ValueError(f"bias must be contiguous, got strides {bias.stride()}")
-    if out is not None:
-        if out.dtype != out_dtype:
-            raise TypeError(f"out has dtype {out.dtype}, but out_dtype is {out_dtype}")
-        if tuple(out.shape) != (m, n):
-            raise ValueError(f"out must have shape (M, N) = ({m}, {n}), got {tuple(out.shape)}")
-        if out.stride(-1) != 1:
-            raise ValueError(f"out must have unit stride along N, got strides {out.stride()}")
-    tensors = {"x_q": x_q, "x_s": x_s, "w_q": w_q, "w_s": w_s, "bias": bias, "out": out}
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"all operands must be on one device, got {devices}")
-    if not INTERPRETED and x_q.device.type != "cuda":
-        raise ValueError(
-            f"x_q must be on a CUDA device (or run triton's interpreter, TRITON_INTERPRET=1), got {x_q.device}"
-        )
+    check_epilogue(m, n, bias, out, out_dtype)
+    check_device({"x_q": x_q, "x_s": x_s, "w_q": w_q, "w_s": w_s, "bias": bias, "out": out}, INTERPRETED)
     return m, n, k
-
-
-@functools.lru_cache(maxsize=16)
-def _num_sms(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def resolve_config(op: str, config: GemmConfig | None, m: int, n: int, k: int, device: torch.device) -> GemmConfig:
     """The config a launch uses: the caller's, else the tuned table's (ingot.kernels.tuning), else the default."""
-    if config is not None:
-        if not isinstance(config, GemmConfig):
-            raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
-        return config
-    return lookup(op, n, k, m, device) or default_config(m, n, k, _num_sms(device))
+    return tuning.resolve_config(op, config, m, n, k, device, lambda sms: default_config(m, n, k, sms))
 
 
 # Split-K counters: one int32 per output tile, zero between launches (the last split of a tile resets its own).

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -104,12 +104,36 @@ def select(table: tuple[tuple[int, GemmConfig], ...], m: int) -> GemmConfig | No
     return table[-1][1] if table else None
 
 
+@functools.lru_cache(maxsize=4096)
+def _table(op: str, n: int, k: int, index: int, config_dir: Path) -> tuple[tuple[int, GemmConfig], ...]:
+    """One (op, shape, GPU)'s table, found once per process: a launch must not build paths or stat files."""
+    return _load_table(str(config_path(op, n, k, _device_name(index), config_dir)))
+
+
 def lookup(op: str, n: int, k: int, m: int, device: torch.device, config_dir: Path = CONFIG_DIR) -> GemmConfig | None:
     """The tuned config of ``op`` for an [m, k] x [n, k] launch on ``device``, or None (use the default tiles)."""
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return select(_load_table(str(config_path(op, n, k, _device_name(index), config_dir))), m)
+    return select(_table(op, n, k, index, config_dir), m)
+
+
+@functools.lru_cache(maxsize=16)
+def num_sms(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (None elsewhere): the default configs size split-K by it."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def resolve_config(op: str, config: GemmConfig | None, m: int, n: int, k: int, device: torch.device,
+                   default: Callable[[int | None], GemmConfig]) -> GemmConfig:
+    """The config a launch uses: the caller's, else the tuned table's, else ``default(num_sms(device))``."""
+    if config is not None:
+        if not isinstance(config, GemmConfig):
+            raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
+        return config
+    return lookup(op, n, k, m, device) or default(num_sms(device))
 
 
 # ---------------------------------------------------------------------------------------------------- sweeping
@@ -124,6 +148,7 @@ def write_table(path: Path, data: dict) -> None:
         f.write("\n")
     os.replace(tmp, path)
     _load_table.cache_clear()
+    _table.cache_clear()
 
 
 TUNABLE_OPS = ("int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block")
@@ -280,7 +305,6 @@ def tune(options: TuneOptions, log=print) -> list[Path]:
                                    "candidates": len(results)}
                 log(f"{op} M={m} N={n} K={k}: {us:.1f} us (default {default_us:.1f} us) "
                     f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} split{cfg.split_k}")
-                del sets, out
             path = config_path(op, n, k, name, options.out_dir)
             write_table(path, {"op": op, "n": n, "k": k, "device_name": name, "triton": triton.__version__,
                                "torch": torch.__version__, "git_sha": options.git_sha, "configs": entries})

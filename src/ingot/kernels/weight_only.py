@@ -38,11 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.kernels.tuning import GemmConfig, lookup
+from ingot.kernels import tuning
+from ingot.kernels.checks import check_device, check_epilogue, check_tensor
+from ingot.kernels.tuning import GemmConfig
 
 X_DTYPES = (torch.bfloat16, torch.float16)
-OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-BIAS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Split-K aims for this many programs per SM: two resident programs, each with (num_stages - 1) weight tiles in
 # flight (8 KB each at 64 x 128 int8), keep ~64 KB of loads outstanding per SM; Little's law wants ~25 KB per SM
 # (3.35 TB/s x ~1 us of latency / 132 SMs).
@@ -318,18 +318,6 @@ INTERPRETED = not isinstance(_w8a16_gemm_kernel, triton.runtime.JITFunction)
 # -------------------------------------------------------------------------------------------------- wrappers
 
 
-def _check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], dim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        want = dtypes[0] if len(dtypes) == 1 else f"one of {dtypes}"
-        raise TypeError(f"{name} must be {want}, got {t.dtype}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} with strides {t.stride()}")
-
-
 def _check_common(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -341,56 +329,25 @@ def _check_common(
     out_dtype: torch.dtype | None,
 ) -> torch.dtype:
     """Checks shared by both GEMMs (dtypes, ranks, contiguity, bias, out, devices); returns the output dtype."""
-    _check_tensor("x", x, X_DTYPES, 2)
-    _check_tensor(w_name, w, (w_dtype,), 2)
+    check_tensor("x", x, X_DTYPES, 2)
+    check_tensor(w_name, w, (w_dtype,), 2)
     if not isinstance(w_s, torch.Tensor):
         raise TypeError(f"w_s must be a torch.Tensor, got {type(w_s).__name__}")
     if w_s.dtype not in (torch.float32, x.dtype):
         raise TypeError(f"w_s must be torch.float32 or x's dtype {x.dtype}, got {w_s.dtype}")
-    _check_tensor("w_s", w_s, (w_s.dtype,), 2)
+    check_tensor("w_s", w_s, (w_s.dtype,), 2)
     m, n = x.shape[0], w.shape[0]
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.dtype not in BIAS_DTYPES:
-            raise TypeError(f"bias must be one of {BIAS_DTYPES}, got {getattr(bias, 'dtype', type(bias).__name__)}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
-        if not bias.is_contiguous():
-            raise ValueError(f"bias must be contiguous, got strides {bias.stride()}")
-    if out is not None:
-        if out.dtype != out_dtype:
-            raise TypeError(f"out has dtype {out.dtype}, but the output dtype is {out_dtype}")
-        if tuple(out.shape) != (m, n):
-            raise ValueError(f"out must have shape (M, N) = ({m}, {n}), got {tuple(out.shape)}")
-        if out.stride(-1) != 1:
-            raise ValueError(f"out must have unit stride along N, got strides {out.stride()}")
-    tensors = {"x": x, w_name: w, "w_s": w_s, "bias": bias, "out": out}
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"all operands must be on one device, got {devices}")
-    if not INTERPRETED and x.device.type != "cuda":
-        raise ValueError(
-            f"x must be on a CUDA device (or run triton's interpreter, TRITON_INTERPRET=1), got {x.device}"
-        )
+    check_epilogue(m, n, bias, out, out_dtype)
+    check_device({"x": x, w_name: w, "w_s": w_s, "bias": bias, "out": out}, INTERPRETED)
     return out_dtype
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return NOMINAL_SMS
 
 
 def resolve_config(op: str, config: GemmConfig | None, m: int, n: int, k: int, device: torch.device) -> GemmConfig:
     """The config a launch uses: the caller's, else the tuned table's (ingot.kernels.tuning), else the default (with
-    its automatic split-K)."""
-    if config is not None:
-        if not isinstance(config, GemmConfig):
-            raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
-        return config
-    return lookup(op, n, k, m, device) or default_config(op, m, n, k, _num_sms(device))
+    its automatic split-K; the interpreter sizes splits for NOMINAL_SMS)."""
+    return tuning.resolve_config(op, config, m, n, k, device,
+                                 lambda sms: default_config(op, m, n, k, sms or NOMINAL_SMS))
 
 
 def _launch(kernel, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, **constexprs) -> None:

@@ -27,9 +27,8 @@ compressed-tensors' packed int32 layout (8 values per int32, ``ingot.formats.bas
 
 On CPU (or whenever a method's ``use_kernels`` is False) ``apply`` runs the math of ``ingot.quant.ref``: the
 activation quantized by ``ref.quantize_act_token`` / ``ref.quantize_act_group`` exactly as the scheme says, then the
-reference GEMM. The W8A8 int8 GEMMs use float32 equivalents of ``ref.int8_gemm_channel_ref`` / ``int8_gemm_block_ref``
-that give the same bits (see ``int8_gemm_channel_f32``), because the references' float64 matmuls are slower on CPU:
-M = 512 on 2 vCPUs, block N=576 K=1536 80 -> 7.7 ms, N=1536 K=576 20 -> 16 ms; channel 10 -> 6 ms (both shapes).
+reference GEMM (``ref.int8_gemm_channel_ref`` / ``int8_gemm_block_ref`` / ``fp8_gemm_block_ref``; their exact integer
+dots run as chunked float32 matmuls, fast on CPU).
 
 FP8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper). Elsewhere - CPU, A100 (8.0), ... - an "fp8-block"
 request gets ``Fp8FallbackMethod``: the FP8 weight is re-quantized at load, one linear at a time, to int8-block
@@ -65,79 +64,6 @@ FP8_FALLBACKS = ("int8-block", "bf16")
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) and later
 DEFAULT_BLOCK = (128, 128)
 DEFAULT_GROUP = 128
-# K columns per exact float32 chunk of an int8 dot: |x_q * w_q| <= 127 * 127 = 16129 (symmetric quantizers, never
-# -128), so 1024 products sum to at most 16.5M < 2^24 = 16.8M: every partial sum is an integer float32 holds exactly,
-# in any summation order. Chunks are then added in float64 (exact), as the references' single float64 matmul.
-EXACT_F32_K = 1024
-
-
-# ------------------------------------------------------------------------------------------ CPU GEMMs (exact)
-
-
-def int8_gemm_channel_f32(
-    x_q: torch.Tensor,
-    x_s: torch.Tensor,
-    w_q: torch.Tensor,
-    w_s: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """``ref.int8_gemm_channel_ref`` with float32 matmuls, same bits: x_q int8 [M, K], x_s fp32 [M, 1],
-    w_q int8 [N, K], w_s fp32 [N, 1], bias [N] -> y [M, N] ``out_dtype``.
-
-    The integer dot is exact in float32 per 1024-column chunk (EXACT_F32_K); chunks are summed in float64 (exact),
-    then rounded once to float32, as the reference's float64 dot is. Scales and bias follow the reference's order.
-    """
-    k = x_q.shape[1]
-    xf, wf = x_q.float(), w_q.float()
-    if k <= EXACT_F32_K:
-        acc = xf @ wf.T
-    else:
-        acc64 = None
-        for k0 in range(0, k, EXACT_F32_K):
-            part = (xf[:, k0 : k0 + EXACT_F32_K] @ wf[:, k0 : k0 + EXACT_F32_K].T).double()
-            acc64 = part if acc64 is None else acc64.add_(part)
-        acc = acc64.float()
-    y = acc * x_s.float().view(-1, 1) * w_s.float().view(1, -1)
-    if bias is not None:
-        y = y + bias.float().view(1, -1)
-    return y.to(out_dtype)
-
-
-def block_gemm_f32(
-    x_q: torch.Tensor,
-    x_s: torch.Tensor,
-    w_q: torch.Tensor,
-    w_s: torch.Tensor,
-    block_size: tuple[int, int] = DEFAULT_BLOCK,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """Block-scaled GEMM in float32, the math of ``ref.int8_gemm_block_ref`` (int8) and of the fp8 block kernel.
-
-    x_q int8/e4m3fn [M, K], x_s fp32 [M, cdiv(K, bk)], w_q [N, K] (same dtype), w_s fp32 [cdiv(N, bn), cdiv(K, bk)].
-    y = sum over K blocks, in K order, of dot_kb * (x_s[:, kb] * w_s[n // bn, kb]) (+ bias), accumulated in fp32.
-    int8: each block's dot is exact in float32 (bk <= EXACT_F32_K), so the result equals the reference bit for bit.
-    fp8: the dot is a float32 sum (e4m3 products span 2^-18..2^17, more than float32's 24 bits), as on the GPU.
-    """
-    bn, bk = block_size
-    if x_q.dtype == torch.int8 and bk > EXACT_F32_K:
-        return ref.int8_gemm_block_ref(x_q, x_s, w_q, w_s, block_size, bias, out_dtype)
-    m, k = x_q.shape
-    n = w_q.shape[0]
-    xf, wf = x_q.float(), w_q.float()
-    ws = w_s.float().repeat_interleave(bn, dim=0)[:n]  # [N, cdiv(K, bk)]: each row's block scale
-    xs = x_s.float()
-    acc = torch.zeros(m, n, dtype=torch.float32, device=x_q.device)
-    for kb in range(cdiv(k, bk)):
-        cols = slice(kb * bk, min(k, (kb + 1) * bk))
-        dot = xf[:, cols] @ wf[:, cols].T
-        acc = acc + dot * (xs[:, kb, None] * ws[None, :, kb])
-    if bias is not None:
-        acc = acc + bias.float().view(1, -1)
-    return acc.to(out_dtype)
-
-
 # ------------------------------------------------------------------------------------------------ methods
 
 
@@ -284,7 +210,7 @@ class Int8ChannelMethod(LinearMethod):
 
     def _reference(self, layer, x):
         x_q, x_s = ref.quantize_act_token(x)
-        return int8_gemm_channel_f32(x_q, x_s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
+        return ref.int8_gemm_channel_ref(x_q, x_s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
 
 
 class _BlockMethod(LinearMethod):
@@ -332,7 +258,7 @@ class Int8BlockMethod(_BlockMethod):
 
     def _reference(self, layer, x):
         x_q, x_s = ref.quantize_act_group(x, "int8", layer.block_size[1])
-        return block_gemm_f32(x_q, x_s, layer.weight, layer.weight_scale, layer.block_size, layer.bias, x.dtype)
+        return ref.int8_gemm_block_ref(x_q, x_s, layer.weight, layer.weight_scale, layer.block_size, layer.bias, x.dtype)
 
 
 class Fp8BlockMethod(_BlockMethod):
@@ -354,83 +280,35 @@ class Fp8BlockMethod(_BlockMethod):
 
     def _kernel(self, layer, x):
         from ingot.kernels.act_quant import per_token_group_quant
+        from ingot.kernels.fp8_gemm import fp8_gemm_block
 
-        try:
-            from ingot.kernels.fp8_gemm import fp8_gemm_block
-        except ModuleNotFoundError as e:
-            if e.name != "ingot.kernels.fp8_gemm":
-                raise
-            raise NotImplementedError(
-                "fp8-block on CUDA needs ingot.kernels.fp8_gemm.fp8_gemm_block, which this ingot does not have yet; "
-                "load with fp8_fallback to run FP8 checkpoints as int8-block"
-            ) from None
         x_q, x_s = per_token_group_quant(x, "fp8_e4m3", group_size=layer.block_size[1], scale_fmt=layer.act_scale_fmt)
         return fp8_gemm_block(x_q, x_s, layer.weight, layer.weight_scale, block_size=layer.block_size,
                               bias=layer.bias, out_dtype=x.dtype)
 
     def _reference(self, layer, x):
         x_q, x_s = ref.quantize_act_group(x, "fp8_e4m3", layer.block_size[1], layer.act_scale_fmt)
-        return block_gemm_f32(x_q, x_s, layer.weight, layer.weight_scale, layer.block_size, layer.bias, x.dtype)
+        return ref.fp8_gemm_block_ref(x_q, x_s, layer.weight, layer.weight_scale, layer.block_size, layer.bias, x.dtype)
 
 
-def _weight_only_kernels(x: torch.Tensor):
-    """ingot.kernels.weight_only, or None where the reference must run: the module does not exist (yet), or x is
-    float32 (the A16 kernels take bf16/fp16 activations)."""
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return None
-    try:
-        from ingot.kernels import weight_only
-    except ModuleNotFoundError as e:
-        if e.name != "ingot.kernels.weight_only":
-            raise
-        return None
-    return weight_only
+A16_DTYPES = (torch.bfloat16, torch.float16)  # the weight-only kernels' activations; float32 runs the reference
 
 
-class Int8WeightMethod(LinearMethod):
-    """W8A16: int8 weights, one scale per output channel, activations stay in the model dtype."""
+class Int8WeightMethod(Int8ChannelMethod):
+    """W8A16: int8 weights, one scale per output channel (stored as int8-channel's), activations stay in the model
+    dtype."""
 
     kind = source_kind = "int8-weight"
 
-    def create_weights(self, layer):
-        n, k = layer.out_features, layer.in_features
-        _register(layer, "weight", (n, k), torch.int8, self.device)
-        _register(layer, "weight_scale", (n, 1), torch.float32, self.device)
-
-    def load(self, layer, stored):
-        _check_kind(self, layer, stored)
-        _copy_in(layer, "weight", stored.qweight, torch.int8)
-        _copy_in(layer, "weight_scale", stored.scale.float())
-
-    def dequantize(self, layer):
-        return layer.weight.float() * layer.weight_scale  # (N, K) * (N, 1), as ref.dequantize_weight
-
     def _kernel(self, layer, x):
-        kernels = _weight_only_kernels(x)
-        if kernels is None:
+        if x.dtype not in A16_DTYPES:
             return self._reference(layer, x)
-        return kernels.w8a16_gemm(x, layer.weight, layer.weight_scale, bias=layer.bias)
+        from ingot.kernels.weight_only import w8a16_gemm
+
+        return w8a16_gemm(x, layer.weight, layer.weight_scale, bias=layer.bias)
 
     def _reference(self, layer, x):
-        if hasattr(ref, "w8a16_gemm_ref"):
-            return ref.w8a16_gemm_ref(x, layer.weight, layer.weight_scale, bias=layer.bias)
-        # ref.linear's math: x (float32) @ (q * s).T, + bias, cast to x's dtype
-        y = x.float() @ (layer.weight.float() * layer.weight_scale.float()).T
-        if layer.bias is not None:
-            y = y + layer.bias.float()
-        return y.to(x.dtype)
-
-
-def _pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """pack_int32(q, 4) on q's device (random_model quantizes on the GPU; on the CPU a 4096 x 14336 weight packs in
-    2.6 s on 2 vCPUs, ~5 minutes for Llama-3-8B's 7B linear weights), or on the CPU where this ingot's pack_int32
-    cannot run on q's device (its bit shifts made on the CPU)."""
-    if q.device.type != "cpu":
-        try:
-            return pack_int32(q, 4)
-        except RuntimeError:
-            pass
-    return pack_int32(q.cpu(), 4)
+        return ref.w8a16_gemm_ref(x, layer.weight, layer.weight_scale, bias=layer.bias)
 
 
 class Int4GroupMethod(LinearMethod):
@@ -454,33 +332,25 @@ class Int4GroupMethod(LinearMethod):
         lo, hi = int(q.min()), int(q.max())
         if lo < -8 or hi > 7:  # packing keeps 4 bits: anything outside would wrap silently
             raise ValueError(f"weight: values span [{lo}, {hi}], int4 holds [-8, 7]")
-        _copy_in(layer, "weight_packed", _pack_int4(q))
+        _copy_in(layer, "weight_packed", pack_int32(q, 4))  # on q's device (random_model packs on the GPU)
         _copy_in(layer, "weight_scale", stored.scale.float())
 
     def dequantize(self, layer):
-        q = unpack_int32(layer.weight_packed.cpu(), 4, layer.in_features).to(layer.weight_scale.device)  # once
+        q = unpack_int32(layer.weight_packed, 4, layer.in_features)
         scheme = replace(Scheme.from_name("int4-group"), group_size=layer.group_size)
         return ref.dequantize_weight(ref.QuantizedWeight(scheme, q, layer.weight_scale))
 
     def _kernel(self, layer, x):
-        kernels = _weight_only_kernels(x)
-        if kernels is None:
+        if x.dtype not in A16_DTYPES:
             return self._reference(layer, x)
-        return kernels.w4a16_gemm(x, layer.weight_packed, layer.weight_scale, layer.in_features,
-                                  group_size=layer.group_size, bias=layer.bias)
+        from ingot.kernels.weight_only import w4a16_gemm
+
+        return w4a16_gemm(x, layer.weight_packed, layer.weight_scale, layer.in_features,
+                          group_size=layer.group_size, bias=layer.bias)
 
     def _reference(self, layer, x):
-        if hasattr(ref, "w4a16_gemm_ref"):
-            return ref.w4a16_gemm_ref(x, layer.weight_packed, layer.weight_scale, layer.in_features,
-                                      group_size=layer.group_size, bias=layer.bias)
-        n, k = layer.out_features, layer.in_features
-        q = unpack_int32(layer.weight_packed.cpu(), 4, k).to(x.device)
-        scheme = replace(Scheme.from_name("int4-group"), group_size=layer.group_size)
-        w = ref.dequantize_weight(ref.QuantizedWeight(scheme, q, layer.weight_scale))  # (N, K) float32
-        y = x.float() @ w.T
-        if layer.bias is not None:
-            y = y + layer.bias.float()
-        return y.to(x.dtype)
+        return ref.w4a16_gemm_ref(x, layer.weight_packed, layer.weight_scale, layer.in_features,
+                                  group_size=layer.group_size, bias=layer.bias)
 
 
 class Fp8FallbackMethod(LinearMethod):

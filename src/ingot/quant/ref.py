@@ -233,16 +233,28 @@ def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 # ------------------------------------------------ W8A8 int8 GEMMs (references of ingot.kernels.int8_gemm)
-# The math the kernels reproduce, with the same signatures. The integer part is exact: float64 holds every
-# partial sum of int8 products exactly (|sum| <= K * 128^2 < 2^53 for any K below 5e11), whatever the summation
-# order, and unlike an int32/int64 matmul it runs on CUDA for any shape (torch._int_mm needs M > 16, K, N % 8).
-# The float part (int -> fp32, scale products, accumulation over K blocks, bias) is done in float32 in the same
-# order as the kernels, so on the CPU interpreter the kernels match these bit for bit.
+# The math the kernels reproduce, with the same signatures. The integer part is exact, whatever the summation order,
+# and unlike an int32/int64 matmul it runs on CUDA for any shape (torch._int_mm needs M > 16, K, N % 8): float32
+# matmuls over chunks of EXACT_F32_K columns (|x_q * w_q| <= 128 * 128 = 2^14, so 1024 products sum to at most 2^24:
+# every partial sum is an integer float32 holds exactly; int8 values also pass TF32 unrounded), the chunks added in
+# float64 (exact below 2^53). float32 keeps the CPU fast: a float64 matmul was 2-10x slower there (the int8 CPU path
+# of ingot.layers.linear runs on these). The float part (int -> fp32, scale products, accumulation over K blocks,
+# bias) is done in float32 in the same order as the kernels, so on the CPU interpreter the kernels match these bit
+# for bit.
+EXACT_F32_K = 1024
 
 
 def _int8_dot_exact(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    """x_q int8 [M, k] @ w_q int8 [N, k].T -> the exact integer products as float64 [M, N]."""
-    return x_q.double() @ w_q.double().T
+    """x_q [M, k] @ w_q [N, k].T -> the exact products as float64 [M, N]. int8: chunked float32 (above);
+    float8_e4m3fn: one float64 matmul (products of 4-bit significands over 2^-18..2^17 fit its 53 bits)."""
+    if x_q.dtype != torch.int8:
+        return x_q.double() @ w_q.double().T
+    xf, wf = x_q.float(), w_q.float()
+    acc = None
+    for k0 in range(0, x_q.shape[1], EXACT_F32_K):
+        part = (xf[:, k0 : k0 + EXACT_F32_K] @ wf[:, k0 : k0 + EXACT_F32_K].T).double()
+        acc = part if acc is None else acc.add_(part)
+    return acc
 
 
 def int8_gemm_channel_ref(
