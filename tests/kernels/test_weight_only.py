@@ -144,6 +144,44 @@ def test_matches_ref_prefill_tiles(op, n, k):
     assert_close_rel(y, expected, FP32_TOL, f"{op} M=222 N={n} K={k}")
 
 
+# GEMV configs (block_m 1): M = 1 only, tensor cores not used; one and several K steps, with and without split-K.
+GEMV_CONFIGS = [GemmConfig(1, 32, 128), GemmConfig(1, 16, 64, split_k=3), GemmConfig(1, 64, 32, num_warps=2)]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("n,k", NK_SIZES)
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=str)
+def test_gemv_matches_ref(op, n, k, config):
+    """The GEMV kernels (config.block_m == 1) against the reference, ragged N and K, split or not."""
+    y, expected = _run(op, 1, n, k, seed=n + 3 * k, out_dtype=torch.float32, config=config)
+    assert_close_rel(y, expected, FP32_TOL, f"{op} GEMV N={n} K={k} {config}")
+
+
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=str)
+def test_gemv_integer_exact(config):
+    """Integer x and unit scales: the GEMVs equal the int64 matmul bit for bit (int8 corners, every nibble, the
+    padding nibbles of a ragged last word, the double-buffered tiles of each split)."""
+    n, k = 100, 300
+    g = _gen(5)
+    x = torch.randint(-16, 17, (1, k), generator=g, device=DEVICE)
+    w8 = torch.randint(-128, 128, (n, k), generator=g, device=DEVICE, dtype=torch.int8)
+    w8[0], w8[1] = 127, -128
+    q = torch.randint(-8, 8, (n, k), generator=g, device=DEVICE, dtype=torch.int8)
+    q[0], q[1] = 7, -8
+    xb = x.to(torch.bfloat16)
+    y8 = w8a16_gemm(xb, w8, torch.ones(n, 1, device=DEVICE), out_dtype=torch.float32, config=config)
+    assert torch.equal(y8.cpu(), (x.cpu().long() @ w8.cpu().long().T).float())
+    y4 = w4a16_gemm(xb, pack_int32(q, 4), torch.ones(n, cdiv(k, 128), device=DEVICE), k, out_dtype=torch.float32,
+                    config=config)
+    assert torch.equal(y4.cpu(), (x.cpu().long() @ q.cpu().long().T).float())
+
+
+def test_gemv_refuses_m_above_1():
+    x, w_q, w_s = _w8_operands(2, 64, 128, seed=1)
+    with pytest.raises(ValueError, match=r"block_m = 1 \(the GEMV kernel\) needs M = 1, got M = 2"):
+        w8a16_gemm(x, w_q, w_s, config=GemmConfig(1, 32, 128))
+
+
 @pytest.mark.parametrize("n,k", [(192, 576), (100, 300)])
 def test_w8a16_integer_exact(n, k):
     """Integer x, unit scales: every partial sum is an integer below 2^24, so the fp32 output is exactly the int64

@@ -33,7 +33,7 @@ class GemmConfig:
     """Tile shape and launch parameters of one GEMM launch.
 
     block_m/n/k: the [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tile each program multiplies per K step (powers of two,
-    >= 16: tl.dot's smallest int8 shape). group_m: programs along M that sweep N together (the Triton matmul
+    >= 16: tl.dot's smallest int8 shape; block_m 1 selects the weight-only ops' GEMV kernels, for M = 1). group_m: programs along M that sweep N together (the Triton matmul
     tutorial's grouped ordering: a group re-reads the same W columns from L2). num_warps, num_stages: as in triton.
     split_k: programs that share one output tile's K range (decode, where M x N alone gives too few programs to keep
     HBM busy); kernels that do not split K require 1.
@@ -50,6 +50,8 @@ class GemmConfig:
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
+            if name == "block_m" and v == 1:  # the weight-only GEMV kernels
+                continue
             if v < 16 or v & (v - 1):
                 raise ValueError(f"GemmConfig.{name} must be a power of two >= 16, got {v}")
         for name in ("group_m", "num_warps", "num_stages", "split_k"):
@@ -151,7 +153,8 @@ def write_table(path: Path, data: dict) -> None:
     _table.cache_clear()
 
 
-TUNABLE_OPS = ("int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block")
+TUNABLE_OPS = ("int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block", "w8a16_gemm", "w4a16_gemm")
+WEIGHT_ONLY_OPS = ("w8a16_gemm", "w4a16_gemm")
 DEFAULT_TUNE_M = (1, 16, 64, 128, 256, 1024, 4096)
 
 
@@ -164,6 +167,8 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
     128x128 to 256x128 tiles, 8 warps (two warpgroups), 3-4 stages (a 128x256x128 int8 stage is 48 KB of shared
     memory; Hopper gives a program up to 227 KB).
     """
+    if op in WEIGHT_ONLY_OPS:
+        return _weight_only_candidates(op, m, n, k, num_sms)
     block_ks = (128,) if op in ("int8_gemm_block", "fp8_gemm_block") else (128, 256)
     out: list[GemmConfig] = []
     if m <= 64:
@@ -178,7 +183,10 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
                             continue
                         out.append(GemmConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=stages, split_k=split))
         return out
-    tiles = [(64, 64), (64, 128), (128, 64), (128, 128)] if m <= 256 else [(128, 128), (128, 256), (256, 128)]
+    # Large M: 64 x 128 / 128 x 64 tiles too - two or three programs per SM by registers and shared memory, so one
+    # program's per-128-K promotion (block ops) overlaps another's MMAs.
+    tiles = [(64, 64), (64, 128), (128, 64), (128, 128)] if m <= 256 else [(64, 128), (128, 64), (128, 128), (128, 256),
+                                                                          (256, 128)]
     for bm, bn in tiles:
         for bk in block_ks:
             for stages in (3, 4):
@@ -187,6 +195,40 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
                     continue
                 for warps in (4, 8) if bm * bn <= 128 * 128 else (8,):
                     out.append(GemmConfig(bm, bn, bk, group_m=8, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
+    """W8A16 / W4A16: at M = 1 the GEMV kernel (block_m 1: FMA units, register double-buffering, no pipeline stages)
+    over row tiles and K steps (int4 K steps stay within the 128-group) and the swap-AB dot tiles; decode (M <= 64)
+    the swap-AB tiles with split-K; prefill the 128 x 128 tiles of the defaults and two neighbours."""
+    out: list[GemmConfig] = []
+    block_ks = (64, 128) if op == "w4a16_gemm" else (128, 256, 512)
+    if m == 1:
+        for bn in (8, 16, 32, 64):
+            for bk in block_ks:
+                tiles = -(-n // bn)
+                for warps in (2, 4, 8):
+                    if bn * bk // (32 * warps) < 8:  # under 8 weights per thread: idle lanes
+                        continue
+                    for split in (1, 2, 4, 8):
+                        if split > 1 and (tiles * split > 16 * num_sms or -(-k // bk) < 2 * split):
+                            continue
+                        out.append(GemmConfig(1, bn, bk, group_m=1, num_warps=warps, num_stages=1, split_k=split))
+    if m <= 64:
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        for bn in (32, 64, 128):
+            tiles = -(-m // bm) * -(-n // bn)
+            for bk in (64, 128) if op == "w4a16_gemm" else (128, 256):
+                for stages in (4, 6):
+                    for split in (1, 2, 4, 8):
+                        if split > 1 and (tiles * split > 8 * num_sms or -(-k // bk) < 2 * split):
+                            continue
+                        out.append(GemmConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=stages, split_k=split))
+        return out
+    for bm, bn, bk, warps in ((128, 128, 64, 8), (64, 128, 64, 4), (128, 256, 64, 8), (128, 128, 128, 8)):
+        for stages in (3, 4):
+            out.append(GemmConfig(bm, bn, bk, group_m=8, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -217,7 +259,15 @@ def _inputs(op: str, m: int, n: int, k: int, sets: int, device: torch.device) ->
 
     out = []
     for _ in range(sets):
-        if op == "int8_gemm_channel":
+        if op == "w8a16_gemm":
+            out.append((torch.randn(m, k, device=device, dtype=torch.bfloat16),
+                        torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device),
+                        torch.rand(n, 1, device=device) / 100))
+        elif op == "w4a16_gemm":
+            out.append((torch.randn(m, k, device=device, dtype=torch.bfloat16),
+                        torch.randint(-2**31, 2**31 - 1, (n, cdiv(k, 8)), dtype=torch.int32, device=device),
+                        torch.rand(n, cdiv(k, 128), device=device) / 100, k))
+        elif op == "int8_gemm_channel":
             out.append((torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device),
                         torch.rand(m, 1, device=device) / 100,
                         torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device),
@@ -236,24 +286,33 @@ def _inputs(op: str, m: int, n: int, k: int, sets: int, device: torch.device) ->
 
 
 def _op_fn(op: str):
-    from ingot.kernels import fp8_gemm, int8_gemm
+    from ingot.kernels import fp8_gemm, int8_gemm, weight_only
 
     return {"int8_gemm_channel": int8_gemm.int8_gemm_channel, "int8_gemm_block": int8_gemm.int8_gemm_block,
-            "fp8_gemm_block": fp8_gemm.fp8_gemm_block}[op]
+            "fp8_gemm_block": fp8_gemm.fp8_gemm_block, "w8a16_gemm": weight_only.w8a16_gemm,
+            "w4a16_gemm": weight_only.w4a16_gemm}[op]
+
+
+def _default_fn(op: str):
+    """(m, n, k, num_sms) -> the untuned config of ``op``."""
+    from ingot.kernels import int8_gemm, weight_only
+
+    if op in WEIGHT_ONLY_OPS:
+        return lambda m, n, k, sms: weight_only.default_config(op, m, n, k, sms)
+    return int8_gemm.default_config
 
 
 def tune(options: TuneOptions, log=print) -> list[Path]:
     """Sweep ``candidates`` for every (op, shape, M) on the current CUDA device; write one table per (op, shape).
 
     Timing: ``triton.testing.do_bench_cudagraph`` (median of graph replays), each call on the next of several input
-    sets (>= 2x the L2 size of weights in all, so they come from HBM). The winner is checked against the default config's output on the same inputs (a config that
-    computes something else is dropped); entries record the time, the default's time and how many were tried.
+    sets (>= 2x the L2 size of weights in all, so they come from HBM). The winner is checked against the default
+    config's output on the same inputs (a config that computes something else is dropped); entries record the time,
+    the default's time and how many were tried. An existing table is updated: M values not swept keep their entries.
     Returns the paths written.
     """
     import triton
     import triton.testing
-
-    from ingot.kernels.int8_gemm import default_config
 
     if not torch.cuda.is_available():
         raise ValueError("tune: needs a CUDA device (torch.cuda.is_available() is False)")
@@ -264,6 +323,7 @@ def tune(options: TuneOptions, log=print) -> list[Path]:
     written = []
     for op in options.ops:
         fn = _op_fn(op)
+        default_config = _default_fn(op)
         for n, k in options.shapes:
             entries = {}
             for m in options.m_sizes:
@@ -306,6 +366,11 @@ def tune(options: TuneOptions, log=print) -> list[Path]:
                 log(f"{op} M={m} N={n} K={k}: {us:.1f} us (default {default_us:.1f} us) "
                     f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} split{cfg.split_k}")
             path = config_path(op, n, k, name, options.out_dir)
+            if path.exists():  # keep the M values this sweep did not time
+                try:
+                    entries = {**json.loads(path.read_text()).get("configs", {}), **entries}
+                except (OSError, ValueError):
+                    log(f"  {path}: unreadable, replaced")
             write_table(path, {"op": op, "n": n, "k": k, "device_name": name, "triton": triton.__version__,
                                "torch": torch.__version__, "git_sha": options.git_sha, "configs": entries})
             written.append(path)

@@ -287,6 +287,112 @@ def _w4a16_gemm_kernel(
 
 
 @triton.jit
+def _w8a16_gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr,  # as _w8a16_gemm_kernel; M == 1
+    M, N, K,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk, stride_wsn,
+    stride_ym, stride_yn,
+    K_TILES_PER_SPLIT,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # unused: no dot
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """GEMV (config.block_m == 1, M == 1): y[0, n] = sum_k x[0, k] * q[n, k], then * w_s[n]. No tensor cores and no
+    16-row padding of x: each program streams a (BLOCK_N, BLOCK_K) weight tile per step, multiplies it by x's K
+    slice on the FMA units and reduces along K; the next tile's load is issued before this one is used (register
+    double-buffering), so one tile per program stays in flight while it computes."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (cols % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    kt0 = pid_k * K_TILES_PER_SPLIT
+    kt1 = tl.minimum(kt0 + K_TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    x_ptrs = x_ptr + (kt0 * BLOCK_K + offs_k) * stride_xk
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (kt0 * BLOCK_K + offs_k)[None, :] * stride_wk
+    if EVEN_K:
+        b_next = tl.load(w_ptrs)
+    else:
+        b_next = tl.load(w_ptrs, mask=offs_k[None, :] < K - kt0 * BLOCK_K, other=0)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kt in range(kt0, kt1):
+        b = b_next
+        w_ptrs += BLOCK_K * stride_wk
+        if EVEN_K:
+            b_next = tl.load(w_ptrs, mask=kt + 1 < kt1, other=0)
+            a = tl.load(x_ptrs)
+        else:
+            k_left = K - kt * BLOCK_K
+            b_next = tl.load(w_ptrs, mask=(offs_k[None, :] < k_left - BLOCK_K) & (kt + 1 < kt1), other=0)
+            a = tl.load(x_ptrs, mask=offs_k < k_left, other=0.0)
+        acc += tl.sum(_int8_values(b) * a.to(tl.float32)[None, :], axis=1)
+        x_ptrs += BLOCK_K * stride_xk
+
+    ws = tl.load(ws_ptr + offs_n * stride_wsn).to(tl.float32)
+    rows = tl.arange(0, 1)
+    _store_tile((acc * ws)[:, None], rows, cols, offs_n, pid_k, M, N, bias_ptr, y_ptr, part_ptr, stride_ym, stride_yn,
+                HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr,  # as _w4a16_gemm_kernel; M == 1
+    M, N, K, KP,
+    stride_xm, stride_xk,
+    stride_wn, stride_wp, stride_wsn, stride_wsg,
+    stride_ym, stride_yn,
+    K_TILES_PER_SPLIT,
+    GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # unused: no dot
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """GEMV (config.block_m == 1, M == 1) on the packed int4 layout: per step a (BLOCK_N, BLOCK_K // 8) tile of words
+    is unpacked in registers (_unpack_int4: exact integers in fp32), multiplied by x's K slice on the FMA units,
+    reduced along K and scaled by the step's group scale (BLOCK_K divides the group); register double-buffering
+    as in _w8a16_gemv_kernel."""
+    BLOCK_P: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (cols % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = tl.arange(0, BLOCK_P)
+    kt0 = pid_k * K_TILES_PER_SPLIT
+    kt1 = tl.minimum(kt0 + K_TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    x_ptrs = x_ptr + (kt0 * BLOCK_K + offs_k) * stride_xk
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (kt0 * BLOCK_P + offs_p)[None, :] * stride_wp
+    ws_ptrs = ws_ptr + offs_n * stride_wsn
+    if EVEN_K:
+        p_next = tl.load(w_ptrs)
+    else:
+        p_next = tl.load(w_ptrs, mask=offs_p[None, :] < KP - kt0 * BLOCK_P, other=0)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kt in range(kt0, kt1):
+        p = p_next
+        w_ptrs += BLOCK_P * stride_wp
+        if EVEN_K:
+            p_next = tl.load(w_ptrs, mask=kt + 1 < kt1, other=0)
+            a = tl.load(x_ptrs)
+        else:
+            # x past K loads 0: the padding nibbles of a ragged last word add nothing
+            p_next = tl.load(w_ptrs, mask=(offs_p[None, :] < KP - (kt + 1) * BLOCK_P) & (kt + 1 < kt1), other=0)
+            a = tl.load(x_ptrs, mask=offs_k < K - kt * BLOCK_K, other=0.0)
+        s = tl.load(ws_ptrs + ((kt * BLOCK_K) // GROUP_SIZE) * stride_wsg).to(tl.float32)
+        acc += tl.sum(_unpack_int4(p, BLOCK_N, BLOCK_K) * a.to(tl.float32)[None, :], axis=1) * s
+        x_ptrs += BLOCK_K * stride_xk
+
+    rows = tl.arange(0, 1)
+    _store_tile(acc[:, None], rows, cols, offs_n, pid_k, M, N, bias_ptr, y_ptr, part_ptr, stride_ym, stride_yn,
+                HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
 def _split_k_reduce_kernel(
     part_ptr, bias_ptr, y_ptr,  # fp32 [SPLIT_K, M, N] contiguous, [N], [M, N]
     MN, N,  # M * N: the stride between two splits' partials
@@ -350,11 +456,17 @@ def resolve_config(op: str, config: GemmConfig | None, m: int, n: int, k: int, d
                                  lambda sms: default_config(op, m, n, k, sms or NOMINAL_SMS))
 
 
-def _launch(kernel, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, **constexprs) -> None:
-    """Launch ``kernel`` on a (tiles, split) grid, then the split-K reduction when split > 1.
+def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, **constexprs) -> None:
+    """Launch the GEMM kernel of ``kernels`` (gemm, gemv) on a (tiles, split) grid - the GEMV one when config.block_m
+    is 1 - then the split-K reduction when split > 1.
 
     sizes: (M, N, K, ...) as the kernel takes them; w_strides / ws_strides: the weight's and the scales' strides."""
     m, n, k = sizes[:3]
+    kernel = kernels[0]
+    if config.block_m == 1:
+        if m != 1:
+            raise ValueError(f"config.block_m = 1 (the GEMV kernel) needs M = 1, got M = {m}")
+        kernel = kernels[1]
     split, per_split = effective_split_k(k, config)
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
     bias_arg = w_s if bias is None else bias
@@ -412,7 +524,8 @@ def w8a16_gemm(
         return y
     config = resolve_config("w8a16_gemm", config, m, n, k, x.device)
     _launch(
-        _w8a16_gemm_kernel, x, w_q, w_s, bias, y, (m, n, k), (w_q.stride(0), w_q.stride(1)), (w_s.stride(0),), config,
+        (_w8a16_gemm_kernel, _w8a16_gemv_kernel), x, w_q, w_s, bias, y, (m, n, k), (w_q.stride(0), w_q.stride(1)),
+        (w_s.stride(0),), config,
     )
     return y
 
@@ -482,7 +595,7 @@ def w4a16_gemm(
             "(one scale per row per step)"
         )
     _launch(
-        _w4a16_gemm_kernel, x, w_packed, w_s, bias, y, (m, n, k, kp),
+        (_w4a16_gemm_kernel, _w4a16_gemv_kernel), x, w_packed, w_s, bias, y, (m, n, k, kp),
         (w_packed.stride(0), w_packed.stride(1)), (w_s.stride(0), w_s.stride(1)), config, GROUP_SIZE=group_size,
     )
     return y
