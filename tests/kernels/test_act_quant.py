@@ -237,6 +237,17 @@ def test_token_matches_reference(x_dtype, m, k):
     assert x_s.shape == (m, 1)
 
 
+@pytest.mark.parametrize("m,k", [(1, 2500), (33, 2500), (5, 1024)])
+def test_token_chunked_path_matches_reference(m, k, monkeypatch):
+    """Rows longer than ONE_PASS_MAX_K (DeepSeek-size K in production) loop over K in MAX_BLOCK_K chunks, twice."""
+    monkeypatch.setattr(act_quant, "ONE_PASS_MAX_K", 512)
+    x = _activations(m, k, torch.bfloat16, seed=m + k)
+    x_q, x_s = per_token_quant_int8(x)
+    q_ref, s_ref = quantize_act_token(x.cpu())
+    assert_same(x_q, q_ref, "x_q")
+    assert_same(x_s, s_ref, "x_s")
+
+
 def test_token_shapes():
     x = _activations(6, 200, torch.bfloat16, seed=1)
     x_q, x_s = per_token_quant_int8(x.view(2, 3, 200))

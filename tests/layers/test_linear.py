@@ -462,3 +462,39 @@ def test_cuda_fp8_native_or_fallback_by_capability():
     layer = Linear(256, 256, kind="fp8-block", device="cuda")
     expected = "fp8-block" if capability >= (8, 9) else "int8-block"
     assert layer.kind == expected, (torch.cuda.get_device_name(), capability)
+
+
+# ------------------------------------------------------------------------------------------------ fusion
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_linear_equals_its_parts(kind, bias, native_fp8):
+    """q/k/v-style fusion: one Linear over the concatenated parameters computes exactly the parts' outputs side by
+    side (same activation quantization of the shared input, per-row weights and scales)."""
+    parts = [make_linear(kind, n, 256, bias=bias, seed=s)[0] for s, n in enumerate((256, 128, 384))]
+    fused = L.fuse_linears(parts)
+    assert fused is not None and fused.kind == kind and fused.out_features == 768
+    for name, p in fused.named_parameters():
+        assert p.shape[0] == sum(getattr(q, name).shape[0] for q in parts), name
+    x = make_x((5, 256), torch.bfloat16)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_fused_fp8_fallback_keeps_its_layout(fresh_warning):
+    parts = [make_linear("fp8-block", 128, 256, seed=s)[0] for s in range(2)]  # CPU: int8-block fallback layouts
+    fused = L.fuse_linears(parts)
+    assert isinstance(fused.method, L.Fp8FallbackMethod) and fused.kind == "int8-block"
+    x = make_x((3, 256), torch.bfloat16)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_fusion_refuses_what_cannot_share_a_launch(native_fp8):
+    a = make_linear("int8-block", 192, 256)[0]  # 192 rows end inside the second 128-row block
+    b = make_linear("int8-block", 128, 256, seed=1)[0]
+    assert L.fuse_linears([a, b]) is None
+    assert L.fuse_linears([b, a]) is not None  # a ragged *last* part is fine
+    assert L.fuse_linears([b, make_linear("int8-channel", 128, 256)[0]]) is None  # kinds differ
+    assert L.fuse_linears([b, make_linear("int8-block", 128, 256, bias=True)[0]]) is None  # bias on one only
+    assert L.fuse_linears([b, make_linear("int8-block", 128, 384)[0]]) is None  # inputs differ
+    assert L.fuse_linears([b]) is None

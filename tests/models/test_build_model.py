@@ -127,9 +127,11 @@ def _decode_on_meta(model, b: int = 3, blocks: int = 4, bs: int = 16):
         return model.compute_logits(model(ids, torch.empty(b, dtype=torch.int64, device=dev), meta))
 
 
-def test_decode_step_has_no_host_sync():
+def test_decode_step_has_no_host_sync(monkeypatch):
     """A meta-device model has shapes and no data: any .item() / .tolist() / data-dependent shape in a decode step
-    raises. Llama-family and dense DeepSeek-V3 (MLA) steps pass; a MoE layer counts tokens per expert on the host."""
+    raises. Llama-family and dense DeepSeek-V3 (MLA) steps pass. MoE: the fused path passes (its Triton launches,
+    which cannot run on meta, replaced by shape-only stand-ins; CUDA-graph capture on the GPU covers them); the
+    per-expert loop counts tokens per expert on the host."""
     for config in ({**LLAMA, "model_type": "qwen3", "head_dim": 32}, {**LLAMA, "model_type": "mistral", "sliding_window": 8}):
         model = build_model(config, device="meta")
         assert model.supports_cuda_graphs
@@ -138,8 +140,35 @@ def test_decode_step_has_no_host_sync():
     dense = build_model({"model_type": "deepseek_v3", **DSV3, "n_routed_experts": None}, device="meta")
     dense.process_weights_after_loading()
     assert dense.supports_cuda_graphs and _decode_on_meta(dense).shape == (3, 128)
+    from ingot.kernels import moe_gemm
+    from ingot.layers.moe import MoE
+
     moe = build_model({"model_type": "deepseek_v3", **DSV3}, device="meta")
     moe.process_weights_after_loading()
+    assert moe.supports_cuda_graphs
+    layers = [m for m in moe.modules() if isinstance(m, MoE)]
+    assert layers and all(m.grouped_kind == "bf16" for m in layers)
+    launches = []
+
+    def align(ids, e, block_m):
+        launches.append("align")
+        blocks = moe_gemm.max_aligned_blocks(ids.numel(), e, block_m)
+        empty = lambda *shape: torch.empty(shape, dtype=torch.int32, device=ids.device)  # noqa: E731
+        return moe_gemm.MoEAlignment(empty(blocks * block_m), empty(blocks), empty(1), block_m, *ids.shape, e)
+
+    def gemm(a, a_s, w, w_s, al, kind, block_size=(128, 128), topk_weights=None, out_dtype=torch.bfloat16, **kw):
+        moe_gemm._check_moe_operands(a, a_s, w, w_s, al, kind, block_size, topk_weights, out_dtype, None)
+        launches.append("gemm")
+        return torch.empty(al.numel, w.shape[1], dtype=out_dtype, device=a.device)
+
+    monkeypatch.setattr(moe_gemm, "moe_align", align)
+    monkeypatch.setattr(moe_gemm, "moe_gemm", gemm)
+    for m in layers:
+        m.use_fused = True
+    assert _decode_on_meta(moe).shape == (3, 128)
+    assert launches == ["align", "gemm", "gemm"] * len(layers)
+    for m in layers:
+        m.use_fused = False
     assert not moe.supports_cuda_graphs
     with pytest.raises(NotImplementedError, match="bincount"):  # MoE.routed: tokens per expert, on the host
         _decode_on_meta(moe)
@@ -163,3 +192,21 @@ def test_hf_config_object_dicts_build():
     cfg = DeepseekV3Config(**DSV3).to_dict()
     model = build_model(cfg, dtype=torch.float32, load_mtp=True)
     assert model.args.num_nextn_predict_layers == 1 and len(model.model.layers) == 3 and model.num_layers == 2
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8-channel", "int4-group"])
+def test_fused_projections_keep_the_logits(scheme):
+    """fuse_projections() (the engine's q/k/v and gate/up merge) leaves a Llama's logits unchanged, bit for bit on
+    CPU, and replaces the per-projection linears."""
+    from ingot.models.loader import random_model
+
+    config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 128, "intermediate_size": 256,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    model = random_model(config, scheme, "cpu", dtype=torch.float32)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    before = model.score(ids)
+    model.fuse_projections()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.qkv_proj.out_features == 128 + 64 + 64 and not hasattr(attn, "q_proj")
+    assert mlp.gate_up_proj.out_features == 512 and not hasattr(mlp, "gate_proj")
+    assert torch.equal(model.score(ids), before)

@@ -93,6 +93,10 @@ class LLM:
     def _setup(self, model, tokenizer, eos_ids: tuple[int, ...], config: EngineConfig) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.device = next(model.parameters()).device
+        if callable(getattr(model, "fuse_projections", None)):  # q/k/v and gate/up as one GEMM each
+            model.fuse_projections()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the unfused copies: free memory sizes the KV cache
         plan = plan_engine(model, config, self.device)
         max_model_len, bs = plan.max_model_len, plan.block_size
         self.config, self.plan, self.max_model_len = config, plan, max_model_len

@@ -203,12 +203,12 @@ def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
     over row tiles and K steps (int4 K steps stay within the 128-group) and the swap-AB dot tiles; decode (M <= 64)
     the swap-AB tiles with split-K; prefill the 128 x 128 tiles of the defaults and two neighbours."""
     out: list[GemmConfig] = []
-    block_ks = (64, 128) if op == "w4a16_gemm" else (128, 256, 512)
+    block_ks = (64, 128) if op == "w4a16_gemm" else (256, 512)
     if m == 1:
-        for bn in (8, 16, 32, 64):
+        for bn in (16, 32, 64):
             for bk in block_ks:
                 tiles = -(-n // bn)
-                for warps in (2, 4, 8):
+                for warps in (4, 8):
                     if bn * bk // (32 * warps) < 8:  # under 8 weights per thread: idle lanes
                         continue
                     for split in (1, 2, 4, 8):
@@ -217,7 +217,7 @@ def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
                         out.append(GemmConfig(1, bn, bk, group_m=1, num_warps=warps, num_stages=1, split_k=split))
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        for bn in (32, 64, 128):
+        for bn in (32, 64):
             tiles = -(-m // bm) * -(-n // bn)
             for bk in (64, 128) if op == "w4a16_gemm" else (128, 256):
                 for stages in (4, 6):

@@ -526,3 +526,47 @@ class Linear(nn.Module):
         loads = "" if self.method.source_kind == self.kind else f" (loads {self.method.source_kind})"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"kind={self.kind}{loads}")
+
+
+# ------------------------------------------------------------------------------------------------ fusion
+
+
+def fuse_linears(parts: list[Linear]) -> Linear | None:
+    """One Linear whose output is the concatenation of ``parts``' outputs on the same input: q/k/v -> qkv and
+    gate/up -> gate_up, as vLLM's QKVParallelLinear / MergedColumnParallelLinear, but built *after* loading from the
+    loaded parameters (checkpoints and the loader keep the per-projection names). Every parameter of every kind is
+    per output row (weight, weight_packed, per-channel / per-group / per-block-row scales, bias), so the fused one is
+    their concatenation along N: one activation quantization and one GEMM launch instead of one per part, and a
+    wider N for the kernels. The parts' memory is copied once (one layer at a time); the caller drops them.
+
+    None when the parts cannot share a launch: different kinds, inputs, dtypes, devices, bias presence, block or
+    group sizes, activation scale formats (fp8 ue8m0), or a block kind whose parts do not each end on a block row
+    (the block scales of a part with N % 128 != 0 would straddle the next part's rows).
+    """
+    if len(parts) < 2:
+        return None
+    first = parts[0]
+    params = [name for name, _ in first.named_parameters(recurse=False)]
+    for p in parts:
+        if (p.kind != first.kind or type(p.method) is not type(first.method) or p.in_features != first.in_features
+                or p.params_dtype != first.params_dtype or (p.bias is None) != (first.bias is None)
+                or [n for n, _ in p.named_parameters(recurse=False)] != params):
+            return None
+        if any(getattr(p, a, None) != getattr(first, a, None) for a in ("block_size", "group_size", "act_scale_fmt")):
+            return None
+    device = next(first.parameters()).device
+    if any(t.device != device for p in parts for t in p.parameters(recurse=False)):
+        return None
+    if first.kind in ("int8-block", "fp8-block") and any(p.out_features % first.block_size[0] for p in parts[:-1]):
+        return None
+    fallback = first.kind if isinstance(first.method, Fp8FallbackMethod) else "int8-block"
+    fused = Linear(first.in_features, sum(p.out_features for p in parts), first.bias is not None,
+                   kind=first.method.source_kind, device=device, dtype=first.params_dtype, fp8_fallback=fallback)
+    with torch.no_grad():
+        for name in params:
+            torch.cat([getattr(p, name) for p in parts], dim=0, out=getattr(fused, name).data)
+    for attr in ("block_size", "group_size", "act_scale_fmt"):
+        if hasattr(first, attr):
+            setattr(fused, attr, getattr(first, attr))
+    fused.method.use_kernels = first.method.use_kernels
+    return fused

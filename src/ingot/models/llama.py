@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ingot.layers.attention import Attention, AttnMetadata, KVSpec
-from ingot.layers.linear import Linear
+from ingot.layers.linear import Linear, fuse_linears
 from ingot.layers.moe import MLP, MoE
 from ingot.layers.norm import RMSNorm
 from ingot.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary
@@ -175,15 +175,46 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(d, args.rms_norm_eps, device=make.device, dtype=make.dtype)
             self.k_norm = RMSNorm(d, args.rms_norm_eps, device=make.device, dtype=make.dtype)
         self.attn = Attention(h, hkv, d, d, d**-0.5, window=args.window(layer))
+        self.qkv_proj: Linear | None = None  # fuse_projections()
+        self.qkv_sizes = (h * d, hkv * d, hkv * d)
+
+    def fuse_projections(self) -> None:
+        """q/k/v -> one qkv_proj (``fuse_linears``) when their kinds allow; q_proj/k_proj/v_proj are then dropped."""
+        if self.qkv_proj is None and (qkv := fuse_linears([self.q_proj, self.k_proj, self.v_proj])) is not None:
+            self.qkv_proj = qkv
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata | None) -> torch.Tensor:
-        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))  # (..., H, D)
-        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))  # (..., Hkv, D)
-        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.unflatten(-1, (-1, self.head_dim))  # (..., H, D)
+        k = k.unflatten(-1, (-1, self.head_dim))  # (..., Hkv, D)
+        v = v.unflatten(-1, (-1, self.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         return self.o_proj(self.attn(q, k, v, meta).flatten(-2))
+
+
+class LlamaMLP(MLP):
+    """The gated SiLU MLP, whose gate/up projections ``fuse_projections()`` merges into one gate_up_proj."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate_up_proj: Linear | None = None
+
+    def fuse_projections(self) -> None:
+        if self.gate_up_proj is None and (gate_up := fuse_linears([self.gate_proj, self.up_proj])) is not None:
+            self.gate_up_proj = gate_up
+            del self.gate_proj, self.up_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is None:
+            return super().forward(x)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # ----------------------------------------------------------------------------------------------------------- block
@@ -232,6 +263,14 @@ class CausalLM(nn.Module):
     def process_weights_after_loading(self) -> None:
         """Derive what the forward needs from the loaded weights (nothing for Llama; MLA's absorbed kv_b_proj).
         Call after every Linear's own ``process_weights_after_loading``."""
+
+    def fuse_projections(self) -> None:
+        """Merge the projections that read one input into one Linear each (q/k/v, gate/up: ``fuse_linears``), for
+        fewer, wider GEMMs and one activation quantization per input; the engine calls it after loading. Parameter
+        names change (``qkv_proj``, ``gate_up_proj``): load, calibrate and inspect by checkpoint name before."""
+        for module in list(self.modules()):
+            if module is not self and callable(getattr(module, "fuse_projections", None)):
+                module.fuse_projections()
 
     @property
     def supports_cuda_graphs(self) -> bool:
@@ -293,7 +332,7 @@ class LlamaForCausalLM(CausalLM):
         for i in range(args.num_hidden_layers):
             prefix = f"model.layers.{i}"
             attn = LlamaAttention(args, f"{prefix}.self_attn", i, make)
-            mlp = MLP(f"{prefix}.mlp", args.hidden_size, args.intermediate_size, make, bias=args.mlp_bias)
+            mlp = LlamaMLP(f"{prefix}.mlp", args.hidden_size, args.intermediate_size, make, bias=args.mlp_bias)
             self.model.layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps, dev, dt))
         self.num_layers = args.num_hidden_layers
         self._finish()
