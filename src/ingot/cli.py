@@ -54,6 +54,20 @@ def cmd_convert(args) -> int:
     scheme = Scheme.from_name(args.scheme)
     if args.scale_fmt:
         scheme = scheme.with_scale_fmt(args.scale_fmt)
+    smooth, calibrate = None, None
+    if args.smooth is not None:
+        from ingot.calibrate import calibrate
+        from ingot.quant.smooth import SmoothConfig
+
+        data = args.data_dir or os.environ.get("INGOT_DATA_DIR")
+        smooth = SmoothConfig(
+            alpha=args.smooth, calib_path=Path(data) / "gsm8k" / "train.jsonl" if data else None,
+            samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.calib_seed,
+            pairs=tuple(p.strip() for p in args.smooth_pairs.split(",") if p.strip()),
+        )
+        if not scheme.is_quantized or scheme.activation == "none":
+            print(f"ingot: warning: --smooth with {scheme.name}: only W8A8 / FP8 schemes quantize activations; "
+                  "smoothing only moves their outliers into the weights", file=sys.stderr)
     options = ConvertOptions(
         scheme=scheme,
         format=args.format,
@@ -63,6 +77,7 @@ def cmd_convert(args) -> int:
         workers=args.workers,
         max_shard_bytes=args.max_shard_size,
         overwrite=args.overwrite,
+        smooth=smooth,
     )
     for pattern in options.ignore:
         try:
@@ -70,7 +85,11 @@ def cmd_convert(args) -> int:
         except re.error as e:
             raise ValueError(f"--ignore {pattern!r}: not a regular expression ({e})") from None
     src = _resolve_model(args.src, _cache_dir(args.cache_dir))
-    manifest = convert(src, Path(args.dst), options, progress=not args.quiet)
+    if smooth is not None:
+        from ingot.calibrate import calibration_rows
+
+        calibration_rows(smooth)  # a missing calibration file fails now, before any planning or loading
+    manifest = convert(src, Path(args.dst), options, progress=not args.quiet, calibrate=calibrate)
     t = manifest["totals"]
     for warning in manifest.get("warnings", []):
         print(f"ingot: warning: {warning}", file=sys.stderr)
@@ -395,6 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="keep linears whose module name matches in source precision (repeatable)")
     p.add_argument("--quantize-mtp", action="store_true", help="also quantize DeepSeek MTP layers")
+    p.add_argument("--smooth", type=float, nargs="?", const=0.5, metavar="ALPHA",
+                   help="SmoothQuant: fold per-channel factors max|X|^a / max|W|^(1-a) from calibration into the "
+                        "norms / up_proj / v_proj before quantizing (ALPHA default 0.5)")
+    p.add_argument("--smooth-pairs", default="norm,up-down,v-o",
+                   help="which sites to smooth: norm (norm -> q/k/v, gate/up), up-down, v-o")
+    p.add_argument("--calib-samples", type=int, default=128, help="GSM8K train rows drawn for calibration")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--calib-seed", type=int, default=0, help="which calibration rows are drawn")
+    p.add_argument("--data-dir", help="calibration text DIR/gsm8k/train.jsonl (default: $INGOT_DATA_DIR)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--workers", type=int, default=1, help="shards converted in parallel processes")
     p.add_argument("--max-shard-size", type=_size, help="re-shard the output (e.g. 5GB); default: one per source shard")

@@ -50,9 +50,11 @@ from ingot.formats.safetensors_io import (
 )
 from ingot.quant import fast, ref
 from ingot.quant.schemes import BF16, Scheme
+from ingot.quant.smooth import Smoothing, SmoothConfig
 
 MANIFEST_NAME = "ingot_manifest.json"
 WORK_DIR = ".ingot"  # job record and per-shard manifest rows while a conversion is in progress
+SMOOTHING_NAME = "smoothing.safetensors"  # in WORK_DIR: the factors, so a resumed conversion does not recalibrate
 # Files of a source directory that are never copied: weights (re-written), pickles (never loaded), our own
 # bookkeeping. Everything else at the top level (tokenizer, generation config, chat template, remote code
 # files for other engines) is copied byte for byte.
@@ -69,6 +71,7 @@ class ConvertOptions:
     workers: int = 1
     max_shard_bytes: int | None = None  # None: one output shard per source shard
     overwrite: bool = False
+    smooth: SmoothConfig | None = None  # SmoothQuant smoothing folded in before quantization (ingot.quant.smooth)
 
     def job(self, src: Path) -> dict:
         """What makes two runs 'the same conversion' (device and workers do not change the bytes)."""
@@ -79,6 +82,7 @@ class ConvertOptions:
             "ignore": list(self.ignore),
             "quantize_mtp": self.quantize_mtp,
             "max_shard_bytes": self.max_shard_bytes,
+            **({"smooth": self.smooth.job()} if self.smooth else {}),
         }
 
 
@@ -110,6 +114,7 @@ class Plan:
     owner: list[int]  # per item: the shard holding its first output tensor (it reports the manifest row)
     shard_files: list[str]
     config: dict  # the source config.json
+    smoothing: Smoothing | None = None  # factors folded into the tensors they touch (set by ``convert``)
 
     def shard_src_bytes(self, i: int) -> int:
         return sum(self.items[j].src_bytes for j, _ in self.shards[i] if self.owner[j] == i)
@@ -222,19 +227,22 @@ def convert_item(p: Plan, it: Item, src: Checkpoint, dst_fmt: Format, src_fmt: F
 
     # On a GPU, block-scaled sources dequantize through the Triton kernel: one pass, the same float32 bits.
     use_kernel = stored.qweight.is_cuda
+    smooth = p.smoothing if p.smoothing is not None and p.smoothing.touches(it.name) else None
     if it.dst_kind == "bf16":  # kept in source precision: dequantize only
         weight_name = f"{it.name}.weight"
         w = _dequantize(stored, use_kernel)
+        w = smooth.apply(it.name, w) if smooth else w
         kept = ref.quantize_weight(w.to(p.out_dtype), BF16, name=weight_name).qweight  # checks NaN/Inf
         tensors, snr, shape = {weight_name: kept.cpu()}, ref.snr_db(w, kept), kept.shape
     else:
         scheme = p.options.scheme
         scale_dtype = dst_fmt.scale_dtype(it.dst_kind, p.out_dtype)
         result = None
-        if fast.supports(stored.kind, stored.block_size, scheme):  # FP8 -> INT8: bit-identical to the lines below
+        if not smooth and fast.supports(stored.kind, stored.block_size, scheme):  # FP8 -> INT8: bit-identical below
             result = fast.requantize(stored.qweight, stored.scale, stored.block_size, scheme, scale_dtype, f"{it.name}.weight")
         if result is None:
             w = _dequantize(stored, use_kernel)
+            w = smooth.apply(it.name, w) if smooth else w  # smoothed: the SNR is that of the weight quantized
             qw = ref.quantize_weight(w, scheme, scale_dtype=scale_dtype, name=f"{it.name}.weight")
             result = qw, ref.snr_db(w, ref.dequantize_weight(qw))
         qw, snr = result
@@ -276,6 +284,8 @@ def _copy_tensor(p: Plan, it: Item, src: Checkpoint) -> tuple[dict, dict]:
     t = src.get(it.name)
     if t.is_floating_point() and not torch.isfinite(t).all():
         raise CheckpointError(f"{p.src}: tensor {it.name} contains NaN or Inf")
+    if p.smoothing is not None and p.smoothing.touches(it.name):  # a norm weight, a bias, the MoE router
+        t = p.smoothing.apply(it.name, t)
     t = t.to(it.specs[0].dtype)
     if t.is_floating_point() and not torch.isfinite(t).all():  # bf16 -> fp16 overflows past 65504
         raise CheckpointError(f"{p.src}: tensor {it.name} overflows {_dt(t.dtype)} (its largest magnitude does not fit)")
@@ -352,8 +362,13 @@ def _convert_shard_job(p: Plan, i: int) -> int:
     return p.shard_src_bytes(i)
 
 
-def convert(src: Path | str, dst: Path | str, options: ConvertOptions, progress: bool = True) -> dict:
-    """Convert a checkpoint; returns the manifest. Raises CheckpointError / ValueError on bad input."""
+def convert(src: Path | str, dst: Path | str, options: ConvertOptions, progress: bool = True,
+            calibrate: Callable[[Path, SmoothConfig, str], Smoothing] | None = None) -> dict:
+    """Convert a checkpoint; returns the manifest. Raises CheckpointError / ValueError on bad input.
+
+    calibrate: with ``options.smooth``, measures the smoothing factors of ``src`` (``ingot.calibrate.calibrate``,
+    which runs the model and so lives downstream of this package); called once, its result kept in DST/.ingot.
+    """
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if options.device.startswith("cuda") and not torch.cuda.is_available():
@@ -361,8 +376,12 @@ def convert(src: Path | str, dst: Path | str, options: ConvertOptions, progress:
     source = Checkpoint(src)  # headers read once, for the plan and the in-process shard loop
     p = plan(src, dst, options, source)
     job = options.job(src)
+    if options.smooth is not None and calibrate is None:
+        raise ValueError("convert: options.smooth needs a calibrate function (ingot.calibrate.calibrate)")
     if _prepare_dst(dst, job, options.overwrite) == "complete":
         return json.loads((dst / MANIFEST_NAME).read_text())
+    if options.smooth is not None:
+        p.smoothing = _smoothing(p, calibrate)
     todo = [i for i, f in enumerate(p.shard_files) if not ((dst / f).exists() and (dst / WORK_DIR / f"rows-{i:05d}.json").exists())]
 
     total = sum(p.shard_src_bytes(i) for i in todo)
@@ -379,6 +398,22 @@ def convert(src: Path | str, dst: Path | str, options: ConvertOptions, progress:
                 bar.update(done)
     bar.close()
     return _finish(p, job, resumed=len(p.shard_files) - len(todo), seconds=time.perf_counter() - t0)
+
+
+def _smoothing(p: Plan, calibrate: Callable[[Path, SmoothConfig, str], Smoothing]) -> Smoothing:
+    """The factors of this conversion: saved ones (a resumed job), else calibrated now and saved. Pairs none of
+    whose consumers is quantized here (all kept by --ignore) are dropped: smoothing them buys nothing."""
+    path = p.dst / WORK_DIR / SMOOTHING_NAME
+    if path.exists():
+        smoothing = Smoothing.load(path)
+    else:
+        smoothing = calibrate(p.src, p.options.smooth, p.options.device)
+        smoothing.save(path)
+    quantized = {it.name for it in p.items if it.src_kind is not None and it.dst_kind != "bf16"}
+    kept = smoothing.only(lambda pair: any(c in quantized for c in pair.consumers))
+    dropped = len(smoothing.factors) - len(kept.factors)
+    kept.record = {**kept.record, "pairs_dropped_unquantized": dropped}
+    return kept
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -437,6 +472,7 @@ def _finish(p: Plan, job: dict, resumed: int, seconds: float) -> dict:
         "scheme": p.options.scheme.name,
         "format": p.dst_format,
         "kept_unquantized": p.kept,
+        "smoothing": p.smoothing.summary() if p.smoothing is not None else None,
         "warnings": p.caveats,
         "tensors": rows,
         "totals": {

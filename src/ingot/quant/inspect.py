@@ -6,6 +6,7 @@ answers in seconds for a 690 GB checkpoint.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -65,7 +66,22 @@ def inspect_checkpoint(path: Path | str) -> dict:
         "shards": len(ckpt.shards),
         "bytes_on_disk": disk,
         "gpu_bytes_estimate": estimates,
+        "smoothing": _smoothing(ckpt.dir),
     }
+
+
+def _smoothing(path: Path) -> dict | None:
+    """SmoothQuant smoothing folded in by ``ingot convert --smooth`` (from ingot_manifest.json), in short."""
+    manifest = path / "ingot_manifest.json"
+    if not manifest.is_file():
+        return None
+    sm = json.loads(manifest.read_text()).get("smoothing")
+    if not sm:
+        return None
+    kinds = Counter(p["kind"] for p in sm.get("pairs", []))
+    calib = sm.get("calibration", {})
+    return {"method": sm.get("method"), "alpha": sm.get("alpha"), "pairs": dict(sorted(kinds.items())),
+            "calibration": {k: calib.get(k) for k in ("file", "sha256", "rows", "tokens", "seed")}}
 
 
 def _gb(n: int) -> str:
@@ -81,15 +97,21 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _smooth_cell(sm: dict | None) -> str:
+    if not sm:
+        return "-"
+    return f"alpha {sm['alpha']}, {sum(sm['pairs'].values())} pairs, {sm['calibration']['tokens']} tokens"
+
+
 def format_table(rows: list[dict]) -> str:
     """One row per checkpoint: what it is, what it holds, and its weights' GPU memory at each precision."""
-    head = ["path", "format", "scheme", "model", "params", "linears", "other", "shards", "on disk"]
+    head = ["path", "format", "scheme", "model", "params", "linears", "other", "shards", "on disk", "smoothing"]
     head += [f"GPU {s}" for s in ESTIMATE_SCHEMES]
     table = [head]
     for r in rows:
         linears = ", ".join(f"{k} {v}" for k, v in r["linears"].items())
         cells = [r["path"], r["format"], r["scheme"], str(r["model_type"]), _count(r["params"]), linears,
-                 str(r["other_tensors"]), str(r["shards"]), _gb(r["bytes_on_disk"])]
+                 str(r["other_tensors"]), str(r["shards"]), _gb(r["bytes_on_disk"]), _smooth_cell(r.get("smoothing"))]
         cells += [_gb(r["gpu_bytes_estimate"][s]) for s in ESTIMATE_SCHEMES]
         table.append(cells)
     widths = [max(len(row[c]) for row in table) for c in range(len(head))]
