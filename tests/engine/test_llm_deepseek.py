@@ -1,6 +1,7 @@
 """The engine over a tiny random DeepSeek-V3 (MLA's shared latent cache: v_cache None; MoE): greedy equals the
 score path token for token, batched equals alone, preemption keeps outputs. CPU, and CUDA on the GPU machine
-(where MoE's host sync makes graph capture fall back to eager decode, and a dense variant captures)."""
+(where the fused MoE path and a dense variant capture decode graphs, and MoE forced onto its per-expert loop, whose
+host sync makes graph capture fall back to eager decode, does not)."""
 
 from __future__ import annotations
 
@@ -52,12 +53,17 @@ def test_cpu_mla_moe():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("moe", [True, False])
+@pytest.mark.parametrize("moe", ["fused", "loop", None])
 def test_cuda_mla(moe):
+    from ingot.layers.moe import MoE
+
     model = tiny("cuda", **({} if moe else {"n_routed_experts": None}))
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.use_fused = None if moe == "fused" else False
     llm = LLM.from_model(model, block_size=16, max_model_len=128, max_num_seqs=8)
-    if moe:
-        assert llm.runner.graphs is None and llm.runner.graphs_error  # the MoE host sync: eager decode
+    if moe == "loop":
+        assert llm.runner.graphs is None and llm.runner.graphs_error  # the loop's host sync: eager decode
     else:
         assert llm.runner.graphs is not None and llm.runner.graphs_error is None
     check(llm)

@@ -154,3 +154,36 @@ def test_quantized_kv_b_proj_is_absorbed_dequantized():
     ids = torch.tensor(_prompts(lengths=(13,)))
     with torch.no_grad():
         assert (hf(ids).logits - model.score(ids)).abs().max().item() <= TOL
+
+
+@pytest.fixture
+def interpreter():
+    """Triton's interpreter on CPU (TRITON_INTERPRET=1, set by tests/conftest.py) with the kernel tests' fix for its
+    run-time loop bounds (tests/kernels/conftest.py)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (CPU-only run)")
+    pytest.importorskip("triton")
+    spec = importlib.util.spec_from_file_location(
+        "_ingot_kernel_conftest", Path(__file__).resolve().parents[1] / "kernels" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module._fix_interpreter_index()
+
+
+def test_fused_moe_matches_transformers(interpreter):
+    """The MoE layers on the fused grouped-GEMM path (the kernels, interpreted): the same logits as transformers,
+    through score and the paged forward (prefill, mixed and padded decode steps)."""
+    model, hf = _pair("v3")
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    assert len(layers) == 2 and all(m.grouped_kind == "bf16" for m in layers) and model.supports_cuda_graphs
+    for m in layers:
+        m.use_fused = True
+    ids = torch.tensor(_prompts(lengths=(13,)))
+    with torch.no_grad():
+        assert (hf(ids).logits.float() - model.score(ids)).abs().max().item() <= TOL
+        diff, agree, n = paged_vs_hf(model, hf, _prompts(), decode_steps=1)
+    assert diff <= TOL and agree == n, f"max |logit diff| {diff:.3g}"

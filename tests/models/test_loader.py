@@ -583,3 +583,29 @@ def test_deepseek_fp8_loads_with_and_without_mtp(deepseek_dirs, caplog):
         Checkpoint(fp8_dir).get("model.layers.2.mlp.experts.0.down_proj.weight"),
         Checkpoint(fp8_dir).get("model.layers.2.mlp.experts.0.down_proj.weight_scale_inv"),
         (128, 128), Scheme.from_name("int8-block"))[0].qweight)
+
+
+def test_deepseek_experts_load_into_stacks(deepseek_dirs):
+    """Each MoE layer's experts load through the checkpoint names into views of the stacked [E, 2 * I_pad, H] and
+    [E, H, I] tensors (I = 192 pads to 256 rows per projection in the int8-block stack); the fused path reads them."""
+    _build_model_or_skip()
+    from ingot.layers.moe import MoE
+    from ingot.models.loader import load_model
+
+    _, fp8_dir = deepseek_dirs
+    model = load_model(fp8_dir)  # CPU: int8-block experts
+    ckpt = Checkpoint(fp8_dir)
+    moe = model.get_submodule("model.layers.1.mlp")
+    assert isinstance(moe, MoE) and moe.grouped_kind == "int8-block" and model.supports_cuda_graphs
+    w13, s13, w2 = moe.stacked["w13.weight"], moe.stacked["w13.weight_scale"], moe.stacked["w2.weight"]
+    assert w13.shape == (4, 512, 256) and s13.shape == (4, 4, 2) and w2.shape == (4, 256, 192)
+    for e in range(4):
+        prefix = f"model.layers.1.mlp.experts.{e}"
+        for proj, rows in (("gate_proj", slice(0, 192)), ("up_proj", slice(256, 448))):
+            expected = fast.requantize_ref(ckpt.get(f"{prefix}.{proj}.weight"), ckpt.get(f"{prefix}.{proj}.weight_scale_inv"),
+                                           (128, 128), Scheme.from_name("int8-block"))[0]
+            assert torch.equal(w13[e, rows], expected.qweight)
+            assert torch.equal(w13[e, rows], moe.experts[e].get_submodule(proj).weight)
+            assert torch.equal(s13[e, rows.start // 128 : rows.start // 128 + 2], expected.scale)
+        assert moe.experts[e].down_proj.weight.data_ptr() == w2[e].data_ptr()
+    assert (w13[:, 192:256] == 0).all() and (w13[:, 448:] == 0).all()

@@ -61,13 +61,16 @@ def test_paged_forward_matches_transformers_on_cuda(family):
 # DeepSeek made dense through first_k_dense_replace = num_hidden_layers (every layer a dense MLP in both ingot and
 # transformers): transformers >= 5.17 validates config fields, n_routed_experts must stay an int.
 @pytest.mark.parametrize("family, overrides", [("llama", {}),
-                                               ("deepseek_v3", {"first_k_dense_replace": DSV3["num_hidden_layers"]})])
+                                               ("deepseek_v3", {"first_k_dense_replace": DSV3["num_hidden_layers"]}),
+                                               ("deepseek_v3", {})])
 def test_decode_step_replays_in_a_cuda_graph(family, overrides):
     """Capture forward + compute_logits of a decode step (3 sequences + 1 padded row) once, replay it for the next
-    steps with new inputs copied into the static buffers: each replay equals the eager step on the same inputs."""
+    steps with new inputs copied into the static buffers: each replay equals the eager step on the same inputs.
+    DeepSeek-V3 dense (first_k_dense_replace = all layers) and with MoE layers on the fused grouped-GEMM path."""
     model, hf = _pair(family, torch.bfloat16, **overrides)
     assert model.supports_cuda_graphs
-    assert not any("moe" in type(m).__name__.lower() for m in hf.modules())  # the peer is dense too
+    has_moe = any("moe" in type(m).__name__.lower() for m in hf.modules())
+    assert has_moe == (family == "deepseek_v3" and not overrides)  # the dense variant's peer is dense too
     runner = PagedRunner(model, num_blocks=32, block_size=16, max_blocks=4)
     prompts = _prompts()
     with torch.no_grad():
@@ -102,6 +105,12 @@ def test_decode_step_replays_in_a_cuda_graph(family, overrides):
             last = eager[:3].argmax(-1).tolist()
 
 
-def test_moe_model_is_not_graph_safe():
+def test_moe_model_is_graph_safe_on_the_fused_path():
+    from ingot.layers.moe import MoE
+
     model, _ = _pair("deepseek_v3", torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    assert layers and all(m.grouped_kind == "bf16" for m in layers) and model.supports_cuda_graphs
+    for m in layers:
+        m.use_fused = False  # the per-expert loop: tokens per expert counted on the host
     assert not model.supports_cuda_graphs

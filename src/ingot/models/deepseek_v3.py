@@ -248,3 +248,5 @@ class DeepseekV3ForCausalLM(CausalLM):
     def process_weights_after_loading(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.process_weights_after_loading()
+            if isinstance(layer.mlp, MoE):  # stacked expert weights checked, the grouped kind decided
+                layer.mlp.process_weights_after_loading()

@@ -274,9 +274,10 @@ class CausalLM(nn.Module):
 
     @property
     def supports_cuda_graphs(self) -> bool:
-        """Whether a decode step is free of host syncs, so a CUDA graph can capture it. False with MoE layers: they
-        count tokens per expert on the host (one sync per layer) until a grouped-GEMM MoE kernel replaces the loop."""
-        return not any(isinstance(m, MoE) for m in self.modules())
+        """Whether a decode step is free of host syncs, so a CUDA graph can capture it. MoE layers are when they run
+        the fused grouped-GEMM path (experts of a kind with a grouped kernel); their per-expert loop counts tokens
+        per expert on the host (one sync per layer)."""
+        return all(m.supports_cuda_graphs for m in self.modules() if isinstance(m, MoE))
 
     # ---- running
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
