@@ -313,29 +313,33 @@ def test_split_k_variants_agree(op):
 
 
 def test_split_k_choices():
-    """The automatic split for an H100's 132 SMs (decode tiles 16 x 64 x 128): 5 ranges for 4096 x 4096 at M = 1
+    """The automatic split for an H100's 132 SMs. Decode tiles (M = 2: 16 x 64 x 128): 5 ranges for 4096 x 4096
     (64 tiles -> 320 programs), none for 28672 x 4096 (448 tiles already > 2 per SM), and never fewer than 4 K
-    tiles per range (SmolLM2's 576 x 576: 5 K tiles, no split)."""
-    assert default_config("w8a16_gemm", 1, 4096, 4096, 132).split_k == 5
-    assert default_config("w4a16_gemm", 1, 4096, 14336, 132).split_k == 5
-    assert default_config("w8a16_gemm", 1, 28672, 4096, 132).split_k == 1
-    assert default_config("w8a16_gemm", 1, 576, 576, 132).split_k == 1
-    assert default_config("w8a16_gemm", 1, 576, 7168, 132).split_k == 14  # 56 K tiles // 4
+    tiles per range (SmolLM2's 576 x 576: 5 K tiles, no split). GEMV (M = 1, W8A16 32 x 256 steps): 3 ranges for
+    4096 x 4096 (128 row tiles, 16 K steps)."""
+    assert default_config("w8a16_gemm", 2, 4096, 4096, 132).split_k == 5
+    assert default_config("w4a16_gemm", 2, 4096, 14336, 132).split_k == 5
+    assert default_config("w8a16_gemm", 2, 28672, 4096, 132).split_k == 1
+    assert default_config("w8a16_gemm", 2, 576, 576, 132).split_k == 1
+    assert default_config("w8a16_gemm", 2, 576, 7168, 132).split_k == 14  # 56 K tiles // 4
     assert default_config("w8a16_gemm", 4096, 4096, 4096, 132).split_k == 1  # prefill: 1024 tiles
+    assert default_config("w8a16_gemm", 1, 4096, 4096, 132).split_k == 3
+    assert default_config("w4a16_gemm", 1, 28672, 4096, 132).split_k == 1  # 448 row tiles of 64
     cfg = GemmConfig(16, 64, 128, split_k=4)
     assert effective_split_k(640, cfg) == (3, 2)  # 5 tiles in 4 ranges would leave one empty: 2 + 2 + 1
     assert effective_split_k(640, GemmConfig(16, 64, 128, split_k=50)) == (5, 1)
     assert effective_split_k(100, cfg) == (1, 1)
-    assert choose_split_k(1, 4096, 4096, default_config("w8a16_gemm", 1), 114) == 4  # an H100 PCIe's 114 SMs
+    assert choose_split_k(1, 4096, 4096, default_config("w8a16_gemm", 2), 114) == 4  # an H100 PCIe's 114 SMs
 
 
 def test_default_config_buckets():
     for op in ("w8a16_gemm", "w4a16_gemm"):
-        assert default_config(op, 1).block_m == 16
+        assert default_config(op, 1).block_m == 1  # the GEMV kernel
+        assert default_config(op, 2).block_m == 16
         assert default_config(op, 16).block_m == 16
         assert default_config(op, 64).block_m == 64
         assert default_config(op, 65).block_m == 128
-        assert all(128 % default_config(op, m).block_k == 0 for m in (1, 17, 33, 65, 10**6))  # int4 groups of 128
+    assert all(128 % default_config("w4a16_gemm", m).block_k == 0 for m in (1, 17, 33, 65, 10**6))  # int4 groups
     with pytest.raises(ValueError, match=r"unknown weight-only op 'w2a16'"):
         default_config("w2a16", 1)
 

@@ -55,6 +55,9 @@ NOMINAL_SMS = 132
 REDUCE_BLOCK = 512  # elements of y per program of the split-K reduction
 
 
+# M = 1 runs the GEMV kernels (block_m 1): in `ingot tune` on the H100 they beat the best swap-AB dot tiles on every
+# Llama-3-8B shape (W8A16 10.6-47.0 us vs 14.5-75.9 us for the default tiles; W4A16 9.5-38.8 vs 14.2-80.2 us;
+# kernels/NOTES.md), and these defaults are the tuner's most frequent winners.
 # Default tiles by M bucket (upper bound on M, config), used where no tuned table (ingot.kernels.tuning, ops
 # "w8a16_gemm" / "w4a16_gemm") has the shape. GemmConfig's block_m x block_n is the tile of y; the kernels compute it
 # transposed (swap-AB, above), so block_n is the weight tile's rows, the dot's large side.
@@ -66,12 +69,14 @@ REDUCE_BLOCK = 512  # elements of y per program of the split-K reduction
 # weight tile happens in registers between the shared-memory load and the MMA).
 _CONFIGS: dict[str, tuple[tuple[int, GemmConfig], ...]] = {
     "w8a16_gemm": (
+        (1, GemmConfig(1, 32, 256, group_m=1, num_warps=4, num_stages=1)),  # GEMV
         (16, GemmConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=5)),
         (32, GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=4)),
         (64, GemmConfig(64, 64, 128, group_m=1, num_warps=4, num_stages=4)),
         (2**62, GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)),
     ),
     "w4a16_gemm": (
+        (1, GemmConfig(1, 64, 128, group_m=1, num_warps=4, num_stages=1)),  # GEMV
         (16, GemmConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=6)),
         (32, GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=5)),
         (64, GemmConfig(64, 64, 128, group_m=1, num_warps=4, num_stages=4)),
