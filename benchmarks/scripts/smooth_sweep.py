@@ -6,6 +6,7 @@ computed once and reused. Writes one JSON with every variant's metrics.
         --variant int8-channel:none --variant int8-channel:0.5 --variant int8-channel:0.5:norm,up-down \\
         --variant int8-channel:ignore-down --out benchmarks/results/smooth-sweep.json
 
+--fp8-emulate runs fp8-block as FP8 (the reference math) on CPU rather than as its int8-block fallback.
 A variant is SCHEME:ALPHA[:PAIRS] (ALPHA "none": no smoothing; "ignore-down": down_proj kept in BF16 by
 --ignore 'mlp\\.down_proj$').
 """
@@ -61,7 +62,14 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/ingot-smooth-sweep")
     ap.add_argument("--out", required=True)
     ap.add_argument("--fp8-fallback", default="int8-block")
+    ap.add_argument("--fp8-emulate", action="store_true",
+                    help="run fp8-block linears as FP8 on CPU through Fp8BlockMethod's reference (quant/ref.py: e4m3 "
+                         "weights and activations, exact products, fp32 per-block sums) instead of the int8 fallback")
     args = ap.parse_args()
+    if args.fp8_emulate:  # measurement only: the library falls back on CPUs, which have no FP8 matmul to be fast
+        import ingot.layers.linear as linear
+
+        linear.fp8_unsupported_reason = lambda device: None
     torch.manual_seed(0)
     data_root = Path(os.environ["INGOT_DATA_DIR"])
     src = pull(DEFAULT_MODEL, Path(os.environ.get("INGOT_CACHE_DIR", Path.home() / ".cache" / "ingot")))
@@ -72,7 +80,8 @@ def main() -> int:
     ref = CachedRef(IngotModel(src, "cpu"))
     sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     results = {"command": " ".join([sys.executable, *sys.argv]), "git_sha": sha, "device": "cpu",
-               "source": str(src), "limit": args.limit, "seed": args.seed, "eval_dtype": "bfloat16 (checkpoint's)",
+               "source": str(src), "fp8": "emulated (Fp8BlockMethod reference)" if args.fp8_emulate
+               else f"fallback {args.fp8_fallback}", "limit": args.limit, "seed": args.seed, "eval_dtype": "bfloat16 (checkpoint's)",
                "calibration": None, "variants": []}
     for v in args.variant:
         scheme, alpha, *rest = v.split(":")

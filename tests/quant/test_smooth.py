@@ -186,3 +186,41 @@ def test_convert_smooth_records_and_resumes(llama, tmp_path):
     with pytest.raises(ValueError, match="calibrate"):
         convert(path, tmp_path / "x", options, progress=False)
     assert json.loads((dst / MANIFEST_NAME).read_text())["smoothing"] == sm
+
+
+def test_deepseek_pairs_fold_exactly(deepseek_bf16_dir, tmp_path):
+    """DeepSeek-V3 (MLA with q_lora, dense layer 0, MoE layers): input_layernorm -> q_a / kv_a, q_a_layernorm -> q_b,
+    post_attention_layernorm -> experts, shared experts and the router's columns; up -> down in every MLP. Folded in
+    float32 into transformers' model, the logits stay."""
+    import shutil
+
+    from transformers import DeepseekV3ForCausalLM
+
+    src = tmp_path / "ds"
+    shutil.copytree(deepseek_bf16_dir, src)
+    byte_tokenizer(src)
+    calib = gsm8k_file(tmp_path / "gsm8k" / "train.jsonl")
+    smoothing = measure(src, SmoothConfig(0.5, calib, samples=16, seq_len=64)).smoothing(0.5)
+    sites = {f.pair.stat[1] for f in smoothing.factors}
+    assert "model.layers.1.self_attn.q_a_layernorm" in sites and "model.layers.1.post_attention_layernorm" in sites
+    norm1 = next(f for f in smoothing.factors if f.pair.stat[1] == "model.layers.1.post_attention_layernorm")
+    assert norm1.pair.extra_consumers == ("model.layers.1.mlp.gate.weight",)
+    assert "model.layers.1.mlp.shared_experts.gate_proj" in norm1.pair.consumers
+    assert not any(f.pair.stat[1].startswith("model.layers.3.") for f in smoothing.factors)  # MTP layer left alone
+    assert any(f.pair.kind == "up-down" for f in smoothing.factors)
+    # transformers fuses the experts in memory: fold by checkpoint name, into a float32 copy of the checkpoint
+    from safetensors.torch import load_file, save_file
+
+    folded = tmp_path / "ds-smoothed"
+    shutil.copytree(src, folded)
+    tensors = load_file(str(src / "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        key = name.removesuffix(".weight") if smoothing.touches(name.removesuffix(".weight")) else name
+        out[name] = smoothing.apply(key, t.float()).contiguous()
+    save_file(out, str(folded / "model.safetensors"), metadata={"format": "pt"})
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = DeepseekV3ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(ids).logits
+        after = DeepseekV3ForCausalLM.from_pretrained(folded, dtype=torch.float32).eval()(ids).logits
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
