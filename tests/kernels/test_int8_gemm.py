@@ -566,3 +566,45 @@ def test_gpu_end_to_end_vs_ref_linear(scheme):
     # ref.linear's fp32 matmul on CUDA may use TF32 if a caller enabled it: compare by relative Frobenius error.
     rel = ((y - expected).norm() / expected.norm()).item()
     assert rel < 1e-3 if torch.backends.cuda.matmul.allow_tf32 else rel < 1e-5, f"{scheme}: relative error {rel:.3g}"
+
+
+# ------------------------------------------------------------------------ w8a8_gemv_channel (quantization fused)
+
+GEMV_CASES = [(100, 300, None), (576, 192, GemmConfig(1, 32, 64, group_m=1, split_k=3)),
+              (192, 576, GemmConfig(1, 16, 128, group_m=1, split_k=2)), (64, 1024, GemmConfig(1, 64, 256, group_m=1))]
+
+
+@pytest.mark.parametrize("n,k,config", GEMV_CASES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_channel_equals_quantize_then_gemm(n, k, config, with_bias):
+    """One token: the fused kernel quantizes x exactly as per_token_quant_int8 and sums the same int32 dot, so its
+    fp32 output equals the reference's (quantize_act_token + int8_gemm_channel_ref) bit for bit - ragged K,
+    split-K or not, bias or not; an outlier channel makes the scale matter."""
+    from ingot.kernels.int8_gemm import w8a8_gemv_channel
+
+    g = _gen(n + k)
+    x = torch.randn(1, k, generator=g, device=DEVICE)
+    x[0, 3] *= 30
+    x = x.to(torch.bfloat16)
+    w_q, w_s = _int8((n, k), g), _scales((n, 1), g)
+    bias = torch.randn(n, generator=g, device=DEVICE) if with_bias else None
+    y = w8a8_gemv_channel(x, w_q, w_s, bias, torch.float32, config=config)
+    x_q, x_s = ref.quantize_act_token(x.cpu())
+    expected = ref.int8_gemm_channel_ref(x_q, x_s, w_q.cpu(), w_s.cpu(), None if bias is None else bias.cpu(),
+                                         torch.float32)
+    assert torch.equal(y.cpu(), expected)
+    y16 = w8a8_gemv_channel(x, w_q, w_s, bias, config=config)
+    assert y16.dtype == torch.bfloat16
+    assert ((y16.float().cpu() - expected).abs() <= BF16_TOL * expected.abs() + 1e-30).all()
+
+
+def test_gemv_channel_refuses_bad_input():
+    from ingot.kernels.int8_gemm import w8a8_gemv_channel
+
+    g = _gen(3)
+    w_q, w_s = _int8((64, 128), g), _scales((64, 1), g)
+    with pytest.raises(ValueError, match=r"takes one token, x \[1, K\]; got shape \(2, 128\)"):
+        w8a8_gemv_channel(torch.ones(2, 128, device=DEVICE, dtype=torch.bfloat16), w_q, w_s)
+    with pytest.raises(ValueError, match=r"block_k <= 1024"):
+        w8a8_gemv_channel(torch.ones(1, 128, device=DEVICE, dtype=torch.bfloat16), w_q, w_s,
+                          config=GemmConfig(1, 32, 2048))

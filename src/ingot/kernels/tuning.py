@@ -153,8 +153,10 @@ def write_table(path: Path, data: dict) -> None:
     _table.cache_clear()
 
 
-TUNABLE_OPS = ("int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block", "w8a16_gemm", "w4a16_gemm")
+TUNABLE_OPS = ("int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block", "w8a8_gemv_channel", "w8a16_gemm",
+               "w4a16_gemm")
 WEIGHT_ONLY_OPS = ("w8a16_gemm", "w4a16_gemm")
+GEMV_OPS = ("w8a8_gemv_channel",)  # M = 1 only
 DEFAULT_TUNE_M = (1, 16, 64, 128, 256, 1024, 4096)
 
 
@@ -167,10 +169,12 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
     128x128 to 256x128 tiles, 8 warps (two warpgroups), 3-4 stages (a 128x256x128 int8 stage is 48 KB of shared
     memory; Hopper gives a program up to 227 KB).
     """
-    if op in WEIGHT_ONLY_OPS:
+    if op in WEIGHT_ONLY_OPS or op in GEMV_OPS:
         return _weight_only_candidates(op, m, n, k, num_sms)
     block_ks = (128,) if op in ("int8_gemm_block", "fp8_gemm_block") else (128, 256)
     out: list[GemmConfig] = []
+    if op in GEMV_OPS:
+        return out
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         for bn in (32, 64):
@@ -203,7 +207,7 @@ def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
     over row tiles and K steps (int4 K steps stay within the 128-group) and the swap-AB dot tiles; decode (M <= 64)
     the swap-AB tiles with split-K; prefill the 128 x 128 tiles of the defaults and two neighbours."""
     out: list[GemmConfig] = []
-    block_ks = (64, 128) if op == "w4a16_gemm" else (256, 512)
+    block_ks = {"w4a16_gemm": (64, 128), "w8a16_gemm": (256, 512)}.get(op, (256, 512, 1024))
     if m == 1:
         for bn in (16, 32, 64):
             for bk in block_ks:
@@ -215,6 +219,8 @@ def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
                         if split > 1 and (tiles * split > 16 * num_sms or -(-k // bk) < 2 * split):
                             continue
                         out.append(GemmConfig(1, bn, bk, group_m=1, num_warps=warps, num_stages=1, split_k=split))
+    if op in GEMV_OPS:
+        return out
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         for bn in (32, 64):
@@ -249,6 +255,7 @@ class TuneOptions:
                 raise ValueError(f"tune: op {op!r}; expected one of {', '.join(TUNABLE_OPS)}")
         if not self.shapes:
             raise ValueError("tune: no (N, K) shapes given")
+
         if not self.m_sizes or any(m < 1 for m in self.m_sizes):
             raise ValueError(f"tune: M sizes must be positive, got {list(self.m_sizes)}")
 
@@ -259,7 +266,7 @@ def _inputs(op: str, m: int, n: int, k: int, sets: int, device: torch.device) ->
 
     out = []
     for _ in range(sets):
-        if op == "w8a16_gemm":
+        if op in ("w8a16_gemm", "w8a8_gemv_channel"):
             out.append((torch.randn(m, k, device=device, dtype=torch.bfloat16),
                         torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device),
                         torch.rand(n, 1, device=device) / 100))
@@ -289,7 +296,8 @@ def _op_fn(op: str):
     from ingot.kernels import fp8_gemm, int8_gemm, weight_only
 
     return {"int8_gemm_channel": int8_gemm.int8_gemm_channel, "int8_gemm_block": int8_gemm.int8_gemm_block,
-            "fp8_gemm_block": fp8_gemm.fp8_gemm_block, "w8a16_gemm": weight_only.w8a16_gemm,
+            "fp8_gemm_block": fp8_gemm.fp8_gemm_block, "w8a8_gemv_channel": int8_gemm.w8a8_gemv_channel,
+            "w8a16_gemm": weight_only.w8a16_gemm,
             "w4a16_gemm": weight_only.w4a16_gemm}[op]
 
 
@@ -299,6 +307,8 @@ def _default_fn(op: str):
 
     if op in WEIGHT_ONLY_OPS:
         return lambda m, n, k, sms: weight_only.default_config(op, m, n, k, sms)
+    if op in GEMV_OPS:
+        return lambda m, n, k, sms: int8_gemm.gemv_default_config(n, k, sms)
     return int8_gemm.default_config
 
 
@@ -327,6 +337,8 @@ def tune(options: TuneOptions, log=print) -> list[Path]:
         for n, k in options.shapes:
             entries = {}
             for m in options.m_sizes:
+                if op in GEMV_OPS and m != 1:  # M = 1 kernels
+                    continue
                 sets = _inputs(op, m, n, k, max(2, min(16, -(-2 * l2 // (n * k)))), device)
                 out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
                 state = [0]
