@@ -93,3 +93,12 @@ def test_gpu_tune_writes_a_table_the_kernels_use(tmp_path):
     picked = tuning.lookup("int8_gemm_channel", 512, 1024, 16, dev, tmp_path)
     assert picked == GemmConfig.from_dict(entry)
     assert int8_gemm.resolve_config("int8_gemm_channel", None, 16, 512, 1024, dev) is not None
+
+
+def test_a_gemv_entry_serves_m_1_only(monkeypatch):
+    """A table tuned at M = 1 with a GEMV winner (block_m 1) must not hand that config to M = 16: the default serves
+    there (the GEMV kernels take one row)."""
+    gemv, default = GemmConfig(1, 32, 256), GemmConfig(16, 64, 128)
+    monkeypatch.setattr(tuning, "lookup", lambda op, n, k, m, device: gemv)
+    assert tuning.resolve_config("w8a16_gemm", None, 1, 64, 64, torch.device("cpu"), lambda sms: default) == gemv
+    assert tuning.resolve_config("w8a16_gemm", None, 16, 64, 64, torch.device("cpu"), lambda sms: default) == default

@@ -130,12 +130,16 @@ def num_sms(device: torch.device) -> int | None:
 
 def resolve_config(op: str, config: GemmConfig | None, m: int, n: int, k: int, device: torch.device,
                    default: Callable[[int | None], GemmConfig]) -> GemmConfig:
-    """The config a launch uses: the caller's, else the tuned table's, else ``default(num_sms(device))``."""
+    """The config a launch uses: the caller's, else the tuned table's, else ``default(num_sms(device))``. A tuned
+    GEMV entry (block_m 1, tuned at M = 1) never serves M > 1: a table tuned at M = 1 only gives the default there."""
     if config is not None:
         if not isinstance(config, GemmConfig):
             raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
         return config
-    return lookup(op, n, k, m, device) or default(num_sms(device))
+    tuned = lookup(op, n, k, m, device)
+    if tuned is not None and tuned.block_m == 1 and m != 1:
+        tuned = None
+    return tuned or default(num_sms(device))
 
 
 # ---------------------------------------------------------------------------------------------------- sweeping
