@@ -216,7 +216,7 @@ def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
         for bn in (16, 32, 64):
             for bk in block_ks:
                 tiles = -(-n // bn)
-                for warps in (4, 8):
+                for warps in (2, 4, 8):
                     if bn * bk // (32 * warps) < 8:  # under 8 weights per thread: idle lanes
                         continue
                     for split in (1, 2, 4, 8):

@@ -164,6 +164,22 @@ def _unpack_int4(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _int4_affine(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed int32 tile (BLOCK_N, BLOCK_K // 8) -> fp32 f = 1 + u / 16 (BLOCK_N, BLOCK_K) in _unpack_int4's column
+    order, u the stored nibble (q + 8): the nibble is shifted straight into mantissa bits 19-22 under the exponent
+    of 1.0 - two integer ops per weight and no float subtraction (_int4_values needs three ops). The caller recovers
+    q . x = 16 (f . x) - 24 sum(x) per K step: f . x is ~1.5 |x| per term against q . x's ~4 |x|, so the fp32
+    cancellation costs a few ulps of the step's sum (exact for integer x: tests pin it)."""
+    M: tl.constexpr = 0x780000
+    E: tl.constexpr = 0x3F800000
+    t = tl.join(
+        tl.join(tl.join(((p << 19) & M) | E, ((p << 3) & M) | E), tl.join(((p << 11) & M) | E, ((p >> 5) & M) | E)),
+        tl.join(tl.join(((p << 15) & M) | E, ((p >> 1) & M) | E), tl.join(((p << 7) & M) | E, ((p >> 9) & M) | E)),
+    )
+    return tl.reshape(t, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dot_wx(w, a, UPCAST_DOT: tl.constexpr):
     """w fp32 (BLOCK_N, BLOCK_K) holding exact integers, a (BLOCK_K, BLOCK_M) in x's dtype -> fp32 (BLOCK_N, BLOCK_M).
 
@@ -358,9 +374,10 @@ def _w4a16_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """GEMV (config.block_m == 1, M == 1) on the packed int4 layout: per step a (BLOCK_N, BLOCK_K // 8) tile of words
-    is unpacked in registers (_unpack_int4: exact integers in fp32), multiplied by x's K slice on the FMA units,
-    reduced along K and scaled by the step's group scale (BLOCK_K divides the group); register double-buffering
-    as in _w8a16_gemv_kernel."""
+    is unpacked in registers (_int4_affine: 1 + u / 16 in fp32, 2 integer ops per weight), multiplied by x's K slice
+    on the FMA units, reduced along K, turned into q . x and scaled by the step's group scale (BLOCK_K divides the
+    group); register double-buffering as in _w8a16_gemv_kernel. (With _unpack_int4's exact integers the kernel
+    took 37.7 us on 28672 x 4096 at M = 1 on the H100; this form 33.9 us in the same experiment, NOTES.md.)"""
     BLOCK_P: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -389,7 +406,9 @@ def _w4a16_gemv_kernel(
             p_next = tl.load(w_ptrs, mask=(offs_p[None, :] < KP - (kt + 1) * BLOCK_P) & (kt + 1 < kt1), other=0)
             a = tl.load(x_ptrs, mask=offs_k < K - kt * BLOCK_K, other=0.0)
         s = tl.load(ws_ptrs + ((kt * BLOCK_K) // GROUP_SIZE) * stride_wsg).to(tl.float32)
-        acc += tl.sum(_unpack_int4(p, BLOCK_N, BLOCK_K) * a.to(tl.float32)[None, :], axis=1) * s
+        a = a.to(tl.float32)
+        dot = tl.sum(_int4_affine(p, BLOCK_N, BLOCK_K) * a[None, :], axis=1) * 16.0 - 24.0 * tl.sum(a, axis=0)
+        acc += dot * s
         x_ptrs += BLOCK_K * stride_xk
 
     rows = tl.arange(0, 1)
