@@ -96,15 +96,22 @@ def test_align_worst_case_bound():
 def _weights(kind: str, e: int, n: int, k: int, seed: int, dtype=torch.float32, block_size=(128, 128)):
     """Stacked expert weights [E, N, K] of ``kind`` (quantized per expert by ref.quantize_weight) and their scales."""
     g = _gen(seed)
-    w = torch.randn(e, n, k, generator=g, device=DEVICE) * 0.05
-    w[:, : min(n, 3)] *= 20  # loud rows: scales must differ between blocks / channels
-    if kind == "bf16":
-        return w.to(dtype), None
     scheme = Scheme.from_name(kind)
     if kind in ("int8-block", "fp8-block"):
         scheme = replace(scheme, block_size=block_size, act_group_size=block_size[1])
-    qws = [ref.quantize_weight(w[i], scheme) for i in range(e)]
-    return torch.stack([q.qweight for q in qws]), torch.stack([q.scale for q in qws])
+    stack = scales = None
+    for i in range(e):  # one expert's fp32 weight at a time (all of DeepSeek-V3's gate_up would be 30 GB)
+        w = torch.randn(n, k, generator=g, device=DEVICE) * 0.05
+        w[: min(n, 3)] *= 20  # loud rows: scales must differ between blocks / channels
+        q = w.to(dtype) if kind == "bf16" else ref.quantize_weight(w, scheme)
+        q, s = (q, None) if kind == "bf16" else (q.qweight, q.scale)
+        if stack is None:
+            stack = torch.empty((e, *q.shape), dtype=q.dtype, device=DEVICE)
+            scales = None if s is None else torch.empty((e, *s.shape), dtype=s.dtype, device=DEVICE)
+        stack[i] = q
+        if s is not None:
+            scales[i] = s
+    return stack, scales
 
 
 def _acts(kind: str, x: torch.Tensor, group: int = 128):

@@ -65,21 +65,21 @@ def make_moe(kind: str, hidden: int = 256, inter: int = 128, *, dtype=torch.floa
                     routed_scaling_factor=2.5)
     moe = MoE("model.layers.1.mlp", cfg, lambda p, k, n, b: Linear(k, n, b, kind=kind, device=device, dtype=dtype),
               device=device, dtype=dtype)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     scheme = _scheme(kind, block_size)
     with torch.no_grad():
         for name, lin in moe.named_modules():
             if not isinstance(lin, Linear):
                 continue
-            w = torch.randn(lin.out_features, lin.in_features, generator=g) * 0.05
+            w = torch.randn(lin.out_features, lin.in_features, generator=g, device=device) * 0.05
             if kind == "bf16":
-                lin.load(StoredLinear("bf16", w.to(device), None))
+                lin.load(StoredLinear("bf16", w, None))
             else:
                 qw = ref.quantize_weight(w, scheme, name=name)
-                lin.load(StoredLinear(kind, qw.qweight.to(device), qw.scale.to(device), block_size=scheme.block_size))
+                lin.load(StoredLinear(kind, qw.qweight, qw.scale, block_size=scheme.block_size))
             lin.process_weights_after_loading()
-        moe.gate.weight.copy_(torch.randn(experts, hidden, generator=g) * 0.3)
-        moe.gate.e_score_correction_bias.copy_(torch.rand(experts, generator=g) * 0.2 - 0.1)
+        moe.gate.weight.copy_(torch.randn(experts, hidden, generator=g, device=device) * 0.3)
+        moe.gate.e_score_correction_bias.copy_(torch.rand(experts, generator=g, device=device) * 0.2 - 0.1)
     moe.process_weights_after_loading()
     return moe
 

@@ -97,7 +97,7 @@ def _moe_count_kernel(
     p = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     count = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for s in range(0, CHUNK, SUB):
+    for s in range(0, tl.minimum(numel - p * CHUNK, CHUNK), SUB):  # decode: 8 assignments, one step, not CHUNK / SUB
         offs = p * CHUNK + s + tl.arange(0, SUB)
         e = tl.load(ids_ptr + offs, mask=offs < numel, other=-1)
         count += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
@@ -128,7 +128,7 @@ def _moe_align_kernel(
     start = end - padded
 
     base = start + before  # this program's next slot of each expert
-    for s in range(0, CHUNK, SUB):
+    for s in range(0, tl.minimum(numel - p * CHUNK, CHUNK), SUB):
         offs = p * CHUNK + s + tl.arange(0, SUB)
         valid = offs < numel
         e = tl.load(ids_ptr + offs, mask=valid, other=-1)
@@ -331,14 +331,14 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlig
                          f"{MAX_ALIGN_PROGRAMS}, chunks a multiple of {ALIGN_SUB})")
     counts = torch.empty((programs, num_experts), dtype=torch.int32, device=device)
     flat = topk_ids.view(-1)
-    block_e = triton.next_power_of_2(num_experts)
+    block_e = max(2, triton.next_power_of_2(num_experts))  # tiles of at least 2: no 1-wide aranges to compile
     with _device_ctx(topk_ids):
         _moe_count_kernel[(programs,)](flat, counts, numel, num_experts, CHUNK=chunk, SUB=ALIGN_SUB, BLOCK_E=block_e)
         _moe_align_kernel[(programs,)](
             flat, counts, sorted_ids, expert_ids, post,
             numel, num_experts, programs, max_blocks,
             BLOCK_M=block_m, CHUNK=chunk, SUB=ALIGN_SUB, BLOCK_E=block_e,
-            BLOCK_P=triton.next_power_of_2(programs), BLOCKS=ALIGN_BLOCKS,
+            BLOCK_P=max(2, triton.next_power_of_2(programs)), BLOCKS=ALIGN_BLOCKS,
         )
     return MoEAlignment(sorted_ids, expert_ids, post, block_m, t, top_k, num_experts)
 
