@@ -334,6 +334,24 @@ def _hf_batch(hf, b: int, config: dict, options: BenchE2EOptions, device: torch.
     }
 
 
+def _unfused_state_dict(model) -> dict[str, torch.Tensor]:
+    """A BF16 ingot model's tensors under checkpoint names: the engine's fused qkv_proj / gate_up_proj
+    (``fuse_projections``) split back into q/k/v and gate/up row ranges (views, no copy)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix.endswith(".qkv_proj"):
+            sizes = model.get_submodule(prefix.rpartition(".")[0]).qkv_sizes
+            for part, t in zip(("q_proj", "k_proj", "v_proj"), tensor.split(sizes, dim=0)):
+                state[f"{prefix[: -len('qkv_proj')]}{part}.{leaf}"] = t
+        elif prefix.endswith(".gate_up_proj"):
+            for part, t in zip(("gate_proj", "up_proj"), tensor.chunk(2, dim=0)):
+                state[f"{prefix[: -len('gate_up_proj')]}{part}.{leaf}"] = t
+        else:
+            state[name] = tensor
+    return state
+
+
 def bench_hf(config: dict, options: BenchE2EOptions, device: torch.device, weights=None) -> dict:
     """transformers generate (static cache) on the same architecture in BF16; ``weights``: an ingot BF16 model whose
     tensors are copied in by name."""
@@ -352,7 +370,7 @@ def bench_hf(config: dict, options: BenchE2EOptions, device: torch.device, weigh
     copied = None
     if weights is not None:
         try:
-            result = hf.load_state_dict(weights.state_dict(), strict=False)
+            result = hf.load_state_dict(_unfused_state_dict(weights), strict=False)
             copied = {"missing": len(result.missing_keys), "unexpected": len(result.unexpected_keys),
                       "missing_examples": result.missing_keys[:5]}
         except RuntimeError as e:  # a tensor of another shape under the same name: keep the random init
