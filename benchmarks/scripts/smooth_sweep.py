@@ -7,8 +7,10 @@ computed once and reused. Writes one JSON with every variant's metrics.
         --variant int8-channel:ignore-down --out benchmarks/results/smooth-sweep.json
 
 --fp8-emulate runs fp8-block as FP8 (the reference math) on CPU rather than as its int8-block fallback.
-A variant is SCHEME:ALPHA[:PAIRS] (ALPHA "none": no smoothing; "ignore-down": down_proj kept in BF16 by
---ignore 'mlp\\.down_proj$').
+A variant is SCHEME:ALPHA[:PAIRS[:ignore-down]] (ALPHA "none": no smoothing; "A/B": alpha B for up-down pairs; PAIRS "all" or e.g. "norm,up-down";
+"ignore-down": down_proj kept in BF16 by --ignore 'mlp\\.down_proj$'; SCHEME:ignore-down alone: that, unsmoothed).
+--maxima FILE keeps the calibration's maxima (torch.save of tensors, lists and strings; loaded weights_only) so a
+second sweep does not calibrate again.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from ingot.calibrate import measure
+from ingot.calibrate import Maxima, measure
 from ingot.eval import evaluate
 from ingot.eval.data import DataDir
 from ingot.eval.runner import EvalOptions, IngotModel
 from ingot.formats.gguf_import import DEFAULT_MODEL, pull
 from ingot.quant.convert import ConvertOptions, convert
 from ingot.quant.schemes import Scheme
-from ingot.quant.smooth import PAIR_KINDS, SmoothConfig
+from ingot.quant.smooth import PAIR_KINDS, Pair, SmoothConfig, Smoothing
 
 
 class CachedRef:
@@ -53,6 +55,19 @@ class CachedRef:
         pass
 
 
+def save_maxima(m: Maxima, path: Path) -> None:
+    pairs = [[p.kind, list(p.stat), list(p.producers), list(p.consumers), list(p.extra_consumers), p.groups,
+              p.head_dim] for p in m.pairs]
+    torch.save({"pairs": pairs, "act": m.act, "weight": m.weight, "skipped": m.skipped,
+                "record": json.dumps(m.record)}, path)
+
+
+def load_maxima(path: Path) -> Maxima:
+    d = torch.load(path, weights_only=True)
+    pairs = [Pair(k, tuple(st), tuple(pr), tuple(co), tuple(ex), g, hd) for k, st, pr, co, ex, g, hd in d["pairs"]]
+    return Maxima(pairs, d["act"], d["weight"], d["skipped"], json.loads(d["record"]))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", action="append", required=True)
@@ -62,6 +77,7 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/ingot-smooth-sweep")
     ap.add_argument("--out", required=True)
     ap.add_argument("--fp8-fallback", default="int8-block")
+    ap.add_argument("--maxima", help="calibration maxima cache (written after calibrating, read if present)")
     ap.add_argument("--fp8-emulate", action="store_true",
                     help="run fp8-block linears as FP8 on CPU through Fp8BlockMethod's reference (quant/ref.py: e4m3 "
                          "weights and activations, exact products, fp32 per-block sums) instead of the int8 fallback")
@@ -74,7 +90,7 @@ def main() -> int:
     data_root = Path(os.environ["INGOT_DATA_DIR"])
     src = pull(DEFAULT_MODEL, Path(os.environ.get("INGOT_CACHE_DIR", Path.home() / ".cache" / "ingot")))
     work = Path(args.workdir)
-    cfg = SmoothConfig(calib_path=data_root / "gsm8k" / "train.jsonl", samples=args.calib_samples)
+    cfg = SmoothConfig(calib_path=data_root / "gsm8k" / "train.jsonl", samples=args.calib_samples, pairs=PAIR_KINDS)
     maxima = None
     options = EvalOptions(tasks=("ppl", "kl"), limit=args.limit, seed=args.seed, fp8_fallback=args.fp8_fallback)
     ref = CachedRef(IngotModel(src, "cpu"))
@@ -85,16 +101,25 @@ def main() -> int:
                "calibration": None, "variants": []}
     for v in args.variant:
         scheme, alpha, *rest = v.split(":")
-        pairs = tuple(rest[0].split(",")) if rest else PAIR_KINDS
+        pairs = tuple(rest[0].split(",")) if rest and rest[0] != "all" else PAIR_KINDS
         ignore, smooth, calibrate = (), None, None
-        if alpha == "ignore-down":
+        if alpha == "ignore-down" or rest[1:] == ["ignore-down"]:
             ignore = (r"mlp\.down_proj$",)
-        elif alpha != "none":
+        if alpha not in ("none", "ignore-down"):
             if maxima is None:
-                maxima = measure(src, cfg, "cpu", log=print)
+                if args.maxima and Path(args.maxima).exists():
+                    maxima = load_maxima(Path(args.maxima))
+                else:
+                    maxima = measure(src, cfg, "cpu", log=print)
+                    if args.maxima:
+                        save_maxima(maxima, Path(args.maxima))
                 results["calibration"] = maxima.record["calibration"]
-            smoothing = maxima.smoothing(float(alpha)).only(lambda p: p.kind in pairs)
-            smooth = SmoothConfig(float(alpha), cfg.calib_path, cfg.samples, cfg.seq_len, cfg.seed, pairs)
+            a_norm, a_down = (float(a) for a in alpha.split("/")) if "/" in alpha else (float(alpha),) * 2
+            one, two = maxima.smoothing(a_norm), maxima.smoothing(a_down)  # ALPHA "A/B": B for up-down pairs
+            smoothing = Smoothing([f for f in one.factors if f.pair.kind != "up-down"]
+                                  + [f for f in two.factors if f.pair.kind == "up-down"], one.record)
+            smoothing = smoothing.only(lambda p: p.kind in pairs)
+            smooth = SmoothConfig(a_norm, cfg.calib_path, cfg.samples, cfg.seq_len, cfg.seed, pairs)
             calibrate = lambda *a, s=smoothing: s  # noqa: E731
         dst = work / v.replace(":", "_").replace(",", "+")
         t0 = time.perf_counter()

@@ -417,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth", type=float, nargs="?", const=0.5, metavar="ALPHA",
                    help="SmoothQuant: fold per-channel factors max|X|^a / max|W|^(1-a) from calibration into the "
                         "norms / up_proj / v_proj before quantizing (ALPHA default 0.5)")
-    p.add_argument("--smooth-pairs", default="norm,up-down,v-o",
-                   help="which sites to smooth: norm (norm -> q/k/v, gate/up), up-down, v-o")
+    p.add_argument("--smooth-pairs", default="norm,up-down",
+                   help="sites to smooth: norm (norms -> q/k/v, gate/up), up-down (up_proj -> down_proj), v-o "
+                        "(v_proj -> o_proj, shared across a GQA group; off by default: no gain measured)")
     p.add_argument("--calib-samples", type=int, default=128, help="GSM8K train rows drawn for calibration")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--calib-seed", type=int, default=0, help="which calibration rows are drawn")

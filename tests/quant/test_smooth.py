@@ -21,7 +21,7 @@ from ingot.calibrate import CalibrationDataError, calibration_rows, measure
 from ingot.quant import ref
 from ingot.quant.convert import MANIFEST_NAME, ConvertOptions, convert
 from ingot.quant.schemes import Scheme
-from ingot.quant.smooth import Pair, SmoothConfig, Smoothing, pair_factors, smooth_factors
+from ingot.quant.smooth import PAIR_KINDS, Pair, SmoothConfig, Smoothing, pair_factors, smooth_factors
 
 HEADS, KV_HEADS = 6, 2
 
@@ -86,7 +86,7 @@ def smoothed_state(smoothing: Smoothing, model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("alpha", [0.5, 0.8])
 def test_smoothing_leaves_fp32_logits_unchanged(llama, alpha):
     path, model, calib = llama
-    maxima = measure(path, SmoothConfig(alpha, calib, samples=16, seq_len=64))
+    maxima = measure(path, SmoothConfig(alpha, calib, samples=16, seq_len=64, pairs=PAIR_KINDS))
     smoothing = maxima.smoothing(alpha)
     kinds = {f.pair.kind for f in smoothing.factors}
     assert kinds == {"norm", "up-down", "v-o"} and len(smoothing.factors) == 2 * 4
@@ -157,7 +157,7 @@ def test_convert_smooth_records_and_resumes(llama, tmp_path):
         calls.append(cfg)
         return measure(src, cfg, device).smoothing(cfg.alpha)
 
-    cfg = SmoothConfig(0.5, calib, samples=16, seq_len=64)
+    cfg = SmoothConfig(0.5, calib, samples=16, seq_len=64, pairs=PAIR_KINDS)
     dst = tmp_path / "int8"
     # down_proj kept in BF16: its up-down pairs are dropped (nothing to gain), the others stay
     options = ConvertOptions(Scheme.from_name("int8-channel"), ignore=(r"mlp\.down_proj$",), smooth=cfg)
@@ -200,7 +200,7 @@ def test_deepseek_pairs_fold_exactly(deepseek_bf16_dir, tmp_path):
     shutil.copytree(deepseek_bf16_dir, src)
     byte_tokenizer(src)
     calib = gsm8k_file(tmp_path / "gsm8k" / "train.jsonl")
-    smoothing = measure(src, SmoothConfig(0.5, calib, samples=16, seq_len=64)).smoothing(0.5)
+    smoothing = measure(src, SmoothConfig(0.5, calib, samples=16, seq_len=64, pairs=PAIR_KINDS)).smoothing(0.5)
     sites = {f.pair.stat[1] for f in smoothing.factors}
     assert "model.layers.1.self_attn.q_a_layernorm" in sites and "model.layers.1.post_attention_layernorm" in sites
     norm1 = next(f for f in smoothing.factors if f.pair.stat[1] == "model.layers.1.post_attention_layernorm")
