@@ -6,7 +6,8 @@ they replay a CUDA graph captured at the smallest bucket >= the batch (1, 2, 4, 
 over those buffers: padded rows get slot -1 and seq_len 0 (they write no cache and produce zeros, per
 ingot.layers.attention.AttnMetadata), and the graph runs the forward with no host work per layer (a decode of a
 32-layer model launches ~1000 kernels; the graph launches one); compute_logits follows eagerly. Without graphs (CPU,
-or a model whose forward syncs with the host) the same buffers feed an eager forward of exactly the batch.
+or a model whose forward syncs with the host) the same buffers feed an eager forward of exactly the batch and its
+widest block table.
 
 Prefill and mixed steps build exact-size inputs (``build_inputs``: numpy on the host, one copy per dtype) and pass
 the host copies of query and context lengths in the metadata, so attention plans the step without reading them back.
@@ -135,20 +136,29 @@ class DecodeBuffers:
         self._copied = torch.cuda.Event() if cuda else None  # the last copy out of the staging buffers
         self._cu = torch.arange(n + 1, dtype=torch.int32, device=device)  # one new token per row
 
-    def meta(self, b: int) -> AttnMetadata:
-        """The attention batch of the first b rows (views of the buffers: graphs capture these)."""
+    def meta(self, b: int, width: int | None = None, max_seq_len: int | None = None) -> AttnMetadata:
+        """The attention batch of the first b rows (views of the buffers).
+
+        Graphs capture the full width (width None: every one of max_blocks table columns, max_seq_len =
+        max_model_len), since the same graph replays every later step. An eager decode passes the step's widest
+        table and longest context (``fill`` returns them): the torch decode attention gathers and masks every
+        table column it is given, so the full width would attend over max_model_len slots per layer (2048 on CPU:
+        for a short prompt ~25x the real context, and ~40% of a SmolLM2-135M decode step, NOTES.md).
+        """
         return AttnMetadata(
             cu_query_lens=self._cu[: b + 1], seq_lens=self.seq_lens[:b], slot_mapping=self.slot_mapping[:b],
-            block_tables=self.block_tables[:b], max_query_len=1, max_seq_len=self.max_model_len,
+            block_tables=self.block_tables[:b, :width], max_query_len=1,
+            max_seq_len=self.max_model_len if max_seq_len is None else max_seq_len,
         )
 
-    def fill(self, scheduled: tuple[ScheduledSeq, ...], rows: int) -> None:
-        """Write a decode step into rows [0, len(scheduled)); rows up to ``rows`` (the graph bucket) are padding."""
+    def fill(self, scheduled: tuple[ScheduledSeq, ...], rows: int) -> tuple[int, int]:
+        """Write a decode step into rows [0, len(scheduled)); rows up to ``rows`` (the graph bucket) are padding.
+        Returns (widest block table, longest context) of the step's real rows."""
         if self._copied is not None:
             self._copied.synchronize()  # returns at once: the step's token read came after the previous copy
         b, bs, n = len(scheduled), self.block_size, self.n
         ids, pos, slots = [], [], []
-        width = 0
+        width = longest = 0
         cache, table = self._rows, self._table
         for i, s in enumerate(scheduled):
             seq, p = s.seq, s.start  # the one new token's position
@@ -166,6 +176,8 @@ class DecodeBuffers:
                 cache[i] = (seq, seq.num_preemptions, nb)
             if nb > width:
                 width = nb
+            if p >= longest:
+                longest = p + 1
         self._ids[:b], self._pos[:b], self._slots[:b] = ids, pos, slots
         self._lens[:b] = self._pos[:b] + 1
         # padding rows write no cache and attend to nothing; their stale table columns hold valid ids, never read
@@ -174,6 +186,7 @@ class DecodeBuffers:
             self.dev_i64.copy_(self.host_i64, non_blocking=True)
             self.dev_i32[: n + width * n].copy_(self.host_i32[: n + width * n], non_blocking=True)
             self._copied.record()
+        return width, longest
 
 
 class _DecodeGraphs:
@@ -248,9 +261,9 @@ class ModelRunner:
         if self.graphs is not None:
             self.decode.fill(out.scheduled, self.graphs.bucket(b))
             return self.graphs.replay(b)
-        self.decode.fill(out.scheduled, b)
+        width, longest = self.decode.fill(out.scheduled, b)
         buf = self.decode
-        return self.model.forward(buf.input_ids[:b], buf.positions[:b], buf.meta(b))
+        return self.model.forward(buf.input_ids[:b], buf.positions[:b], buf.meta(b, width, longest))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
