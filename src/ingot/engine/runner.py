@@ -12,8 +12,9 @@ widest block table.
 Prefill and mixed steps build exact-size inputs (``build_inputs``: numpy on the host, one copy per dtype) and pass
 the host copies of query and context lengths in the metadata, so attention plans the step without reading them back.
 
-A forward that syncs with the host (DeepSeek's MoE counts tokens per expert; such models say so with
-``supports_cuda_graphs = False``) cannot be captured: decode then runs eagerly, with a warning, as it does when
+A forward that syncs with the host (a MoE layer on its per-expert loop - experts of a kind without a grouped-GEMM
+kernel, or use_fused=False - counts tokens per expert; such models say so with ``supports_cuda_graphs = False``)
+cannot be captured: decode then runs eagerly, with a warning, as it does when
 a capture fails. The step's only device-to-host read is the sampled token ids (``Sampler.sample``).
 """
 
