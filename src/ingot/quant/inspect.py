@@ -13,7 +13,7 @@ from pathlib import Path
 from ingot import formats
 from ingot.formats.base import QUANTIZABLE, layer_index
 from ingot.formats.safetensors_io import Checkpoint, numel
-from ingot.quant.ref import cdiv, scale_shape
+from ingot.quant.ref import scale_shape
 from ingot.quant.schemes import PRESETS, Scheme
 
 # The precisions the estimate is given for (a preset each; int8 is int8-channel, the smaller of the two int8s).
