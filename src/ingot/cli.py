@@ -158,7 +158,7 @@ def cmd_bench_kernels(args) -> int:
 
 # Which GEMM kernels serve a stored kind (fp8-block also falls back to int8-block on GPUs without FP8).
 TUNE_OPS_OF_KIND = {
-    "int8-channel": ("int8_gemm_channel", "w8a8_gemv_channel"),
+    "int8-channel": ("int8_gemm_channel",),
     "int8-block": ("int8_gemm_block",),
     "fp8-block": ("fp8_gemm_block", "int8_gemm_block"),
     "int8-weight": ("w8a16_gemm",),
@@ -481,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="a checkpoint: tune its linears' shapes for the kernels its scheme uses")
     p.add_argument("--shapes", choices=["llama3-8b", "deepseek-v3", "all"], help="(N, K) preset (as bench kernels)")
     p.add_argument("--shape", type=_nk, action="append", default=[], metavar="NxK", help="an N x K (repeatable)")
-    p.add_argument("--ops", nargs="+", choices=["int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block",
-                                                 "w8a8_gemv_channel", "w8a16_gemm", "w4a16_gemm"],
+    p.add_argument("--ops", nargs="+", choices=["int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block", "w8a16_gemm",
+                                                 "w4a16_gemm"],
                    help="kernels to tune (default: the model's, else all)")
     p.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 128, 256, 1024, 4096], help="token counts")
     p.add_argument("--rep-ms", type=int, default=10, help="ms of timed calls per candidate")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ingot.formats.base import KINDS, StoredLinear, cdiv, pack_int32, unpack_int32
+from ingot.formats.base import KINDS, StoredLinear, pack_int32, unpack_int32
 from ingot.layers import linear as L
 from ingot.layers.linear import Linear, linear_method
 from ingot.quant import fast, ref

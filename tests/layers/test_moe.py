@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import DeepseekV3Config
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE, DeepseekV3TopkRouter
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from ingot.layers.linear import Linear
-from ingot.layers.moe import MLP, MoE, MoEConfig, MoEGate
+from ingot.layers.moe import MLP, MoE, MoEConfig
 
 
 def _make_linear(prefix, k, n, bias):

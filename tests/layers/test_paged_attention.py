@@ -17,7 +17,6 @@ from ingot.layers.attention import (
     Attention,
     AttnMetadata,
     KVSpec,
-    _decode_attention,
     _prefill_attention,
     causal_attention,
     paged_attention,

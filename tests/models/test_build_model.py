@@ -210,3 +210,27 @@ def test_fused_projections_keep_the_logits(scheme):
     assert attn.qkv_proj.out_features == 128 + 64 + 64 and not hasattr(attn, "q_proj")
     assert mlp.gate_up_proj.out_features == 512 and not hasattr(mlp, "gate_proj")
     assert torch.equal(model.score(ids), before)
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8-channel"])  # (block kinds refuse: 96 and 16 rows end mid-block)
+def test_fused_projections_deepseek(scheme):
+    """DeepSeek-V3: the dense MLPs and the shared experts fuse gate/up, the routed experts stay as they are (views
+    of the MoE stacks), and the logits do not change beyond fp32 rounding."""
+    from ingot.models.loader import random_model
+
+    model = random_model({"model_type": "deepseek_v3", **DSV3, "n_shared_experts": 1}, scheme, "cpu", dtype=torch.float32)
+    ids = torch.randint(0, DSV3["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(0))
+    before = model.score(ids)
+    model.fuse_projections()
+    layers = model.model.layers[: model.num_layers]
+    dense = [layer.mlp for layer in layers if not hasattr(layer.mlp, "experts")]
+    moes = [layer.mlp for layer in layers if hasattr(layer.mlp, "experts")]
+    assert dense and moes
+    assert all(m.gate_up_proj is not None and not hasattr(m, "gate_proj") for m in dense)
+    assert all(m.shared_experts.gate_up_proj is not None for m in moes)
+    assert all(e.gate_up_proj is None and hasattr(e, "gate_proj") for m in moes for e in m.experts)
+    after = model.score(ids)
+    if scheme == "bf16":  # float GEMMs of another N may block K differently: fp32 rounding only (measured 1.5e-8)
+        assert (after - before).abs().max() <= 1e-6 * before.abs().max()
+    else:  # the int8 reference dot is exact, whatever the width
+        assert torch.equal(after, before)

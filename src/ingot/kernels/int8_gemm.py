@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.kernels.act_quant import _quantize
 from ingot.kernels.checks import check_device, check_epilogue, check_tensor
 from ingot.kernels import tuning
 from ingot.kernels.tuning import GemmConfig
@@ -196,71 +195,6 @@ def _int8_gemm_channel_kernel(
 
 
 @triton.jit
-def _w8a8_gemv_channel_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,  # x float [1, K], (unused), int8 [N, K], fp32 [N, 1], [N], [1, N]
-    part_ptr, lock_ptr,  # split-K: int32 partial tiles [SPLIT_K, tiles, BLOCK_N], int32 counters [tiles]
-    M, N, K,
-    stride_xm, stride_xk,
-    stride_wn, stride_wk, stride_wsn,
-    stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-):
-    """int8-channel W8A8 at M = 1 with the activation quantization fused in: every program computes the token's
-    scale s = amax(|x|) / 127 over the whole row (K values from L2), quantizes its K slice exactly as
-    per_token_quant_int8 does (div_rn, clamp, round half to even), and dots it with the int8 weight on the FMA
-    units: a K step's products are integers summed exactly in fp32 (|sum| <= BLOCK_K * 127^2 < 2^24 for
-    BLOCK_K <= 1024), then added to an int32 accumulator - the same integer as the tensor-core kernel's, bit for bit.
-    No separate quantization launch, no int8 copy of x, no 16-row padding of the MMA; weight tiles are register
-    double-buffered (the GEMV kernels of ingot.kernels.weight_only)."""
-    rows, cols, offs_m, offs_n, offs_k, kt_first, kt_last, x_ptrs, w_ptrs, pid_n, pid_k, tile = _operand_tiles(
-        x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
-    # the token's scale (a while: see _per_token_quant_int8_kernel on run-time loop bounds in the interpreter)
-    amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    k0 = 0
-    while k0 < K:
-        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
-                     mask=(k0 + offs_k < K)[None, :], other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(xv))
-        k0 += BLOCK_K
-    s = tl.math.div_rn(tl.max(amax, axis=1), 127.0)  # (BLOCK_M,) = (1,)
-
-    acc = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    if EVEN_K:
-        b_next = tl.load(w_ptrs)
-    else:
-        b_next = tl.load(w_ptrs, mask=offs_k[:, None] < K - kt_first * BLOCK_K, other=0)
-    for kt in range(kt_first, kt_last):
-        b = b_next
-        w_ptrs += BLOCK_K * stride_wk
-        k_left = K - kt * BLOCK_K
-        if EVEN_K:
-            b_next = tl.load(w_ptrs, mask=kt + 1 < kt_last, other=0)
-            a = tl.load(x_ptrs).to(tl.float32)
-        else:
-            b_next = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left - BLOCK_K) & (kt + 1 < kt_last), other=0)
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0).to(tl.float32)
-        a_q = _quantize(a, s, 127.0, False, USE_LIBDEVICE).to(tl.float32)  # (1, BK) exact integers
-        part = tl.sum(b.to(tl.float32) * tl.reshape(a_q, (BLOCK_K, 1)), axis=0)  # (BN,) exact
-        acc += part.to(tl.int32)
-        x_ptrs += BLOCK_K * stride_xk
-
-    acc2 = tl.reshape(acc, (BLOCK_M, BLOCK_N))
-    is_last = True
-    if SPLIT_K > 1:
-        acc2, is_last = _split_k_sum(acc2, part_ptr, lock_ptr, tile, pid_k, M, N, SPLIT_K, BLOCK_M, BLOCK_N)
-    if is_last:
-        ws = tl.load(ws_ptr + offs_n * stride_wsn)  # (BLOCK_N,)
-        y = acc2.to(tl.float32) * s[:, None] * ws[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-        _store_tile(y_ptr, y, rows, cols, M, N, stride_ym, stride_yn)
-
-
-@triton.jit
 def _block_gemm_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,  # q [M, K], fp32 [M, KB], q [N, K], fp32 [NB, KB], [N], [M, N]
     part_ptr, lock_ptr,  # split-K: fp32 partial tiles [SPLIT_K, tiles, BLOCK_M * BLOCK_N], int32 counters [tiles]
@@ -428,71 +362,6 @@ def int8_gemm_channel(
         w_q.stride(0), w_q.stride(1), w_s.stride(0),
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
-    )
-    return y
-
-
-# The fused GEMV's K step bound: a step's exact integer sum of BLOCK_K products |q_x q_w| <= 127^2 stays below 2^24.
-MAX_GEMV_BLOCK_K = 1024
-GEMV_CONFIG = GemmConfig(1, 32, 512, group_m=1, num_warps=4, num_stages=1)
-
-
-def gemv_default_config(n: int, k: int, num_sms: int | None = None) -> GemmConfig:
-    """The untuned config of ``w8a8_gemv_channel``: GEMV_CONFIG, split-K as ``default_config`` splits decode."""
-    tiles, k_tiles = triton.cdiv(n, GEMV_CONFIG.block_n), triton.cdiv(k, GEMV_CONFIG.block_k)
-    split = min(MAX_SPLIT_K, max(1, (SPLIT_K_TARGET_PROGRAMS * (num_sms or 132)) // tiles), max(1, k_tiles // 4))
-    return replace(GEMV_CONFIG, split_k=split)
-
-
-def w8a8_gemv_channel(
-    x: torch.Tensor,
-    w_q: torch.Tensor,
-    w_s: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-    *,
-    config: GemmConfig | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """int8-channel linear of one token, quantization fused: y [1, N] = int8_gemm_channel(*per_token_quant_int8(x),
-    w_q, w_s, bias) in one launch, bit for bit (the decode step at batch 1).
-
-    x bf16/fp16/fp32 [1, K] (finite), w_q int8 [N, K], w_s float32 [N, 1], bias [N] or None, contiguous. Returns
-    y [1, N] in ``out_dtype`` (default x's dtype), into ``out`` when given. ``config``: block_m 1, block_k <= 1024
-    (default: the tuned table of op "w8a8_gemv_channel", else GEMV_CONFIG with automatic split-K).
-    Reference: ``ingot.quant.ref.quantize_act_token`` + ``int8_gemm_channel_ref``.
-    """
-    check_tensor("x", x, (torch.bfloat16, torch.float16, torch.float32), 2)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    if x.shape[0] != 1:
-        raise ValueError(f"w8a8_gemv_channel takes one token, x [1, K]; got shape {tuple(x.shape)}")
-    check_tensor("w_q", w_q, (torch.int8,), 2)
-    check_tensor("w_s", w_s, (torch.float32,), 2)
-    (n, kw), k = w_q.shape, x.shape[1]
-    if kw != k:
-        raise ValueError(f"x [1, K] = {tuple(x.shape)} and w_q [N, K] = {tuple(w_q.shape)} disagree on K: {k} != {kw}")
-    if k == 0 or n == 0:
-        raise ValueError(f"empty GEMM: K = {k}, N = {n} (x {tuple(x.shape)}, w_q {tuple(w_q.shape)})")
-    check_epilogue(1, n, bias, out, out_dtype)
-    check_device({"x": x, "w_q": w_q, "w_s": w_s, "bias": bias, "out": out}, INTERPRETED)
-    if tuple(w_s.shape) != (n, 1):
-        raise ValueError(f"w_s must be per output channel, shape (N, 1) = ({n}, 1), got {tuple(w_s.shape)}")
-    if k >= MAX_K_CHANNEL:
-        raise ValueError(f"K = {k} may overflow the int32 accumulator (K * 128^2 >= 2^31); K must be < {MAX_K_CHANNEL}")
-
-    config = tuning.resolve_config("w8a8_gemv_channel", config, 1, n, k, x.device,
-                                   lambda sms: gemv_default_config(n, k, sms))
-    if config.block_m != 1 or config.block_k > MAX_GEMV_BLOCK_K:
-        raise ValueError(f"w8a8_gemv_channel: config needs block_m 1 and block_k <= {MAX_GEMV_BLOCK_K}, got {config}")
-    y = torch.empty((1, n), dtype=out_dtype, device=x.device) if out is None else out
-    _launch(
-        _w8a8_gemv_channel_kernel, x.device, config, 1, n, torch.int32,
-        x, w_s, w_q, w_s, w_s if bias is None else bias, y,
-        1, n, k,
-        x.stride(0), x.stride(1),
-        w_q.stride(0), w_q.stride(1), w_s.stride(0),
-        y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0, USE_LIBDEVICE=not INTERPRETED,
     )
     return y
 

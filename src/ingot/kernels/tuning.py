@@ -33,8 +33,9 @@ class GemmConfig:
     """Tile shape and launch parameters of one GEMM launch.
 
     block_m/n/k: the [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tile each program multiplies per K step (powers of two,
-    >= 16: tl.dot's smallest int8 shape; block_m 1 selects the weight-only ops' GEMV kernels, for M = 1). group_m: programs along M that sweep N together (the Triton matmul
-    tutorial's grouped ordering: a group re-reads the same W columns from L2). num_warps, num_stages: as in triton.
+    >= 16: tl.dot's smallest int8 shape; block_m 1 selects the weight-only ops' GEMV kernels, for M = 1).
+    group_m: programs along M that sweep N together (the Triton matmul tutorial's grouped ordering: a group re-reads
+    the same W columns from L2). num_warps, num_stages: as in triton.
     split_k: programs that share one output tile's K range (decode, where M x N alone gives too few programs to keep
     HBM busy); kernels that do not split K require 1.
     """
@@ -157,10 +158,8 @@ def write_table(path: Path, data: dict) -> None:
     _table.cache_clear()
 
 
-TUNABLE_OPS = ("int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block", "w8a8_gemv_channel", "w8a16_gemm",
-               "w4a16_gemm")
+TUNABLE_OPS = ("int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block", "w8a16_gemm", "w4a16_gemm")
 WEIGHT_ONLY_OPS = ("w8a16_gemm", "w4a16_gemm")
-GEMV_OPS = ("w8a8_gemv_channel",)  # M = 1 only
 DEFAULT_TUNE_M = (1, 16, 64, 128, 256, 1024, 4096)
 
 
@@ -173,12 +172,10 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
     128x128 to 256x128 tiles, 8 warps (two warpgroups), 3-4 stages (a 128x256x128 int8 stage is 48 KB of shared
     memory; Hopper gives a program up to 227 KB).
     """
-    if op in WEIGHT_ONLY_OPS or op in GEMV_OPS:
+    if op in WEIGHT_ONLY_OPS:
         return _weight_only_candidates(op, m, n, k, num_sms)
     block_ks = (128,) if op in ("int8_gemm_block", "fp8_gemm_block") else (128, 256)
     out: list[GemmConfig] = []
-    if op in GEMV_OPS:
-        return out
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         for bn in (32, 64):
@@ -211,7 +208,7 @@ def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
     over row tiles and K steps (int4 K steps stay within the 128-group) and the swap-AB dot tiles; decode (M <= 64)
     the swap-AB tiles with split-K; prefill the 128 x 128 tiles of the defaults and two neighbours."""
     out: list[GemmConfig] = []
-    block_ks = {"w4a16_gemm": (64, 128), "w8a16_gemm": (256, 512)}.get(op, (256, 512, 1024))
+    block_ks = (64, 128) if op == "w4a16_gemm" else (256, 512)
     if m == 1:
         for bn in (16, 32, 64):
             for bk in block_ks:
@@ -223,8 +220,6 @@ def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
                         if split > 1 and (tiles * split > 16 * num_sms or -(-k // bk) < 2 * split):
                             continue
                         out.append(GemmConfig(1, bn, bk, group_m=1, num_warps=warps, num_stages=1, split_k=split))
-    if op in GEMV_OPS:
-        return out
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         for bn in (32, 64):
@@ -270,7 +265,7 @@ def _inputs(op: str, m: int, n: int, k: int, sets: int, device: torch.device) ->
 
     out = []
     for _ in range(sets):
-        if op in ("w8a16_gemm", "w8a8_gemv_channel"):
+        if op == "w8a16_gemm":
             out.append((torch.randn(m, k, device=device, dtype=torch.bfloat16),
                         torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device),
                         torch.rand(n, 1, device=device) / 100))
@@ -300,8 +295,7 @@ def _op_fn(op: str):
     from ingot.kernels import fp8_gemm, int8_gemm, weight_only
 
     return {"int8_gemm_channel": int8_gemm.int8_gemm_channel, "int8_gemm_block": int8_gemm.int8_gemm_block,
-            "fp8_gemm_block": fp8_gemm.fp8_gemm_block, "w8a8_gemv_channel": int8_gemm.w8a8_gemv_channel,
-            "w8a16_gemm": weight_only.w8a16_gemm,
+            "fp8_gemm_block": fp8_gemm.fp8_gemm_block, "w8a16_gemm": weight_only.w8a16_gemm,
             "w4a16_gemm": weight_only.w4a16_gemm}[op]
 
 
@@ -311,8 +305,6 @@ def _default_fn(op: str):
 
     if op in WEIGHT_ONLY_OPS:
         return lambda m, n, k, sms: weight_only.default_config(op, m, n, k, sms)
-    if op in GEMV_OPS:
-        return lambda m, n, k, sms: int8_gemm.gemv_default_config(n, k, sms)
     return int8_gemm.default_config
 
 
@@ -341,8 +333,6 @@ def tune(options: TuneOptions, log=print) -> list[Path]:
         for n, k in options.shapes:
             entries = {}
             for m in options.m_sizes:
-                if op in GEMV_OPS and m != 1:  # M = 1 kernels
-                    continue
                 sets = _inputs(op, m, n, k, max(2, min(16, -(-2 * l2 // (n * k)))), device)
                 out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
                 state = [0]

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from ingot.kernels import tuning
 from ingot.kernels.checks import check_device, check_epilogue, check_tensor
+from ingot.kernels.int8_gemm import _tile_ids
 from ingot.kernels.tuning import GemmConfig
 
 X_DTYPES = (torch.bfloat16, torch.float16)
@@ -120,18 +121,11 @@ def effective_split_k(k: int, config: GemmConfig) -> tuple[int, int]:
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped ordering over axis 0 of the grid: consecutive programs cover GROUP_M row tiles x all column tiles."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
+def _k_slice(K, K_TILES_PER_SPLIT, BLOCK_K: tl.constexpr):
+    """(pid_k, first, last): this program's split (grid axis 1) and its [first, last) range of K tiles."""
+    pid_k = tl.program_id(1)
+    first = pid_k * K_TILES_PER_SPLIT
+    return pid_k, first, tl.minimum(first + K_TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
 
 
 @triton.jit
@@ -225,16 +219,14 @@ def _w8a16_gemm_kernel(
     UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
+    pid_m, pid_n, _, _ = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M, 1)  # grid axis 0: output tiles
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Wrap out-of-range rows/columns onto valid ones so the loads need no M/N mask; their results are not stored.
     offs_m = (rows % M).to(tl.int64)
     offs_n = (cols % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    kt0 = pid_k * K_TILES_PER_SPLIT
-    kt1 = tl.minimum(kt0 + K_TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    pid_k, kt0, kt1 = _k_slice(K, K_TILES_PER_SPLIT, BLOCK_K)
     k0 = kt0 * BLOCK_K
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None] * stride_xk  # (BLOCK_K, BLOCK_M): x.T
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk  # (BLOCK_N, BLOCK_K)
@@ -273,16 +265,14 @@ def _w4a16_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     BLOCK_P: tl.constexpr = BLOCK_K // 8  # packed words per K step
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
+    pid_m, pid_n, _, _ = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M, 1)  # grid axis 0: output tiles
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = (rows % M).to(tl.int64)
     offs_n = (cols % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     offs_p = tl.arange(0, BLOCK_P)
-    kt0 = pid_k * K_TILES_PER_SPLIT
-    kt1 = tl.minimum(kt0 + K_TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    pid_k, kt0, kt1 = _k_slice(K, K_TILES_PER_SPLIT, BLOCK_K)
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (kt0 * BLOCK_K + offs_k)[:, None] * stride_xk  # (BLOCK_K, BLOCK_M)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (kt0 * BLOCK_P + offs_p)[None, :] * stride_wp  # (BLOCK_N, BLOCK_P)
     ws_ptrs = ws_ptr + offs_n * stride_wsn  # (BLOCK_N,): group column 0 of this tile's rows
@@ -326,12 +316,10 @@ def _w8a16_gemv_kernel(
     slice on the FMA units and reduces along K; the next tile's load is issued before this one is used (register
     double-buffering), so one tile per program stays in flight while it computes."""
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n = (cols % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    kt0 = pid_k * K_TILES_PER_SPLIT
-    kt1 = tl.minimum(kt0 + K_TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    pid_k, kt0, kt1 = _k_slice(K, K_TILES_PER_SPLIT, BLOCK_K)
     x_ptrs = x_ptr + (kt0 * BLOCK_K + offs_k) * stride_xk
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (kt0 * BLOCK_K + offs_k)[None, :] * stride_wk
     if EVEN_K:
@@ -376,17 +364,14 @@ def _w4a16_gemv_kernel(
     """GEMV (config.block_m == 1, M == 1) on the packed int4 layout: per step a (BLOCK_N, BLOCK_K // 8) tile of words
     is unpacked in registers (_int4_affine: 1 + u / 16 in fp32, 2 integer ops per weight), multiplied by x's K slice
     on the FMA units, reduced along K, turned into q . x and scaled by the step's group scale (BLOCK_K divides the
-    group); register double-buffering as in _w8a16_gemv_kernel. (With _unpack_int4's exact integers the kernel
-    took 37.7 us on 28672 x 4096 at M = 1 on the H100; this form 33.9 us in the same experiment, NOTES.md.)"""
+    group); register double-buffering as in _w8a16_gemv_kernel."""
     BLOCK_P: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n = (cols % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     offs_p = tl.arange(0, BLOCK_P)
-    kt0 = pid_k * K_TILES_PER_SPLIT
-    kt1 = tl.minimum(kt0 + K_TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    pid_k, kt0, kt1 = _k_slice(K, K_TILES_PER_SPLIT, BLOCK_K)
     x_ptrs = x_ptr + (kt0 * BLOCK_K + offs_k) * stride_xk
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (kt0 * BLOCK_P + offs_p)[None, :] * stride_wp
     ws_ptrs = ws_ptr + offs_n * stride_wsn

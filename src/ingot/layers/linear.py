@@ -205,8 +205,6 @@ class Int8ChannelMethod(LinearMethod):
         from ingot.kernels.act_quant import per_token_quant_int8
         from ingot.kernels.int8_gemm import int8_gemm_channel
 
-        # (kernels.int8_gemm.w8a8_gemv_channel fuses the quantization for one token but measured slower on the H100:
-        # kernels/NOTES.md, session 3.)
         x_q, x_s = per_token_quant_int8(x)
         return int8_gemm_channel(x_q, x_s, layer.weight, layer.weight_scale, bias=layer.bias, out_dtype=x.dtype)
 

@@ -42,20 +42,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ingot.layers.linear import Linear, fuse_linears
+
 # Builds the Linear named `prefix` ([out, in]), with a bias or not: the model decides each linear's kind from its prefix.
 MakeLinear = Callable[[str, int, int, bool], nn.Module]
 
 
 class MLP(nn.Module):
-    """down_proj(silu(gate_proj(x)) * up_proj(x)); x [..., hidden] -> [..., hidden]. Linears named as in HF."""
+    """down_proj(silu(gate_proj(x)) * up_proj(x)); x [..., hidden] -> [..., hidden]. Linears named as in HF.
+
+    ``fuse_projections()`` merges gate/up into one gate_up_proj (``fuse_linears``) for a model the engine runs; the
+    routed experts of a MoE are never fused (their parameters are views of the MoE's stacks)."""
 
     def __init__(self, prefix: str, hidden_size: int, intermediate_size: int, make_linear: MakeLinear, bias: bool = False):
         super().__init__()
         self.gate_proj = make_linear(f"{prefix}.gate_proj", hidden_size, intermediate_size, bias)
         self.up_proj = make_linear(f"{prefix}.up_proj", hidden_size, intermediate_size, bias)
         self.down_proj = make_linear(f"{prefix}.down_proj", intermediate_size, hidden_size, bias)
+        self.gate_up_proj: Linear | None = None
+
+    def fuse_projections(self) -> None:
+        if self.gate_up_proj is None and (gate_up := fuse_linears([self.gate_proj, self.up_proj])) is not None:
+            self.gate_up_proj = gate_up
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

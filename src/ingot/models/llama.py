@@ -198,25 +198,6 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta).flatten(-2))
 
 
-class LlamaMLP(MLP):
-    """The gated SiLU MLP, whose gate/up projections ``fuse_projections()`` merges into one gate_up_proj."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gate_up_proj: Linear | None = None
-
-    def fuse_projections(self) -> None:
-        if self.gate_up_proj is None and (gate_up := fuse_linears([self.gate_proj, self.up_proj])) is not None:
-            self.gate_up_proj = gate_up
-            del self.gate_proj, self.up_proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is None:
-            return super().forward(x)
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 # ----------------------------------------------------------------------------------------------------------- block
 
 
@@ -267,10 +248,13 @@ class CausalLM(nn.Module):
     def fuse_projections(self) -> None:
         """Merge the projections that read one input into one Linear each (q/k/v, gate/up: ``fuse_linears``), for
         fewer, wider GEMMs and one activation quantization per input; the engine calls it after loading. Parameter
-        names change (``qkv_proj``, ``gate_up_proj``): load, calibrate and inspect by checkpoint name before."""
-        for module in list(self.modules()):
-            if module is not self and callable(getattr(module, "fuse_projections", None)):
-                module.fuse_projections()
+        names change (``qkv_proj``, ``gate_up_proj``): load, calibrate and inspect by checkpoint name before.
+        Fused: Llama attention, dense MLPs and MoE shared experts; never routed experts (MoE stacks them)."""
+        for layer in self.model.layers:
+            mlp = layer.mlp
+            for module in (layer.self_attn, mlp if isinstance(mlp, MLP) else getattr(mlp, "shared_experts", None)):
+                if module is not None and callable(getattr(module, "fuse_projections", None)):
+                    module.fuse_projections()
 
     @property
     def supports_cuda_graphs(self) -> bool:
@@ -333,7 +317,7 @@ class LlamaForCausalLM(CausalLM):
         for i in range(args.num_hidden_layers):
             prefix = f"model.layers.{i}"
             attn = LlamaAttention(args, f"{prefix}.self_attn", i, make)
-            mlp = LlamaMLP(f"{prefix}.mlp", args.hidden_size, args.intermediate_size, make, bias=args.mlp_bias)
+            mlp = MLP(f"{prefix}.mlp", args.hidden_size, args.intermediate_size, make, bias=args.mlp_bias)
             self.model.layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps, dev, dt))
         self.num_layers = args.num_hidden_layers
         self._finish()
