@@ -301,6 +301,7 @@ def _engine(args):
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         cuda_graphs=not args.eager,
+        async_steps=not args.no_overlap,
         fp8_fallback=args.fp8_fallback,
     )
 
@@ -341,6 +342,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--max-model-len", type=int, help="prompt + output tokens per sequence")
     p.add_argument("--max-num-seqs", type=int, help="sequences per batch")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="read each step's tokens before queueing the next (default: overlap host and GPU work)")
     p.add_argument("--fp8-fallback", default="int8-block", choices=["int8-block", "bf16"],
                    help="what fp8-block linears run as where FP8 matmuls are missing (CPU, GPUs before sm89)")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help="new tokens at most")
@@ -366,6 +369,7 @@ def cmd_bench_e2e(args) -> int:
         hf_peer=not args.no_hf,
         hf_compile=not args.hf_no_compile,
         cuda_graphs=not args.eager,
+        async_steps=not args.no_overlap,
         out=Path(args.out) if args.out else None,
         command=" ".join(["ingot", *sys.argv[1:]]),
         git_sha=args.git_sha,
@@ -473,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the transformers peer without its static-cache torch.compile (default: compiled, "
                         "compile time excluded by identical warm-up calls)")
     b.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    b.add_argument("--no-overlap", action="store_true",
+                   help="read each step's tokens before queueing the next (the engine's default overlaps them)")
     b.add_argument("--out", help="results JSON (default: benchmarks/results/e2e-<device>-<date>.json)")
     b.add_argument("--git-sha", help="record this sha (a copied tree without .git); default: the checkout's")
     b.set_defaults(func=cmd_bench_e2e)

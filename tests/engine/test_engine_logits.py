@@ -39,8 +39,8 @@ def _run(llm: LLM, prompts: list[str]) -> list[tuple[list[int], list[int], torch
     rows: dict[int, list[torch.Tensor]] = {}
     execute = llm.runner.execute
 
-    def spy(out):
-        logits = execute(out)
+    def spy(out, pending=None):
+        logits = execute(out, pending)
         for s, row in zip([s for s in out.scheduled if s.samples], logits):
             rows.setdefault(s.seq.seq_id, []).append(row.float().clone())
         return logits

@@ -115,3 +115,31 @@ def test_int8_checkpoint_through_the_engine(embedded_model_dir, tmp_path):
             chosen = logits.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
             assert (logits.max(-1).values - chosen).max() < 0.5, scheme
         assert "Paris" in outs[0].text, scheme
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8-channel"])
+def test_overlapped_steps_equal_reading_every_step(scheme):
+    """async_steps on CUDA (graph decode, pinned copies, pending ids copied on the device) gives the outputs of the
+    engine that reads every step first: greedy, seeded sampling, a stop id seen one step late, chunked prefills."""
+    from ingot.models.loader import random_model
+
+    model = random_model(LLAMA, scheme, "cuda", dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 7, 33, 16, 90, 3, 64, 5, 12)]
+    probe = LLM.from_model(model, max_model_len=256, max_num_seqs=16, async_steps=False)
+    stop = probe.generate([prompts[4]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids[5]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=t, seed=s, stop_token_ids=(stop,))
+              for m, t, s in ((20, 0, None), (5, 0.7, 1), (12, 0, None), (1, 0, None), (8, 0, None), (30, 1.0, 2),
+                              (2, 0, None), (17, 0.5, 3), (9, 0, None))]
+    results = []
+    for overlap in (False, True):
+        llm = LLM.from_model(model, max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64,
+                             async_steps=overlap)
+        assert llm.runner.graphs is not None, llm.runner.graphs_error
+        results.append([(o.token_ids, o.finish_reason) for o in llm.generate(prompts, params)])
+        assert llm.kv_cache.allocator.num_free == llm.kv_cache.num_blocks
+        del llm
+    assert results[0] == results[1]
+    assert results[1][4][1] == "stop"

@@ -98,6 +98,7 @@ class BenchE2EOptions:
     hf_batch_sizes: tuple[int, ...] = (1,)
     hf_compile: bool = True  # let transformers compile the static-cache decode (its default on CUDA), warm-up excluded
     cuda_graphs: bool = True
+    async_steps: bool = True  # the engine's host/GPU overlap (EngineConfig.async_steps)
     block_size: int = 16
     out: Path | None = None  # default: benchmarks/results/e2e-<device>-<date>.json
     command: str = ""
@@ -263,7 +264,8 @@ def bench_scheme(scheme: str, config: dict, options: BenchE2EOptions, device: to
     blocks = max_b * math.ceil(max_len / options.block_size) + max_b
     t0 = time.perf_counter()
     llm = LLM.from_model(model, None, eos_ids=(), max_num_seqs=max_b, max_model_len=max_len, num_kv_blocks=blocks,
-                         block_size=options.block_size, cuda_graphs=options.cuda_graphs)
+                         block_size=options.block_size, cuda_graphs=options.cuda_graphs,
+                         async_steps=options.async_steps)
     setup_s = time.perf_counter() - t0
     per_token_kv = kv_bytes_per_token(model.kv_cache_spec(), llm.kv_cache.dtype)
     read = decode_bytes_per_token(model, config)
@@ -279,6 +281,7 @@ def bench_scheme(scheme: str, config: dict, options: BenchE2EOptions, device: to
         "kv_cache_bytes": llm.kv_cache.nbytes,
         "cuda_graphs": llm.runner.graphs is not None,
         "cuda_graphs_error": llm.runner.graphs_error,
+        "async_steps": llm.config.async_steps,
         "kv_bytes_per_token": per_token_kv,
         "decode_read": {**read, "kv_cache_batch1": kv_read, "total": read["weights"] + kv_read},
         "batches": bench_engine_batches(llm, options, int(config["vocab_size"]), device),

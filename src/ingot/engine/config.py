@@ -33,6 +33,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # override the memory-derived pool size (tests, benchmarks)
     cuda_graphs: bool = True
+    async_steps: bool = True  # queue step t + 1 before reading step t's tokens (host work overlaps the GPU's)
     fp8_fallback: str = "int8-block"
     seed: int = 0  # seeds the generators of sampled requests that bring no seed
 

@@ -5,8 +5,17 @@
     for delta in llm.stream(["Tell me a story"], SamplingParams(max_tokens=200, temperature=0.7, seed=1)):
         print(delta.text, end="")
 
-One step of the loop: Scheduler.schedule -> ModelRunner.execute -> Sampler.sample -> Scheduler.update -> stop checks
-(eos ids, stop token ids, stop strings, max_tokens, max_model_len) -> incremental text.
+One step of the loop: Scheduler.schedule -> ModelRunner.execute -> Sampler.sample_tokens (queued on the device) ->
+Scheduler.launched; then the previous step's tokens are read -> appended -> stop checks (eos ids, stop token ids,
+stop strings, max_tokens, max_model_len) -> incremental text.
+
+Overlap (``EngineConfig.async_steps``, on by default): step t + 1 is scheduled and queued before step t's tokens
+are read, so the host's bookkeeping (reading, stop checks, text, scheduling, input buffers) runs while the GPU
+computes instead of between two steps. A sequence whose sampled token is not read yet has a pending token
+(``Sequence.num_pending``); the next step takes it from the device (``runner.PendingTokens``). What it costs: a
+sequence that stops on eos, a stop id or a stop string (only seen when read) has already been scheduled once more;
+that row's work is discarded (max_tokens and max_model_len are known ahead, and cost nothing). Outputs are the same
+as without overlap: each row's computation and its sampling generator are unchanged.
 """
 
 from __future__ import annotations
@@ -20,9 +29,9 @@ import torch
 from ingot.engine.config import EngineConfig, eos_token_ids, plan_engine
 from ingot.engine.detokenizer import IncrementalDetokenizer
 from ingot.engine.kv_cache import KVCache
-from ingot.engine.runner import ModelRunner, RunnerConfig
-from ingot.engine.sampling import Sampler, SamplingParams, find_stop
-from ingot.engine.scheduler import Scheduler, SchedulerConfig
+from ingot.engine.runner import ModelRunner, PendingTokens, RunnerConfig
+from ingot.engine.sampling import Sampler, SamplingParams, TokenReadback, find_stop
+from ingot.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ingot.engine.sequence import Sequence
 
 @dataclass
@@ -51,6 +60,15 @@ class StreamDelta:
 
 
 @dataclass
+class _Launched:
+    """A step queued on the device whose sampled tokens are not read yet."""
+
+    out: SchedulerOutput
+    sampling: list[Sequence]  # the sequences that sample, in the order of the sampled ids
+    tokens: TokenReadback
+
+
+@dataclass
 class _Request:
     index: int
     seq: Sequence
@@ -67,7 +85,7 @@ class LLM:
 
     path: a model directory (loaded with ingot.models.loader.load_model; tokenizer and generation_config.json from
     the same directory). Keyword arguments are EngineConfig's fields (device, dtype, mem_fraction, max_num_seqs,
-    max_model_len, max_num_batched_tokens, block_size, num_kv_blocks, cuda_graphs, fp8_fallback, seed); how they
+    max_model_len, max_num_batched_tokens, block_size, num_kv_blocks, cuda_graphs, async_steps, fp8_fallback, seed); how they
     resolve for the model and device: ingot.engine.config.plan_engine.
     """
 
@@ -107,6 +125,7 @@ class LLM:
         self.runner = ModelRunner(model, self.kv_cache, runner)
         self.sampler = Sampler(config.seed)
         self._next_id = 0
+        self._inflight: _Launched | None = None  # async_steps: the step queued last, its tokens not read yet
 
     # ------------------------------------------------------------------------------------------- requests
 
@@ -151,25 +170,53 @@ class LLM:
                 if cut is not None:
                     req.text = req.text[:cut]
                     return "stop"
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return "length"
         return None
 
-    def _step(self, requests: dict[int, _Request]) -> list[_Request]:
-        """One engine step; returns the requests that got a token. The sampled ids are the step's one read from the
-        device; everything else here is host bookkeeping over Python lists."""
-        out = self.scheduler.schedule()
-        logits = self.runner.execute(out)
+    def _launch(self, out: SchedulerOutput, pending: PendingTokens | None) -> _Launched:
+        """Queue a step and its sampling on the device (nothing here waits for it)."""
+        logits = self.runner.execute(out, pending)
         sampling = [s.seq for s in out.scheduled if s.samples]
-        tokens = self.sampler.sample(logits, [q.params for q in sampling], [q.sampling for q in sampling])
-        self.scheduler.update(out, tokens)
+        tokens = self.sampler.sample_tokens(logits, [q.params for q in sampling], [q.sampling for q in sampling])
+        self.scheduler.launched(out)
+        return _Launched(out, sampling, TokenReadback(tokens))
+
+    def _land(self, step: _Launched, requests: dict[int, _Request]) -> list[_Request]:
+        """Read a launched step's tokens (the step's one read from the device), append them and check the stops;
+        returns the requests that got a token. A sequence finished meanwhile (a stop seen in the step before)
+        drops its token."""
+        if not step.sampling:
+            return []  # a prefill chunk that ends no prompt: nothing to read back
         touched = []
-        for seq, token in zip(sampling, tokens):
+        for seq, token in zip(step.sampling, step.tokens.read()):
+            if seq.is_finished:
+                continue
+            seq.append_token(token)
             req = requests[seq.seq_id]
             reason = self._finish_reason(req, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
             touched.append(req)
+        return touched
+
+    def _step(self, requests: dict[int, _Request]) -> list[_Request]:
+        """One engine step: schedule and queue the next step, then read the step before it (async_steps), or read
+        this one (no overlap). Returns the requests that got a token; everything but the one read is host
+        bookkeeping over Python lists."""
+        prev, self._inflight = self._inflight, None
+        out = self.scheduler.schedule()
+        step = None
+        if out.scheduled:
+            pending = None if prev is None else PendingTokens(prev.tokens.device_tokens, prev.sampling)
+            step = self._launch(out, pending)
+        elif prev is None:
+            raise RuntimeError("the scheduler found nothing to run while sequences are unfinished")
+        touched = [] if prev is None else self._land(prev, requests)
+        if step is not None and self.config.async_steps:
+            self._inflight = step
+        elif step is not None:
+            touched = self._land(step, requests)
         return touched
 
     def _start(self, prompts, params) -> dict[int, _Request]:
@@ -191,6 +238,9 @@ class LLM:
         return requests
 
     def _abort(self, requests: dict[int, _Request]) -> None:
+        if self._inflight is not None:  # its tokens are dropped; its sequences are finished below
+            self._inflight.tokens.read()
+            self._inflight = None
         for req in requests.values():
             if not req.seq.is_finished:
                 self.scheduler.finish(req.seq, "abort")
@@ -198,7 +248,7 @@ class LLM:
     def _run(self, requests: dict[int, _Request]) -> Iterator[list[_Request]]:
         """Step until every request is finished, yielding the requests that got a token in each step."""
         try:
-            while self.scheduler.has_unfinished():
+            while self.scheduler.has_unfinished() or self._inflight is not None:
                 yield self._step(requests)
         finally:  # a consumer that stops early (or an error) must not leave sequences holding cache blocks
             self._abort(requests)

@@ -16,6 +16,11 @@ A forward that syncs with the host (a MoE layer on its per-expert loop - experts
 kernel, or use_fused=False - counts tokens per expert; such models say so with ``supports_cuda_graphs = False``)
 cannot be captured: decode then runs eagerly, with a warning, as it does when
 a capture fails. The step's only device-to-host read is the sampled token ids (``Sampler.sample``).
+
+Overlap: the engine launches step t + 1 before it reads step t's tokens, so a sequence's newest token may still be
+on the device (``Sequence.num_pending``). Its row's input id is then copied on the device from the previous step's
+sampled ids (``PendingTokens``): one slice copy in steady decoding (the same sequences in the same order), an
+index copy otherwise. Every copy is queued on the one stream behind the previous step, so it reads finished ids.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import numpy as np
 import torch
 
 from ingot.engine.kv_cache import KVCache
+from ingot.engine.sampling import host_to_device
 from ingot.engine.scheduler import ScheduledSeq, SchedulerOutput
+from ingot.engine.sequence import Sequence
 from ingot.layers.attention import AttnMetadata
 
 
@@ -50,6 +57,31 @@ class RunnerConfig:
     cuda_graphs: bool = True
 
 
+@dataclass(frozen=True)
+class PendingTokens:
+    """The previous step's sampled ids, still on the device: tokens int64 [n], row j the pending token of seqs[j]."""
+
+    tokens: torch.Tensor
+    seqs: list[Sequence]
+
+    def copy_into(self, input_ids: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
+        """input_ids[rows[i]] = the pending token of seqs[i], on the device."""
+        if not rows:
+            return
+        n = len(rows)
+        if rows == list(range(n)) and n == len(self.seqs) and all(a is b for a, b in zip(seqs, self.seqs)):
+            input_ids[:n].copy_(self.tokens)  # steady decoding: the same sequences, in the same order
+            return
+        where = {id(q): j for j, q in enumerate(self.seqs)}
+        try:
+            src = [where[id(q)] for q in seqs]
+        except KeyError:
+            raise RuntimeError("a pending token that the previous step did not sample") from None
+        dev = input_ids.device
+        input_ids.index_copy_(0, host_to_device(rows, torch.int64, dev),
+                              self.tokens.index_select(0, host_to_device(src, torch.int64, dev)))
+
+
 @dataclass
 class StepInputs:
     """One step's model inputs. input_ids/positions: int64 [T]; meta: the attention batch; logits_rows: int64 [n]
@@ -61,8 +93,10 @@ class StepInputs:
     logits_rows: torch.Tensor
 
 
-def build_inputs(out: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
-    """Exact-size inputs of a scheduled step: built in numpy, one host-to-device copy per dtype."""
+def build_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
+                 pending: PendingTokens | None = None) -> StepInputs:
+    """Exact-size inputs of a scheduled step: built in numpy, one host-to-device copy per dtype (pinned on CUDA);
+    pending tokens (a chunk ending at len(seq.token_ids) + 1) are copied in on the device from ``pending``."""
     scheduled = out.scheduled
     b = len(scheduled)
     qlens = [s.num_new_tokens for s in scheduled]
@@ -76,11 +110,17 @@ def build_inputs(out: SchedulerOutput, block_size: int, device: torch.device) ->
     i32 = np.zeros(2 * b + 1 + b * width, dtype=np.int32)
     table = i32[2 * b + 1 :].reshape(b, width)
     row = 0
+    pending_rows, pending_seqs = [], []
     for i, s in enumerate(scheduled):
         seq, start, n = s.seq, s.start, s.num_new_tokens
         bt = seq.block_table
         pos = np.arange(start, start + n)
-        i64[row : row + n] = seq.token_ids[start : start + n]
+        known = seq.token_ids[start : start + n]
+        i64[row : row + len(known)] = known
+        if len(known) < n:  # the chunk ends with the pending token
+            i64[row + n - 1] = 0
+            pending_rows.append(row + n - 1)
+            pending_seqs.append(seq)
         i64[t + row : t + row + n] = pos
         blocks = np.asarray(bt, dtype=np.int64)[pos // block_size]
         i64[2 * t + row : 2 * t + row + n] = blocks * block_size + pos % block_size
@@ -91,8 +131,14 @@ def build_inputs(out: SchedulerOutput, block_size: int, device: torch.device) ->
     i64[3 * t :] = rows
     i32[1 : b + 1] = np.cumsum(qlens)
     i32[b + 1 : 2 * b + 1] = ctxs
-    d64 = torch.from_numpy(i64).to(device, non_blocking=True)  # pageable: staged before the call returns
-    d32 = torch.from_numpy(i32).to(device, non_blocking=True)
+    d64, d32 = torch.from_numpy(i64), torch.from_numpy(i32)
+    if device.type == "cuda":  # pinned: a pageable copy may wait for the step still running
+        d64 = d64.pin_memory().to(device, non_blocking=True)
+        d32 = d32.pin_memory().to(device, non_blocking=True)
+    if pending_rows:
+        if pending is None:
+            raise RuntimeError("build_inputs: a chunk ends with a pending token, and no PendingTokens were given")
+        pending.copy_into(d64, pending_rows, pending_seqs)
     meta = AttnMetadata(
         cu_query_lens=d32[: b + 1],
         seq_lens=d32[b + 1 : 2 * b + 1],
@@ -152,20 +198,28 @@ class DecodeBuffers:
             max_seq_len=self.max_model_len if max_seq_len is None else max_seq_len,
         )
 
-    def fill(self, scheduled: tuple[ScheduledSeq, ...], rows: int) -> tuple[int, int]:
+    def fill(self, scheduled: tuple[ScheduledSeq, ...], rows: int,
+             pending: PendingTokens | None = None) -> tuple[int, int]:
         """Write a decode step into rows [0, len(scheduled)); rows up to ``rows`` (the graph bucket) are padding.
-        Returns (widest block table, longest context) of the step's real rows."""
+        A row whose token is pending gets it on the device from ``pending``. Returns (widest block table, longest
+        context) of the step's real rows."""
         if self._copied is not None:
             self._copied.synchronize()  # returns at once: the step's token read came after the previous copy
         b, bs, n = len(scheduled), self.block_size, self.n
         ids, pos, slots = [], [], []
         width = longest = 0
+        pending_rows, pending_seqs = [], []
         cache, table = self._rows, self._table
         for i, s in enumerate(scheduled):
             seq, p = s.seq, s.start  # the one new token's position
             bt = seq.block_table
             nb = len(bt)
-            ids.append(seq.token_ids[p])
+            if p < len(seq.token_ids):
+                ids.append(seq.token_ids[p])
+            else:  # sampled by the step still running: copied in on the device below
+                ids.append(0)
+                pending_rows.append(i)
+                pending_seqs.append(seq)
             pos.append(p)
             slots.append(bt[p // bs] * bs + p % bs)
             key = cache[i]
@@ -187,6 +241,10 @@ class DecodeBuffers:
             self.dev_i64.copy_(self.host_i64, non_blocking=True)
             self.dev_i32[: n + width * n].copy_(self.host_i32[: n + width * n], non_blocking=True)
             self._copied.record()
+        if pending_rows:
+            if pending is None:
+                raise RuntimeError("DecodeBuffers.fill: a pending token, and no PendingTokens were given")
+            pending.copy_into(self.input_ids, pending_rows, pending_seqs)
         return width, longest
 
 
@@ -257,26 +315,28 @@ class ModelRunner:
                 logging.getLogger("ingot").warning("CUDA graphs off, decode runs eagerly: capture failed (%s)",
                                                    self.graphs_error)
 
-    def _decode_hidden(self, out: SchedulerOutput) -> torch.Tensor:
+    def _decode_hidden(self, out: SchedulerOutput, pending: PendingTokens | None) -> torch.Tensor:
         b = len(out.scheduled)
         if self.graphs is not None:
-            self.decode.fill(out.scheduled, self.graphs.bucket(b))
+            self.decode.fill(out.scheduled, self.graphs.bucket(b), pending)
             return self.graphs.replay(b)
-        width, longest = self.decode.fill(out.scheduled, b)
+        width, longest = self.decode.fill(out.scheduled, b, pending)
         buf = self.decode
         return self.model.forward(buf.input_ids[:b], buf.positions[:b], buf.meta(b, width, longest))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Run one step; float32 logits [n, vocab] of the sequences that sample, in scheduled order."""
+    def execute(self, out: SchedulerOutput, pending: PendingTokens | None = None) -> torch.Tensor:
+        """Run one step; float32 logits [n, vocab] of the sequences that sample, in scheduled order. ``pending``:
+        the previous step's sampled ids, when some of this step's tokens were not read back yet. Only queues work
+        on CUDA: nothing here waits for the device."""
         if not out.scheduled:
             raise ValueError("execute: an empty step")
         if out.is_decode and len(out.scheduled) <= self.config.max_num_seqs:
-            hidden = self._decode_hidden(out)
+            hidden = self._decode_hidden(out, pending)
             if not all(s.samples for s in out.scheduled):  # a 1-token prefill chunk that does not end its prompt
                 rows = [i for i, s in enumerate(out.scheduled) if s.samples]
-                hidden = hidden.index_select(0, torch.tensor(rows, device=hidden.device))
+                hidden = hidden.index_select(0, host_to_device(rows, torch.int64, hidden.device))
             return self.model.compute_logits(hidden)
-        inputs = build_inputs(out, self.kv_cache.block_size, self.device)
+        inputs = build_inputs(out, self.kv_cache.block_size, self.device, pending)
         hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))

@@ -93,26 +93,64 @@ class Sampler:
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._engine_gen))
         return SamplingState(torch.Generator(device=device).manual_seed(seed))
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams], states: list[SamplingState]) -> list[int]:
-        """logits float32 [n, V] (one row per sequence that samples), params/states per row -> n token ids."""
+    def sample_tokens(self, logits: torch.Tensor, params: list[SamplingParams],
+                      states: list[SamplingState]) -> torch.Tensor:
+        """logits float32 [n, V] (one row per sequence that samples), params/states per row -> int64 [n] token ids
+        on the logits' device, not read back: the caller reads them when it needs them (``TokenReadback``)."""
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(states):
             raise ValueError(f"logits {tuple(logits.shape)} must be [n, V] with n = {len(params)} params and states")
-        if not params:
-            return []  # a prefill chunk that ends no prompt: nothing to read back
         out = logits.argmax(dim=-1)  # greedy rows are final; sampled rows are overwritten below
         rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
         if rows:
-            idx = torch.tensor(rows, device=logits.device)
-            temps = torch.tensor([params[i].temperature for i in rows], device=logits.device, dtype=torch.float32)
-            top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device, dtype=torch.int64)
-            top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device, dtype=torch.float32)
+            dev = logits.device
+            idx = host_to_device(rows, torch.int64, dev)
+            temps = host_to_device([params[i].temperature for i in rows], torch.float32, dev)
+            top_k = host_to_device([params[i].top_k for i in rows], torch.int64, dev)
+            top_p = host_to_device([params[i].top_p for i in rows], torch.float32, dev)
             scaled = logits.index_select(0, idx).float() / temps[:, None]
             if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
                 scaled = apply_top_k_top_p(scaled, top_k, top_p)
             probs = scaled.softmax(dim=-1)
             for j, i in enumerate(rows):  # one draw per row from its own generator: independent of the batch
                 out[i] = torch.multinomial(probs[j], 1, generator=states[i].generator)[0]
-        return out.tolist()  # the step's one device-to-host read (a sync): n int64
+        return out
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], states: list[SamplingState]) -> list[int]:
+        """``sample_tokens``, read back at once (a sync): n token ids."""
+        if not params:
+            return []  # a prefill chunk that ends no prompt: nothing to read back
+        return self.sample_tokens(logits, params, states).tolist()
+
+
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device`` without waiting for the device: on CUDA through pinned memory
+    and a non-blocking copy (a pageable copy may wait for the work queued before it, which would stall the host
+    while a step runs)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class TokenReadback:
+    """Sampled ids on their way to the host: on CUDA a non-blocking copy into pinned memory and an event, so the host
+    can queue the next step before it waits for these ids; on CPU the tensor itself."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.device_tokens = tokens  # int64 [n]: the next step's input ids of these sequences
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = tokens, None
+
+    def read(self) -> list[int]:
+        """The ids (waits for the copy: the step's one device-to-host read)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
 
 
 def find_stop(text: str, stops: tuple[str, ...], new_chars: int) -> int | None:

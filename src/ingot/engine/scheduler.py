@@ -116,7 +116,10 @@ class Scheduler:
         i, bs, running, allocator = 0, self.config.block_size, self.running, self.allocator
         while i < len(running) and budget > 0:
             seq = running[i]
-            start, total = seq.num_computed_tokens, len(seq.token_ids)
+            if seq.num_pending and self._ends_with_pending(seq):
+                i += 1  # its last token is on the way: it finishes when the engine reads it, nothing to compute
+                continue
+            start, total = seq.num_computed_tokens, seq.num_tokens
             n = min(total - start, budget)
             need = -(-(start + n) // bs) - len(seq.block_table)
             if need > 0:
@@ -148,17 +151,29 @@ class Scheduler:
             budget -= n
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
 
-    def update(self, output: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
-        """After a step: mark the chunks computed and append one sampled token to each sequence that sampled
-        (``sampled`` in the order of ``output.scheduled`` rows with ``samples``). Returns those sequences."""
-        sampling = [s for s in output.scheduled if s.samples]
-        if len(sampled) != len(sampling):
-            raise ValueError(f"{len(sampled)} sampled tokens for {len(sampling)} sampling sequences")
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        """The pending token is the sequence's last: max_tokens or max_model_len is reached with it."""
+        return seq.num_output_tokens + seq.num_pending >= seq.params.max_tokens or \
+            seq.num_tokens >= self.config.max_model_len
+
+    def launched(self, output: SchedulerOutput) -> None:
+        """A step was launched: its chunks count as computed, and each sequence that samples gets a pending token
+        (so the next step can be scheduled before this one's tokens are read)."""
         for s in output.scheduled:
             s.seq.num_computed_tokens = s.start + s.num_new_tokens
-        for s, token in zip(sampling, sampled):
-            s.seq.append_token(token)
-        return [s.seq for s in sampling]
+            if s.samples:
+                s.seq.num_pending += 1
+
+    def update(self, output: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
+        """After a step, synchronously: ``launched`` then append one sampled token to each sequence that sampled
+        (``sampled`` in the order of ``output.scheduled`` rows with ``samples``). Returns those sequences."""
+        sampling = [s.seq for s in output.scheduled if s.samples]
+        if len(sampled) != len(sampling):
+            raise ValueError(f"{len(sampled)} sampled tokens for {len(sampling)} sampling sequences")
+        self.launched(output)
+        for seq, token in zip(sampling, sampled):
+            seq.append_token(token)
+        return sampling
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire a sequence (stop condition met, or aborted): its blocks return to the pool."""
@@ -168,6 +183,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.allocator.free(seq.block_table)
         seq.block_table = []
+        seq.num_pending = 0  # a token still on the way (a step launched before the stop was seen) is dropped
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.finish_time = time.perf_counter()

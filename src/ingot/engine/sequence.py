@@ -19,9 +19,13 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """A request as the scheduler and runner see it.
 
-    token_ids: prompt then generated tokens. num_computed_tokens: how many of them have their K/V in the cache
-    (the next step computes token_ids[num_computed_tokens:], the scheduler may cut that into chunks). block_table:
-    cache block ids holding tokens [i * block_size, (i + 1) * block_size). Identity is the object (eq=False).
+    token_ids: prompt then generated tokens. num_pending: tokens sampled on the device but not read yet (at most 1
+    when a step is scheduled, 2 while step t + 1 is queued and step t not read yet:
+    the engine launches step t + 1 before it reads step t's tokens; the pending token is the last one, at position
+    len(token_ids), and the next step takes it from the device). num_computed_tokens: how many of the num_tokens
+    (token_ids plus pending) have their K/V in the cache (the next step computes the rest, the scheduler may cut
+    that into chunks). block_table: cache block ids holding tokens [i * block_size, (i + 1) * block_size).
+    Identity is the object (eq=False).
     """
 
     seq_id: int
@@ -33,6 +37,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (eos, stop token or string), "length" (max_tokens or max_model_len)
     num_preemptions: int = 0
+    num_pending: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -46,7 +51,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens the scheduler sees: token_ids plus the pending one."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -58,7 +64,8 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return self.num_tokens - self.num_prompt_tokens
+        """Generated tokens read so far (the pending one not counted)."""
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -69,6 +76,9 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
+        """Add a generated token (read from the device: it was the pending one, if one was)."""
+        if self.num_pending:
+            self.num_pending -= 1
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
         self.token_ids.append(int(token_id))
