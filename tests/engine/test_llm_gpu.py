@@ -128,15 +128,16 @@ def test_overlapped_steps_equal_reading_every_step(scheme):
         model.lm_head.weight.mul_(50.0)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 7, 33, 16, 90, 3, 64, 5, 12)]
-    probe = LLM.from_model(model, max_model_len=256, max_num_seqs=16, async_steps=False)
+    probe = LLM.from_model(model, max_model_len=256, max_num_seqs=16, num_kv_blocks=256, async_steps=False)
     stop = probe.generate([prompts[4]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids[5]
+    del probe
     params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=t, seed=s, stop_token_ids=(stop,))
               for m, t, s in ((20, 0, None), (5, 0.7, 1), (12, 0, None), (1, 0, None), (8, 0, None), (30, 1.0, 2),
                               (2, 0, None), (17, 0.5, 3), (9, 0, None))]
     results = []
     for overlap in (False, True):
         llm = LLM.from_model(model, max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64,
-                             async_steps=overlap)
+                             num_kv_blocks=256, async_steps=overlap)
         assert llm.runner.graphs is not None, llm.runner.graphs_error
         results.append([(o.token_ids, o.finish_reason) for o in llm.generate(prompts, params)])
         assert llm.kv_cache.allocator.num_free == llm.kv_cache.num_blocks
