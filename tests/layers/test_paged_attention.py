@@ -283,3 +283,28 @@ def test_prefill_groups_bound_the_padding():
     assert sorted(b for g in plan.groups for b in g.seqs.tolist()) == [0, 1, 2, 3, 4] and plan.decode_rows is None
     out = paged_attention(q, kc, vc, meta, _scale(16), 16)
     assert (out.double() - _naive(q, kf, vf, qn, _scale(16))).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("window", [None, 3])
+def test_fresh_prompts_attend_over_their_own_rows(shared, window):
+    """A step of whole fresh prompts of one length (a batch of new requests) attends over this step's k/v directly:
+    the same output as reading the cache back, and the plan says so; any other step keeps the cache path."""
+    ctx = (6, 6, 6)
+    q, kc, vc, meta, kf, vf = _batch(ctx, ctx, h=4, hkv=1 if shared else 2, dk=16, dv=12, shared=shared)
+    meta = _with_host_lengths(meta)
+    k_new = torch.cat(kf)
+    v_new = None if shared else torch.cat(vf)
+    ref = _naive(q, kf, vf, ctx, _scale(16), window=window)
+    via_cache = paged_attention(q, kc, vc, meta, _scale(16), 12, window=window)
+    direct = paged_attention(q, kc, vc, meta, _scale(16), 12, window=window, new_kv=(k_new, v_new))
+    assert meta.prefill_plan.dense == (3, 6)
+    assert (direct.double() - ref).abs().max().item() < 1e-5
+    assert (direct - via_cache).abs().max().item() < 1e-6
+    # a padded row, or a chunk over cached context: not dense
+    for c, n, pad in (((6, 6), (6, 6), 1), ((6, 9), (6, 6), 0)):
+        q2, kc2, vc2, m2, kf2, vf2 = _batch(c, n, h=4, hkv=2, dk=16, dv=12, pad_rows=pad)
+        m2 = _with_host_lengths(m2)
+        out = paged_attention(q2, kc2, vc2, m2, _scale(16), 12, new_kv=(torch.randn(q2.shape[0], 2, 16), None))
+        assert m2.prefill_plan.dense is None
+        assert (out.double() - _naive(q2, kf2, vf2, n, _scale(16), pad_rows=pad)).abs().max().item() < 1e-5

@@ -127,10 +127,12 @@ def paged_attention(
     scale: float,
     head_dim_v: int,
     window: int | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Attention of the new tokens q [T, H, Dk] over the paged cache -> [T, H, Dv] in q.dtype.
 
-    The cache must already hold this step's keys/values (``store_kv``). v_cache None: values are
+    The cache must already hold this step's keys/values (``store_kv``); ``new_kv`` = those keys/values (k [T, Hkv,
+    Dk], v or None) lets a step of whole fresh prompts attend over them without reading the cache back. v_cache None: values are
     k_cache[..., :head_dim_v] (MLA). GQA/MQA: query head h reads kv head h // (H / Hkv). window: sliding-window
     attention (Mistral): a token at position p sees keys at positions > p - window. Rows of padded sequences
     (seq_len 0) come out as zeros.
@@ -143,7 +145,7 @@ def paged_attention(
 
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, head_dim_v)
         return _decode_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window)
-    return _prefill_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window)
+    return _prefill_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window, *(new_kv or ()))
 
 
 def _values(k: torch.Tensor, v: torch.Tensor | None, head_dim_v: int) -> torch.Tensor:
@@ -215,6 +217,7 @@ class PrefillPlan:
     decode_rows: torch.Tensor | None
     decode_meta: AttnMetadata | None
     groups: list[PrefillGroup]
+    dense: tuple[int, int] | None = None  # (B, n): the step is B whole fresh prompts of n tokens each, in row order
 
     @staticmethod
     def _group(many: list[int], qlens: list[int], ctxs: list[int]) -> list[list[int]]:
@@ -286,15 +289,26 @@ class PrefillPlan:
             seqs, q_index, q_real, out_rows, qpos, ctx = pieces[2 + 6 * g : 8 + 6 * g]
             groups.append(PrefillGroup(seqs, q_index, q_real, out_rows, qpos.view(bp, tq, 1), ctx.view(bp, 1, 1),
                                        tq, lk, causal))
-        return cls(pieces[0] if one else None, decode_meta, groups)
+        dense = None
+        if not one and len(shapes) == 1 and shapes[0][3] and shapes[0][0] * shapes[0][1] == starts[-1]:
+            dense = shapes[0][:2]  # one causal group covering every row: grouped in row order (a stable sort)
+        return cls(pieces[0] if one else None, decode_meta, groups, dense)
 
 
-def _prefill_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window):
-    """Any mix of prefills and decodes (see ``PrefillPlan``): q [T, H, Dk] -> [T, H, Dv]; padded rows give zeros."""
+def _prefill_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window, k=None, v=None):
+    """Any mix of prefills and decodes (see ``PrefillPlan``): q [T, H, Dk] -> [T, H, Dv]; padded rows give zeros.
+    k, v: this step's new keys/values (as stored): when the step is whole fresh prompts of one length (``plan.dense``,
+    a batch of new requests), their context is exactly these rows, and attention runs on them directly (no cache
+    gather, no index copies: the same numbers, about 6 fewer launches per layer)."""
     t, h, _ = q.shape
     plan = meta.prefill_plan
     if plan is None:
         plan = meta.prefill_plan = PrefillPlan.build(meta)
+    if plan.dense is not None and k is not None and k.dtype == k_cache.dtype:
+        b, n = plan.dense
+        kd = k.view(b, n, *k.shape[1:])
+        vd = _values(kd, None if v is None else v.view(b, n, *v.shape[1:]), head_dim_v)
+        return causal_attention(q.view(b, n, h, -1), kd, vd, scale, window).reshape(t, h, head_dim_v)
     out = q.new_zeros(t, h, head_dim_v)
     if plan.decode_rows is not None:
         qd = q.index_select(0, plan.decode_rows)
@@ -410,7 +424,7 @@ class Attention(nn.Module):
         if self.k_cache is None:
             raise RuntimeError("Attention: no KV cache bound; call model.bind_kv_cache(...) before a paged forward")
         store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, dv, self.window)
+        return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, dv, self.window, (k, v))
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, {self.spec}, scale={self.scale:.4g}, window={self.window}"
