@@ -4,8 +4,8 @@ largest idle gaps with the activity on either side.
 
 Usage (GPU): PYTHONPATH=src python3 benchmarks/scripts/profile_engine_steps.py [--preset llama3-8b]
              [--schemes bf16 int8-channel] [--batch 1] [--output-len 48] [--no-overlap] [--out FILE.json]
-The trace covers one whole generate after a warm-up generate; "steady" numbers skip the first 8 and last 2 decode
-steps' worth of time (the prefill, the graph warm-up of new buckets, the drain)."""
+The trace covers one whole generate after a warm-up generate; "steady" numbers run from the 9th step's token read
+(a device-to-host copy per step) to the third-last (the prefill and the drain excluded)."""
 import argparse
 import json
 import time
@@ -44,7 +44,9 @@ def run(scheme: str, config: dict, batch: int, input_len: int, output_len: int, 
     spans = gpu_intervals(prof)
     tpot = [(o.latency_s - o.ttft_s) / (output_len - 1) * 1e3 for o in outs]
     step_us = sorted(tpot)[len(tpot) // 2] * 1e3
-    lo, hi = spans[0][0] + 8 * step_us, spans[-1][1] - 2 * step_us  # the steady window
+    reads = [e for s, e, name in spans if "DtoH" in name]  # one sampled-ids copy per step
+    lo, hi = reads[8], reads[-3]  # the steady window: from the 9th step's read to the third-last (prefill excluded)
+    steps = len(reads) - 11
     busy, gaps, end, prev = 0.0, [], None, None
     for s, e, name in spans:
         if e <= lo or s >= hi:
@@ -63,8 +65,9 @@ def run(scheme: str, config: dict, batch: int, input_len: int, output_len: int, 
     row = {"scheme": scheme, "batch": batch, "overlap": overlap, "tpot_ms_median": round(step_us / 1e3, 4),
            "wall_ms": round(wall_ms, 2), "steady_window_us": round(window, 1),
            "gpu_busy_fraction": round(busy / window, 4) if window > 0 else None,
-           "idle_us_per_step": round((window - busy) / (window / step_us), 1) if window > 0 else None,
-           "gaps_over_5us_per_step": round(sum(1 for g in gaps if g[0] > 5) / (window / step_us), 2),
+           "steady_steps": steps, "steady_us_per_step": round(window / steps, 1),
+           "idle_us_per_step": round((window - busy) / steps, 1),
+           "gaps_over_5us_per_step": round(sum(1 for g in gaps if g[0] > 5) / steps, 2),
            "largest_gaps": [{"us": round(g, 1), "after": a[:90], "before": b[:90]} for g, a, b in gaps[:12]]}
     print(f"{scheme} b{batch} overlap={overlap}: TPOT {row['tpot_ms_median']:.3f} ms, GPU busy "
           f"{row['gpu_busy_fraction']}, idle {row['idle_us_per_step']} us/step", flush=True)
