@@ -30,11 +30,13 @@ class CalibrationDataError(FileNotFoundError):
 
 
 def calibration_rows(cfg: SmoothConfig) -> tuple[list[str], str]:
-    """The texts of the drawn rows and the sha256 of the file. Raises CalibrationDataError naming the path."""
+    """The texts of the drawn rows and the sha256 of the file. Raises CalibrationDataError naming the path.
+    cfg: a SmoothConfig or a GptqConfig (their calib_path, samples and seed)."""
     path = cfg.calib_path
     if path is None:
         raise CalibrationDataError(
-            "smoothing needs calibration text: pass --data-dir DIR or set INGOT_DATA_DIR (expected DIR/gsm8k/train.jsonl)")
+            "calibration (--smooth, --gptq) needs calibration text: pass --data-dir DIR or set INGOT_DATA_DIR "
+            "(expected DIR/gsm8k/train.jsonl)")
     path = Path(path)
     if not path.is_file():
         raise CalibrationDataError(f"calibration text not found: expected {path} (GSM8K train.jsonl)")
@@ -175,3 +177,221 @@ def measure(src: Path | str, cfg: SmoothConfig, device: str = "cpu", log=None) -
 def calibrate(src: Path | str, cfg: SmoothConfig, device: str = "cpu", log=None) -> Smoothing:
     """Smoothing factors of the checkpoint ``src`` at ``cfg.alpha`` (``measure``, then the factors)."""
     return measure(src, cfg, device, log).smoothing(cfg.alpha)
+
+
+# ------------------------------------------------------------------------------------------------------ GPTQ
+
+
+class _Hessians:
+    """Forward pre-hooks that accumulate each hooked linear's input Hessian. Linears called on the same input tensor
+    (q/k/v on input_layernorm's output, gate/up, DeepSeek's q_a / kv_a, each expert's gate/up) share one
+    accumulator, found by identity of the input on the first forward and added to once per forward."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        from ingot.quant.gptq import HessianAccumulator
+
+        self._make = HessianAccumulator
+        self.acc: list = []
+        self.group: dict[str, int] = {}
+        self._last: tuple[torch.Tensor, int] | None = None  # the latest input seen and its group
+        self.handles = [m.register_forward_pre_hook(lambda m, a, name=name: self._see(name, a[0]))
+                        for name, m in modules.items()]
+
+    def _see(self, name: str, x: torch.Tensor) -> None:
+        same = self._last is not None and self._last[0] is x
+        g = self.group.get(name)
+        if g is None:
+            if same:
+                g = self.group[name] = self._last[1]
+            else:
+                g = self.group[name] = len(self.acc)
+                self.acc.append(self._make(x.shape[-1]))
+                self.acc[g].add(x)
+        elif same and self._last[1] == g:
+            pass  # this input was added for an earlier linear of the group
+        elif same:
+            raise AssertionError(f"calibration: {name} shares its input with another Hessian group than on the first pass")
+        else:
+            self.acc[g].add(x)
+        self._last = (x, g)
+
+    def hessian(self, name: str) -> torch.Tensor | None:
+        g = self.group.get(name)
+        return None if g is None else self.acc[g].hessian()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self._last = None
+
+
+def _fold_smoothing(model: torch.nn.Module, smoothing: Smoothing, ckpt) -> None:
+    """Apply the converter's smoothing to the loaded float model in place: each linear's weight (float32 math, as
+    the converter's), each plain tensor (norm weights, biases, the router) rounded through its checkpoint dtype as
+    the converter writes it."""
+    from ingot.layers.linear import Linear
+
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    names = {n for f in smoothing.factors for n in (*f.pair.producers, *f.pair.consumers, *f.pair.extra_consumers)}
+    with torch.no_grad():
+        for name in sorted(names):
+            module = modules.get(name)
+            if isinstance(module, Linear):
+                module.weight.copy_(smoothing.apply(name, module.weight.float()))
+            elif name in params:
+                t = smoothing.apply(name, params[name].float())
+                params[name].copy_(t.to(ckpt.tensors[name].dtype) if name in ckpt.tensors else t)
+            else:
+                raise ValueError(f"smoothing: the model has no linear or tensor {name}")
+
+
+def _act_fake_quant(scheme):
+    """A forward pre-hook quantizing a linear's input as ``scheme`` does at run time (``ref``'s math), or None (A16)."""
+    from ingot.quant import ref
+
+    if scheme.activation == "token":
+        return lambda m, a: (ref.dequantize_act(*ref.quantize_act_token(a[0])).to(a[0].dtype), *a[1:])
+    if scheme.activation == "group":
+        g = scheme.act_group_size
+        return lambda m, a: (ref.dequantize_act(*ref.quantize_act_group(a[0], scheme.weight, g, scheme.scale_fmt), g)
+                             .to(a[0].dtype), *a[1:])
+    return None
+
+
+def _run_layer(layer: torch.nn.Module, x: torch.Tensor, rope) -> torch.Tensor:
+    """One decoder layer's output stream for input ``x`` (no cache, causal within each row). Layers that return
+    (hidden, residual left un-added) are summed here, so either form of the layer API gives the full stream."""
+    out = layer(x, rope, None)
+    if isinstance(out, tuple):
+        hidden, residual = out
+        return hidden if residual is None else hidden + residual
+    return out
+
+
+def calibrate_gptq(src: Path | str, cfg, scheme, targets: dict[str, torch.dtype], smoothing: Smoothing | None = None,
+                   device: str = "cpu", log=None):
+    """GPTQ-quantize the linears ``targets`` ({module prefix: the format's scale dtype}) of the checkpoint ``src``.
+
+    cfg: ``ingot.quant.gptq.GptqConfig``; scheme: the target Scheme; smoothing: folded into the model first (the
+    Hessians are then those of the smoothed inputs, and the weights GPTQ rounds the smoothed ones, as the converter
+    makes them). Runs decoder layer by layer over the calibration sequences: each layer's Hessians are collected
+    with forward pre-hooks (linears sharing an input share one), its linears quantized, and, with
+    ``cfg.sequential``, the layer run again with its quantized weights (and activation quantization of W8A8 schemes)
+    to make the next layer's inputs. A target the forward never calls as a module (an MoE expert that got no token,
+    DeepSeek's kv_b_proj, which attention absorbs) is left to the converter's round-to-nearest and listed in the
+    record. Returns ``GptqWeights`` (in memory). Raises CalibrationDataError before loading anything when the
+    calibration text is missing; GptqError for a scheme without a grid or a target stored quantized.
+    """
+    from transformers import AutoTokenizer
+
+    from ingot import formats
+    from ingot.formats.safetensors_io import Checkpoint
+    from ingot.layers.linear import Linear
+    from ingot.layers.moe import MoE
+    from ingot.models.loader import load_model
+    from ingot.quant import ref
+    from ingot.quant.gptq import GptqError, GptqWeights, check_scheme, gptq_quantize
+
+    t0 = time.perf_counter()
+    check_scheme(scheme)
+    texts, sha = calibration_rows(cfg)  # first: a missing file fails before minutes of loading
+    src = Path(src)
+    ckpt = Checkpoint(src)
+    tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    batches = calibration_batches(tokenizer, texts, cfg.seq_len)
+    dtype = torch.float32 if not str(device).startswith("cuda") else None
+    model = load_model(src, device=device, dtype=dtype, fp8_fallback="bf16")
+    modules = dict(model.named_modules())
+    for name in targets:
+        m = modules.get(name)
+        if not isinstance(m, Linear):
+            raise ValueError(f"calibration: the model has no linear {name} (expected from the checkpoint's names)")
+        if m.kind != "bf16":
+            raise GptqError(f"{src}: {name} is stored as {m.method.source_kind}; GPTQ needs float (or FP8) source weights")
+    for m in modules.values():
+        if isinstance(m, MoE):
+            m.use_fused = False  # the per-expert loop calls each expert's Linears, so their hooks see their tokens
+    if smoothing is not None:
+        _fold_smoothing(model, smoothing, ckpt)
+    if log:
+        log(f"gptq: {len(texts)} rows, {batches.numel()} tokens in {batches.shape[0]} sequences on {device}, "
+            f"{len(targets)} linears, {'sequential' if cfg.sequential else 'one pass'}")
+    t1 = time.perf_counter()
+    weights: dict[str, ref.QuantizedWeight] = {}
+    info: dict[str, dict] = {}
+    unseen: list[str] = []
+    act_hook = _act_fake_quant(scheme)
+    seconds_gptq = 0.0
+    with torch.inference_mode():
+        ids = batches.to(device)
+        positions = torch.arange(ids.shape[1], device=device)[None]
+        rope = model.model.rotary_emb(positions)
+        hs = [model.model.embed_tokens(row[None]) for row in ids]  # (1, T, hidden) per sequence
+        for li, layer in enumerate(model.model.layers[: model.num_layers]):
+            prefix = f"model.layers.{li}."
+            names = [n for n in targets if n.startswith(prefix)]
+            if not names:
+                hs = [_run_layer(layer, x, rope) for x in hs]
+                continue
+            hooks = _Hessians({n: modules[n] for n in names})
+            try:
+                outs = [_run_layer(layer, x, rope) for x in hs]
+            finally:
+                hooks.remove()
+            done = []
+            for name in names:
+                h = hooks.hessian(name)
+                if h is None:
+                    unseen.append(name)
+                    continue
+                ts = time.perf_counter()
+                w = modules[name].weight.float()
+                r = gptq_quantize(w, h, scheme, targets[name], damp=cfg.damp, block=cfg.block,
+                                  act_order=cfg.act_order, scales=cfg.scales, name=f"{name}.weight")
+                seconds_gptq += time.perf_counter() - ts
+                weights[name] = ref.QuantizedWeight(scheme, r.qw.qweight.cpu(), r.qw.scale.cpu())
+                info[name] = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in r.info.items()}
+                done.append((name, r.qw))
+            del hooks
+            if cfg.sequential:
+                handles = []
+                for name, qw in done:
+                    modules[name].weight.copy_(ref.dequantize_weight(qw))
+                    if act_hook is not None:
+                        handles.append(modules[name].register_forward_pre_hook(act_hook))
+                for name in (n for n in names if n in unseen):  # what the converter will do with them
+                    w = modules[name].weight.float()
+                    modules[name].weight.copy_(ref.dequantize_weight(ref.quantize_weight(w, scheme, targets[name])))
+                    if act_hook is not None:
+                        handles.append(modules[name].register_forward_pre_hook(act_hook))
+                try:
+                    hs = [_run_layer(layer, x, rope) for x in hs]
+                finally:
+                    for h in handles:
+                        h.remove()
+            else:
+                hs = outs
+            del outs
+            if log:
+                ratio = [info[n]["loss_gptq"] / info[n]["loss_rtn"] for n, _ in done if info[n]["loss_rtn"]]
+                log(f"gptq: layer {li}: {len(done)} linears, loss / RTN mean "
+                    f"{sum(ratio) / max(1, len(ratio)):.3f}, {time.perf_counter() - t1:.0f}s")
+    t2 = time.perf_counter()
+    del model
+    record = {
+        "method": "gptq",
+        **{k: v for k, v in cfg.job().items() if k not in ("calib_path", "samples", "seq_len", "seed")},
+        "scheme": scheme.name,
+        "calibration": {
+            "file": str(cfg.calib_path), "sha256": sha, "rows": len(texts), "seed": cfg.seed,
+            "sequences": int(batches.shape[0]), "seq_len": int(batches.shape[1]), "tokens": int(batches.numel()),
+            "device": str(device), "dtype": str(dtype or formats.model_dtype(ckpt.config)).removeprefix("torch."),
+            "smoothed": smoothing is not None,
+            "seconds_load": round(t1 - t0, 2), "seconds_forward": round(t2 - t1 - seconds_gptq, 2),
+            "seconds_gptq": round(seconds_gptq, 2),
+        },
+        "rtn_fallback": sorted(unseen),
+        "linears": info,
+    }
+    return GptqWeights(scheme, weights, record)

@@ -54,20 +54,33 @@ def cmd_convert(args) -> int:
     scheme = Scheme.from_name(args.scheme)
     if args.scale_fmt:
         scheme = scheme.with_scale_fmt(args.scale_fmt)
-    smooth, calibrate = None, None
+    smooth, calibrate, gptq, calibrate_gptq = None, None, None, None
+    data = args.data_dir or os.environ.get("INGOT_DATA_DIR")
+    calib_path = Path(data) / "gsm8k" / "train.jsonl" if data else None
     if args.smooth is not None:
         from ingot.calibrate import calibrate
         from ingot.quant.smooth import SmoothConfig
 
-        data = args.data_dir or os.environ.get("INGOT_DATA_DIR")
         smooth = SmoothConfig(
-            alpha=args.smooth, calib_path=Path(data) / "gsm8k" / "train.jsonl" if data else None,
+            alpha=args.smooth, calib_path=calib_path,
             samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.calib_seed,
             pairs=tuple(p.strip() for p in args.smooth_pairs.split(",") if p.strip()),
         )
         if not scheme.is_quantized or scheme.activation == "none":
             print(f"ingot: warning: --smooth with {scheme.name}: only W8A8 / FP8 schemes quantize activations; "
                   "smoothing only moves their outliers into the weights", file=sys.stderr)
+    if args.gptq:
+        from functools import partial
+
+        from ingot.calibrate import calibrate_gptq
+        from ingot.quant.gptq import GptqConfig, check_scheme
+
+        check_scheme(scheme)  # bf16: a clear error before anything is read
+        gptq = GptqConfig(damp=args.gptq_damp, block=args.gptq_block, act_order=args.gptq_act_order,
+                          scales=args.gptq_scales, sequential=args.gptq_sequential, calib_path=calib_path,
+                          samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.calib_seed)
+        if not args.quiet:
+            calibrate_gptq = partial(calibrate_gptq, log=lambda line: print(line, file=sys.stderr, flush=True))
     options = ConvertOptions(
         scheme=scheme,
         format=args.format,
@@ -78,6 +91,7 @@ def cmd_convert(args) -> int:
         max_shard_bytes=args.max_shard_size,
         overwrite=args.overwrite,
         smooth=smooth,
+        gptq=gptq,
     )
     for pattern in options.ignore:
         try:
@@ -85,11 +99,12 @@ def cmd_convert(args) -> int:
         except re.error as e:
             raise ValueError(f"--ignore {pattern!r}: not a regular expression ({e})") from None
     src = _resolve_model(args.src, _cache_dir(args.cache_dir))
-    if smooth is not None:
+    if smooth is not None or gptq is not None:
         from ingot.calibrate import calibration_rows
 
-        calibration_rows(smooth)  # a missing calibration file fails now, before any planning or loading
-    manifest = convert(src, Path(args.dst), options, progress=not args.quiet, calibrate=calibrate)
+        calibration_rows(smooth or gptq)  # a missing calibration file fails now, before any planning or loading
+    manifest = convert(src, Path(args.dst), options, progress=not args.quiet, calibrate=calibrate,
+                       calibrate_gptq=calibrate_gptq)
     t = manifest["totals"]
     for warning in manifest.get("warnings", []):
         print(f"ingot: warning: {warning}", file=sys.stderr)
@@ -424,6 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth-pairs", default="norm,up-down",
                    help="sites to smooth: norm (norms -> q/k/v, gate/up), up-down (up_proj -> down_proj), v-o "
                         "(v_proj -> o_proj, shared across a GQA group; off by default: no gain measured)")
+    p.add_argument("--gptq", action="store_true",
+                   help="GPTQ: round each quantized linear column by column, pushing its error onto the columns not "
+                        "yet rounded through the inverse Hessian of its calibration inputs (after --smooth if given)")
+    p.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ dampening, a fraction of mean(diag H)")
+    p.add_argument("--gptq-block", type=int, default=128, help="GPTQ lazy-update block (columns)")
+    p.add_argument("--gptq-act-order", action="store_true",
+                   help="GPTQ: columns in descending Hessian diagonal (static scales; the stored layout is unchanged)")
+    p.add_argument("--gptq-scales", choices=["static", "dynamic"], default="static",
+                   help="static: every scale from the original weights (llm-compressor); dynamic: each group's / "
+                        "block's from the error-updated weights when GPTQ reaches it (the GPTQ paper)")
+    p.add_argument("--gptq-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="each decoder layer's Hessians from the outputs of the layers before it already quantized "
+                        "(default); --no-gptq-sequential: all from the original model in one pass")
     p.add_argument("--calib-samples", type=int, default=128, help="GSM8K train rows drawn for calibration")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--calib-seed", type=int, default=0, help="which calibration rows are drawn")

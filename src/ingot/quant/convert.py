@@ -12,6 +12,10 @@ Top-down:
 3. ``finish``: the index, tokenizer/generation files, ``ingot_manifest.json``, and config.json last - a
    directory without config.json is never mistaken for a finished checkpoint.
 
+Calibrated options run once, before any shard, and keep their result beside the job: ``--smooth`` its factors
+(``smoothing.safetensors``), ``--gptq`` its GPTQ-rounded linears (``gptq.safetensors``, made after the smoothing, from
+the Hessians of the smoothed inputs); the shards then write those linears instead of rounding to nearest.
+
 Resumable: ``DST/.ingot/job.json`` records the arguments; a shard is done once its file has been renamed into
 place (its manifest rows are written first, beside the job). Run again with the same arguments and only the
 missing shards are converted; the output is byte-identical to an uninterrupted run.
@@ -49,12 +53,14 @@ from ingot.formats.safetensors_io import (
     write_json,
 )
 from ingot.quant import fast, ref
+from ingot.quant.gptq import GptqConfig, GptqWeights, check_scheme
 from ingot.quant.schemes import BF16, Scheme
 from ingot.quant.smooth import Smoothing, SmoothConfig
 
 MANIFEST_NAME = "ingot_manifest.json"
 WORK_DIR = ".ingot"  # job record and per-shard manifest rows while a conversion is in progress
 SMOOTHING_NAME = "smoothing.safetensors"  # in WORK_DIR: the factors, so a resumed conversion does not recalibrate
+GPTQ_NAME = "gptq.safetensors"  # in WORK_DIR: GPTQ's quantized linears, made once before any shard is written
 # Files of a source directory that are never copied: weights (re-written), pickles (never loaded), our own
 # bookkeeping. Everything else at the top level (tokenizer, generation config, chat template, remote code
 # files for other engines) is copied byte for byte.
@@ -72,6 +78,7 @@ class ConvertOptions:
     max_shard_bytes: int | None = None  # None: one output shard per source shard
     overwrite: bool = False
     smooth: SmoothConfig | None = None  # SmoothQuant smoothing folded in before quantization (ingot.quant.smooth)
+    gptq: GptqConfig | None = None  # GPTQ rounding of the quantized linears (ingot.quant.gptq), after smoothing
 
     def job(self, src: Path) -> dict:
         """What makes two runs 'the same conversion' (device and workers do not change the bytes)."""
@@ -83,6 +90,7 @@ class ConvertOptions:
             "quantize_mtp": self.quantize_mtp,
             "max_shard_bytes": self.max_shard_bytes,
             **({"smooth": self.smooth.job()} if self.smooth else {}),
+            **({"gptq": self.gptq.job()} if self.gptq else {}),
         }
 
 
@@ -115,6 +123,11 @@ class Plan:
     shard_files: list[str]
     config: dict  # the source config.json
     smoothing: Smoothing | None = None  # factors folded into the tensors they touch (set by ``convert``)
+    gptq: GptqWeights | None = None  # GPTQ's quantized linears, read from DST/.ingot (set by ``convert``)
+
+    def quantized(self) -> list[Item]:
+        """The linears written in the target scheme (not kept in source precision)."""
+        return [it for it in self.items if it.src_kind is not None and it.dst_kind != "bf16"]
 
     def shard_src_bytes(self, i: int) -> int:
         return sum(self.items[j].src_bytes for j, _ in self.shards[i] if self.owner[j] == i)
@@ -237,14 +250,18 @@ def convert_item(p: Plan, it: Item, src: Checkpoint, dst_fmt: Format, src_fmt: F
     else:
         scheme = p.options.scheme
         scale_dtype = dst_fmt.scale_dtype(it.dst_kind, p.out_dtype)
+        gptq = p.gptq is not None and it.name in p.gptq
         result = None
-        if not smooth and fast.supports(stored.kind, stored.block_size, scheme):  # FP8 -> INT8: bit-identical below
+        if not smooth and not gptq and fast.supports(stored.kind, stored.block_size, scheme):  # FP8 -> INT8: bit-identical below
             result = fast.requantize(stored.qweight, stored.scale, stored.block_size, scheme, scale_dtype, f"{it.name}.weight")
         if result is None:
             w = _dequantize(stored, use_kernel)
             w = smooth.apply(it.name, w) if smooth else w  # smoothed: the SNR is that of the weight quantized
-            qw = ref.quantize_weight(w, scheme, scale_dtype=scale_dtype, name=f"{it.name}.weight")
-            result = qw, ref.snr_db(w, ref.dequantize_weight(qw))
+            if gptq:  # rounded by GPTQ in calibration; the SNR is still against this weight (GPTQ trades it for outputs)
+                qw = _gptq_weight(p.gptq, it.name, w.shape, scale_dtype)
+            else:
+                qw = ref.quantize_weight(w, scheme, scale_dtype=scale_dtype, name=f"{it.name}.weight")
+            result = qw, ref.snr_db(w, ref.dequantize_weight(qw).to(w.device))
         qw, snr = result
         out = StoredLinear(it.dst_kind, qw.qweight.cpu(), qw.scale.cpu())
         tensors, shape = dst_fmt.encode(it.name, out, p.out_dtype), out.qweight.shape
@@ -259,6 +276,18 @@ def convert_item(p: Plan, it: Item, src: Checkpoint, dst_fmt: Format, src_fmt: F
 
 
 BLOCK_KINDS = ("fp8-block", "int8-block")
+
+
+def _gptq_weight(gptq: GptqWeights, name: str, shape: tuple[int, int], scale_dtype: torch.dtype) -> ref.QuantizedWeight:
+    """GPTQ's result for one linear, checked against what this conversion writes (a stale DST/.ingot fails here)."""
+    qw = gptq.get(name)
+    expected = ref.scale_shape(qw.scheme, *shape)
+    if tuple(qw.shape) != tuple(shape) or qw.scale is None or tuple(qw.scale.shape) != expected or qw.scale.dtype != scale_dtype:
+        raise CheckpointError(
+            f"{gptq.path}: GPTQ result for {name} is {tuple(qw.shape)} with scale "
+            f"{None if qw.scale is None else (qw.scale.dtype, tuple(qw.scale.shape))}; this conversion writes "
+            f"{tuple(shape)} with {scale_dtype} scales {expected}")
+    return qw
 
 
 def _dequantize(stored: StoredLinear, use_kernel: bool = False) -> torch.Tensor:
@@ -363,11 +392,15 @@ def _convert_shard_job(p: Plan, i: int) -> int:
 
 
 def convert(src: Path | str, dst: Path | str, options: ConvertOptions, progress: bool = True,
-            calibrate: Callable[[Path, SmoothConfig, str], Smoothing] | None = None) -> dict:
+            calibrate: Callable[[Path, SmoothConfig, str], Smoothing] | None = None,
+            calibrate_gptq: Callable[..., GptqWeights] | None = None) -> dict:
     """Convert a checkpoint; returns the manifest. Raises CheckpointError / ValueError on bad input.
 
     calibrate: with ``options.smooth``, measures the smoothing factors of ``src`` (``ingot.calibrate.calibrate``,
     which runs the model and so lives downstream of this package); called once, its result kept in DST/.ingot.
+    calibrate_gptq: with ``options.gptq``, ``ingot.calibrate.calibrate_gptq(src, cfg, scheme, targets, smoothing,
+    device)``: GPTQ's quantized linears, made once after the smoothing (the Hessians are of the smoothed inputs)
+    and kept in DST/.ingot, so a resumed conversion writes the same bytes without calibrating again.
     """
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -378,10 +411,16 @@ def convert(src: Path | str, dst: Path | str, options: ConvertOptions, progress:
     job = options.job(src)
     if options.smooth is not None and calibrate is None:
         raise ValueError("convert: options.smooth needs a calibrate function (ingot.calibrate.calibrate)")
+    if options.gptq is not None:
+        check_scheme(options.scheme)
+        if calibrate_gptq is None:
+            raise ValueError("convert: options.gptq needs a calibrate_gptq function (ingot.calibrate.calibrate_gptq)")
     if _prepare_dst(dst, job, options.overwrite) == "complete":
         return json.loads((dst / MANIFEST_NAME).read_text())
     if options.smooth is not None:
         p.smoothing = _smoothing(p, calibrate)
+    if options.gptq is not None:
+        p.gptq = _gptq(p, calibrate_gptq)
     todo = [i for i, f in enumerate(p.shard_files) if not ((dst / f).exists() and (dst / WORK_DIR / f"rows-{i:05d}.json").exists())]
 
     total = sum(p.shard_src_bytes(i) for i in todo)
@@ -409,11 +448,21 @@ def _smoothing(p: Plan, calibrate: Callable[[Path, SmoothConfig, str], Smoothing
     else:
         smoothing = calibrate(p.src, p.options.smooth, p.options.device)
         smoothing.save(path)
-    quantized = {it.name for it in p.items if it.src_kind is not None and it.dst_kind != "bf16"}
+    quantized = {it.name for it in p.quantized()}
     kept = smoothing.only(lambda pair: any(c in quantized for c in pair.consumers))
     dropped = len(smoothing.factors) - len(kept.factors)
     kept.record = {**kept.record, "pairs_dropped_unquantized": dropped}
     return kept
+
+
+def _gptq(p: Plan, calibrate_gptq: Callable[..., GptqWeights]) -> GptqWeights:
+    """GPTQ's linears of this conversion: saved ones (a resumed job), else calibrated now and saved; opened lazily."""
+    path = p.dst / WORK_DIR / GPTQ_NAME
+    if not path.exists():
+        dst_fmt = formats.writer(p.dst_format, p.options.scheme.kind)
+        targets = {it.name: dst_fmt.scale_dtype(it.dst_kind, p.out_dtype) for it in p.quantized()}
+        calibrate_gptq(p.src, p.options.gptq, p.options.scheme, targets, p.smoothing, p.options.device).save(path)
+    return GptqWeights.open(path)
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -473,6 +522,7 @@ def _finish(p: Plan, job: dict, resumed: int, seconds: float) -> dict:
         "format": p.dst_format,
         "kept_unquantized": p.kept,
         "smoothing": p.smoothing.summary() if p.smoothing is not None else None,
+        "gptq": p.gptq.summary() if p.gptq is not None else None,
         "warnings": p.caveats,
         "tensors": rows,
         "totals": {

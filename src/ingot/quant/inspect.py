@@ -67,6 +67,7 @@ def inspect_checkpoint(path: Path | str) -> dict:
         "bytes_on_disk": disk,
         "gpu_bytes_estimate": estimates,
         "smoothing": _smoothing(ckpt.dir),
+        "gptq": _gptq(ckpt.dir),
     }
 
 
@@ -82,6 +83,21 @@ def _smoothing(path: Path) -> dict | None:
     calib = sm.get("calibration", {})
     return {"method": sm.get("method"), "alpha": sm.get("alpha"), "pairs": dict(sorted(kinds.items())),
             "calibration": {k: calib.get(k) for k in ("file", "sha256", "rows", "tokens", "seed")}}
+
+
+def _gptq(path: Path) -> dict | None:
+    """GPTQ rounding done by ``ingot convert --gptq`` (from ingot_manifest.json), in short."""
+    manifest = path / "ingot_manifest.json"
+    if not manifest.is_file():
+        return None
+    g = json.loads(manifest.read_text()).get("gptq")
+    if not g:
+        return None
+    calib = g.get("calibration", {})
+    return {"method": g.get("method"), **{k: g.get(k) for k in ("damp", "block", "act_order", "scales", "sequential",
+                                                                 "quantized", "loss_ratio_mean")},
+            "rtn_fallback": len(g.get("rtn_fallback", [])),
+            "calibration": {k: calib.get(k) for k in ("file", "sha256", "rows", "tokens", "seed", "smoothed")}}
 
 
 def _gb(n: int) -> str:
@@ -103,15 +119,24 @@ def _smooth_cell(sm: dict | None) -> str:
     return f"alpha {sm['alpha']}, {sum(sm['pairs'].values())} pairs, {sm['calibration']['tokens']} tokens"
 
 
+def _gptq_cell(g: dict | None) -> str:
+    if not g:
+        return "-"
+    order = ", act-order" if g["act_order"] else ""
+    return (f"damp {g['damp']}, {g['scales']}{order}, {'sequential' if g['sequential'] else 'one pass'}, "
+            f"{g['quantized']} linears, {g['calibration']['tokens']} tokens")
+
+
 def format_table(rows: list[dict]) -> str:
     """One row per checkpoint: what it is, what it holds, and its weights' GPU memory at each precision."""
-    head = ["path", "format", "scheme", "model", "params", "linears", "other", "shards", "on disk", "smoothing"]
+    head = ["path", "format", "scheme", "model", "params", "linears", "other", "shards", "on disk", "smoothing", "gptq"]
     head += [f"GPU {s}" for s in ESTIMATE_SCHEMES]
     table = [head]
     for r in rows:
         linears = ", ".join(f"{k} {v}" for k, v in r["linears"].items())
         cells = [r["path"], r["format"], r["scheme"], str(r["model_type"]), _count(r["params"]), linears,
-                 str(r["other_tensors"]), str(r["shards"]), _gb(r["bytes_on_disk"]), _smooth_cell(r.get("smoothing"))]
+                 str(r["other_tensors"]), str(r["shards"]), _gb(r["bytes_on_disk"]), _smooth_cell(r.get("smoothing")),
+                 _gptq_cell(r.get("gptq"))]
         cells += [_gb(r["gpu_bytes_estimate"][s]) for s in ESTIMATE_SCHEMES]
         table.append(cells)
     widths = [max(len(row[c]) for row in table) for c in range(len(head))]
