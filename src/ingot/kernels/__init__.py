@@ -7,5 +7,7 @@ before the kernel modules are imported: that is how CPU CI runs them on small sh
 reference with the same math in ``ingot.quant.ref``.
 
 Modules: ``act_quant`` (dynamic activation quantization), ``int8_gemm`` (W8A8 int8 GEMMs), ``weight_only`` (W8A16
-and W4A16 GEMMs for decode), ``dequant`` (block dequantization of fp8-block / int8-block weights).
+and W4A16 GEMMs for decode), ``dequant`` (block dequantization of fp8-block / int8-block weights), ``norm_rope``
+(RMSNorm - also with the residual add and the output's quantization fused - and rotary), ``silu_mul`` (the gated
+MLP's silu(gate) * up, optionally quantized for down_proj).
 """

@@ -119,6 +119,52 @@ def _quantize(x, s, QMAX: tl.constexpr, IS_FP8: tl.constexpr, USE_LIBDEVICE: tl.
 
 
 @triton.jit
+def _cast_rn(v, dtype: tl.constexpr, COMPILED: tl.constexpr):
+    """fp32 v -> ``dtype`` rounded to nearest, ties to even: the cast every torch op of a bf16/fp16 model ends with.
+
+    Compiled, that is the plain cast (cvt.rn). Triton 3.6's interpreter truncates fp32 -> bf16 casts (measured: 526 of
+    1000 random values one ulp off), so there bf16 is rounded on the bits first (add 0x7FFF plus the lowest kept bit,
+    clear the low half: exact for finite values) and the cast of the rounded value is exact. Its fp16 cast already
+    rounds to nearest even.
+    """
+    if not COMPILED and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _quantize_store(
+    v, col0, N, q_row_ptr, s_row_ptr,
+    GROUP: tl.constexpr, QMAX: tl.constexpr, IS_FP8: tl.constexpr, UE8M0: tl.constexpr, COMPILED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Quantize one row tile and store it: the epilogue of the ops that produce a quantized activation
+    (ingot.kernels.norm_rope.rms_norm_quant, ingot.kernels.silu_mul.silu_mul_quant).
+
+    v: fp32 (BLOCK,), the values of channels col0 + [0, BLOCK) of one row (already rounded to the model dtype: what
+    an unfused op would have stored), lanes at or past N zero. One scale per GROUP lanes (GROUP divides BLOCK and
+    col0; GROUP == BLOCK with col0 == 0: one scale for the row, per_token_quant_int8). The same steps as
+    ``_per_token_group_quant_kernel`` / ``_per_token_quant_int8_kernel`` (amax, div_rn, ``_quantize``), so q and
+    the scales are bit-identical to quantizing the stored values with those kernels.
+    q_row_ptr / s_row_ptr: the row's x_q (unit stride) and x_s (unit stride: scale of group g at s_row_ptr + g).
+    """
+    NG: tl.constexpr = BLOCK // GROUP
+    v2 = tl.reshape(v, (NG, GROUP))
+    amax = tl.max(tl.abs(v2), axis=1)  # (NG,)
+    s = tl.math.div_rn(amax, QMAX)
+    if UE8M0:
+        s = _ceil_pow2(s)
+    q = _quantize(v2, s, QMAX, IS_FP8, COMPILED)
+    g = tl.arange(0, NG)
+    cols = col0 + g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    tl.store(q_row_ptr + cols, q, mask=cols < N)
+    first = col0 + g * GROUP  # a group exists when its first channel does (ragged last group: padded with zeros)
+    tl.store(s_row_ptr + first // GROUP, s, mask=first < N)
+
+
+@triton.jit
 def _per_token_group_quant_kernel(
     x_ptr, q_ptr, s_ptr,  # x [M, K], x_q [M, K], x_s [M, G] (any strides: row- or column-major)
     M, K, group_size,
@@ -211,6 +257,25 @@ INTERPRETED = not isinstance(_per_token_group_quant_kernel, triton.runtime.JITFu
 
 
 # --------------------------------------------------------------------------------------------------- wrappers
+
+
+def check_quant_args(dtype: str, group_size: int | None, scale_fmt: str) -> None:
+    """The quantization a producing op fuses (``rms_norm_quant``, ``silu_mul_quant``): ``group_size`` None is one
+    int8 scale per token (per_token_quant_int8), else a power of two (a group is a slice of the op's row tile)."""
+    if dtype not in Q_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(Q_DTYPES)}, got {dtype!r}")
+    if scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
+    if scale_fmt == "ue8m0" and dtype != "fp8_e4m3":
+        raise ValueError(f"scale_fmt 'ue8m0' is defined for fp8_e4m3 only, not {dtype!r}")
+    if group_size is None:
+        if dtype != "int8" or scale_fmt != "float":
+            raise ValueError(f"one scale per token (group_size None) is int8 with float scales, got {dtype!r}, "
+                             f"{scale_fmt!r}")
+        return
+    if (isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= MAX_GROUP_SIZE
+            or group_size & (group_size - 1)):
+        raise ValueError(f"group_size must be a power of two in [1, {MAX_GROUP_SIZE}] or None, got {group_size!r}")
 
 
 def _check_x(x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,17 @@ Numerics follow the torch modules (ingot.layers.norm.RMSNorm, ingot.layers.rotar
 - rotary: every product and sum rounded to the input dtype exactly where torch's bf16/fp16 ops round (each op
   computes in float32 and rounds its result), so outputs are bit-identical to ``apply_rotary`` on the GPU.
 Float32 inputs keep the torch path (tests, where exact CPU/GPU agreement matters more than launches).
+
+The decoder's fused forms run the same kernel body (one program per row, the same BLOCK and warps, so the same
+reduction order and the same normed bits; compiled for sm_90 the sum of squares reduces over one layout in every
+variant):
+- ``fused_add_rms_norm``: x + residual (one float32 sum rounded once, torch's bf16 add, bit for bit), stored, then
+  normed: the residual add of the previous sub-layer costs no launch of its own.
+- ``rms_norm_quant``: the normed row, rounded to the model dtype, quantized in the epilogue as the next W8A8
+  linear would quantize it (``act_quant._quantize_store``: per token int8, or per token per group int8 / fp8 e4m3
+  with float or ue8m0 scales), bit for bit; optionally after the residual add.
+Under Triton's interpreter bf16 casts truncate; these kernels round on the bits there (``act_quant._cast_rn``), so
+the CPU tests see the GPU's roundings.
 """
 
 from __future__ import annotations
@@ -22,21 +33,42 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.kernels.act_quant import QMAX, Q_DTYPES, _cast_rn, _quantize_store, check_quant_args
+
 DTYPES = (torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, N, s_x, s_o, inv_n, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr, r_ptr, w_ptr, o_ptr, ro_ptr, q_ptr, s_ptr,
+    N, s_x, s_r, s_o, s_ro, s_q, s_s, inv_n, eps,
+    HAS_RESIDUAL: tl.constexpr,  # x + residual first (stored to ro_ptr), then the norm of that sum
+    QUANT: tl.constexpr,  # the normed row quantized to q_ptr / s_ptr (act_quant._quantize_store) instead of o_ptr
+    GROUP: tl.constexpr, QMAX: tl.constexpr, IS_FP8: tl.constexpr, UE8M0: tl.constexpr,
+    COMPILED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per row, the whole row in registers. Every variant (plain, + residual, + quantization) runs this
+    # one body with the same BLOCK and warps, so the row's sum of squares is reduced in the same order and the normed
+    # values are the same bits whichever outputs a call asks for.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
     x = tl.load(x_ptr + row * s_x + cols, mask=ok, other=0.0)
+    if HAS_RESIDUAL:  # x + residual in the model dtype: float32 sum, one rounding, as torch's bf16 add
+        r = tl.load(r_ptr + row * s_r + cols, mask=ok, other=0.0)
+        x = _cast_rn(x.to(tl.float32) + r.to(tl.float32), x.dtype, COMPILED)
+        tl.store(ro_ptr + row * s_ro + cols, x, mask=ok)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) * inv_n  # torch's mean: sum x (1 / N)
-    y = (xf * tl.rsqrt(var + eps)).to(x.dtype)  # the instruction torch's rsqrtf compiles to
+    y = _cast_rn(xf * tl.rsqrt(var + eps), x.dtype, COMPILED)  # rsqrt: the instruction torch's rsqrtf compiles to
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
-    out = (w.to(tl.float32) * y.to(tl.float32)).to(o_ptr.dtype.element_ty)
-    tl.store(o_ptr + row * s_o + cols, out, mask=ok)
+    out = _cast_rn(w.to(tl.float32) * y.to(tl.float32), x.dtype, COMPILED)
+    if QUANT:  # what the model dtype output would hold, quantized (lanes past N: w = 0 there, so out = 0)
+        _quantize_store(out.to(tl.float32), 0, N, q_ptr + row * s_q, s_ptr + row * s_s,
+                        GROUP, QMAX, IS_FP8, UE8M0, COMPILED, BLOCK)
+    else:
+        tl.store(o_ptr + row * s_o + cols, out, mask=ok)
 
 
 @triton.jit
@@ -70,28 +102,113 @@ def _rotary_kernel(
     tl.store(out + p + HALF, y2, mask=ok)
 
 
+# Under TRITON_INTERPRET=1 triton.jit gives interpreted functions (numpy; bf16 casts rounded by _cast_rn).
+INTERPRETED = not isinstance(_rms_norm_kernel, triton.runtime.JITFunction)
+
+
 def _ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * (x / sqrt(mean(x^2) + eps)) over the last dim: x [..., N] and weight [N] of one dtype (bf16/fp16)
-    -> [..., N] in that dtype (contiguous)."""
+def _rows(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
+    """t [..., n] as [M, n] with unit stride along n (a copy only if t has none)."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _norm(x, weight, eps, residual=None, quant=None):
+    """Launch _rms_norm_kernel. quant: None or (dtype, group_size, scale_fmt), checked by the caller.
+    Returns (out or None, new residual or None, x_q or None, x_s or None), each [M, ...]."""
     if x.dtype not in DTYPES or weight.dtype != x.dtype:
         raise TypeError(f"rms_norm: x and weight must share a dtype in {DTYPES}, got {x.dtype} and {weight.dtype}")
     n = x.shape[-1]
     if weight.shape != (n,):
         raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} for rows of {n}")
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    x2 = _rows("x", x, n)
+    m = x2.shape[0]
+    dev = x.device
+    r2 = ro = None
+    if residual is not None:
+        if residual.dtype != x.dtype or residual.shape != x.shape:
+            raise ValueError(f"fused_add_rms_norm: residual {residual.dtype} {tuple(residual.shape)} must match x "
+                             f"{x.dtype} {tuple(x.shape)}")
+        if residual.device != dev:
+            raise ValueError(f"fused_add_rms_norm: residual on {residual.device}, x on {dev}")
+        r2 = _rows("residual", residual, n)
+        ro = torch.empty((m, n), dtype=x.dtype, device=dev)
     block = triton.next_power_of_2(n)
-    if x2.shape[0]:
+    out = x_q = x_s = None
+    if quant is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=dev)
+        group, qmax, is_fp8, ue8m0 = block, 127.0, False, False
+    else:
+        qdtype, group_size, scale_fmt = quant
+        group = block if group_size is None else group_size
+        block = max(block, group)  # a row shorter than one group: one zero-padded group
+        if block % group:
+            raise ValueError(f"rms_norm_quant: BLOCK = {block} must be a multiple of the group of {group}")
+        x_q = torch.empty((m, n), dtype=Q_DTYPES[qdtype], device=dev)
+        x_s = torch.empty((m, 1 if group_size is None else triton.cdiv(n, group)), dtype=torch.float32, device=dev)
+        qmax, is_fp8, ue8m0 = QMAX[qdtype], qdtype == "fp8_e4m3", scale_fmt == "ue8m0"
+    if m:
+        dummy = x2  # pointers a variant never reads or writes
         with _ctx(x):
-            _rms_norm_kernel[(x2.shape[0],)](x2, weight.contiguous(), out, n, x2.stride(0), out.stride(0), 1.0 / n,
-                                             float(eps), BLOCK=block, num_warps=4 if block <= 2048 else 8)
+            _rms_norm_kernel[(m,)](
+                x2, dummy if r2 is None else r2, weight.contiguous(), dummy if out is None else out,
+                dummy if ro is None else ro, dummy if x_q is None else x_q, dummy if x_s is None else x_s,
+                n, x2.stride(0), 0 if r2 is None else r2.stride(0), 0 if out is None else out.stride(0),
+                0 if ro is None else ro.stride(0), 0 if x_q is None else x_q.stride(0),
+                0 if x_s is None else x_s.stride(0), 1.0 / n, float(eps),
+                HAS_RESIDUAL=r2 is not None, QUANT=quant is not None, GROUP=group, QMAX=qmax, IS_FP8=is_fp8,
+                UE8M0=ue8m0, COMPILED=not INTERPRETED, BLOCK=block,
+                num_warps=4 if triton.next_power_of_2(n) <= 2048 else 8,  # by the row, not the group: same reduction
+            )
+    return out, ro, x_q, x_s
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / sqrt(mean(x^2) + eps)) over the last dim: x [..., N] and weight [N] of one dtype (bf16/fp16)
+    -> [..., N] in that dtype (contiguous)."""
+    out, _, _, _ = _norm(x, weight, eps)
     return out.view(*x.shape)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one launch: the pre-norm residual step of a decoder layer.
+
+    x, residual: [..., N] of the weight's dtype (bf16/fp16), unit stride along N. Returns two new contiguous
+    [..., N] tensors: the normed sum, and the sum itself rounded once to the dtype (bit-identical to torch's
+    ``x + residual``). The normed value is computed as ``rms_norm`` computes it on that sum.
+    """
+    out, ro, _, _ = _norm(x, weight, eps, residual)
+    return out.view(*x.shape), ro.view(*x.shape)
+
+
+def rms_norm_quant(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    dtype: str = "int8",
+    group_size: int | None = None,
+    scale_fmt: str = "float",
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """RMSNorm (after ``+ residual`` when given) with its output quantized in the same launch, for a linear whose
+    activations are quantized (int8-channel: per token; int8-block / fp8-block: per token per group).
+
+    x, residual, weight as ``fused_add_rms_norm``. dtype "int8" / "fp8_e4m3"; group_size None (one scale per token,
+    int8 only) or a power of two (a ragged last group is padded with zeros); scale_fmt "float" / "ue8m0" (fp8).
+    Returns x_q [..., N] (int8 / float8_e4m3fn), x_s float32 [..., 1] or [..., cdiv(N, group_size)], and the new
+    residual x + residual (None without residual). Bit for bit what ``per_token_quant_int8`` /
+    ``per_token_group_quant`` give on the output of ``rms_norm`` / ``fused_add_rms_norm``: the model dtype's
+    rounding of the normed value is what is quantized.
+    """
+    check_quant_args(dtype, group_size, scale_fmt)
+    _, ro, x_q, x_s = _norm(x, weight, eps, residual, (dtype, group_size, scale_fmt))
+    lead = x.shape[:-1]
+    return x_q.view(*x.shape), x_s.view(*lead, x_s.shape[-1]), None if ro is None else ro.view(*x.shape)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

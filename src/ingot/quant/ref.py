@@ -232,6 +232,58 @@ def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
+# ------------------------------------------------ ops that produce quantized activations (ingot.kernels.norm_rope
+# rms_norm / fused_add_rms_norm / rms_norm_quant, ingot.kernels.silu_mul): the model-dtype op exactly as the layers'
+# torch code computes it (ingot.layers.norm.RMSNorm, ingot.layers.moe.MLP), then the activation quantizer above.
+
+
+def quantize_act(x: torch.Tensor, dtype: str = "int8", group_size: int | None = None,
+                 scale_fmt: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per token (group_size None: ``quantize_act_token``, int8) or per token per group
+    (``quantize_act_group``)."""
+    if group_size is None:
+        if dtype != "int8" or scale_fmt != "float":
+            raise ValueError(f"per-token activation quantization is int8 with float scales, got {dtype!r}, "
+                             f"{scale_fmt!r}")
+        return quantize_act_token(x)
+    return quantize_act_group(x, dtype, group_size, scale_fmt)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / sqrt(mean(x^2) + eps)), statistics in float32, the normalized value rounded to x's dtype
+    before the weight multiply (RMSNorm's torch path, bit for bit)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm_ref(x + residual), x + residual), the sum in x's dtype."""
+    h = x + residual
+    return rms_norm_ref(h, weight, eps), h
+
+
+def rms_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: str = "int8",
+                       group_size: int | None = None, scale_fmt: str = "float",
+                       residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x_q, x_s, x + residual or None): the (residual-added) norm in x's dtype, then ``quantize_act``."""
+    h = x if residual is None else x + residual
+    x_q, x_s = quantize_act(rms_norm_ref(h, weight, eps), dtype, group_size, scale_fmt)
+    return x_q, x_s, None if residual is None else h
+
+
+def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in the inputs' dtype: silu rounded to it, then the product rounded (the MLP's torch code)."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def silu_mul_quant_ref(gate: torch.Tensor, up: torch.Tensor, dtype: str = "int8", group_size: int | None = None,
+                       scale_fmt: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_act`` of ``silu_mul_ref(gate, up)``."""
+    return quantize_act(silu_mul_ref(gate, up), dtype, group_size, scale_fmt)
+
+
 # ------------------------------------------------ W8A8 int8 GEMMs (references of ingot.kernels.int8_gemm)
 # The math the kernels reproduce, with the same signatures. The integer part is exact, whatever the summation order,
 # and unlike an int32/int64 matmul it runs on CUDA for any shape (torch._int_mm needs M > 16, K, N % 8): float32
