@@ -161,12 +161,19 @@ def test_decode_step_has_no_host_sync(monkeypatch):
         launches.append("gemm")
         return torch.empty(al.numel, w.shape[1], dtype=out_dtype, device=a.device)
 
+    def silu_mul(gate, up):
+        launches.append("silu_mul")
+        return torch.empty_like(gate)
+
+    from ingot.kernels import silu_mul as silu_mul_module
+
     monkeypatch.setattr(moe_gemm, "moe_align", align)
     monkeypatch.setattr(moe_gemm, "moe_gemm", gemm)
+    monkeypatch.setattr(silu_mul_module, "silu_mul", silu_mul)
     for m in layers:
         m.use_fused = True
     assert _decode_on_meta(moe).shape == (3, 128)
-    assert launches == ["align", "gemm", "gemm"] * len(layers)
+    assert launches == ["align", "gemm", "silu_mul", "gemm"] * len(layers)
     for m in layers:
         m.use_fused = False
     assert not moe.supports_cuda_graphs

@@ -21,6 +21,16 @@ int4-group       weight_packed int32 [N, cdiv(K, 8)],            w4a16_gemm
                  weight_scale fp32 [N, cdiv(K, 128)]
 ===============  ==============================================  ==================================================
 
+Quantized activations from the producer (the seam's second half). A W8A8 method says how it quantizes its input
+(``act_quant``: an ``ActQuant`` - int8 per token, or int8 / fp8 per token per bk-group with its scale format; None
+for bf16 and weight-only kinds), and ``apply`` also takes a ``QuantizedActivation`` (x_q, x_s, how, model dtype)
+made exactly that way, running only its GEMM. ``Linear.input_quant(x)`` is what a producing op asks: the method's
+``act_quant`` when it would run its kernels on x, else None. The producers - ``RMSNorm`` (the norm, optionally after
+the residual add) and the MLP's silu * up, with ``fused_ops`` on - then quantize in their own launch
+(ingot.kernels.norm_rope.rms_norm_quant, ingot.kernels.silu_mul.silu_mul_quant), bit-identical to this layer's own
+``per_token_quant_int8`` / ``per_token_group_quant``, so each saves one launch per linear input. Linear keeps
+knowing shapes only; which quantization is the method's business.
+
 Scales are kept in float32 whatever the format stored them in (compressed-tensors: bf16, GPTQ: fp16): both convert
 exactly, the kernels read fp32 scales, and the CPU path then equals ``ingot.quant.ref`` exactly. int4 keeps
 compressed-tensors' packed int32 layout (8 values per int32, ``ingot.formats.base.pack_int32``): 0.5 byte per weight.
@@ -48,7 +58,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +74,60 @@ FP8_FALLBACKS = ("int8-block", "bf16")
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) and later
 DEFAULT_BLOCK = (128, 128)
 DEFAULT_GROUP = 128
+A16_DTYPES = (torch.bfloat16, torch.float16)  # the weight-only kernels' activations; float32 runs the reference
+
+# ------------------------------------------------------------------------------------------------ activations
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """How a W8A8 linear quantizes its input on the kernel path (``LinearMethod.act_quant``).
+
+    dtype: "int8" or "fp8_e4m3"; group_size: None for one scale per token (int8-channel), else one scale per token
+    per ``group_size`` channels (the block kinds' bk); scale_fmt: "float", or "ue8m0" (fp8: power-of-two scales).
+    """
+
+    dtype: str
+    group_size: int | None = None
+    scale_fmt: str = "float"
+
+
+@dataclass(frozen=True)
+class QuantizedActivation:
+    """An activation already quantized as a linear's ``act_quant`` says, by the op that produced it (the fused
+    RMSNorm / silu*mul kernels): ``Linear.forward`` takes it in place of the model-dtype tensor and skips its own
+    quantization launch. Bit-identical to what the linear would have made of ``x`` (the producing kernels' tests).
+
+    x_q [..., K] int8 / float8_e4m3fn; x_s float32 [..., 1] (per token) or [..., cdiv(K, group_size)];
+    quant: how it was quantized; dtype: the model dtype of the activation it stands for (the GEMM's output dtype).
+    """
+
+    x_q: torch.Tensor
+    x_s: torch.Tensor
+    quant: ActQuant
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x_q.shape
+
+
+def quantize_activation(x: torch.Tensor, quant: ActQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (x_q, x_s) with the activation-quantization kernels (ingot.kernels.act_quant)."""
+    from ingot.kernels.act_quant import per_token_group_quant, per_token_quant_int8
+
+    if quant.group_size is None:
+        return per_token_quant_int8(x)
+    return per_token_group_quant(x, quant.dtype, group_size=quant.group_size, scale_fmt=quant.scale_fmt)
+
+
+def shared_input_quant(x: torch.Tensor, *linears: "Linear") -> ActQuant | None:
+    """The quantization that every one of ``linears`` (which all read ``x``) wants for it, or None when any of them
+    takes x as it is or they disagree: what a producer may emit once for all of them."""
+    wanted = {lin.input_quant(x) for lin in linears}
+    return wanted.pop() if len(wanted) == 1 else None
+
+
 # ------------------------------------------------------------------------------------------------ methods
 
 
@@ -141,8 +205,27 @@ class LinearMethod:
         """The weight the layer multiplies by, W = q * scale: float32 [N, K] on the layer's device."""
         raise NotImplementedError
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] -> y [..., N] in x's dtype, plus ``layer.bias`` when present (in the GEMM epilogue)."""
+    def act_quant(self, layer: nn.Module) -> ActQuant | None:
+        """How ``apply`` quantizes its input on the kernel path; None for kinds that multiply the activation as it is
+        (bf16, weight-only)."""
+        return None
+
+    def runs_kernels(self, x: torch.Tensor) -> bool:
+        """Whether ``apply`` takes the kernel path for an input on x's device."""
+        return x.is_cuda if self.use_kernels is None else self.use_kernels
+
+    def input_quant(self, layer: nn.Module, x: torch.Tensor) -> ActQuant | None:
+        """``act_quant`` when ``apply`` would run its kernels on ``x`` (and so accepts a ``QuantizedActivation`` made
+        as it says), else None: the reference path quantizes with ``ingot.quant.ref`` and keeps doing so."""
+        quant = self.act_quant(layer)
+        return quant if quant is not None and self.runs_kernels(x) else None
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        """x [..., K] -> y [..., N] in x's dtype, plus ``layer.bias`` when present (in the GEMM epilogue).
+
+        x may be a ``QuantizedActivation`` quantized as ``act_quant`` says: the GEMM then runs on it directly."""
+        if isinstance(x, QuantizedActivation):
+            return self._apply_quantized(layer, x)
         k, n = layer.in_features, layer.out_features
         if x.shape[-1] != k:
             raise ValueError(f"input has {x.shape[-1]} features, this linear takes K = {k} (input shape {tuple(x.shape)})")
@@ -154,11 +237,35 @@ class LinearMethod:
         y = self._kernel(layer, x2) if kernels else self._reference(layer, x2)
         return y.view(*lead, n)
 
+    def _apply_quantized(self, layer: nn.Module, x: QuantizedActivation) -> torch.Tensor:
+        k, n = layer.in_features, layer.out_features
+        quant = self.act_quant(layer)
+        if quant is None or x.quant != quant:
+            raise ValueError(f"a {self.kind} linear [{n}, {k}] quantizes its input as {quant}, got an activation "
+                             f"quantized as {x.quant}")
+        if x.x_q.shape[-1] != k:
+            raise ValueError(f"input has {x.x_q.shape[-1]} features, this linear takes K = {k} "
+                             f"(input shape {tuple(x.x_q.shape)})")
+        lead = x.x_q.shape[:-1]
+        x_q = x.x_q.reshape(-1, k).contiguous()  # (M, K)
+        x_s = x.x_s.reshape(x_q.shape[0], -1).contiguous()  # (M, G)
+        if x_q.shape[0] == 0:
+            return torch.empty(*lead, n, dtype=x.dtype, device=x_q.device)
+        return self._gemm(layer, x_q, x_s, x.dtype, self.runs_kernels(x_q)).view(*lead, n)
+
     # ---- per kind: x2 (M, K) contiguous -> (M, N) in x2.dtype, bias included
     def _kernel(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Quantizing kinds: the activation-quantization kernel, then ``_gemm`` on the kernels."""
+        x_q, x_s = quantize_activation(x, self.act_quant(layer))
+        return self._gemm(layer, x_q, x_s, x.dtype, True)
 
     def _reference(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _gemm(self, layer: nn.Module, x_q: torch.Tensor, x_s: torch.Tensor, out_dtype: torch.dtype,
+              kernels: bool) -> torch.Tensor:
+        """Quantizing kinds: x_q (M, K), x_s (M, G) -> (M, N) in out_dtype, bias included; the Triton GEMM or the
+        reference GEMM of ``ingot.quant.ref``."""
         raise NotImplementedError
 
 
@@ -180,6 +287,8 @@ class Bf16Method(LinearMethod):
         return layer.weight.float()
 
     def apply(self, layer, x):
+        if isinstance(x, QuantizedActivation):
+            return self._apply_quantized(layer, x)  # refuses it: a bf16 linear quantizes nothing
         return F.linear(x, layer.weight, layer.bias)  # any leading shape, on every device
 
 
@@ -201,16 +310,19 @@ class Int8ChannelMethod(LinearMethod):
     def dequantize(self, layer):
         return layer.weight.float() * layer.weight_scale  # (N, K) * (N, 1), as ref.dequantize_weight
 
-    def _kernel(self, layer, x):
-        from ingot.kernels.act_quant import per_token_quant_int8
-        from ingot.kernels.int8_gemm import int8_gemm_channel
-
-        x_q, x_s = per_token_quant_int8(x)
-        return int8_gemm_channel(x_q, x_s, layer.weight, layer.weight_scale, bias=layer.bias, out_dtype=x.dtype)
+    def act_quant(self, layer):
+        return ActQuant("int8")
 
     def _reference(self, layer, x):
         x_q, x_s = ref.quantize_act_token(x)
-        return ref.int8_gemm_channel_ref(x_q, x_s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
+        return self._gemm(layer, x_q, x_s, x.dtype, False)
+
+    def _gemm(self, layer, x_q, x_s, out_dtype, kernels):
+        if not kernels:
+            return ref.int8_gemm_channel_ref(x_q, x_s, layer.weight, layer.weight_scale, layer.bias, out_dtype)
+        from ingot.kernels.int8_gemm import int8_gemm_channel
+
+        return int8_gemm_channel(x_q, x_s, layer.weight, layer.weight_scale, bias=layer.bias, out_dtype=out_dtype)
 
 
 class _BlockMethod(LinearMethod):
@@ -248,17 +360,21 @@ class Int8BlockMethod(_BlockMethod):
     kind = source_kind = "int8-block"
     qdtype = torch.int8
 
-    def _kernel(self, layer, x):
-        from ingot.kernels.act_quant import per_token_group_quant
-        from ingot.kernels.int8_gemm import int8_gemm_block
-
-        x_q, x_s = per_token_group_quant(x, "int8", group_size=layer.block_size[1])
-        return int8_gemm_block(x_q, x_s, layer.weight, layer.weight_scale, block_size=layer.block_size,
-                               bias=layer.bias, out_dtype=x.dtype)
+    def act_quant(self, layer):
+        return ActQuant("int8", layer.block_size[1])
 
     def _reference(self, layer, x):
         x_q, x_s = ref.quantize_act_group(x, "int8", layer.block_size[1])
-        return ref.int8_gemm_block_ref(x_q, x_s, layer.weight, layer.weight_scale, layer.block_size, layer.bias, x.dtype)
+        return self._gemm(layer, x_q, x_s, x.dtype, False)
+
+    def _gemm(self, layer, x_q, x_s, out_dtype, kernels):
+        if not kernels:
+            return ref.int8_gemm_block_ref(x_q, x_s, layer.weight, layer.weight_scale, layer.block_size, layer.bias,
+                                           out_dtype)
+        from ingot.kernels.int8_gemm import int8_gemm_block
+
+        return int8_gemm_block(x_q, x_s, layer.weight, layer.weight_scale, block_size=layer.block_size,
+                               bias=layer.bias, out_dtype=out_dtype)
 
 
 class Fp8BlockMethod(_BlockMethod):
@@ -278,20 +394,21 @@ class Fp8BlockMethod(_BlockMethod):
     def process_weights_after_loading(self, layer):
         layer.act_scale_fmt = "ue8m0" if _all_powers_of_two(layer.weight_scale) else "float"
 
-    def _kernel(self, layer, x):
-        from ingot.kernels.act_quant import per_token_group_quant
-        from ingot.kernels.fp8_gemm import fp8_gemm_block
-
-        x_q, x_s = per_token_group_quant(x, "fp8_e4m3", group_size=layer.block_size[1], scale_fmt=layer.act_scale_fmt)
-        return fp8_gemm_block(x_q, x_s, layer.weight, layer.weight_scale, block_size=layer.block_size,
-                              bias=layer.bias, out_dtype=x.dtype)
+    def act_quant(self, layer):
+        return ActQuant("fp8_e4m3", layer.block_size[1], layer.act_scale_fmt)
 
     def _reference(self, layer, x):
         x_q, x_s = ref.quantize_act_group(x, "fp8_e4m3", layer.block_size[1], layer.act_scale_fmt)
-        return ref.fp8_gemm_block_ref(x_q, x_s, layer.weight, layer.weight_scale, layer.block_size, layer.bias, x.dtype)
+        return self._gemm(layer, x_q, x_s, x.dtype, False)
 
+    def _gemm(self, layer, x_q, x_s, out_dtype, kernels):
+        if not kernels:
+            return ref.fp8_gemm_block_ref(x_q, x_s, layer.weight, layer.weight_scale, layer.block_size, layer.bias,
+                                          out_dtype)
+        from ingot.kernels.fp8_gemm import fp8_gemm_block
 
-A16_DTYPES = (torch.bfloat16, torch.float16)  # the weight-only kernels' activations; float32 runs the reference
+        return fp8_gemm_block(x_q, x_s, layer.weight, layer.weight_scale, block_size=layer.block_size,
+                              bias=layer.bias, out_dtype=out_dtype)
 
 
 class Int8WeightMethod(Int8ChannelMethod):
@@ -299,6 +416,9 @@ class Int8WeightMethod(Int8ChannelMethod):
     dtype."""
 
     kind = source_kind = "int8-weight"
+
+    def act_quant(self, layer):
+        return None  # W8A16: the activation stays in the model dtype
 
     def _kernel(self, layer, x):
         if x.dtype not in A16_DTYPES:
@@ -403,6 +523,12 @@ class Fp8FallbackMethod(LinearMethod):
 
     def dequantize(self, layer):
         return self.inner.dequantize(layer)
+
+    def act_quant(self, layer):
+        return self.inner.act_quant(layer)
+
+    def input_quant(self, layer, x):
+        return self.inner.input_quant(layer, x)
 
     def apply(self, layer, x):
         return self.inner.apply(layer, x)
@@ -519,7 +645,13 @@ class Linear(nn.Module):
     def process_weights_after_loading(self) -> None:
         self.method.process_weights_after_loading(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def input_quant(self, x: torch.Tensor) -> ActQuant | None:
+        """The quantization this layer would give ``x`` before its GEMM (None: it multiplies x as it is, or runs the
+        reference math for x's device). A producer that can emit exactly that (``RMSNorm``, ``MLP``'s silu * up,
+        on their kernel paths) passes a ``QuantizedActivation`` instead and saves the quantization launch."""
+        return self.method.input_quant(self, x)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         return self.method.apply(self, x)
 
     def extra_repr(self) -> str:

@@ -15,10 +15,10 @@ Two ways to run the routed experts, the same math:
 - fused (CUDA; any device under TRITON_INTERPRET=1), vLLM/SGLang's fused_moe: ``moe_align`` sorts the T * top_k
   assignments by expert on the device, the activations are quantized once per token, one grouped GEMM computes
   gate and up for every assignment from the stacked ``[E, 2I, H]`` weight, silu(gate) * up, quantized per
-  assignment, one grouped GEMM with ``[E, H, I]`` multiplies by down and by the routing weight, and the top_k rows of
-  each token are summed in float32. No host sync, static shapes for a given T: a decode step can be captured in a
-  CUDA graph. For the kinds with a grouped kernel: bf16, int8-channel, int8-block, fp8-block
-  (``ingot.kernels.moe_gemm``).
+  assignment (one launch for bf16/fp16, ``ingot.kernels.silu_mul``), one grouped GEMM with ``[E, H, I]`` multiplies
+  by down and by the routing weight, and the top_k rows of each token are summed in float32. No host sync, static
+  shapes for a given T: a decode step can be captured in a CUDA graph. For the kinds with a grouped kernel: bf16,
+  int8-channel, int8-block, fp8-block (``ingot.kernels.moe_gemm``).
 - loop (CPU, and int8-weight / int4-group experts everywhere: no grouped kernel for them yet): gathers each
   expert's tokens and runs only the experts that received any through their own Linears. Counting tokens per expert
   is one host sync per layer, so such a step cannot be captured.
@@ -42,17 +42,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ingot.layers.linear import Linear, fuse_linears
+from ingot.layers.linear import ActQuant, Linear, QuantizedActivation, fuse_linears, shared_input_quant
 
 # Builds the Linear named `prefix` ([out, in]), with a bias or not: the model decides each linear's kind from its prefix.
 MakeLinear = Callable[[str, int, int, bool], nn.Module]
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # silu * up kernel's activations; float32 keeps torch
 
 
 class MLP(nn.Module):
     """down_proj(silu(gate_proj(x)) * up_proj(x)); x [..., hidden] -> [..., hidden]. Linears named as in HF.
 
     ``fuse_projections()`` merges gate/up into one gate_up_proj (``fuse_linears``) for a model the engine runs; the
-    routed experts of a MoE are never fused (their parameters are views of the MoE's stacks)."""
+    routed experts of a MoE are never fused (their parameters are views of the MoE's stacks).
+
+    On the kernel path (``use_kernels``: None = CUDA inputs, True forces Triton's interpreter on CPU) bf16/fp16
+    ``silu * up`` is one launch (``ingot.kernels.silu_mul``, torch's roundings). With ``fused_ops`` (the engine's
+    setting, ``CausalLM.set_fused_ops``) and a W8A8 down_proj, that launch also quantizes the product for down_proj
+    (``silu_mul_quant``), and x may arrive already quantized for gate/up (``QuantizedActivation``, from the norm).
+    """
 
     def __init__(self, prefix: str, hidden_size: int, intermediate_size: int, make_linear: MakeLinear, bias: bool = False):
         super().__init__()
@@ -60,17 +67,39 @@ class MLP(nn.Module):
         self.up_proj = make_linear(f"{prefix}.up_proj", hidden_size, intermediate_size, bias)
         self.down_proj = make_linear(f"{prefix}.down_proj", intermediate_size, hidden_size, bias)
         self.gate_up_proj: Linear | None = None
+        self.use_kernels: bool | None = None
+        self.fused_ops = False
 
     def fuse_projections(self) -> None:
         if self.gate_up_proj is None and (gate_up := fuse_linears([self.gate_proj, self.up_proj])) is not None:
             self.gate_up_proj = gate_up
             del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def input_quant(self, x: torch.Tensor) -> ActQuant | None:
+        """The quantization gate/up want for x (``shared_input_quant``): what the norm before may emit."""
+        if self.gate_up_proj is not None:
+            return self.gate_up_proj.input_quant(x)
+        return shared_input_quant(x, self.gate_proj, self.up_proj)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self._act(gate, up))
+
+    def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | QuantizedActivation:
+        """silu(gate) * up in the model dtype, or quantized for down_proj (fused_ops, kernel path)."""
+        kernels = gate.is_cuda if self.use_kernels is None else self.use_kernels
+        if not kernels or gate.dtype not in KERNEL_DTYPES:
+            return F.silu(gate) * up
+        from ingot.kernels.silu_mul import silu_mul, silu_mul_quant
+
+        quant = self.down_proj.input_quant(gate) if self.fused_ops else None
+        if quant is None:
+            return silu_mul(gate, up)
+        x_q, x_s = silu_mul_quant(gate, up, quant.dtype, quant.group_size, quant.scale_fmt)
+        return QuantizedActivation(x_q, x_s, quant, gate.dtype)
 
 
 @dataclass(frozen=True)
@@ -336,6 +365,11 @@ class MoE(nn.Module):
         return self.grouped_kind is not None if self._processed else self._stack_kind is not None
 
     # ---- forward
+    def input_quant(self, x: torch.Tensor) -> None:
+        """None: the router reads x in the model dtype (and the experts quantize per assignment), so the norm before
+        a MoE emits the tensor."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(flat)
@@ -389,6 +423,22 @@ class MoE(nn.Module):
         qdtype = "int8" if kind == "int8-block" else "fp8_e4m3"
         return per_token_group_quant(x, qdtype, group_size=self.block_size[1], scale_fmt=scale_fmt)
 
+    def _activation(self, gate: torch.Tensor, up: torch.Tensor,
+                    scale_fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """down's A operand: silu(gate) * up in the model dtype (as the MLP computes it), quantized as ``_quantize``
+        does; for bf16/fp16 one launch (``ingot.kernels.silu_mul``: the same roundings, the same quantized bits)."""
+        if gate.dtype not in KERNEL_DTYPES:
+            return self._quantize(F.silu(gate) * up, scale_fmt)
+        from ingot.kernels.silu_mul import silu_mul, silu_mul_quant
+
+        kind = self.grouped_kind
+        if kind == "bf16":
+            return silu_mul(gate, up), None
+        if kind == "int8-channel":
+            return silu_mul_quant(gate, up)
+        qdtype = "int8" if kind == "int8-block" else "fp8_e4m3"
+        return silu_mul_quant(gate, up, qdtype, self.block_size[1], scale_fmt)
+
     def routed_fused(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The fused path (module docstring): float32 [T, hidden], the same sum as ``routed``, without host syncs."""
         from ingot.kernels import moe_gemm as mg
@@ -405,7 +455,6 @@ class MoE(nn.Module):
         a, a_s = self._quantize(x.contiguous(), self.act_scale_fmt[0])
         h = mg.moe_gemm(a, a_s, w13, s13, align, kind, bs, out_dtype=x.dtype)  # (T * top_k, 2 * I_pad)
         off = w13.shape[1] // 2
-        act = F.silu(h[:, :inter]) * h[:, off : off + inter]  # (T * top_k, I), in x.dtype as the MLP computes it
-        a, a_s = self._quantize(act, self.act_scale_fmt[1])
+        a, a_s = self._activation(h[:, :inter], h[:, off : off + inter], self.act_scale_fmt[1])  # (T * top_k, I)
         y = mg.moe_gemm(a, a_s, w2, s2, align, kind, bs, topk_weights=weights.contiguous(), out_dtype=x.dtype)
         return y.view(t, top_k, cfg.hidden_size).sum(dim=1, dtype=torch.float32)
