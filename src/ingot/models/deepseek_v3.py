@@ -169,6 +169,7 @@ class MLAttention(nn.Module):
         self.attn = Attention(h, 1, self.c + self.rope_dim, self.c, a.softmax_scale, shared_kv=True)
         self.w_uk: torch.Tensor | None = None
         self.w_uv: torch.Tensor | None = None
+        self.fused_ops = False  # q_a_layernorm emits q_b_proj's input quantized (CausalLM.set_fused_ops)
 
     def process_weights_after_loading(self) -> None:
         lin, dtype = self.kv_b_proj, self.kv_a_layernorm.weight.dtype
@@ -178,12 +179,21 @@ class MLAttention(nn.Module):
         w = w.view(self.num_heads, self.nope + self.v_head_dim, self.c)
         self.w_uk, self.w_uv = w[:, : self.nope], w[:, self.nope :]
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
+    def input_quant(self, x: torch.Tensor) -> linear_layers.ActQuant | None:
+        """The quantization that q_proj (or q_a_proj) and kv_a_proj_with_mqa, which both read x, want for it: the norm
+        before emits x quantized once for both when they agree."""
+        first = self.q_proj if self.q_proj is not None else self.q_a_proj
+        return linear_layers.shared_input_quant(x, first, self.kv_a_proj_with_mqa)
+
+    def _query(self, x: torch.Tensor | linear_layers.QuantizedActivation) -> torch.Tensor:
         if self.q_proj is not None:
             return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_a = self.q_a_proj(x)
+        quant = self.q_b_proj.input_quant(q_a) if self.fused_ops else None
+        return self.q_b_proj(self.q_a_layernorm(q_a, quant))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | linear_layers.QuantizedActivation, rope: tuple[torch.Tensor, torch.Tensor],
+                meta: AttnMetadata | None) -> torch.Tensor:
         if self.w_uk is None:  # a loader that skipped process_weights_after_loading; never inside a graph capture
             self.process_weights_after_loading()
         q_nope, q_pe = self._query(x).unflatten(-1, (self.num_heads, -1)).split([self.nope, self.rope_dim], dim=-1)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ingot.layers.attention import Attention, AttnMetadata, KVSpec
-from ingot.layers.linear import Linear, fuse_linears
+from ingot.layers.linear import ActQuant, Linear, QuantizedActivation, fuse_linears, shared_input_quant
 from ingot.layers.moe import MLP, MoE
 from ingot.layers.norm import RMSNorm
 from ingot.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary
@@ -184,7 +184,14 @@ class LlamaAttention(nn.Module):
             self.qkv_proj = qkv
             del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata | None) -> torch.Tensor:
+    def input_quant(self, x: torch.Tensor) -> ActQuant | None:
+        """The quantization q/k/v want for x (``shared_input_quant``): what the norm before may emit."""
+        if self.qkv_proj is not None:
+            return self.qkv_proj.input_quant(x)
+        return shared_input_quant(x, self.q_proj, self.k_proj, self.v_proj)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation, rope: tuple[torch.Tensor, torch.Tensor],
+                meta: AttnMetadata | None) -> torch.Tensor:
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
@@ -202,17 +209,35 @@ class LlamaAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """x + self_attn(input_layernorm(x)), then + mlp(post_attention_layernorm(x)). Shared with DeepSeek-V3."""
+    """x + self_attn(input_layernorm(x)), then + mlp(post_attention_layernorm(x)). Shared with DeepSeek-V3.
+
+    ``fused_ops`` False (default): exactly that, one layer's output at a time. True (the engine's setting,
+    ``CausalLM.set_fused_ops``): vLLM's residual stream - a layer returns its MLP output and the residual stream
+    before it *un-added*; each norm adds first (``RMSNorm.add_forward``: the add and the norm in one launch on the
+    kernel path) and, when the next linears quantize their input, emits it quantized (``input_quant``). The sums
+    are the same ops in the model dtype, so on CPU the logits are bit-identical to the unfused form.
+    """
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float, device, dtype):
         super().__init__()
         self.self_attn, self.mlp = self_attn, mlp
         self.input_layernorm = RMSNorm(hidden_size, eps, device=device, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps, device=device, dtype=dtype)
+        self.fused_ops = False
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata | None,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [..., hidden] (+ ``residual``, the stream a fused layer left un-added) -> (hidden, residual): unfused,
+        (the layer's output, None); fused, (its MLP output, the stream before it), summed by the next norm."""
+        if not self.fused_ops:
+            if residual is not None:
+                x = x + residual
+            x = x + self.self_attn(self.input_layernorm(x), rope, meta)
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        h, residual = self.input_layernorm.add_forward(x, residual, self.self_attn.input_quant(x))
+        h = self.self_attn(h, rope, meta)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual, self.mlp.input_quant(h))
+        return self.mlp(h), residual
 
 
 # ----------------------------------------------------------------------------------------------------------- model
@@ -247,14 +272,25 @@ class CausalLM(nn.Module):
 
     def fuse_projections(self) -> None:
         """Merge the projections that read one input into one Linear each (q/k/v, gate/up: ``fuse_linears``), for
-        fewer, wider GEMMs and one activation quantization per input; the engine calls it after loading. Parameter
-        names change (``qkv_proj``, ``gate_up_proj``): load, calibrate and inspect by checkpoint name before.
+        fewer, wider GEMMs and one activation quantization per input, and turn on the fused norm / residual-add /
+        activation-quantization forms (``set_fused_ops(True)``); the engine calls it after loading. Parameter
+        names change (``qkv_proj``, ``gate_up_proj``): load, calibrate and inspect by checkpoint name before (the
+        fused forms also hand linears quantized activations, which calibration hooks could not read).
         Fused: Llama attention, dense MLPs and MoE shared experts; never routed experts (MoE stacks them)."""
         for layer in self.model.layers:
             mlp = layer.mlp
             for module in (layer.self_attn, mlp if isinstance(mlp, MLP) else getattr(mlp, "shared_experts", None)):
                 if module is not None and callable(getattr(module, "fuse_projections", None)):
                     module.fuse_projections()
+        self.set_fused_ops(True)
+
+    def set_fused_ops(self, enabled: bool) -> None:
+        """Every module with a ``fused_ops`` switch (decoder layers, MLPs, MLA) on or off: on, the residual adds run
+        inside the norms and, on the kernel path, RMSNorm and silu * up emit the activations their W8A8 linears
+        read already quantized (one launch instead of two or three; the same bits). Off: each op on its own."""
+        for module in self.modules():
+            if hasattr(module, "fused_ops"):
+                module.fused_ops = bool(enabled)
 
     @property
     def supports_cuda_graphs(self) -> bool:
@@ -271,9 +307,10 @@ class CausalLM(nn.Module):
     def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata | None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(positions)  # once per step, shared by every layer
+        residual = None  # the stream fused layers leave un-added (DecoderLayer)
         for layer in self.model.layers[: self.num_layers]:
-            x = layer(x, rope, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, rope, meta, residual)
+        return self.model.norm(x) if residual is None else self.model.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden_size] -> float32 logits [n, vocab] (the matmul in the model dtype, as transformers)."""
