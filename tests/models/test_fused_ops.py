@@ -164,3 +164,33 @@ def test_cpu_residual_stream_is_bit_identical(config):
         plain = model.score(ids)
         model.set_fused_ops(True)
         assert torch.equal(model.score(ids), plain)
+
+
+# ----------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config, scheme", [(LLAMA, "int8-channel"), (LLAMA, "int8-block"), (LLAMA, "fp8-block"),
+                                            (LLAMA, "fp8-block-ue8m0"), (LLAMA, "bf16"), (LLAMA_RAGGED, "int8-block"),
+                                            (DSV3, "int8-channel"), (DSV3, "fp8-block")])
+def test_gpu_fusions_keep_the_logits(config, scheme, launches):
+    """On CUDA (every kernel compiled): fusions on and off give the same logits bit for bit (the fused norm reduces
+    in the same order as rms_norm, silu_mul_quant quantizes silu_mul's bits), with fewer quantization launches."""
+    model = random_model(config, scheme, "cuda", dtype=torch.bfloat16, seed=3)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g, device="cuda"))
+    model.process_weights_after_loading()
+    model.fuse_projections()
+    ids = _ids(config).cuda()
+    fused = model.score(ids)
+    fused_quant = _quant_launches(launches)
+    launches.clear()
+    model.set_fused_ops(False)
+    unfused = model.score(ids)
+    assert torch.equal(fused, unfused)
+    if scheme != "bf16":
+        assert fused_quant < _quant_launches(launches)
+    assert torch.isfinite(fused).all()
