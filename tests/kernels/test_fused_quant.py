@@ -340,7 +340,11 @@ def test_gpu_rms_norm_quant_real_sizes(m, n, quant):
     assert_same(h, x + r, "x + residual vs torch")
     assert_same(want_h, x + r, "fused_add_rms_norm's sum vs torch")
     assert_same(normed, rms_norm(x + r, w, EPS), "fused_add_rms_norm vs rms_norm")
-    assert _ulps(normed, ref.rms_norm_ref(x + r, w, EPS)) <= 1.0 + 1e-6
+    # Against the torch reference: the sum of squares over 4096-7168 channels runs in another order, and the bf16
+    # normalized value is rounded twice (then * weight), so a row can land 2 ulps away (seen on the H100 at m = 1,
+    # n = 4096); the fused kernel itself equals the unfused one bit for bit (above).
+    ulps = _ulps(normed, ref.rms_norm_ref(x + r, w, EPS))
+    assert ulps <= 2.0 + 1e-6, ulps
     q_want, s_want = _quantize(normed, *quant)
     assert_same(x_q, q_want, "x_q")
     assert_same(x_s, s_want, "x_s")
