@@ -183,7 +183,7 @@ def calibrate(src: Path | str, cfg: SmoothConfig, device: str = "cpu", log=None)
 # ------------------------------------------------------------------------------------------------------ GPTQ
 
 
-class _Hessians:
+class HessianHooks:
     """Forward pre-hooks that accumulate each hooked linear's input Hessian. Linears called on the same input tensor
     (q/k/v on input_layernorm's output, gate/up, DeepSeek's q_a / kv_a, each expert's gate/up) share one
     accumulator, found by identity of the input on the first forward and added to once per forward."""
@@ -349,7 +349,7 @@ def calibrate_gptq(src: Path | str, cfg, scheme, targets: dict[str, torch.dtype]
             if not names:
                 hs = [_run_layer(layer, x, rope) for x in hs]
                 continue
-            hooks = _Hessians({n: modules[n] for n in names})
+            hooks = HessianHooks({n: modules[n] for n in names})
             try:
                 outs = [_run_layer(layer, x, rope) for x in hs]
             finally:
