@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ingot.kernels import norm_rope  # noqa: E402
-from ingot.kernels.act_quant import per_token_group_quant, per_token_quant_int8  # noqa: E402
+from ingot.kernels.act_quant import per_token_group_quant, per_token_quant_int8, quantize_row_chunks  # noqa: E402
 from ingot.kernels.norm_rope import fused_add_rms_norm, rms_norm, rms_norm_quant  # noqa: E402
 from ingot.kernels.silu_mul import silu_mul, silu_mul_quant  # noqa: E402
 from ingot.quant import ref  # noqa: E402
@@ -274,6 +274,30 @@ def test_silu_mul_quant_long_rows_take_two_launches(monkeypatch):
     q_want, s_want = per_token_quant_int8(silu_mul(gate, up))
     assert_same(x_q, q_want, "x_q")
     assert_same(x_s, s_want, "x_s")
+
+
+@pytest.mark.parametrize("m, n", [(1, 14336), (3, 1000), (5, 576)])
+def test_silu_mul_quant_split_rows_equal_one_program_per_row(monkeypatch, m, n):
+    """Short batches spread each row over column programs (chunk maxima, then quantize_row_chunks): the same bits as
+    one program per row, which the threshold 0 forces."""
+    from ingot.kernels import silu_mul as module
+
+    gate, up = _rows(m, n, torch.bfloat16, 10 + m, scale=3.0), _rows(m, n, torch.bfloat16, 20 + m)
+    assert m < module.SPLIT_ROWS_BELOW
+    x_q, x_s = silu_mul_quant(gate, up)
+    monkeypatch.setattr(module, "SPLIT_ROWS_BELOW", 0)
+    q_one, s_one = silu_mul_quant(gate, up)
+    assert_same(x_q, q_one, "x_q split rows vs one program")
+    assert_same(x_s, s_one, "x_s split rows vs one program")
+    q_want, s_want = per_token_quant_int8(silu_mul(gate, up))
+    assert_same(x_q, q_want, "x_q vs silu_mul then per_token_quant_int8")
+    assert_same(x_s, s_want, "x_s vs silu_mul then per_token_quant_int8")
+
+
+def test_quantize_row_chunks_refuses_mismatched_maxima():
+    x = torch.ones((2, 300), dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"chunk_amax must be float32 \[M, cdiv\(K, 128\)\] = \[2, 3\]"):
+        quantize_row_chunks(x, torch.zeros((2, 2), device=DEVICE), 128)
 
 
 # ----------------------------------------------------------------------------------- refusals

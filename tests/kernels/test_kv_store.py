@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ingot.kernels.kv_store import store_kv_cache
+from ingot.kernels.kv_store import rope_store_kv, store_kv_cache
 from ingot.layers import attention
 
 
@@ -51,3 +51,55 @@ def test_store_kv_cache_errors():
         store_kv_cache(torch.zeros(3, 1, 6), None, kc, None, torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="do not fit"):
         store_kv_cache(torch.zeros(3, 2, 6), None, kc, None, torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("h, hkv, d, dv", [(8, 2, 16, 16), (9, 3, 24, 24), (4, 1, 64, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_store_kv_equals_rotary_then_store(h, hkv, d, dv, dtype, interleaved):
+    """One launch = apply_rotary of q and k, then store_kv of the rotated k and of v: the same bits (GQA, head dims
+    that are not powers of two, strided q/k/v views of one projection, padded slots)."""
+    from ingot.kernels.norm_rope import rotary
+    from ingot.layers.rotary import apply_rotary
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(h * 31 + d)
+    blocks, page, t = 5, 4, 6
+    kc = torch.randn(blocks, page, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(blocks, page, hkv, dv, generator=g).to(dtype)
+    qkv = (torch.randn(t, (h + hkv) * d + hkv * dv, generator=g) * 3).to(dtype)
+    q = qkv[:, : h * d].unflatten(-1, (h, d))
+    k = qkv[:, h * d : (h + hkv) * d].unflatten(-1, (hkv, d))
+    v = qkv[:, (h + hkv) * d :].unflatten(-1, (hkv, dv))
+    angles = torch.randn(t, d // 2, generator=g) * 4
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([3, -1, 0, 19, -1, 7])
+    q, k, v, cos, sin, slots = (x.to(dev) for x in (q, k, v, cos, sin, slots))
+    want_q, want_k = rotary(q, cos, sin, interleaved), rotary(k, cos, sin, interleaved)
+    want_kc, want_vc = kc.to(dev), vc.to(dev)
+    store_kv_cache(want_k, v, want_kc, want_vc, slots)
+
+    got_kc, got_vc = kc.to(dev), vc.to(dev)
+    got_q, got_k = rope_store_kv(q, k, v, cos, sin, got_kc, got_vc, slots, interleaved)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert torch.equal(got_kc, want_kc) and torch.equal(got_vc, want_vc)
+    if dtype == torch.float16 or dev == "cuda":  # the interpreter rounds bf16 differently from torch (test_norm_rope)
+        ref_k = apply_rotary(k.cpu(), cos.cpu(), sin.cpu(), interleaved)
+        ref_kc, ref_vc = kc.clone(), vc.clone()
+        attention.store_kv(ref_k, v.cpu(), ref_kc, ref_vc, slots.cpu())
+        assert torch.equal(got_q.cpu(), apply_rotary(q.cpu(), cos.cpu(), sin.cpu(), interleaved))
+        assert torch.equal(got_kc.cpu(), ref_kc) and torch.equal(got_vc.cpu(), ref_vc)
+
+
+def test_rope_store_kv_errors():
+    kc, vc = torch.zeros(2, 4, 1, 8, dtype=torch.bfloat16), torch.zeros(2, 4, 1, 8, dtype=torch.bfloat16)
+    q, k, v = (torch.zeros(3, n, 8, dtype=torch.bfloat16) for n in (2, 1, 1))
+    cs = torch.zeros(3, 4)
+    with pytest.raises(TypeError, match="share a dtype"):
+        rope_store_kv(q.float(), k, v, cs, cs, kc, vc, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="slot_mapping has shape"):
+        rope_store_kv(q, k, v, cs, cs, kc, vc, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="do not fit"):
+        rope_store_kv(q, k, v, cs, cs, torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16), vc, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="shapes disagree"):
+        rope_store_kv(q, k, v, torch.zeros(3, 3), torch.zeros(3, 3), kc, vc, torch.zeros(3, dtype=torch.int64))

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ingot.kernels.checks import cdiv, next_pow2
+
 # Largest quantized magnitude: a scale is amax / QMAX. (The same numbers as ingot.quant.schemes.QMAX; kernels sit
 # below quant in the import order, so they are spelled out here.)
 QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
@@ -251,6 +253,27 @@ def _per_token_quant_int8_kernel(
     tl.store(s_ptr + rows64 * stride_sm, s, mask=row_ok)
 
 
+@triton.jit
+def _quantize_row_chunks_kernel(
+    x_ptr, a_ptr, q_ptr, s_ptr,  # x [M, K], chunk maxima [M, C], x_q int8 [M, K], x_s fp32 [M, 1]
+    K, C, stride_xm, stride_am, stride_qm, stride_sm,
+    USE_LIBDEVICE: tl.constexpr,
+    BLOCK: tl.constexpr,  # columns per chunk (the producer's)
+    BLOCK_C: tl.constexpr,  # next_pow2(C)
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    c = tl.arange(0, BLOCK_C)[None, :]
+    maxima = tl.load(a_ptr + row * stride_am + c, mask=c < C, other=0.0)  # (1, BLOCK_C)
+    s = tl.math.div_rn(tl.max(maxima, axis=1), 127.0)  # (1,): the row's amax / 127, as the one-pass kernel
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)[None, :]
+    ok = cols < K
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)  # (1, BLOCK)
+    tl.store(q_ptr + row * stride_qm + cols, _quantize(x, s, 127.0, False, USE_LIBDEVICE), mask=ok)
+    first = chunk * BLOCK + tl.arange(0, 1)
+    tl.store(s_ptr + row * stride_sm + 0 * first, s, mask=first == 0)  # one program per row writes the scale
+
+
 # Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
 # functions, which run numpy and cannot call libdevice: the kernels then round with the exact fp32 trick instead.
 INTERPRETED = not isinstance(_per_token_group_quant_kernel, triton.runtime.JITFunction)
@@ -328,7 +351,7 @@ def per_token_group_quant(
         raise TypeError(f"column_major_scales must be a bool, got {column_major_scales!r}")
     x2 = _check_x(x)  # (M, K)
     m, k = x2.shape
-    num_groups = triton.cdiv(k, group_size)
+    num_groups = cdiv(k, group_size)
 
     x_q = torch.empty(x.shape, dtype=Q_DTYPES[dtype], device=x.device)
     if column_major_scales:
@@ -339,15 +362,15 @@ def per_token_group_quant(
     if m == 0:
         return x_q, x_s.view(out_shape)
 
-    block_g = triton.next_power_of_2(group_size)
-    block_m = min(triton.next_power_of_2(m), max(1, TILE_ELEMS // block_g))
+    block_g = next_pow2(group_size)
+    block_m = min(next_pow2(m), max(1, TILE_ELEMS // block_g))
     # The ties between tile and group: a program covers exactly one group of each of its rows.
     if block_g < group_size or block_g & (block_g - 1):
         raise ValueError(f"BLOCK_G = {block_g} must be a power of two >= group_size = {group_size}")
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"BLOCK_M = {block_m} must be a power of two >= 1")
     q2 = x_q.view(m, k)
-    grid = (triton.cdiv(m, block_m) * num_groups,)
+    grid = (cdiv(m, block_m) * num_groups,)
     with _device_ctx(x):
         _per_token_group_quant_kernel[grid](
             x2, q2, x_s,
@@ -382,13 +405,13 @@ def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x_q, x_s.view(out_shape)
 
     one_pass = k <= ONE_PASS_MAX_K
-    block_k = triton.next_power_of_2(k) if one_pass else MAX_BLOCK_K
-    block_m = min(triton.next_power_of_2(m), max(1, TILE_ELEMS // block_k))
+    block_k = next_pow2(k) if one_pass else MAX_BLOCK_K
+    block_m = min(next_pow2(m), max(1, TILE_ELEMS // block_k))
     if block_k & (block_k - 1) or block_m & (block_m - 1):
         raise ValueError(f"BLOCK_M = {block_m} and BLOCK_K = {block_k} must be powers of two")
     num_warps = min(16, max(NUM_WARPS, block_m * block_k // ONE_PASS_ELEMS_PER_WARP)) if one_pass else NUM_WARPS
     q2 = x_q.view(m, k)
-    grid = (triton.cdiv(m, block_m),)
+    grid = (cdiv(m, block_m),)
     with _device_ctx(x):
         _per_token_quant_int8_kernel[grid](
             x2, q2, x_s,
@@ -403,3 +426,28 @@ def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             num_warps=num_warps,
         )
     return x_q, x_s if x.dim() == 2 else x_s.view(out_shape)
+
+
+def quantize_row_chunks(x: torch.Tensor, chunk_amax: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization of x [M, K] (contiguous rows) whose producer already wrote the max |x| of each
+    ``block``-column chunk of every row, chunk_amax float32 [M, cdiv(K, block)]: one program per (row, chunk), each
+    taking the row's scale from the chunk maxima. For rows that one program per row would quantize too slowly at small
+    M (``silu_mul.silu_mul_quant`` at decode). Returns x_q int8 [M, K], x_s float32 [M, 1]: bit for bit
+    ``per_token_quant_int8(x)`` when the maxima are those of x's chunks."""
+    m, k = x.shape
+    chunks = cdiv(k, block)
+    if tuple(chunk_amax.shape) != (m, chunks) or chunk_amax.dtype != torch.float32:
+        raise ValueError(f"chunk_amax must be float32 [M, cdiv(K, {block})] = [{m}, {chunks}], got "
+                         f"{chunk_amax.dtype} {tuple(chunk_amax.shape)}")
+    if x.stride(-1) != 1 or chunk_amax.stride(-1) != 1 or block & (block - 1):
+        raise ValueError(f"quantize_row_chunks: unit-stride rows and a power-of-two block, got x strides "
+                         f"{x.stride()}, chunk_amax strides {chunk_amax.stride()}, block {block}")
+    x_q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    x_s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        with _device_ctx(x):
+            _quantize_row_chunks_kernel[(m, chunks)](
+                x, chunk_amax, x_q, x_s, k, chunks, x.stride(0), chunk_amax.stride(0), x_q.stride(0), x_s.stride(0),
+                USE_LIBDEVICE=not INTERPRETED, BLOCK=block, BLOCK_C=max(2, next_pow2(chunks)), num_warps=NUM_WARPS,
+            )
+    return x_q, x_s

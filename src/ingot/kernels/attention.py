@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.kernels.checks import cdiv, next_pow2
+
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MIN_DOT = 16  # tl.dot's smallest M, N and K on NVIDIA tensor cores
 BLOCK_H = 16  # query heads per program: a whole GQA group (4 for Llama-3-8B, 3 for SmolLM2) padded to 16
@@ -202,7 +204,7 @@ def _d_tiles(dk: int) -> tuple[int, int]:
         return MIN_DOT, 0
     d1 = 1 << (dk.bit_length() - 1)  # largest power of two <= dk
     rest = dk - d1
-    return d1, (max(MIN_DOT, triton.next_power_of_2(rest)) if rest else 0)
+    return d1, (max(MIN_DOT, next_pow2(rest)) if rest else 0)
 
 
 def default_num_splits(batch_programs: int, max_context: int, device: torch.device) -> int:
@@ -212,7 +214,7 @@ def default_num_splits(batch_programs: int, max_context: int, device: torch.devi
     capacity, host-known) below MIN_SPLIT_TOKENS per split. Depends only on shapes: graph replays keep it.
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = triton.cdiv(PROGRAMS_PER_SM * sms, max(1, batch_programs))
+    want = cdiv(PROGRAMS_PER_SM * sms, max(1, batch_programs))
     cap = max(1, max_context // MIN_SPLIT_TOKENS)
     return max(1, min(want, cap, MAX_SPLITS))
 
@@ -286,9 +288,9 @@ def paged_decode_attention(
     b, h, dk = q.shape
     _, page_size, hkv, _ = k_cache.shape
     group = h // hkv
-    head_blocks = triton.cdiv(group, BLOCK_H)
+    head_blocks = cdiv(group, BLOCK_H)
     block_d1, block_d2 = _d_tiles(dk)
-    block_dv = max(MIN_DOT, triton.next_power_of_2(head_dim_v))
+    block_dv = max(MIN_DOT, next_pow2(head_dim_v))
     if block_n is None:
         block_n = 64 if dk <= 128 else 32  # MLA: a 32 x 576 bf16 K tile is already 36 KB
     if block_n < MIN_DOT or block_n & (block_n - 1):
@@ -349,7 +351,7 @@ def paged_decode_attention(
                 *m.stride(),
                 *out.stride(),
                 NUM_SPLITS=num_splits,
-                BLOCK_S=triton.next_power_of_2(num_splits),
+                BLOCK_S=next_pow2(num_splits),
                 BLOCK_DV=block_dv,
                 num_warps=4,
             )

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.kernels.checks import cdiv
+
 FP8 = torch.float8_e4m3fn
 W_DTYPES = (FP8, torch.int8)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -115,7 +117,7 @@ def block_dequant(
         raise ValueError(f"block_size must be two positive ints (bn, bk), got {tuple(block_size)}")
     bn, bk = block_size
     n, k = w_q.shape
-    grid_shape = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    grid_shape = (cdiv(n, bn), cdiv(k, bk))
     if tuple(w_s.shape) != grid_shape:
         raise ValueError(
             f"w_s must be per {bn}x{bk} block, shape (cdiv(N, {bn}), cdiv(K, {bk})) = {grid_shape} for w_q "
@@ -142,8 +144,8 @@ def block_dequant(
         return y
     is_fp8 = w_q.dtype == FP8
     codes = w_q.view(torch.uint8) if is_fp8 else w_q
-    num_k_tiles = triton.cdiv(k, BLOCK_K)
-    grid = (triton.cdiv(n, BLOCK_N) * num_k_tiles,)
+    num_k_tiles = cdiv(k, BLOCK_K)
+    grid = (cdiv(n, BLOCK_N) * num_k_tiles,)
     with torch.cuda.device(w_q.device) if w_q.device.type == "cuda" else contextlib.nullcontext():
         _block_dequant_kernel[grid](
             codes, w_s, y,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.kernels.checks import check_device, check_epilogue, check_tensor
+from ingot.kernels.checks import cdiv, check_device, check_epilogue, check_tensor
 from ingot.kernels import tuning
 from ingot.kernels.tuning import GemmConfig
 
@@ -54,8 +54,8 @@ def default_config(m: int, n: int | None = None, k: int | None = None, num_sms: 
     config = next(cfg for bound, cfg in _CONFIGS if m <= bound)
     if n is None or k is None or not num_sms or m > 64:
         return config
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    k_tiles = triton.cdiv(k, config.block_k)
+    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
+    k_tiles = cdiv(k, config.block_k)
     split = min(MAX_SPLIT_K, max(1, (SPLIT_K_TARGET_PROGRAMS * num_sms) // tiles), max(1, k_tiles // 4))
     return replace(config, split_k=split) if split > 1 else config
 
@@ -308,7 +308,7 @@ def _split_k_locks(device: torch.device) -> torch.Tensor:
 def _launch(kernel, device: torch.device, config: GemmConfig, m: int, n: int, part_dtype: torch.dtype,
             *args, **constexprs) -> None:
     """Grid, split-K scratch and launch of one GEMM (the kernels take part_ptr, lock_ptr after the six operands)."""
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     split_k = config.split_k if tiles <= MAX_SPLIT_K_TILES else 1
     if split_k > 1:
         part = torch.empty(split_k * tiles * config.block_m * config.block_n, dtype=part_dtype, device=device)
@@ -385,14 +385,14 @@ def block_gemm(
     bn, bk = block_size
     if bn < 1 or bk < 16 or bk & (bk - 1):
         raise ValueError(f"block_size (bn, bk) needs bn >= 1 and bk a power of two >= 16 (the K tile), got {tuple(block_size)}")
-    kb = triton.cdiv(k, bk)
+    kb = cdiv(k, bk)
     if tuple(x_s.shape) != (m, kb):
         raise ValueError(
             f"x_s must be per token per {bk}-group, shape (M, cdiv(K, {bk})) = ({m}, {kb}), got {tuple(x_s.shape)}"
         )
-    if tuple(w_s.shape) != (triton.cdiv(n, bn), kb):
+    if tuple(w_s.shape) != (cdiv(n, bn), kb):
         raise ValueError(
-            f"w_s must be per {bn}x{bk} block, shape (cdiv(N, {bn}), cdiv(K, {bk})) = ({triton.cdiv(n, bn)}, {kb}), "
+            f"w_s must be per {bn}x{bk} block, shape (cdiv(N, {bn}), cdiv(K, {bk})) = ({cdiv(n, bn)}, {kb}), "
             f"got {tuple(w_s.shape)}"
         )
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ingot.kernels import tuning
-from ingot.kernels.checks import check_device, check_epilogue, check_tensor
+from ingot.kernels.checks import cdiv, check_device, check_epilogue, check_tensor, next_pow2
 from ingot.kernels.tuning import GemmConfig
 
 KINDS = ("bf16", "int8-channel", "int8-block", "fp8-block")
@@ -291,7 +291,7 @@ def max_aligned_blocks(numel: int, num_experts: int, block_m: int) -> int:
     """Worst-case BLOCK_M blocks of ``numel`` assignments to ``num_experts`` experts (each used expert pads < block_m
     rows, and at most min(E, numel) experts are used)."""
     rows = numel + min(num_experts, numel) * (block_m - 1)
-    return triton.cdiv(rows, block_m)
+    return cdiv(rows, block_m)
 
 
 def _device_ctx(t: torch.Tensor):
@@ -324,21 +324,21 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlig
     post = torch.empty(1, dtype=torch.int32, device=device)
     if numel == 0:
         return MoEAlignment(sorted_ids, expert_ids, post.zero_(), block_m, t, top_k, num_experts)
-    chunk = max(MIN_ALIGN_CHUNK, triton.next_power_of_2(triton.cdiv(numel, MAX_ALIGN_PROGRAMS)))
-    programs = triton.cdiv(numel, chunk)
+    chunk = max(MIN_ALIGN_CHUNK, next_pow2(cdiv(numel, MAX_ALIGN_PROGRAMS)))
+    programs = cdiv(numel, chunk)
     if programs > MAX_ALIGN_PROGRAMS or chunk % ALIGN_SUB:
         raise ValueError(f"alignment of {numel} assignments: {programs} programs of {chunk} (at most "
                          f"{MAX_ALIGN_PROGRAMS}, chunks a multiple of {ALIGN_SUB})")
     counts = torch.empty((programs, num_experts), dtype=torch.int32, device=device)
     flat = topk_ids.view(-1)
-    block_e = max(2, triton.next_power_of_2(num_experts))  # tiles of at least 2: no 1-wide aranges to compile
+    block_e = max(2, next_pow2(num_experts))  # tiles of at least 2: no 1-wide aranges to compile
     with _device_ctx(topk_ids):
         _moe_count_kernel[(programs,)](flat, counts, numel, num_experts, CHUNK=chunk, SUB=ALIGN_SUB, BLOCK_E=block_e)
         _moe_align_kernel[(programs,)](
             flat, counts, sorted_ids, expert_ids, post,
             numel, num_experts, programs, max_blocks,
             BLOCK_M=block_m, CHUNK=chunk, SUB=ALIGN_SUB, BLOCK_E=block_e,
-            BLOCK_P=max(2, triton.next_power_of_2(programs)), BLOCKS=ALIGN_BLOCKS,
+            BLOCK_P=max(2, next_pow2(programs)), BLOCKS=ALIGN_BLOCKS,
         )
     return MoEAlignment(sorted_ids, expert_ids, post, block_m, t, top_k, num_experts)
 
@@ -396,11 +396,11 @@ def _check_moe_operands(
         bn, bk = block_size
         if bn < 1 or bk < 16 or bk & (bk - 1):
             raise ValueError(f"block_size (bn, bk) needs bn >= 1 and bk a power of two >= 16, got {tuple(block_size)}")
-        kb = triton.cdiv(k, bk)
+        kb = cdiv(k, bk)
         if tuple(a_s.shape) != (rows, kb):
             raise ValueError(f"a_s must be per row per {bk}-group, shape ({rows}, {kb}), got {tuple(a_s.shape)}")
-        if tuple(w_s.shape) != (e, triton.cdiv(n, bn), kb):
-            raise ValueError(f"w_s must be per expert per {bn}x{bk} block, shape ({e}, {triton.cdiv(n, bn)}, {kb}), "
+        if tuple(w_s.shape) != (e, cdiv(n, bn), kb):
+            raise ValueError(f"w_s must be per expert per {bn}x{bk} block, shape ({e}, {cdiv(n, bn)}, {kb}), "
                              f"got {tuple(w_s.shape)}")
     if topk_weights is not None:
         check_tensor("topk_weights", topk_weights, (torch.float32,), 2)
@@ -469,7 +469,7 @@ def moe_gemm(
         raise ValueError(f"config.block_k = {config.block_k} must equal the K quantization block {bk}: one scale per K step")
     a_s_ = a_s if a_s is not None else a
     w_s_ = w_s if w_s is not None else w
-    grid = (align.max_blocks * triton.cdiv(n, config.block_n),)
+    grid = (align.max_blocks * cdiv(n, config.block_n),)
     with _device_ctx(a):
         _moe_gemm_kernel[grid](
             a, a_s_, w, w_s_, c, topk_weights if topk_weights is not None else c,

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.kernels.checks import cdiv, next_pow2
 from ingot.kernels.act_quant import QMAX, Q_DTYPES, _cast_rn, _quantize_store, check_quant_args
 
 DTYPES = (torch.bfloat16, torch.float16)
@@ -72,13 +73,12 @@ def _rms_norm_kernel(
 
 
 @triton.jit
-def _rotary_kernel(
-    x_ptr, cos_ptr, sin_ptr, o_ptr,
-    H, HALF,
-    s_xt, s_xh, s_xd, s_ct, s_cp, s_st, s_sp, s_ot, s_oh,
+def _rotate(
+    x_ptr, c, s, H, HALF, s_xh, s_xd,
     INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    """One token's H heads at x_ptr rotated by c, s (1, BLOCK_P) fp32 (already rounded to x's dtype): returns the
+    halves y1, y2 (BLOCK_H, BLOCK_P) in x's dtype - output channels p and p + HALF - with the head index and the mask."""
     h = tl.arange(0, BLOCK_H)[:, None]
     p = tl.arange(0, BLOCK_P)[None, :]
     ok = (h < H) & (p < HALF)
@@ -86,17 +86,37 @@ def _rotary_kernel(
         i1, i2 = 2 * p, 2 * p + 1
     else:  # channel p pairs with p + dim / 2
         i1, i2 = p, p + HALF
-    base = x_ptr + t * s_xt + h * s_xh
+    base = x_ptr + h * s_xh
     x1 = tl.load(base + i1 * s_xd, mask=ok, other=0.0)
     x2 = tl.load(base + i2 * s_xd, mask=ok, other=0.0)
     dt = x1.dtype
-    # cos/sin arrive in float32 and are cast to x's dtype first, as apply_rotary does
-    c = tl.load(cos_ptr + t * s_ct + p * s_cp, mask=p < HALF, other=0.0).to(dt).to(tl.float32)
-    s = tl.load(sin_ptr + t * s_st + p * s_sp, mask=p < HALF, other=0.0).to(dt).to(tl.float32)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     # each product rounded to x's dtype before the sum: torch's x1 * cos - x2 * sin in bf16 rounds three times
     y1 = ((a * c).to(dt).to(tl.float32) - (b * s).to(dt).to(tl.float32)).to(dt)
     y2 = ((b * c).to(dt).to(tl.float32) + (a * s).to(dt).to(tl.float32)).to(dt)
+    return y1, y2, h, ok
+
+
+@triton.jit
+def _cos_sin(cos_ptr, sin_ptr, t, s_ct, s_cp, s_st, s_sp, HALF, dt: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Token t's cos/sin (1, BLOCK_P): float32 in memory, cast to x's dtype first, as apply_rotary does."""
+    p = tl.arange(0, BLOCK_P)[None, :]
+    c = tl.load(cos_ptr + t * s_ct + p * s_cp, mask=p < HALF, other=0.0).to(dt).to(tl.float32)
+    s = tl.load(sin_ptr + t * s_st + p * s_sp, mask=p < HALF, other=0.0).to(dt).to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr, cos_ptr, sin_ptr, o_ptr,
+    H, HALF,
+    s_xt, s_xh, s_xd, s_ct, s_cp, s_st, s_sp, s_ot, s_oh,
+    INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    c, s = _cos_sin(cos_ptr, sin_ptr, t, s_ct, s_cp, s_st, s_sp, HALF, o_ptr.dtype.element_ty, BLOCK_P)
+    y1, y2, h, ok = _rotate(x_ptr + t * s_xt, c, s, H, HALF, s_xh, s_xd, INTERLEAVED, BLOCK_H, BLOCK_P)
+    p = tl.arange(0, BLOCK_P)[None, :]
     out = o_ptr + t * s_ot + h * s_oh
     tl.store(out + p, y1, mask=ok)
     tl.store(out + p + HALF, y2, mask=ok)
@@ -136,7 +156,7 @@ def _norm(x, weight, eps, residual=None, quant=None):
             raise ValueError(f"fused_add_rms_norm: residual on {residual.device}, x on {dev}")
         r2 = _rows("residual", residual, n)
         ro = torch.empty((m, n), dtype=x.dtype, device=dev)
-    block = triton.next_power_of_2(n)
+    block = next_pow2(n)
     out = x_q = x_s = None
     if quant is None:
         out = torch.empty((m, n), dtype=x.dtype, device=dev)
@@ -148,7 +168,7 @@ def _norm(x, weight, eps, residual=None, quant=None):
         if block % group:
             raise ValueError(f"rms_norm_quant: BLOCK = {block} must be a multiple of the group of {group}")
         x_q = torch.empty((m, n), dtype=Q_DTYPES[qdtype], device=dev)
-        x_s = torch.empty((m, 1 if group_size is None else triton.cdiv(n, group)), dtype=torch.float32, device=dev)
+        x_s = torch.empty((m, 1 if group_size is None else cdiv(n, group)), dtype=torch.float32, device=dev)
         qmax, is_fp8, ue8m0 = QMAX[qdtype], qdtype == "fp8_e4m3", scale_fmt == "ue8m0"
     if m:
         dummy = x2  # pointers a variant never reads or writes
@@ -161,7 +181,7 @@ def _norm(x, weight, eps, residual=None, quant=None):
                 0 if x_s is None else x_s.stride(0), 1.0 / n, float(eps),
                 HAS_RESIDUAL=r2 is not None, QUANT=quant is not None, GROUP=group, QMAX=qmax, IS_FP8=is_fp8,
                 UE8M0=ue8m0, COMPILED=not INTERPRETED, BLOCK=block,
-                num_warps=4 if triton.next_power_of_2(n) <= 2048 else 8,  # by the row, not the group: same reduction
+                num_warps=4 if next_pow2(n) <= 2048 else 8,  # by the row, not the group: same reduction
             )
     return out, ro, x_q, x_s
 
@@ -228,6 +248,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
         with _ctx(x):
             _rotary_kernel[(t,)](
                 x, cos, sin, out, h, d // 2, *x.stride(), *cos.stride(), *sin.stride(), out.stride(0), out.stride(1),
-                INTERLEAVED=interleaved, BLOCK_H=triton.next_power_of_2(h), BLOCK_P=triton.next_power_of_2(d // 2),
+                INTERLEAVED=interleaved, BLOCK_H=next_pow2(h), BLOCK_P=next_pow2(d // 2),
             )
     return out

@@ -24,25 +24,31 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ingot.kernels.checks import cdiv, next_pow2
 from ingot.kernels.act_quant import (
     ONE_PASS_ELEMS_PER_WARP, ONE_PASS_MAX_K, QMAX, Q_DTYPES, _cast_rn, _quantize_store, check_quant_args,
-    per_token_quant_int8,
+    quantize_row_chunks,
 )
 
 DTYPES = (torch.bfloat16, torch.float16)
 # Column tile of the unquantized and the per-group variants (a multiple of any group size up to it): 1024 channels,
 # 4 warps, 8 per thread. Per-token quantization needs the row's amax, so there one program holds a whole row (up to
-# ONE_PASS_MAX_K channels, as per_token_quant_int8's one-pass path; longer rows quantize in a second launch).
+# ONE_PASS_MAX_K channels, as per_token_quant_int8's one-pass path; longer rows take the split-row path below).
 BLOCK_N = 1024
 NUM_WARPS = 4
+# Per-token quantization of fewer rows than this spreads each row over BLOCK_N-column programs (two launches, see
+# _silu_mul_split_rows): one program per row leaves most SMs idle at decode - Llama-3-8B, M = 1, I = 14336: one
+# program of 16 warps, 7.7 us a call on the H100 (session-4 decode profile), for 57 KB of reads.
+SPLIT_ROWS_BELOW = 128
 
 
 @triton.jit
 def _silu_mul_kernel(
     g_ptr, u_ptr, o_ptr, q_ptr, s_ptr,  # gate, up [M, I] (row strides s_g, s_u); out [M, I] or x_q [M, I], x_s [M, G]
-    N, s_g, s_u, s_o, s_q, s_s,
+    a_ptr,  # AMAX: each column chunk's max |out| [M, cdiv(I, BLOCK)] (row stride s_a)
+    N, s_g, s_u, s_o, s_q, s_s, s_a,
     QUANT: tl.constexpr, GROUP: tl.constexpr, QMAX: tl.constexpr, IS_FP8: tl.constexpr, UE8M0: tl.constexpr,
-    COMPILED: tl.constexpr,
+    COMPILED: tl.constexpr, AMAX: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -63,6 +69,8 @@ def _silu_mul_kernel(
                         GROUP, QMAX, IS_FP8, UE8M0, COMPILED, BLOCK)
     else:
         tl.store(o_ptr + row * s_o + cols, out, mask=ok)
+        if AMAX:  # the stored (rounded) values' max, for quantize_row_chunks; lanes past N hold 0
+            tl.store(a_ptr + row * s_a + tl.program_id(1), tl.max(tl.abs(out.to(tl.float32)), axis=0))
 
 
 INTERPRETED = not isinstance(_silu_mul_kernel, triton.runtime.JITFunction)
@@ -94,15 +102,32 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g2, u2 = _operands(gate, up)
     m, n = g2.shape
     out = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
-    block = min(BLOCK_N, triton.next_power_of_2(n))
+    block = min(BLOCK_N, next_pow2(n))
     if m:
         with _ctx(gate):
-            _silu_mul_kernel[(m, triton.cdiv(n, block))](
-                g2, u2, out, out, out, n, g2.stride(0), u2.stride(0), out.stride(0), 0, 0,
+            _silu_mul_kernel[(m, cdiv(n, block))](
+                g2, u2, out, out, out, out, n, g2.stride(0), u2.stride(0), out.stride(0), 0, 0, 0,
                 QUANT=False, GROUP=block, QMAX=127.0, IS_FP8=False, UE8M0=False, COMPILED=not INTERPRETED,
-                BLOCK=block, num_warps=NUM_WARPS,
+                AMAX=False, BLOCK=block, num_warps=NUM_WARPS,
             )
     return out.view(gate.shape)
+
+
+def _silu_mul_split_rows(g2: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization of silu(gate) * up with each row spread over BLOCK_N-column programs: silu * up
+    and every chunk's amax in one launch, then ``quantize_row_chunks`` (the row's scale from the chunk maxima).
+    Bit for bit what the one-program-per-row path gives (the max of the chunk maxima is the row's max)."""
+    m, n = g2.shape
+    chunks = cdiv(n, BLOCK_N)
+    act = torch.empty((m, n), dtype=g2.dtype, device=g2.device)
+    amax = torch.empty((m, chunks), dtype=torch.float32, device=g2.device)
+    with _ctx(g2):
+        _silu_mul_kernel[(m, chunks)](
+            g2, u2, act, act, act, amax, n, g2.stride(0), u2.stride(0), act.stride(0), 0, 0, amax.stride(0),
+            QUANT=False, GROUP=BLOCK_N, QMAX=127.0, IS_FP8=False, UE8M0=False, COMPILED=not INTERPRETED,
+            AMAX=True, BLOCK=BLOCK_N, num_warps=NUM_WARPS,
+        )
+    return quantize_row_chunks(act, amax, BLOCK_N)
 
 
 def silu_mul_quant(
@@ -122,25 +147,26 @@ def silu_mul_quant(
     check_quant_args(dtype, group_size, scale_fmt)
     g2, u2 = _operands(gate, up)
     m, n = g2.shape
-    if group_size is None and n > ONE_PASS_MAX_K:  # a row does not fit one program: two launches
-        return per_token_quant_int8(silu_mul(gate, up))
+    lead = gate.shape[:-1]
+    if group_size is None and m and (m < SPLIT_ROWS_BELOW or n > ONE_PASS_MAX_K):
+        x_q, x_s = _silu_mul_split_rows(g2, u2)  # few rows (decode), or a row longer than one program holds
+        return x_q.view(gate.shape), x_s.view(*lead, 1)
     if group_size is None:
-        block = group = triton.next_power_of_2(n)
+        block = group = next_pow2(n)
         num_warps = min(16, max(NUM_WARPS, block // ONE_PASS_ELEMS_PER_WARP))
     else:
         group = group_size
-        block = max(group, min(BLOCK_N, triton.next_power_of_2(n)))  # powers of two: a multiple of the group
+        block = max(group, min(BLOCK_N, next_pow2(n)))  # powers of two: a multiple of the group
         num_warps = NUM_WARPS
     if block % group:
         raise ValueError(f"silu_mul_quant: BLOCK = {block} must be a multiple of the group of {group}")
     x_q = torch.empty((m, n), dtype=Q_DTYPES[dtype], device=gate.device)
-    x_s = torch.empty((m, 1 if group_size is None else triton.cdiv(n, group)), dtype=torch.float32, device=gate.device)
+    x_s = torch.empty((m, 1 if group_size is None else cdiv(n, group)), dtype=torch.float32, device=gate.device)
     if m:
         with _ctx(gate):
-            _silu_mul_kernel[(m, triton.cdiv(n, block))](
-                g2, u2, x_q, x_q, x_s, n, g2.stride(0), u2.stride(0), 0, x_q.stride(0), x_s.stride(0),
+            _silu_mul_kernel[(m, cdiv(n, block))](
+                g2, u2, x_q, x_q, x_s, x_s, n, g2.stride(0), u2.stride(0), 0, x_q.stride(0), x_s.stride(0), 0,
                 QUANT=True, GROUP=group, QMAX=QMAX[dtype], IS_FP8=dtype == "fp8_e4m3", UE8M0=scale_fmt == "ue8m0",
-                COMPILED=not INTERPRETED, BLOCK=block, num_warps=num_warps,
+                COMPILED=not INTERPRETED, AMAX=False, BLOCK=block, num_warps=num_warps,
             )
-    lead = gate.shape[:-1]
     return x_q.view(gate.shape), x_s.view(*lead, x_s.shape[-1])

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ingot.kernels import tuning
-from ingot.kernels.checks import check_device, check_epilogue, check_tensor
+from ingot.kernels.checks import cdiv, check_device, check_epilogue, check_tensor
 from ingot.kernels.int8_gemm import _tile_ids
 from ingot.kernels.tuning import GemmConfig
 
@@ -90,9 +90,9 @@ OPS = tuple(_CONFIGS)
 def choose_split_k(m: int, n: int, k: int, config: GemmConfig, num_sms: int) -> int:
     """Split-K for untuned launches: enough K ranges for ``PROGRAMS_PER_SM`` programs per SM, with at least
     ``MIN_K_TILES_PER_SPLIT`` K tiles per range; 1 when the (M, N) tiles alone fill the GPU."""
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, tiles)
-    return max(1, min(want, triton.cdiv(k, config.block_k) // MIN_K_TILES_PER_SPLIT))
+    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
+    want = cdiv(PROGRAMS_PER_SM * num_sms, tiles)
+    return max(1, min(want, cdiv(k, config.block_k) // MIN_K_TILES_PER_SPLIT))
 
 
 def default_config(
@@ -112,9 +112,9 @@ def default_config(
 def effective_split_k(k: int, config: GemmConfig) -> tuple[int, int]:
     """(K ranges, K tiles per range) a launch uses: config.split_k capped at the K tile count, and never an empty
     range (split 4 over 5 tiles would be 2 + 2 + 1 + 0; it becomes 3 ranges, 2 + 2 + 1)."""
-    k_tiles = triton.cdiv(k, config.block_k)
-    per = triton.cdiv(k_tiles, max(1, min(config.split_k, k_tiles)))
-    return triton.cdiv(k_tiles, per), per
+    k_tiles = cdiv(k, config.block_k)
+    per = cdiv(k_tiles, max(1, min(config.split_k, k_tiles)))
+    return cdiv(k_tiles, per), per
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -479,7 +479,7 @@ def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, *
     split, per_split = effective_split_k(k, config)
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
     bias_arg = w_s if bias is None else bias
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         kernel[(tiles, split)](
             x, w, w_s, bias_arg, y, part,
@@ -494,7 +494,7 @@ def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, *
             **constexprs,
         )
         if split > 1:
-            _split_k_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
+            _split_k_reduce_kernel[(cdiv(m * n, REDUCE_BLOCK),)](
                 part, bias_arg, y, m * n, n, y.stride(0), y.stride(1),
                 HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=REDUCE_BLOCK, num_warps=4,
             )
@@ -568,16 +568,16 @@ def w4a16_gemm(
         raise ValueError(f"k must be a positive int (the unpacked K), got {k!r}")
     if kx != k:
         raise ValueError(f"x [M, K] = {tuple(x.shape)} does not have K = k = {k} columns")
-    if kp != triton.cdiv(k, 8):
+    if kp != cdiv(k, 8):
         raise ValueError(
-            f"w_packed must be [N, cdiv(K, 8)] = [{n}, {triton.cdiv(k, 8)}] for K = {k} (8 int4 values per int32), "
+            f"w_packed must be [N, cdiv(K, 8)] = [{n}, {cdiv(k, 8)}] for K = {k} (8 int4 values per int32), "
             f"got {tuple(w_packed.shape)}"
         )
     if n == 0:
         raise ValueError(f"empty GEMM: N = 0 (w_packed {tuple(w_packed.shape)})")
     if not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    groups = triton.cdiv(k, group_size)
+    groups = cdiv(k, group_size)
     if tuple(w_s.shape) != (n, groups):
         raise ValueError(
             f"w_s must be per row per {group_size}-group, shape (N, cdiv(K, {group_size})) = ({n}, {groups}), "

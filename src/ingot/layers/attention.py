@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ingot.layers.rotary import apply_rotary
+
 
 @dataclass(frozen=True)
 class KVSpec:
@@ -76,6 +78,12 @@ class AttnMetadata:
     query_lens_host: tuple[int, ...] | None = None
     seq_lens_host: tuple[int, ...] | None = None
     prefill_plan: "PrefillPlan | None" = field(default=None, repr=False, compare=False)
+
+
+def _fused_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cos: torch.Tensor) -> bool:
+    """Whether rope + cache write can run as one kernel: CUDA, bf16/fp16, separate values, the engine's [T, H, D]."""
+    return (q.is_cuda and v is not None and q.dtype in (torch.bfloat16, torch.float16) and q.dim() == 3
+            and cos.dim() == 2)
 
 
 def store_kv(
@@ -417,13 +425,25 @@ class Attention(nn.Module):
             raise ValueError(f"v_cache of shape {got} does not fit {s}: expected {(*k_cache.shape[:3], s.head_dim_v)}")
         self.k_cache, self.v_cache = k_cache, v_cache
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, meta: AttnMetadata | None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, meta: AttnMetadata | None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """rope: (cos, sin) to rotate q and k by first (``apply_rotary``, channel i with i + dim / 2); on the engine's
+        CUDA path the rotation and the cache write are one launch (``kernels.kv_store.rope_store_kv``)."""
         dv = self.spec.head_dim_v
         if meta is None:
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             return causal_attention(q, k, _values(k, v, dv), self.scale, self.window)
         if self.k_cache is None:
             raise RuntimeError("Attention: no KV cache bound; call model.bind_kv_cache(...) before a paged forward")
-        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if rope is not None and _fused_rope_store(q, k, v, rope[0]):
+            from ingot.kernels.kv_store import rope_store_kv
+
+            q, k = rope_store_kv(q, k, v, *rope, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, dv, self.window, (k, v))
 
     def extra_repr(self) -> str:

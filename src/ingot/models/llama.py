@@ -22,7 +22,7 @@ from ingot.layers.attention import Attention, AttnMetadata, KVSpec
 from ingot.layers.linear import ActQuant, Linear, QuantizedActivation, fuse_linears, shared_input_quant
 from ingot.layers.moe import MLP, MoE
 from ingot.layers.norm import RMSNorm
-from ingot.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary
+from ingot.layers.rotary import RopeScaling, RotaryEmbedding
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -201,8 +201,7 @@ class LlamaAttention(nn.Module):
         v = v.unflatten(-1, (-1, self.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        return self.o_proj(self.attn(q, k, v, meta).flatten(-2))
+        return self.o_proj(self.attn(q, k, v, meta, rope).flatten(-2))  # the layer rotates q and k
 
 
 # ----------------------------------------------------------------------------------------------------------- block
