@@ -1,7 +1,7 @@
 """Small decode-time ops on the GPU, variant against variant, timed as CUDA-graph replays (as the engine runs them):
 
 - silu*up + per-token int8 quantization (down_proj's input): each row spread over 1024-column programs (two launches,
-  ``silu_mul.SPLIT_ROWS_BELOW``) against one program per row, M = 1 ... 256, I = 14336 (Llama-3-8B), 18432 (DeepSeek-V3);
+  ``silu_mul.SPLIT_ROWS_MAX``) against one program per row, M = 1 ... 256, I = 14336 (Llama-3-8B), 18432 (DeepSeek-V3);
 - a Llama layer's rotary of q and k and its KV-cache write: ``rope_store_kv`` (one launch) against ``rotary`` x 2 +
   ``store_kv_cache`` (three launches: keys, then values inside one call), T = 1 and 64;
 - paged decode attention at short and long context: KV splits 1 ... 8 (Llama-3-8B heads, B = 1 and 64).
@@ -41,14 +41,14 @@ def silu_rows() -> list[dict]:
             gate_up = torch.randn(m, 2 * n, device=DEV, dtype=torch.bfloat16)
             gate, up = gate_up.chunk(2, dim=-1)
             row = {"op": "silu_mul_quant_int8_per_token", "m": m, "i": n}
-            saved = silu_module.SPLIT_ROWS_BELOW
+            saved = silu_module.SPLIT_ROWS_MAX
             try:
-                silu_module.SPLIT_ROWS_BELOW = 1 << 30
+                silu_module.SPLIT_ROWS_MAX = 1 << 30
                 row["split_rows_us"] = bench(lambda: silu_module.silu_mul_quant(gate, up))
-                silu_module.SPLIT_ROWS_BELOW = 0
+                silu_module.SPLIT_ROWS_MAX = 0
                 row["one_program_per_row_us"] = bench(lambda: silu_module.silu_mul_quant(gate, up))
             finally:
-                silu_module.SPLIT_ROWS_BELOW = saved
+                silu_module.SPLIT_ROWS_MAX = saved
             row["silu_mul_only_us"] = bench(lambda: silu_module.silu_mul(gate, up))
             rows.append(row)
             print(row, flush=True)

@@ -100,6 +100,7 @@ def test_rope_store_kv_errors():
     with pytest.raises(ValueError, match="slot_mapping has shape"):
         rope_store_kv(q, k, v, cs, cs, kc, vc, torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="do not fit"):
-        rope_store_kv(q, k, v, cs, cs, torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16), vc, torch.zeros(3, dtype=torch.int64))
+        wide = torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16)
+        rope_store_kv(q, k, v, cs, cs, wide, vc, torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="shapes disagree"):
         rope_store_kv(q, k, v, torch.zeros(3, 3), torch.zeros(3, 3), kc, vc, torch.zeros(3, dtype=torch.int64))

@@ -39,8 +39,11 @@ BLOCK_H = 16  # query heads per program: a whole GQA group (4 for Llama-3-8B, 3 
 # Split-KV: aim for about this many programs per SM (a decode of B = 1, 8 kv heads would otherwise run 8 programs on
 # 132 SMs), but never split below MIN_SPLIT_TOKENS of context per split, where the extra partial-result traffic
 # (Dv fp32 per head per split) starts to rival the K/V bytes a split reads.
+# H100, Llama-3-8B heads, batch 1 (benchmarks/scripts/decode_ops_bench.py): context 192 took 6.6 us in one split
+# and 5.5 in three; context 1024 10.3 us in four splits and 6.2 in sixteen - so 64 tokens, not 256, per split.
+# Batch 64 fills the SMs without splits (want = 1 below), where splits only cost (21.4 us vs 25.7 in two at 192).
 PROGRAMS_PER_SM = 2
-MIN_SPLIT_TOKENS = 256
+MIN_SPLIT_TOKENS = 64
 MAX_SPLITS = 32
 
 

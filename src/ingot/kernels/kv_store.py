@@ -149,7 +149,8 @@ def rope_store_kv(
         raise TypeError(f"rope_store_kv: q, k, v must share a dtype in {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or cos.dim() != 2 or cos.shape != sin.shape:
         raise ValueError(f"rope_store_kv: q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv], cos/sin [T, D/2]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}")
     t, h, d = q.shape
     hkv, dv = k.shape[1], v.shape[2]
     if d % 2 or k.shape != (t, hkv, d) or v.shape[:2] != (t, hkv) or cos.shape != (t, d // 2):

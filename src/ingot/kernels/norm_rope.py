@@ -78,7 +78,8 @@ def _rotate(
     INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One token's H heads at x_ptr rotated by c, s (1, BLOCK_P) fp32 (already rounded to x's dtype): returns the
-    halves y1, y2 (BLOCK_H, BLOCK_P) in x's dtype - output channels p and p + HALF - with the head index and the mask."""
+    halves y1, y2 (BLOCK_H, BLOCK_P) in x's dtype - output channels p and p + HALF - with the head index and the
+    mask."""
     h = tl.arange(0, BLOCK_H)[:, None]
     p = tl.arange(0, BLOCK_P)[None, :]
     ok = (h < H) & (p < HALF)

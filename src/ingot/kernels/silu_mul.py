@@ -36,10 +36,12 @@ DTYPES = (torch.bfloat16, torch.float16)
 # ONE_PASS_MAX_K channels, as per_token_quant_int8's one-pass path; longer rows take the split-row path below).
 BLOCK_N = 1024
 NUM_WARPS = 4
-# Per-token quantization of fewer rows than this spreads each row over BLOCK_N-column programs (two launches, see
-# _silu_mul_split_rows): one program per row leaves most SMs idle at decode - Llama-3-8B, M = 1, I = 14336: one
-# program of 16 warps, 7.7 us a call on the H100 (session-4 decode profile), for 57 KB of reads.
-SPLIT_ROWS_BELOW = 128
+# Per-token quantization of up to this many rows spreads each row over BLOCK_N-column programs (two launches, see
+# _silu_mul_split_rows): one program per row leaves most SMs idle at decode. H100, CUDA-graph replays
+# (benchmarks/scripts/decode_ops_bench.py, results/decode-ops-*): I = 14336, M = 1 / 64 / 128 / 256: 3.4 / 5.7 / 7.7 /
+# 11.9 us split against 7.7 / 8.0 / 8.3 / 15.2 us; I = 18432 (one program spills registers): 3.8 / 6.3 / 8.9 / 14.7
+# against 21.4 / 22.1 / 25.8 / 47.9 us. Larger M (prefill) was not measured and keeps one program per row.
+SPLIT_ROWS_MAX = 256
 
 
 @triton.jit
@@ -148,7 +150,7 @@ def silu_mul_quant(
     g2, u2 = _operands(gate, up)
     m, n = g2.shape
     lead = gate.shape[:-1]
-    if group_size is None and m and (m < SPLIT_ROWS_BELOW or n > ONE_PASS_MAX_K):
+    if group_size is None and m and (m <= SPLIT_ROWS_MAX or n > ONE_PASS_MAX_K):
         x_q, x_s = _silu_mul_split_rows(g2, u2)  # few rows (decode), or a row longer than one program holds
         return x_q.view(gate.shape), x_s.view(*lead, 1)
     if group_size is None:
