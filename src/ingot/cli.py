@@ -388,6 +388,7 @@ def cmd_bench_e2e(args) -> int:
         out=Path(args.out) if args.out else None,
         command=" ".join(["ingot", *sys.argv[1:]]),
         git_sha=args.git_sha,
+        repeats=args.repeats,
     )
     run_bench_e2e(options)
     return 0
@@ -504,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-no-compile", action="store_true",
                    help="run the transformers peer without its static-cache torch.compile (default: compiled, "
                         "compile time excluded by identical warm-up calls)")
+    b.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per batch size after the warm-up run; the median run is reported")
     b.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
     b.add_argument("--no-overlap", action="store_true",
                    help="read each step's tokens before queueing the next (the engine's default overlaps them)")

@@ -41,6 +41,7 @@ def test_bench_e2e_cpu_tiny(tmp_path):
         for b in run["batches"]:
             assert b["output_tokens_per_s"] > 0 and b["ttft_ms_median"] > 0 and b["tpot_ms_median"] > 0
             assert b["preemptions"] == 0
+            assert len(b["wall_s_runs"]) == 3 and b["wall_s"] == sorted(b["wall_s_runs"])[1]  # the median run
     # ratio = int8 tokens/s over bf16 tokens/s of the same batch
     bf16, int8 = on_disk["runs"]
     for i, b in enumerate((1, 3)):

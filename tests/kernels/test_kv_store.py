@@ -84,10 +84,12 @@ def test_rope_store_kv_equals_rotary_then_store(h, hkv, d, dv, dtype, interleave
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
     assert torch.equal(got_kc, want_kc) and torch.equal(got_vc, want_vc)
     if dtype == torch.float16 or dev == "cuda":  # the interpreter rounds bf16 differently from torch (test_norm_rope)
-        ref_k = apply_rotary(k.cpu(), cos.cpu(), sin.cpu(), interleaved)
+        # torch on the same device (4-D views: apply_rotary sends 3-D CUDA tensors to the kernel), torch's store_kv
+        ref_q = apply_rotary(q[None], cos[None], sin[None], interleaved)[0]
+        ref_k = apply_rotary(k[None], cos[None], sin[None], interleaved)[0]
         ref_kc, ref_vc = kc.clone(), vc.clone()
-        attention.store_kv(ref_k, v.cpu(), ref_kc, ref_vc, slots.cpu())
-        assert torch.equal(got_q.cpu(), apply_rotary(q.cpu(), cos.cpu(), sin.cpu(), interleaved))
+        attention.store_kv(ref_k.cpu(), v.cpu(), ref_kc, ref_vc, slots.cpu())
+        assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
         assert torch.equal(got_kc.cpu(), ref_kc) and torch.equal(got_vc.cpu(), ref_vc)
 
 

@@ -52,7 +52,8 @@ def test_rotary_matches_apply_rotary(interleaved, heads, dim):
     fused = torch.randn(t, heads, dim + 6, generator=g)  # x as a strided slice of a wider projection
     for dtype in (torch.float16, torch.bfloat16):
         x = fused.to(dtype)[..., 3 : 3 + dim]
-        want = apply_rotary(x, cos, sin, interleaved)
+        # torch's formula on the kernel's device (a 4-D view: apply_rotary sends 3-D CUDA tensors to the kernel)
+        want = apply_rotary(x.to(DEV)[None], cos.to(DEV)[None], sin.to(DEV)[None], interleaved)[0].cpu()
         got = rotary(x.to(DEV), cos.to(DEV), sin.to(DEV), interleaved).cpu()
         assert got.dtype == dtype and got.shape == (t, heads, dim)
         if dtype == torch.float16 or DEV == "cuda":

@@ -6,9 +6,11 @@ For each scheme (``random_model`` builds the model directly on the device: no ch
 - an ``LLM`` over it with max_num_seqs = the largest batch and a KV pool sized to the workload (largest batch x
   (input + output) tokens), so peak memory compares the schemes rather than a pool that fills the GPU;
 - for each batch size B: B prompts of ``input_len`` random token ids, ``output_len`` tokens each (eos ignored),
-  after a 2-token warm-up of the same batch (Triton compiles the prefill shapes there). Recorded: output tokens/s
-  (B x output_len / wall time of ``generate``, prefill included), TTFT (first token minus arrival, all requests
-  arrive together), TPOT ((latency - TTFT) / (output_len - 1)), peak allocated GPU memory.
+  after one untimed run of the same batch (Triton compiles the prefill shapes there), then ``repeats`` timed runs
+  (default 3; the run of median wall time is reported, every wall time is kept: one run's TTFT is a single prefill,
+  whose host time varied 25 -> 97 ms between runs of one build). Recorded: output tokens/s (B x output_len / wall
+  time of ``generate``, prefill included), TTFT (first token minus arrival, all requests arrive together), TPOT
+  ((latency - TTFT) / (output_len - 1)), peak allocated GPU memory.
 
 Batch-1 decode roofline: a decode step must read every weight it uses once (activated experts only for MoE: top-k
 of the routed experts; the embedding gives one row; lm_head whole) plus the KV cache of the context (input_len +
@@ -104,6 +106,7 @@ class BenchE2EOptions:
     command: str = ""
     git_sha: str | None = None  # for trees copied without .git (the GPU machine)
     seed: int = 0
+    repeats: int = 3  # timed runs per batch size; the median one is reported
 
     def __post_init__(self) -> None:
         from ingot.quant.schemes import PRESETS as SCHEMES
@@ -117,6 +120,8 @@ class BenchE2EOptions:
             sizes = getattr(self, name)
             if not sizes or any(b < 1 for b in sizes):
                 raise ValueError(f"bench e2e: {name} must be positive integers, got {list(sizes)}")
+        if self.repeats < 1:
+            raise ValueError(f"bench e2e: repeats must be >= 1, got {self.repeats}")
         if self.input_len < 1 or self.output_len < 2:
             raise ValueError(f"bench e2e: input_len >= 1 and output_len >= 2 (TPOT needs two tokens), got "
                              f"{self.input_len}, {self.output_len}")
@@ -220,13 +225,18 @@ def bench_engine_batches(llm, options: BenchE2EOptions, vocab: int, device: torc
     rows = []
     for b in options.batch_sizes:
         prompts = _prompts(b, options.input_len, vocab, options.seed + b)
-        llm.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up: prefill shapes compile
+        params = SamplingParams(max_tokens=options.output_len, ignore_eos=True)
+        llm.generate(prompts, params)  # warm-up: prefill shapes compile
         _reset_peak(device)
-        _sync(device)
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, SamplingParams(max_tokens=options.output_len, ignore_eos=True))
-        _sync(device)
-        wall = time.perf_counter() - t0
+        runs = []
+        for _ in range(options.repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            _sync(device)
+            runs.append((time.perf_counter() - t0, outs))
+        walls = [w for w, _ in runs]
+        wall, outs = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]  # the median run (the lower middle)
         if any(len(o.token_ids) != options.output_len for o in outs):
             raise RuntimeError(f"bench e2e: batch {b}: a request stopped before {options.output_len} tokens")
         ttft = [o.ttft_s for o in outs]
@@ -234,6 +244,7 @@ def bench_engine_batches(llm, options: BenchE2EOptions, vocab: int, device: torc
         rows.append({
             "batch": b,
             "wall_s": round(wall, 4),
+            "wall_s_runs": [round(w, 4) for w in walls],
             "output_tokens_per_s": round(b * options.output_len / wall, 2),
             "ttft_ms_median": round(1e3 * statistics.median(ttft), 3),
             "ttft_ms_max": round(1e3 * max(ttft), 3),
