@@ -180,14 +180,16 @@ def test_gpu_real_sizes(h, hkv, dk, dv, shared):
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay_follows_new_seq_lens():
-    """Captured once, replayed after the seq_lens and block tables change in place: no host-side state baked in."""
-    q, kc, vc, bt, seq, keys, values = make_case(4, 32, 8, 128, 128, [100, 700, 5, 0], page=16, device="cuda")
+    """Captured once, replayed after the seq_lens change in place (shorter, to zero, the same, inside a block): no
+    host-side state baked in. (Every new length stays within its row's blocks: make_case points the rest of a block
+    table past the cache, which the kernel would read - as it should - for a longer row.)"""
+    q, kc, vc, bt, seq, keys, values = make_case(4, 32, 8, 128, 128, [100, 700, 5, 16], page=16, device="cuda")
     scale = 1 / math.sqrt(128)
     paged_decode_attention(q, kc, vc, bt, seq, scale, 128)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = paged_decode_attention(q, kc, vc, bt, seq, scale, 128)
-    new = torch.tensor([50, 0, 5, 1], dtype=torch.int32)
+    new = torch.tensor([50, 0, 5, 3], dtype=torch.int32)
     seq.copy_(new)
     graph.replay()
     torch.cuda.synchronize()

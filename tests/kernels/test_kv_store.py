@@ -83,14 +83,14 @@ def test_rope_store_kv_equals_rotary_then_store(h, hkv, d, dv, dtype, interleave
     got_q, got_k = rope_store_kv(q, k, v, cos, sin, got_kc, got_vc, slots, interleaved)
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
     assert torch.equal(got_kc, want_kc) and torch.equal(got_vc, want_vc)
-    if dtype == torch.float16 or dev == "cuda":  # the interpreter rounds bf16 differently from torch (test_norm_rope)
-        # torch on the same device (4-D views: apply_rotary sends 3-D CUDA tensors to the kernel), torch's store_kv
-        ref_q = apply_rotary(q[None], cos[None], sin[None], interleaved)[0]
-        ref_k = apply_rotary(k[None], cos[None], sin[None], interleaved)[0]
+    if dtype == torch.float16 and dev == "cpu":  # the interpreter rounds bf16 differently from torch; compiled,
+        # the rotary is within one ulp of torch (test_norm_rope): the exact comparison is the kernels' one above
+        ref_q = apply_rotary(q, cos, sin, interleaved)
+        ref_k = apply_rotary(k, cos, sin, interleaved)
         ref_kc, ref_vc = kc.clone(), vc.clone()
-        attention.store_kv(ref_k.cpu(), v.cpu(), ref_kc, ref_vc, slots.cpu())
+        attention.store_kv(ref_k, v, ref_kc, ref_vc, slots)
         assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
-        assert torch.equal(got_kc.cpu(), ref_kc) and torch.equal(got_vc.cpu(), ref_vc)
+        assert torch.equal(got_kc, ref_kc) and torch.equal(got_vc, ref_vc)
 
 
 def test_rope_store_kv_errors():

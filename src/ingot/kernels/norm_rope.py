@@ -10,7 +10,9 @@ Numerics follow the torch modules (ingot.layers.norm.RMSNorm, ingot.layers.rotar
   transformers). The mean of squares sums in another order than torch's reduction, so a bf16 output can differ from
   the torch module's by one ulp (a float32 variance 1 ulp apart moves a bf16 rounding about once in 2^16 values).
 - rotary: every product and sum rounded to the input dtype exactly where torch's bf16/fp16 ops round (each op
-  computes in float32 and rounds its result), so outputs are bit-identical to ``apply_rotary`` on the GPU.
+  computes in float32 and rounds its result). Exact against ``apply_rotary`` in the interpreter (fp16); compiled on
+  the H100 some elements come out one ulp from torch's CUDA formula (fp16 and bf16; cause not found - the PTX was
+  not inspected), so tests hold it to one ulp there.
 Float32 inputs keep the torch path (tests, where exact CPU/GPU agreement matters more than launches).
 
 The decoder's fused forms run the same kernel body (one program per row, the same BLOCK and warps, so the same

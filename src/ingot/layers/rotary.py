@@ -212,7 +212,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     interleaved=False pairs channel i with i + dim/2; True pairs 2i with 2i + 1 and returns the de-interleaved result.
     """
     if x.is_cuda and x.dim() == 3 and cos.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16):
-        from ingot.kernels.norm_rope import rotary  # one launch instead of 9, bit-identical (the engine's [T, H, D])
+        from ingot.kernels.norm_rope import rotary  # one launch instead of 9, within 1 ulp (the engine's [T, H, D])
 
         return rotary(x, cos, sin, interleaved)
     cos = cos.to(x.dtype).unsqueeze(-2)  # (..., 1, dim/2): broadcast over heads
