@@ -34,6 +34,7 @@ def test_all_tasks_on_a_stand_in(data, tmp_path):
                                   *{f"mmlu/test/{s}_test.csv" for s in data.mmlu_subjects("test")}}
     assert all(len(h) == 64 for h in saved["data"].values())
     assert saved["git"]["sha"] and saved["device"]["cpu"]["cores"] and saved["software"]["torch"]
+    assert saved["software"]["transformers"] and saved["software"]["tokenizers"]  # tokenization depends on them
     assert {"setup", "load", "tokenize", "kl", "mmlu", "gsm8k", "total"} <= set(saved["timing"])
     assert saved["config"]["tasks"] == ["ppl", "kl", "mmlu", "gsm8k"] and saved["config"]["task_limits"] == {"gsm8k": 4}
     assert saved["config"]["wikitext"]["windows_total"] > 6 and saved["ref"] == str(tmp_path / "ref")
