@@ -75,7 +75,10 @@ def emulate_cuda():
     if not hasattr(N.RMSNorm(8), "use_kernels"):  # an older tree: its CUDA branch, forced
         N.RMSNorm.forward = lambda self, x: norm_rope.rms_norm(x, self.weight, self.eps)
     L.apply_rotary = lambda x, c, s, interleaved=False: norm_rope.rotary(x, c, s, interleaved)
+    A.apply_rotary = L.apply_rotary
     A.store_kv = lambda k, v, kc, vc, sm: kv_store.store_kv_cache(k, v, kc, vc, sm)
+    if hasattr(A, "_fused_rope_store"):  # the layer's rope + cache write in one launch (its CUDA branch, forced)
+        A._fused_rope_store = lambda q, k, v, cos: v is not None and q.dtype == torch.bfloat16 and q.dim() == 3
     orig_pa = A.paged_attention
     def pa(q, kc, vc, meta, scale, dv, window=None, *rest):
         if meta.max_query_len == 1:
