@@ -34,6 +34,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from ingot.kernels.checks import cdiv, next_pow2, pdl_enabled
 from ingot.kernels.act_quant import QMAX, Q_DTYPES, _cast_rn, _quantize_store, check_quant_args
