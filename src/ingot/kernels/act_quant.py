@@ -28,9 +28,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
-from triton.language.extra.cuda import gdc_launch_dependents
 
-from ingot.kernels.checks import cdiv, next_pow2, pdl_enabled
+from ingot.kernels.checks import cdiv, next_pow2
 
 # Largest quantized magnitude: a scale is amax / QMAX. (The same numbers as ingot.quant.schemes.QMAX; kernels sit
 # below quant in the import order, so they are spelled out here.)
@@ -217,10 +216,7 @@ def _per_token_quant_int8_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ONE_PASS: tl.constexpr,  # BLOCK_K >= K: a row tile is loaded once, kept in registers, reduced and quantized
-    PDL_SIGNAL: tl.constexpr = False,  # the int8 GEMM that reads x_q may start early (PDL, sm_90+)
 ):
-    if PDL_SIGNAL:
-        gdc_launch_dependents()
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -264,10 +260,7 @@ def _quantize_row_chunks_kernel(
     USE_LIBDEVICE: tl.constexpr,
     BLOCK: tl.constexpr,  # columns per chunk (the producer's)
     BLOCK_C: tl.constexpr,  # next_pow2(C)
-    PDL_SIGNAL: tl.constexpr = False,  # the int8 GEMM that reads x_q may start early (PDL, sm_90+)
 ):
-    if PDL_SIGNAL:
-        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     c = tl.arange(0, BLOCK_C)[None, :]
@@ -430,7 +423,6 @@ def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             BLOCK_M=block_m,
             BLOCK_K=block_k,
             ONE_PASS=one_pass,
-            PDL_SIGNAL=pdl_enabled(x.device, INTERPRETED),
             num_warps=num_warps,
         )
     return x_q, x_s if x.dim() == 2 else x_s.view(out_shape)
@@ -456,7 +448,6 @@ def quantize_row_chunks(x: torch.Tensor, chunk_amax: torch.Tensor, block: int) -
         with _device_ctx(x):
             _quantize_row_chunks_kernel[(m, chunks)](
                 x, chunk_amax, x_q, x_s, k, chunks, x.stride(0), chunk_amax.stride(0), x_q.stride(0), x_s.stride(0),
-                USE_LIBDEVICE=not INTERPRETED, BLOCK=block, BLOCK_C=max(2, next_pow2(chunks)),
-                PDL_SIGNAL=pdl_enabled(x.device, INTERPRETED), num_warps=NUM_WARPS,
+                USE_LIBDEVICE=not INTERPRETED, BLOCK=block, BLOCK_C=max(2, next_pow2(chunks)), num_warps=NUM_WARPS,
             )
     return x_q, x_s

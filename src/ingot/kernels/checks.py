@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -67,20 +64,3 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n for n >= 1 (0 for 0), as triton.next_power_of_2."""
     return 0 if n == 0 else 1 << (n - 1).bit_length()
-
-
-# Programmatic dependent launch (PDL, sm_90+): a decode GEMM launched with it starts while the kernel before it (the
-# norm or quantizer that produces its input) still runs, streams its first weight tiles into L2, and waits
-# (griddepcontrol.wait) before it reads the input. Producers signal early (griddepcontrol.launch_dependents).
-# INGOT_PDL=0 turns it off (an A/B switch for measurements).
-PDL = os.environ.get("INGOT_PDL", "1") != "0"
-
-
-@functools.lru_cache(maxsize=16)
-def _sm90_or_newer(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def pdl_enabled(device: torch.device, interpreted: bool) -> bool:
-    """Whether kernels on ``device`` may use griddepcontrol (compiled, CUDA, sm_90+, INGOT_PDL not 0)."""
-    return PDL and not interpreted and device.type == "cuda" and _sm90_or_newer(device.index or 0)

@@ -21,9 +21,8 @@ from dataclasses import replace
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
-from ingot.kernels.checks import cdiv, check_device, check_epilogue, check_tensor, next_pow2, pdl_enabled
+from ingot.kernels.checks import cdiv, check_device, check_epilogue, check_tensor
 from ingot.kernels import tuning
 from ingot.kernels.tuning import GemmConfig
 
@@ -160,13 +159,6 @@ def _split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, M, N,
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte lines at ``ptrs`` (one prefetch per element, no register result kept)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _int8_gemm_channel_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,  # int8 [M, K], fp32 [M, 1], int8 [N, K], fp32 [N, 1], [N], [M, N]
     part_ptr, lock_ptr,  # split-K: int32 partial tiles [SPLIT_K, tiles, BLOCK_M * BLOCK_N], int32 counters [tiles]
@@ -178,15 +170,9 @@ def _int8_gemm_channel_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr = 0,  # PDL launch: 128-byte weight lines per row prefetched before the wait
 ):
     rows, cols, offs_m, offs_n, offs_k, kt_first, kt_last, x_ptrs, w_ptrs, pid_n, pid_k, tile = _operand_tiles(
         x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
-    if PREFETCH_LINES > 0:  # launched with PDL: the weights do not depend on the kernel before; x does
-        line = kt_first * BLOCK_K + tl.arange(0, PREFETCH_LINES)[None, :] * 128
-        line = tl.minimum(line, kt_last * BLOCK_K - 1)  # inside this program's K slice (repeats are harmless)
-        _prefetch_l2(w_ptr + offs_n[:, None] * stride_wn + tl.minimum(line, K - 1) * stride_wk)
-        gdc_wait()
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     # A `for` over range, not a `while`: triton software-pipelines only for loops (num_stages of loads in flight).
@@ -319,24 +305,6 @@ def _split_k_locks(device: torch.device) -> torch.Tensor:
     return torch.zeros(MAX_SPLIT_K_TILES, dtype=torch.int32, device=device)
 
 
-# PDL prefetch budget: a decode GEMM whose whole weight fits in this many bytes prefetches its program's whole K
-# slice (the L2 is 50 MB on the H100: qkv 6144x4096 = 25 MB, o_proj 16.8 MB); larger ones prefetch PREFETCH_TILES
-# K tiles a program, so the first wave's lines do not evict each other (gate_up 28672x4096 = 117 MB).
-PREFETCH_WHOLE_BYTES = 32 << 20
-PREFETCH_TILES = 2
-PDL_MAX_M = 64  # decode shapes only: prefill GEMMs are compute-bound and long, a launch gap is noise there
-
-
-def _pdl_constexprs(device: torch.device, config: GemmConfig, m: int, n: int, k: int) -> dict:
-    """launch_pdl and PREFETCH_LINES for a decode int8-channel GEMM on sm_90+ (checks.pdl_enabled), else {}."""
-    if m > PDL_MAX_M or not pdl_enabled(device, INTERPRETED):
-        return {}
-    k_tiles = cdiv(k, config.block_k)
-    split = min(config.split_k, k_tiles)
-    per_program = cdiv(k_tiles, split) if n * k <= PREFETCH_WHOLE_BYTES else min(PREFETCH_TILES, k_tiles)
-    return {"launch_pdl": True, "PREFETCH_LINES": next_pow2(max(1, per_program * config.block_k // 128))}
-
-
 def _launch(kernel, device: torch.device, config: GemmConfig, m: int, n: int, part_dtype: torch.dtype,
             *args, **constexprs) -> None:
     """Grid, split-K scratch and launch of one GEMM (the kernels take part_ptr, lock_ptr after the six operands)."""
@@ -394,7 +362,6 @@ def int8_gemm_channel(
         w_q.stride(0), w_q.stride(1), w_s.stride(0),
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
-        **_pdl_constexprs(x_q.device, config, m, n, k),
     )
     return y
 

@@ -34,9 +34,8 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
-from ingot.kernels.checks import cdiv, next_pow2, pdl_enabled
+from ingot.kernels.checks import cdiv, next_pow2
 from ingot.kernels.act_quant import QMAX, Q_DTYPES, _cast_rn, _quantize_store, check_quant_args
 
 DTYPES = (torch.bfloat16, torch.float16)
@@ -51,10 +50,7 @@ def _rms_norm_kernel(
     GROUP: tl.constexpr, QMAX: tl.constexpr, IS_FP8: tl.constexpr, UE8M0: tl.constexpr,
     COMPILED: tl.constexpr,
     BLOCK: tl.constexpr,
-    PDL_SIGNAL: tl.constexpr = False,  # a quantizing norm feeds an int8 GEMM that may start early (PDL, sm_90+)
 ):
-    if PDL_SIGNAL:
-        gdc_launch_dependents()
     # One program per row, the whole row in registers. Every variant (plain, + residual, + quantization) runs this
     # one body with the same BLOCK and warps, so the row's sum of squares is reduced in the same order and the normed
     # values are the same bits whichever outputs a call asks for.
@@ -188,7 +184,6 @@ def _norm(x, weight, eps, residual=None, quant=None):
                 0 if x_s is None else x_s.stride(0), 1.0 / n, float(eps),
                 HAS_RESIDUAL=r2 is not None, QUANT=quant is not None, GROUP=group, QMAX=qmax, IS_FP8=is_fp8,
                 UE8M0=ue8m0, COMPILED=not INTERPRETED, BLOCK=block,
-                PDL_SIGNAL=quant is not None and pdl_enabled(dev, INTERPRETED),
                 num_warps=4 if next_pow2(n) <= 2048 else 8,  # by the row, not the group: same reduction
             )
     return out, ro, x_q, x_s
