@@ -83,9 +83,7 @@ def device_slug(info: dict) -> str:
 
 
 def software_info() -> dict:
-    """Versions a result depends on. transformers and tokenizers are there because tokenization is: the embedded
-    model's WikiText-2 test tokenized to 301,948 tokens here (transformers 5.23, tokenizers 0.23.3) and to 304,839
-    on the GPU machine's stack, so an eval's windows are only comparable between equal versions."""
+    """Versions a result depends on (transformers and tokenizers: an eval's token windows come from them)."""
     import importlib.metadata as metadata
 
     import safetensors

@@ -10,7 +10,8 @@ of a window only serve as context, so no score is made with a short context.
 
 ingot's choices: n_ctx 512 (llama.cpp's default for WikiText-2 comparisons), stride n_ctx (llama.cpp's; a
 smaller stride, e.g. ``n_ctx - first - 1``, scores every token once at the cost of more windows), NLL summed in
-float64. On SmolLM2's tokenizer WikiText-2 test is 301,948 tokens: 589 windows, 150,195 scored tokens.
+float64. On SmolLM2's tokenizer WikiText-2 test (its bytes, CRLF line ends kept: ``DataDir.wikitext_test``) is
+304,839 tokens: 595 windows, 151,725 scored tokens.
 The same windows feed the KL comparison (``ingot.eval.kl``), so both models see identical inputs.
 """
 
