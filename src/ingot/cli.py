@@ -389,6 +389,7 @@ def cmd_bench_e2e(args) -> int:
         command=" ".join(["ingot", *sys.argv[1:]]),
         git_sha=args.git_sha,
         repeats=args.repeats,
+        prefill_graph_tokens=args.prefill_graphs,
     )
     run_bench_e2e(options)
     return 0
@@ -507,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "compile time excluded by identical warm-up calls)")
     b.add_argument("--repeats", type=int, default=3,
                    help="timed runs per batch size after the warm-up run; the median run is reported")
+    b.add_argument("--prefill-graphs", type=int, default=0, metavar="TOKENS",
+                   help="CUDA graphs for lone prompts of up to TOKENS tokens (the batch-1 TTFT); 0: off")
     b.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
     b.add_argument("--no-overlap", action="store_true",
                    help="read each step's tokens before queueing the next (the engine's default overlaps them)")

@@ -144,3 +144,36 @@ def test_overlapped_steps_equal_reading_every_step(scheme):
         del llm
     assert results[0] == results[1]
     assert results[1][4][1] == "stop"
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8-channel"])
+def test_prefill_graphs_equal_eager_prefill(scheme):
+    """A lone prompt's prefill replayed from a captured bucket (engine/prefill_graphs.py) gives the eager prefill's
+    first-token logits and the same greedy continuation; a batch of prompts still runs eagerly."""
+    from ingot.models.loader import random_model
+
+    model = random_model(LLAMA, scheme, "cuda", dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)
+    eager = LLM.from_model(model, max_model_len=256, max_num_seqs=4)
+    graphs = LLM.from_model(model, max_model_len=256, max_num_seqs=4, prefill_graph_tokens=128)
+    assert graphs.runner.prefill is not None and set(graphs.runner.prefill.graphs) == {16, 32, 64, 128}
+    g = torch.Generator().manual_seed(1)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for n in (3, 16, 37, 128):
+        prompt = torch.randint(0, 512, (n,), generator=g).tolist()
+        firsts = []
+        for llm in (eager, graphs):
+            execute = llm.runner.execute
+            logits = []
+            llm.runner.execute = lambda out, pending=None, ex=execute, acc=logits: acc.append(ex(out, pending)) or acc[-1]
+            try:
+                ids = llm.generate([prompt], params)[0].token_ids
+            finally:
+                llm.runner.execute = execute
+            firsts.append((ids, logits[0].float().cpu()))
+        (ids_e, first_e), (ids_g, first_g) = firsts
+        torch.testing.assert_close(first_g, first_e, atol=1e-3, rtol=1e-3)
+        assert ids_g == ids_e, n
+    outs = graphs.generate([[1, 2, 3], [4, 5, 6, 7]], params)  # two prompts: the eager path, as before
+    assert [len(o.token_ids) for o in outs] == [8, 8]

@@ -107,6 +107,7 @@ class BenchE2EOptions:
     git_sha: str | None = None  # for trees copied without .git (the GPU machine)
     seed: int = 0
     repeats: int = 3  # timed runs per batch size; the median one is reported
+    prefill_graph_tokens: int = 0  # EngineConfig.prefill_graph_tokens (one-prompt prefill graphs; 0: off)
 
     def __post_init__(self) -> None:
         from ingot.quant.schemes import PRESETS as SCHEMES
@@ -276,7 +277,7 @@ def bench_scheme(scheme: str, config: dict, options: BenchE2EOptions, device: to
     t0 = time.perf_counter()
     llm = LLM.from_model(model, None, eos_ids=(), max_num_seqs=max_b, max_model_len=max_len, num_kv_blocks=blocks,
                          block_size=options.block_size, cuda_graphs=options.cuda_graphs,
-                         async_steps=options.async_steps)
+                         async_steps=options.async_steps, prefill_graph_tokens=options.prefill_graph_tokens)
     setup_s = time.perf_counter() - t0
     per_token_kv = kv_bytes_per_token(model.kv_cache_spec(), llm.kv_cache.dtype)
     read = decode_bytes_per_token(model, config)
@@ -293,6 +294,7 @@ def bench_scheme(scheme: str, config: dict, options: BenchE2EOptions, device: to
         "cuda_graphs": llm.runner.graphs is not None,
         "cuda_graphs_error": llm.runner.graphs_error,
         "async_steps": llm.config.async_steps,
+        "prefill_graphs": None if llm.runner.prefill is None else sorted(llm.runner.prefill.graphs),
         "kv_bytes_per_token": per_token_kv,
         "decode_read": {**read, "kv_cache_batch1": kv_read, "total": read["weights"] + kv_read},
         "batches": bench_engine_batches(llm, options, int(config["vocab_size"]), device),

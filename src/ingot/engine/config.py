@@ -34,6 +34,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # override the memory-derived pool size (tests, benchmarks)
     cuda_graphs: bool = True
     async_steps: bool = True  # queue step t + 1 before reading step t's tokens (host work overlaps the GPU's)
+    # CUDA graphs for a step that is one whole fresh prompt of up to this many tokens (engine/prefill_graphs.py;
+    # the batch-1 TTFT, host-bound when eager). 0: off (the default until measured on a GPU).
+    prefill_graph_tokens: int = 0
     fp8_fallback: str = "int8-block"
     seed: int = 0  # seeds the generators of sampled requests that bring no seed
 
@@ -44,6 +47,9 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"EngineConfig.{name} must be an int >= 1 or None, got {v!r}")
+        if isinstance(self.prefill_graph_tokens, bool) or not isinstance(self.prefill_graph_tokens, int) \
+                or self.prefill_graph_tokens < 0:
+            raise ValueError(f"EngineConfig.prefill_graph_tokens must be an int >= 0, got {self.prefill_graph_tokens!r}")
         if self.block_size < 1:
             raise ValueError(f"EngineConfig.block_size must be >= 1, got {self.block_size}")
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ingot.engine.kv_cache import KVCache
+from ingot.engine.prefill_graphs import PrefillGraphs
 from ingot.engine.sampling import host_to_device
 from ingot.engine.scheduler import ScheduledSeq, SchedulerOutput
 from ingot.engine.sequence import Sequence
@@ -55,6 +56,7 @@ class RunnerConfig:
     max_num_seqs: int
     max_model_len: int
     cuda_graphs: bool = True
+    prefill_graph_tokens: int = 0  # PrefillGraphs up to this many tokens (0: none)
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,16 @@ class ModelRunner:
                 self.graphs_error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                 logging.getLogger("ingot").warning("CUDA graphs off, decode runs eagerly: capture failed (%s)",
                                                    self.graphs_error)
+        self.prefill: PrefillGraphs | None = None  # one-prompt prefill graphs (captured on CUDA, eager on CPU)
+        if config.prefill_graph_tokens and (self.device.type != "cuda" or self.graphs is not None):
+            try:
+                self.prefill = PrefillGraphs(model, config.prefill_graph_tokens, kv_cache.block_size, self.device,
+                                             capture=self.graphs is not None)
+            except RuntimeError as error:  # a host sync in the forward, or no memory left for the graphs
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                logging.getLogger("ingot").warning("prefill graphs off: capture failed (%s: %s)",
+                                                   type(error).__name__, str(error).splitlines()[0][:200])
 
     def _decode_hidden(self, out: SchedulerOutput, pending: PendingTokens | None) -> torch.Tensor:
         b = len(out.scheduled)
@@ -337,6 +349,8 @@ class ModelRunner:
                 rows = [i for i, s in enumerate(out.scheduled) if s.samples]
                 hidden = hidden.index_select(0, host_to_device(rows, torch.int64, hidden.device))
             return self.model.compute_logits(hidden)
+        if self.prefill is not None and self.prefill.fits(out):
+            return self.model.compute_logits(self.prefill.run(out))
         inputs = build_inputs(out, self.kv_cache.block_size, self.device, pending)
         hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))

@@ -317,6 +317,9 @@ def _prefill_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window, k=N
         kd = k.view(b, n, *k.shape[1:])
         vd = _values(kd, None if v is None else v.view(b, n, *v.shape[1:]), head_dim_v)
         return causal_attention(q.view(b, n, h, -1), kd, vd, scale, window).reshape(t, h, head_dim_v)
+    if plan.dense is not None and not plan.groups and plan.decode_rows is None:  # a dense-only plan (prefill graphs)
+        raise RuntimeError("paged_attention: this step's plan is dense-only, and its new keys were not given in the "
+                           f"cache dtype ({None if k is None else k.dtype} vs {k_cache.dtype})")
     out = q.new_zeros(t, h, head_dim_v)
     if plan.decode_rows is not None:
         qd = q.index_select(0, plan.decode_rows)

@@ -1,0 +1,83 @@
+"""PrefillGraphs (engine/prefill_graphs.py): a lone whole prompt runs padded to a bucket of tokens over static
+buffers - captured in a CUDA graph on the GPU, eagerly here - and must give the logits of the ordinary prefill; steps
+that do not qualify (batches, chunks, prompts past the largest bucket) keep the ordinary path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ingot.engine import LLM, SamplingParams
+from ingot.engine.prefill_graphs import prefill_buckets
+from ingot.models.loader import random_model
+
+LLAMA = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512,
+         "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+
+
+def test_buckets():
+    assert prefill_buckets(512) == [16, 32, 64, 128, 256, 512]
+    assert prefill_buckets(100) == [16, 32, 64, 100]
+    assert prefill_buckets(8) == [8]
+
+
+def _first_logits(llm: LLM, prompts, max_tokens=6):
+    """Greedy outputs, and the logits of every prefill step (the ones the prompts' first tokens come from)."""
+    firsts, execute = [], llm.runner.execute
+
+    def spy(out, pending=None):
+        logits = execute(out, pending)
+        if not out.is_decode:
+            firsts.append(logits.float().clone())
+        return logits
+
+    llm.runner.execute = spy
+    try:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    finally:
+        llm.runner.execute = execute
+    return [o.token_ids for o in outs], firsts
+
+
+@pytest.mark.parametrize("n", [2, 5, 16, 17, 40, 64])
+def test_padded_prefill_equals_the_ordinary_one(n):
+    model = random_model(LLAMA, "bf16", "cpu", dtype=torch.float32, seed=4)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # no near-ties between greedy candidates
+    prompt = torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    plain = LLM.from_model(model, max_model_len=128, block_size=4)
+    padded = LLM.from_model(model, max_model_len=128, block_size=4, prefill_graph_tokens=64)
+    assert plain.runner.prefill is None and padded.runner.prefill is not None
+    runs = []
+    used = padded.runner.prefill.run
+    calls = []
+    padded.runner.prefill.run = lambda out: calls.append(1) or used(out)
+    for llm in (plain, padded):
+        runs.append(_first_logits(llm, [prompt]))
+    (ids_a, first_a), (ids_b, first_b) = runs
+    assert calls == [1]  # the one prefill took the padded path
+    torch.testing.assert_close(first_b[0], first_a[0], atol=1e-4, rtol=1e-4)
+    assert ids_a == ids_b  # and the cache it wrote serves the decode steps
+
+
+def test_steps_that_do_not_qualify_keep_the_ordinary_path():
+    model = random_model(LLAMA, "bf16", "cpu", dtype=torch.float32, seed=5)
+    llm = LLM.from_model(model, max_model_len=256, block_size=4, prefill_graph_tokens=32)
+    calls = []
+    used = llm.runner.prefill.run
+    llm.runner.prefill.run = lambda out: calls.append(1) or used(out)
+    g = torch.Generator().manual_seed(0)
+    llm.generate([torch.randint(0, 300, (9,), generator=g).tolist() for _ in range(2)], SamplingParams(max_tokens=2))
+    llm.generate([torch.randint(0, 300, (50,), generator=g).tolist()], SamplingParams(max_tokens=2))  # > 32 tokens
+    assert calls == []  # a batch of two prompts and a prompt past the largest bucket ran eagerly
+    chunked = LLM.from_model(model, max_model_len=256, block_size=4, prefill_graph_tokens=32, max_num_batched_tokens=8)
+    budget = chunked.plan.max_num_batched_tokens  # a prompt longer than a step's budget is chunked: never qualifies
+    assert budget < 32 and chunked.runner.prefill.buckets[-1] == budget
+
+
+def test_config_refuses_a_negative_size():
+    from ingot.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="prefill_graph_tokens"):
+        EngineConfig(prefill_graph_tokens=-1)
