@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ingot.engine import LLM, SamplingParams
-from ingot.engine.runner import PendingTokens
+from ingot.engine.decode_graphs import PendingTokens
 from ingot.engine.sampling import TokenReadback
 from ingot.engine.sequence import Sequence
 

@@ -60,7 +60,7 @@ def test_eager_decode_attends_over_its_own_blocks(monkeypatch, batch):
 def test_graph_metadata_keeps_the_full_table():
     """CUDA graphs capture DecodeBuffers.meta(b) once and replay it for every later step: it must span every table
     column and max_model_len (only the eager decode narrows it)."""
-    from ingot.engine.runner import DecodeBuffers
+    from ingot.engine.decode_graphs import DecodeBuffers
     import torch
 
     buf = DecodeBuffers(4, 256, BS, torch.device("cpu"))

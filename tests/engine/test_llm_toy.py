@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ingot.engine import LLM, SamplingParams
-from ingot.engine.runner import build_inputs, graph_buckets
+from ingot.engine.decode_graphs import graph_buckets
+from ingot.engine.runner import build_inputs
 from ingot.engine.scheduler import ScheduledSeq, SchedulerOutput
 from ingot.engine.sequence import Sequence
 
@@ -116,7 +117,7 @@ def test_graph_buckets():
 def test_padded_decode_buffers_match_the_eager_step():
     """The CUDA-graph path's inputs, run eagerly on CPU: a batch of 3 padded to bucket 4 (slot -1, seq_len 0 rows)
     gives the exact-size step's logits for the 3 real rows, and the padded row writes no cache."""
-    from ingot.engine.runner import DecodeBuffers
+    from ingot.engine.decode_graphs import DecodeBuffers
 
     model = ToyLM()
     llm = engine(model, max_num_seqs=4)
@@ -152,7 +153,7 @@ def test_padded_decode_buffers_match_the_eager_step():
 def test_decode_buffers_rewrite_tables_when_rows_change():
     """Table columns are cached per row: a sequence that gains a block, a row taken by another sequence and a
     preempted sequence re-admitted with new blocks of the same count are all rewritten."""
-    from ingot.engine.runner import DecodeBuffers
+    from ingot.engine.decode_graphs import DecodeBuffers
 
     buf = DecodeBuffers(2, 64, 4, torch.device("cpu"))
 

@@ -29,7 +29,8 @@ import torch
 from ingot.engine.config import EngineConfig, eos_token_ids, plan_engine
 from ingot.engine.detokenizer import IncrementalDetokenizer
 from ingot.engine.kv_cache import KVCache
-from ingot.engine.runner import ModelRunner, PendingTokens, RunnerConfig
+from ingot.engine.decode_graphs import PendingTokens
+from ingot.engine.runner import ModelRunner, RunnerConfig
 from ingot.engine.sampling import Sampler, SamplingParams, TokenReadback, find_stop
 from ingot.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ingot.engine.sequence import Sequence
