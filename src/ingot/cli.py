@@ -316,6 +316,7 @@ def _engine(args):
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         cuda_graphs=not args.eager,
+        prefill_graph_tokens=args.prefill_graphs,
         async_steps=not args.no_overlap,
         fp8_fallback=args.fp8_fallback,
     )
@@ -356,7 +357,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--mem-fraction", type=float, default=0.85, help="GPU memory share for weights + KV cache")
     p.add_argument("--max-model-len", type=int, help="prompt + output tokens per sequence")
     p.add_argument("--max-num-seqs", type=int, help="sequences per batch")
-    p.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs (decode, and the prefill graphs below)")
+    p.add_argument("--prefill-graphs", type=int, default=None, metavar="TOKENS",
+                   help="CUDA graphs for a lone prompt of up to TOKENS tokens (its TTFT); 0: off (default: 512 on CUDA)")
     p.add_argument("--no-overlap", action="store_true",
                    help="read each step's tokens before queueing the next (default: overlap host and GPU work)")
     p.add_argument("--fp8-fallback", default="int8-block", choices=["int8-block", "bf16"],
@@ -508,8 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "compile time excluded by identical warm-up calls)")
     b.add_argument("--repeats", type=int, default=3,
                    help="timed runs per batch size after the warm-up run; the median run is reported")
-    b.add_argument("--prefill-graphs", type=int, default=0, metavar="TOKENS",
-                   help="CUDA graphs for lone prompts of up to TOKENS tokens (the batch-1 TTFT); 0: off")
+    b.add_argument("--prefill-graphs", type=int, default=None, metavar="TOKENS",
+                   help="CUDA graphs for lone prompts of up to TOKENS tokens (the batch-1 TTFT); 0: off "
+                        "(default: the engine's, 512 on CUDA)")
     b.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
     b.add_argument("--no-overlap", action="store_true",
                    help="read each step's tokens before queueing the next (the engine's default overlaps them)")

@@ -108,7 +108,8 @@ def test_int8_checkpoint_through_the_engine(embedded_model_dir, tmp_path):
     for scheme in ("int8-channel", "int8-block"):
         dst = tmp_path / scheme
         convert(embedded_model_dir, dst, ConvertOptions(scheme=Scheme.from_name(scheme), device="cuda"), progress=False)
-        llm = LLM(dst, device="cuda", max_model_len=256, max_num_seqs=4)
+        # a fixed pool: the first scheme's engine is still alive while the second one sizes its own
+        llm = LLM(dst, device="cuda", max_model_len=256, max_num_seqs=4, num_kv_blocks=64)
         outs = llm.generate(PROMPTS[:3], SamplingParams(max_tokens=12, ignore_eos=True))
         for out in outs:
             logits = score_logits(llm.model, out.prompt_token_ids, out.token_ids)
@@ -155,8 +156,8 @@ def test_prefill_graphs_equal_eager_prefill(scheme):
     model = random_model(LLAMA, scheme, "cuda", dtype=torch.float32, seed=3)
     with torch.no_grad():
         model.lm_head.weight.mul_(50.0)
-    eager = LLM.from_model(model, max_model_len=256, max_num_seqs=4)
-    graphs = LLM.from_model(model, max_model_len=256, max_num_seqs=4, prefill_graph_tokens=128)
+    eager = LLM.from_model(model, max_model_len=256, max_num_seqs=4, num_kv_blocks=64, prefill_graph_tokens=0)
+    graphs = LLM.from_model(model, max_model_len=256, max_num_seqs=4, num_kv_blocks=64, prefill_graph_tokens=128)
     assert graphs.runner.prefill is not None and set(graphs.runner.prefill.graphs) == {16, 32, 64, 128}
     g = torch.Generator().manual_seed(1)
     params = SamplingParams(max_tokens=8, ignore_eos=True)

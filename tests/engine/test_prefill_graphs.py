@@ -81,3 +81,25 @@ def test_config_refuses_a_negative_size():
 
     with pytest.raises(ValueError, match="prefill_graph_tokens"):
         EngineConfig(prefill_graph_tokens=-1)
+
+
+def test_default_is_on_for_cuda_and_off_for_cpu():
+    """None resolves to CUDA_PREFILL_GRAPH_TOKENS on CUDA (capped by the step budget and max_model_len) and to 0 on
+    CPU, where nothing is captured; an explicit size wins; --eager (no graphs) turns them off. plan_engine with a
+    fixed pool touches no CUDA API, so the CUDA branch is checked here too."""
+    from ingot.engine.config import CUDA_PREFILL_GRAPH_TOKENS, EngineConfig, plan_engine
+
+    model = random_model(LLAMA, "bf16", "cpu", dtype=torch.float32, seed=0)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def tokens(device, **kw):
+        return plan_engine(model, EngineConfig(num_kv_blocks=64, **kw), device).prefill_graph_tokens
+
+    assert tokens(cpu) == 0
+    assert tokens(cuda) == min(CUDA_PREFILL_GRAPH_TOKENS, 512) == 512  # LLAMA's max_position_embeddings is 512
+    assert tokens(cuda, max_model_len=200) == 200
+    assert tokens(cuda, max_num_batched_tokens=96, max_num_seqs=4) == 96
+    assert tokens(cuda, cuda_graphs=False) == 0
+    assert tokens(cpu, prefill_graph_tokens=32) == 32
+    assert tokens(cuda, prefill_graph_tokens=0) == 0
+    assert LLM.from_model(model, max_model_len=128).runner.prefill is None  # CPU default: the ordinary prefill

@@ -122,8 +122,7 @@ class LLM:
         self.kv_cache = KVCache(model.kv_cache_spec(), plan.num_blocks, bs, plan.cache_dtype, self.device)
         sched = SchedulerConfig(plan.max_num_seqs, plan.max_num_batched_tokens, max_model_len, bs)
         self.scheduler = Scheduler(sched, self.kv_cache.allocator)
-        prefill_tokens = min(config.prefill_graph_tokens, max_model_len, plan.max_num_batched_tokens)
-        runner = RunnerConfig(plan.max_num_seqs, max_model_len, config.cuda_graphs, prefill_tokens)
+        runner = RunnerConfig(plan.max_num_seqs, max_model_len, config.cuda_graphs, plan.prefill_graph_tokens)
         self.runner = ModelRunner(model, self.kv_cache, runner)
         self.sampler = Sampler(config.seed)
         self._next_id = 0
