@@ -103,3 +103,19 @@ def test_default_is_on_for_cuda_and_off_for_cpu():
     assert tokens(cpu, prefill_graph_tokens=32) == 32
     assert tokens(cuda, prefill_graph_tokens=0) == 0
     assert LLM.from_model(model, max_model_len=128).runner.prefill is None  # CPU default: the ordinary prefill
+
+
+def test_two_engines_on_one_model_each_use_their_own_cache():
+    """LLM.from_model binds the model to its KV pool; a second engine on the same model rebinds it. The first one
+    must rebind its own before stepping: its captured graphs hold its pool's addresses (on the GPU, an eager prefill
+    into the other pool followed by graph decodes from its own gave garbage continuations)."""
+    model = random_model(LLAMA, "bf16", "cpu", dtype=torch.float32, seed=0)
+    first = LLM.from_model(model, max_model_len=64, num_kv_blocks=16)
+    alone = first.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=5, ignore_eos=True))[0].token_ids
+    for k, v in first.kv_cache.caches:
+        k.zero_(), v.zero_()
+    second = LLM.from_model(model, max_model_len=64, num_kv_blocks=16)
+    assert first.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=5, ignore_eos=True))[0].token_ids == alone
+    assert any(k.abs().sum() > 0 for k, _ in first.kv_cache.caches)  # written where first reads
+    assert all(k.abs().sum() == 0 for k, _ in second.kv_cache.caches)  # second never ran
+    assert second.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=5, ignore_eos=True))[0].token_ids == alone

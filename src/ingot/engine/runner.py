@@ -168,6 +168,10 @@ class ModelRunner:
         on CUDA: nothing here waits for the device."""
         if not out.scheduled:
             raise ValueError("execute: an empty step")
+        if getattr(self.model, "bound_kv_caches", None) is not self.kv_cache.caches:
+            # another engine built on the same model bound its pool since our last step; our captured graphs hold
+            # our pool's addresses, so the eager paths must write and read it too
+            self.model.bind_kv_cache(self.kv_cache.caches)
         if out.is_decode and len(out.scheduled) <= self.config.max_num_seqs:
             hidden = self._decode_hidden(out, pending)
             if not all(s.samples for s in out.scheduled):  # a 1-token prefill chunk that does not end its prompt

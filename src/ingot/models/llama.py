@@ -331,7 +331,8 @@ class CausalLM(nn.Module):
         return [op.spec for op in self._attention_ops()]
 
     def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-        """caches[i] = (k_cache, v_cache or None) of layer i, shaped as ``kv_cache_spec()[i]`` says."""
+        """caches[i] = (k_cache, v_cache or None) of layer i, shaped as ``kv_cache_spec()[i]`` says. The list is kept
+        as ``bound_kv_caches``: an engine sharing the model with another rebinds its own before a step."""
         ops = self._attention_ops()
         if len(caches) != len(ops):
             raise ValueError(f"bind_kv_cache: {len(caches)} caches for {len(ops)} attention layers")
@@ -340,6 +341,7 @@ class CausalLM(nn.Module):
                 op.bind_cache(k, v)
             except ValueError as error:
                 raise ValueError(f"layer {i}: {error}") from None
+        self.bound_kv_caches = caches
 
 
 class LlamaForCausalLM(CausalLM):
