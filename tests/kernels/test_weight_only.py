@@ -388,11 +388,12 @@ def test_w8a16_int8_weight_scheme(m):
 
 
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("split", [1, 2, 3])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_out_buffer_poisoned(op, split, out_dtype):
     """Every element of a NaN-filled ``out`` is overwritten (by the GEMM or by the split-K reduction, which also adds
-    the bias), and ``out`` is what comes back."""
+    the bias), and ``out`` is what comes back. Split 2 over 9 K tiles is 5 + 4: the short last split runs the same
+    5 steps as the first, its last one masked to zeros."""
     m, n, k = 33, 100, 576
     out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)
     bias = torch.randn(n, generator=_gen(42), device=DEVICE) * 3

@@ -89,7 +89,11 @@ OPS = tuple(_CONFIGS)
 
 def choose_split_k(m: int, n: int, k: int, config: GemmConfig, num_sms: int) -> int:
     """Split-K for untuned launches: enough K ranges for ``PROGRAMS_PER_SM`` programs per SM, with at least
-    ``MIN_K_TILES_PER_SPLIT`` K tiles per range; 1 when the (M, N) tiles alone fill the GPU."""
+    ``MIN_K_TILES_PER_SPLIT`` K tiles per range; 1 when the (M, N) tiles alone fill the GPU, and 1 above M = 64
+    (the prefill tiles): on the H100, SmolLM2's down_proj (N 576, K 1536) took 69 vs 105 us at M = 4096 and 49 vs
+    82 us at M = 512 unsplit vs split in two (benchmarks/results/weight-only-stress-*.json)."""
+    if m > 64:
+        return 1
     tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     want = cdiv(PROGRAMS_PER_SM * num_sms, tiles)
     return max(1, min(want, cdiv(k, config.block_k) // MIN_K_TILES_PER_SPLIT))
@@ -122,7 +126,12 @@ def effective_split_k(k: int, config: GemmConfig) -> tuple[int, int]:
 
 @triton.jit
 def _k_slice(K, K_TILES_PER_SPLIT, BLOCK_K: tl.constexpr):
-    """(pid_k, first, last): this program's split (grid axis 1) and its [first, last) range of K tiles."""
+    """(pid_k, first, last): this program's split (grid axis 1) and its [first, last) range of K tiles.
+
+    The GEMM loops run K_TILES_PER_SPLIT steps in every program (a short last split masks its extra steps to zeros),
+    not range(first, last): on the H100 (triton 3.6) the tensor-core kernels with loop bounds that differ per
+    program gave, about once in 450 launches at M = 4096, one 128-row tile of garbage (NaN in SmolLM2's int8-weight
+    WikiText-2 eval); kernels/NOTES.md."""
     pid_k = tl.program_id(1)
     first = pid_k * K_TILES_PER_SPLIT
     return pid_k, first, tl.minimum(first + K_TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
@@ -214,7 +223,7 @@ def _w8a16_gemm_kernel(
     stride_ym, stride_yn,
     K_TILES_PER_SPLIT,
     HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask
+    EVEN_K: tl.constexpr,  # no K mask: K % BLOCK_K == 0 and every split has K_TILES_PER_SPLIT tiles
     SPLIT_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -232,11 +241,12 @@ def _w8a16_gemm_kernel(
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk  # (BLOCK_N, BLOCK_K)
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kt in range(kt0, kt1):
+    for i in range(0, K_TILES_PER_SPLIT):  # the same trip count in every program: see _k_slice
+        kt = kt0 + i
         if EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
-        else:  # ragged last K tile: missing columns load as 0 and add nothing
+        else:  # ragged last K tile, or a tile past a short last split: missing columns load as 0 and add nothing
             k_left = K - kt * BLOCK_K
             a = tl.load(x_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0)
@@ -278,7 +288,8 @@ def _w4a16_gemm_kernel(
     ws_ptrs = ws_ptr + offs_n * stride_wsn  # (BLOCK_N,): group column 0 of this tile's rows
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kt in range(kt0, kt1):
+    for i in range(0, K_TILES_PER_SPLIT):  # the same trip count in every program: see _k_slice
+        kt = kt0 + i
         if EVEN_K:
             a = tl.load(x_ptrs)
             p = tl.load(w_ptrs)
@@ -288,7 +299,9 @@ def _w4a16_gemm_kernel(
             a = tl.load(x_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             p = tl.load(w_ptrs, mask=offs_p[None, :] < KP - kt * BLOCK_P, other=0)
         dot = _dot_wx(_unpack_int4(p, BLOCK_N, BLOCK_K), a, UPCAST_DOT)  # |dot| <= 8 * sum |x|
-        s = tl.load(ws_ptrs + ((kt * BLOCK_K) // GROUP_SIZE) * stride_wsg).to(tl.float32)  # (BLOCK_N,)
+        # past a short last split (dot = 0) the group index is clamped to the last group: no read past the scales
+        group = (tl.minimum(kt, kt1 - 1) * BLOCK_K) // GROUP_SIZE
+        s = tl.load(ws_ptrs + group * stride_wsg).to(tl.float32)  # (BLOCK_N,)
         acc += dot * s[:, None]
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_P * stride_wp
@@ -478,6 +491,9 @@ def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, *
         kernel = kernels[1]
     split, per_split = effective_split_k(k, config)
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    # EVEN_K: no load needs a K mask - no ragged K tile, and (the GEMM kernels run per_split steps in every split)
+    # no short last split
+    even_k = k % config.block_k == 0 and (kernel is kernels[1] or cdiv(k, config.block_k) % per_split == 0)
     bias_arg = w_s if bias is None else bias
     tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
@@ -488,7 +504,7 @@ def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, *
             *w_strides, *ws_strides,
             y.stride(0), y.stride(1),
             per_split,
-            HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0, SPLIT_K=split, UPCAST_DOT=INTERPRETED,
+            HAS_BIAS=bias is not None, EVEN_K=even_k, SPLIT_K=split, UPCAST_DOT=INTERPRETED,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             num_warps=config.num_warps, num_stages=config.num_stages,
             **constexprs,
