@@ -353,6 +353,21 @@ def test_split_k_block(split_k):
     assert_close_rel(y, ref.int8_gemm_block_ref(*args, bias=bias, out_dtype=torch.float32), FP32_TOL, "split-K block")
 
 
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_split_k_short_last_split_of_whole_tiles(split_k):
+    """K = 640: 5 whole K tiles, so no ragged tile, but split 2 is 3 + 2 and split 4 is 2 + 2 + 1 + 0: every split
+    runs the same number of steps (kernels/NOTES.md, session 6), the surplus ones masked to zeros, and the block
+    kernel's scale reads for them stay inside the scales."""
+    m, n, k = 33, 100, 640
+    args = _channel_operands(m, n, k, seed=71)
+    cfg = GemmConfig(16, 32, 128, group_m=1, split_k=split_k)
+    assert torch.equal(int8_gemm_channel(*args, out_dtype=torch.float32, config=cfg),
+                       ref.int8_gemm_channel_ref(*args, out_dtype=torch.float32))
+    args = _block_operands(m, n, k, seed=73)
+    y = int8_gemm_block(*args, out_dtype=torch.float32, config=GemmConfig(16, 64, 128, group_m=1, split_k=split_k))
+    assert_close_rel(y, ref.int8_gemm_block_ref(*args, out_dtype=torch.float32), FP32_TOL, "short split, block")
+
+
 def test_default_config_splits_k_only_where_tiles_are_few():
     """132 SMs: a 4096-wide decode GEMM has 128 N tiles of 32 -> split 2; 28672 wide has 896 tiles -> no split;
     prefill never splits; K of one tile cannot be split."""
