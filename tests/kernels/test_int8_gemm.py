@@ -355,9 +355,8 @@ def test_split_k_block(split_k):
 
 @pytest.mark.parametrize("split_k", [2, 4])
 def test_split_k_short_last_split_of_whole_tiles(split_k):
-    """K = 640: 5 whole K tiles, so no ragged tile, but split 2 is 3 + 2 and split 4 is 2 + 2 + 1 + 0: every split
-    runs the same number of steps (kernels/NOTES.md, session 6), the surplus ones masked to zeros, and the block
-    kernel's scale reads for them stay inside the scales."""
+    """K = 640: 5 whole K tiles, so no ragged tile, but split 2 is 3 + 2 and split 4 is 2 + 2 + 1 + 0 (a short and an
+    empty split, whose partials must still count)."""
     m, n, k = 33, 100, 640
     args = _channel_operands(m, n, k, seed=71)
     cfg = GemmConfig(16, 32, 128, group_m=1, split_k=split_k)
