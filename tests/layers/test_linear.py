@@ -142,7 +142,9 @@ def test_int8_cpu_gemms_equal_the_references_bit_for_bit(m):
         w_q[:, :] = 127  # worst case: every product 16129, partial sums far above 2^24
         x_q[0, :] = -127
         exact = (x_q.long() @ w_q.long().T).double()
-        assert torch.equal(ref._int8_dot_exact(x_q, w_q), exact)
+        dot = ref._int8_dot_exact(x_q, w_q)
+        assert dot.dtype == (torch.float32 if k <= ref.EXACT_F32_K else torch.float64)
+        assert torch.equal(dot.double(), exact)
         bias = torch.randn(n, generator=g).bfloat16()
         x_s, w_s = torch.rand(m, 1, generator=g) + 0.5, torch.rand(n, 1, generator=g) + 0.5
         for out in (torch.float32, torch.bfloat16):

@@ -297,11 +297,15 @@ EXACT_F32_K = 1024
 
 
 def _int8_dot_exact(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    """x_q [M, k] @ w_q [N, k].T -> the exact products as float64 [M, N]. int8: chunked float32 (above);
-    float8_e4m3fn: one float64 matmul (products of 4-bit significands over 2^-18..2^17 fit its 53 bits)."""
+    """x_q [M, k] @ w_q [N, k].T -> the exact products [M, N]: int8 with k <= EXACT_F32_K, one float32 matmul
+    returned as float32 (every partial sum fits; the block GEMM's 128-column dots, with no float64 round trip: the
+    int8-block CPU eval spent a quarter of its time converting them); longer int8, chunked float32 matmuls summed in
+    float64; float8_e4m3fn, one float64 matmul (products of 4-bit significands over 2^-18..2^17 fit its 53 bits)."""
     if x_q.dtype != torch.int8:
         return x_q.double() @ w_q.double().T
     xf, wf = x_q.float(), w_q.float()
+    if x_q.shape[1] <= EXACT_F32_K:
+        return xf @ wf.T
     acc = None
     for k0 in range(0, x_q.shape[1], EXACT_F32_K):
         part = (xf[:, k0 : k0 + EXACT_F32_K] @ wf[:, k0 : k0 + EXACT_F32_K].T).double()
@@ -368,9 +372,15 @@ def int8_gemm_block_ref(
     ws = w_s.float().repeat_interleave(bn, dim=0)[:n]  # [N, cdiv(K, bk)]: each row's block scale
     xs = x_s.float()
     acc = torch.zeros(m, n, dtype=torch.float32, device=x_q.device)
+    # bk <= EXACT_F32_K: each block's dot is one exact float32 matmul, so the operands are converted once (per-block
+    # conversions and float64 round trips made the int8-block CPU eval ~20% slower)
+    xf, wf = (x_q.float(), w_q.float()) if bk <= EXACT_F32_K else (None, None)
     for kb in range(cdiv(k, bk)):
         cols = slice(kb * bk, min(k, (kb + 1) * bk))
-        dot = _int8_dot_exact(x_q[:, cols], w_q[:, cols]).float()
+        if xf is not None:
+            dot = xf[:, cols] @ wf[:, cols].T
+        else:
+            dot = _int8_dot_exact(x_q[:, cols], w_q[:, cols]).float()
         acc = acc + dot * (xs[:, kb, None] * ws[None, :, kb])
     if bias is not None:
         acc = acc + bias.float().view(1, -1)
