@@ -359,7 +359,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--max-num-seqs", type=int, help="sequences per batch")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (decode, and the prefill graphs below)")
     p.add_argument("--prefill-graphs", type=int, default=None, metavar="TOKENS",
-                   help="CUDA graphs for a lone prompt of up to TOKENS tokens (its TTFT); 0: off (default: 512 on CUDA)")
+                   help="CUDA graphs for a lone prompt of up to TOKENS tokens (its TTFT); 0: off "
+                        "(default: 512 on CUDA)")
     p.add_argument("--no-overlap", action="store_true",
                    help="read each step's tokens before queueing the next (default: overlap host and GPU work)")
     p.add_argument("--fp8-fallback", default="int8-block", choices=["int8-block", "bf16"],
@@ -514,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefill-graphs", type=int, default=None, metavar="TOKENS",
                    help="CUDA graphs for lone prompts of up to TOKENS tokens (the batch-1 TTFT); 0: off "
                         "(default: the engine's, 512 on CUDA)")
-    b.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    b.add_argument("--eager", action="store_true", help="no CUDA graphs (decode, and prefill graphs)")
     b.add_argument("--no-overlap", action="store_true",
                    help="read each step's tokens before queueing the next (the engine's default overlaps them)")
     b.add_argument("--out", help="results JSON (default: benchmarks/results/e2e-<device>-<date>.json)")

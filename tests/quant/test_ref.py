@@ -444,3 +444,21 @@ def test_linear_bf16_input_keeps_dtype():
     for name in ALL:
         y = ref.linear(x, ref.quantize_weight(w, PRESETS[name]))
         assert y.dtype == torch.bfloat16 and y.shape == (4, 192)
+
+
+def test_fp8_block_gemm_ref_takes_each_block_dot_exactly():
+    """fp8_gemm_block_ref: each 128-column block's e4m3 dot is exact (float64), rounded once to float32, scaled and
+    summed in float32 in K order - the int8 block reference's float32 shortcut must not reach fp8 operands (a float32
+    fp8 dot rounds, off by up to 2^-7 here)."""
+    g = torch.Generator().manual_seed(5)
+    m, n, k, bn, bk = 33, 256, 640, 128, 128
+    x = (torch.randn(m, k, generator=g) * 50).to(torch.float8_e4m3fn)
+    w = (torch.randn(n, k, generator=g) * 50).to(torch.float8_e4m3fn)
+    x_s, w_s = torch.rand(m, k // bk, generator=g), torch.rand(n // bn, k // bk, generator=g)
+    ws = w_s.repeat_interleave(bn, dim=0)
+    expected = torch.zeros(m, n)
+    for kb in range(k // bk):
+        cols = slice(kb * bk, (kb + 1) * bk)
+        dot = (x[:, cols].double() @ w[:, cols].double().T).float()
+        expected = expected + dot * (x_s[:, kb, None] * ws[None, :, kb])
+    assert torch.equal(ref.fp8_gemm_block_ref(x, x_s, w, w_s, out_dtype=torch.float32), expected)

@@ -107,7 +107,7 @@ class BenchE2EOptions:
     git_sha: str | None = None  # for trees copied without .git (the GPU machine)
     seed: int = 0
     repeats: int = 3  # timed runs per batch size; the median one is reported
-    prefill_graph_tokens: int | None = None  # EngineConfig.prefill_graph_tokens (lone-prompt prefill graphs; None: the engine default, 0: off)
+    prefill_graph_tokens: int | None = None  # EngineConfig.prefill_graph_tokens (None: the engine's default, 0: off)
 
     def __post_init__(self) -> None:
         from ingot.quant.schemes import PRESETS as SCHEMES

@@ -99,7 +99,7 @@ def plan_engine(model, config: EngineConfig, device: torch.device) -> EnginePlan
     prefill_graphs = config.prefill_graph_tokens
     if prefill_graphs is None:
         prefill_graphs = CUDA_PREFILL_GRAPH_TOKENS if cuda and config.cuda_graphs else 0
-    prefill_graphs = min(prefill_graphs, batched, config.max_model_len or cap)
+    prefill_graphs = min(prefill_graphs, batched)  # a graph step is one prefill step; max_model_len caps it below
     if config.num_kv_blocks is not None:
         num_blocks = config.num_kv_blocks
     elif cuda:

@@ -130,8 +130,8 @@ def _k_slice(K, K_TILES_PER_SPLIT, BLOCK_K: tl.constexpr):
 
     The GEMM loops run K_TILES_PER_SPLIT steps in every program (a short last split masks its extra steps to zeros),
     not range(first, last): on the H100 (triton 3.6) the tensor-core kernels with loop bounds that differ per
-    program gave, about once in 450 launches at M = 4096, one 128-row tile of garbage (NaN in SmolLM2's int8-weight
-    WikiText-2 eval); kernels/NOTES.md."""
+    program gave, in 2 of 1200 split-2 launches at M = 4096, one 128-row tile of garbage (NaN in SmolLM2's
+    int8-weight WikiText-2 eval); kernels/NOTES.md. The GEMV kernels (no tensor cores) keep range(first, last)."""
     pid_k = tl.program_id(1)
     first = pid_k * K_TILES_PER_SPLIT
     return pid_k, first, tl.minimum(first + K_TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
@@ -235,7 +235,7 @@ def _w8a16_gemm_kernel(
     offs_m = (rows % M).to(tl.int64)
     offs_n = (cols % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    pid_k, kt0, kt1 = _k_slice(K, K_TILES_PER_SPLIT, BLOCK_K)
+    pid_k, kt0, _ = _k_slice(K, K_TILES_PER_SPLIT, BLOCK_K)
     k0 = kt0 * BLOCK_K
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None] * stride_xk  # (BLOCK_K, BLOCK_M): x.T
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk  # (BLOCK_N, BLOCK_K)
@@ -484,16 +484,15 @@ def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, *
 
     sizes: (M, N, K, ...) as the kernel takes them; w_strides / ws_strides: the weight's and the scales' strides."""
     m, n, k = sizes[:3]
-    kernel = kernels[0]
-    if config.block_m == 1:
-        if m != 1:
-            raise ValueError(f"config.block_m = 1 (the GEMV kernel) needs M = 1, got M = {m}")
-        kernel = kernels[1]
+    gemv = config.block_m == 1
+    if gemv and m != 1:
+        raise ValueError(f"config.block_m = 1 (the GEMV kernel) needs M = 1, got M = {m}")
+    kernel = kernels[1] if gemv else kernels[0]
     split, per_split = effective_split_k(k, config)
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
-    # EVEN_K: no load needs a K mask - no ragged K tile, and (the GEMM kernels run per_split steps in every split)
-    # no short last split
-    even_k = k % config.block_k == 0 and (kernel is kernels[1] or cdiv(k, config.block_k) % per_split == 0)
+    # EVEN_K: no load needs a K mask - no ragged K tile, and no short last split (the GEMM kernels, not the GEMVs, run
+    # per_split steps in every split)
+    even_k = k % config.block_k == 0 and (gemv or cdiv(k, config.block_k) % per_split == 0)
     bias_arg = w_s if bias is None else bias
     tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():

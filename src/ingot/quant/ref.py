@@ -297,13 +297,13 @@ EXACT_F32_K = 1024
 
 
 def _int8_dot_exact(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    """x_q [M, k] @ w_q [N, k].T -> the exact products [M, N]: int8 with k <= EXACT_F32_K, one float32 matmul
-    returned as float32 (every partial sum fits; the block GEMM's 128-column dots, with no float64 round trip: the
-    int8-block CPU eval spent a quarter of its time converting them); longer int8, chunked float32 matmuls summed in
-    float64; float8_e4m3fn, one float64 matmul (products of 4-bit significands over 2^-18..2^17 fit its 53 bits)."""
-    if x_q.dtype != torch.int8:
+    """x_q [M, k] @ w_q [N, k].T -> the exact products [M, N]. int8 (or float32 holding int8 values, converted once by
+    a caller that slices them): k <= EXACT_F32_K, one float32 matmul, returned as float32 (every partial sum fits);
+    longer, float32 chunks summed in float64. float8_e4m3fn: one float64 matmul (products of 4-bit significands over
+    2^-18..2^17 fit its 53 bits)."""
+    if x_q.dtype == torch.float8_e4m3fn:
         return x_q.double() @ w_q.double().T
-    xf, wf = x_q.float(), w_q.float()
+    xf, wf = x_q.float(), w_q.float()  # a no-op for float32 operands
     if x_q.shape[1] <= EXACT_F32_K:
         return xf @ wf.T
     acc = None
@@ -372,15 +372,11 @@ def int8_gemm_block_ref(
     ws = w_s.float().repeat_interleave(bn, dim=0)[:n]  # [N, cdiv(K, bk)]: each row's block scale
     xs = x_s.float()
     acc = torch.zeros(m, n, dtype=torch.float32, device=x_q.device)
-    # bk <= EXACT_F32_K: each block's dot is one exact float32 matmul, so the operands are converted once (per-block
-    # conversions and float64 round trips made the int8-block CPU eval ~20% slower)
-    xf, wf = (x_q.float(), w_q.float()) if bk <= EXACT_F32_K else (None, None)
+    if x_q.dtype == torch.int8:  # converted once, not per block (exact: int8 values); fp8 stays for its float64 dot
+        x_q, w_q = x_q.float(), w_q.float()
     for kb in range(cdiv(k, bk)):
         cols = slice(kb * bk, min(k, (kb + 1) * bk))
-        if xf is not None:
-            dot = xf[:, cols] @ wf[:, cols].T
-        else:
-            dot = _int8_dot_exact(x_q[:, cols], w_q[:, cols]).float()
+        dot = _int8_dot_exact(x_q[:, cols], w_q[:, cols]).float()
         acc = acc + dot * (xs[:, kb, None] * ws[None, :, kb])
     if bias is not None:
         acc = acc + bias.float().view(1, -1)
