@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 
 import torch
@@ -30,6 +31,7 @@ WEIGHT_ONLY_CASES = [  # (M, N, K), config (None: the default), launches
     ((4096, 576, 1536), replace(PREFILL, split_k=2), 3000), ((4096, 576, 1536), None, 1500),
     ((512, 576, 1536), None, 1500), ((16, 576, 1536), None, 3000), ((64, 576, 1536), None, 3000),
     ((33, 4096, 14336), None, 500),
+    ((1, 576, 1536), None, 3000), ((1, 6144, 4096), None, 2000), ((1, 4096, 14336), None, 2000),  # GEMV kernels
 ]
 W8A8_SHAPES = [(1, 6144, 4096), (1, 4096, 14336), (16, 28672, 4096), (64, 4096, 4096), (33, 2048, 7168),
                (16, 4096, 14336)]
@@ -111,12 +113,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ops", nargs="+", choices=["weight-only", "w8a8"], default=["weight-only", "w8a8"])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--git-sha", default=None, help="the commit measured (the device copy has no .git)")
     args = ap.parse_args()
     torch.manual_seed(0)
     results: dict = {}
     for op in args.ops:
         {"weight-only": weight_only, "w8a8": w8a8}[op](results)
-    json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results},
+    json.dump({"command": " ".join(sys.argv), "git_sha": args.git_sha, "device": torch.cuda.get_device_name(0),
+               "torch": torch.__version__, "results": results},
               open(args.out, "w"), indent=1)
 
 
