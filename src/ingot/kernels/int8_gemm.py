@@ -198,9 +198,13 @@ def _int8_gemm_channel_kernel(
 def _block_dot(a, b, FP8: tl.constexpr):
     """One K tile's dot in fp32: fp8 operands accumulate in fp32, int8 ones in int32 (|dot| <= 128 * 2^14 = 2^21:
     exact in fp32)."""
+    # One return after the branches: triton's code generator still emits the statements that follow a return inside
+    # a constexpr branch (an int32 dot of fp8 operands aborted the compile on the GPU; the interpreter ran fine).
     if FP8:
-        return tl.dot(a, b, out_dtype=tl.float32)
-    return tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+        dot = tl.dot(a, b, out_dtype=tl.float32)
+    else:
+        dot = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+    return dot
 
 
 @triton.jit
@@ -209,8 +213,10 @@ def _block_scale(xs_ptrs, ws_ptrs, kt, stride_xsk, stride_wsk, WS_PER_COLUMN: tl
     xs = tl.load(xs_ptrs + kt * stride_xsk)  # (BLOCK_M,)
     ws = tl.load(ws_ptrs + kt * stride_wsk)  # (BLOCK_N,) or scalar
     if WS_PER_COLUMN:
-        return xs[:, None] * ws[None, :]
-    return xs[:, None] * ws
+        scale = xs[:, None] * ws[None, :]
+    else:
+        scale = xs[:, None] * ws
+    return scale
 
 
 @triton.jit
