@@ -195,31 +195,6 @@ def _int8_gemm_channel_kernel(
 
 
 @triton.jit
-def _block_dot(a, b, FP8: tl.constexpr):
-    """One K tile's dot in fp32: fp8 operands accumulate in fp32, int8 ones in int32 (|dot| <= 128 * 2^14 = 2^21:
-    exact in fp32)."""
-    # One return after the branches: triton's code generator still emits the statements that follow a return inside
-    # a constexpr branch (an int32 dot of fp8 operands aborted the compile on the GPU; the interpreter ran fine).
-    if FP8:
-        dot = tl.dot(a, b, out_dtype=tl.float32)
-    else:
-        dot = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
-    return dot
-
-
-@triton.jit
-def _block_scale(xs_ptrs, ws_ptrs, kt, stride_xsk, stride_wsk, WS_PER_COLUMN: tl.constexpr):
-    """The (BLOCK_M, BLOCK_N) or (BLOCK_M, 1) scale of K tile kt: token scales x the weight block's scale(s)."""
-    xs = tl.load(xs_ptrs + kt * stride_xsk)  # (BLOCK_M,)
-    ws = tl.load(ws_ptrs + kt * stride_wsk)  # (BLOCK_N,) or scalar
-    if WS_PER_COLUMN:
-        scale = xs[:, None] * ws[None, :]
-    else:
-        scale = xs[:, None] * ws
-    return scale
-
-
-@triton.jit
 def _block_gemm_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,  # q [M, K], fp32 [M, KB], q [N, K], fp32 [NB, KB], [N], [M, N]
     part_ptr, lock_ptr,  # split-K: fp32 partial tiles [SPLIT_K, tiles, BLOCK_M * BLOCK_N], int32 counters [tiles]
@@ -234,14 +209,9 @@ def _block_gemm_kernel(
     FP8: tl.constexpr,  # operands are float8_e4m3fn (fp32 dot) instead of int8 (int32 dot)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    PAIRED: tl.constexpr = False,  # two K tiles per loop step (SPLIT_K 1 only)
 ):
-    """int8-block and fp8-block: BLOCK_K is the K quantization block (the wrappers check it), so K tile kt uses
-    scale column kt; each tile's dot is promoted to fp32 and scaled before it joins the fp32 accumulator.
-
-    PAIRED: each loop step issues the dots of two K tiles before either is promoted, so the second tile's MMAs can
-    run while the first one's result is scaled (with one tile per step every MMA waits for the previous promotion).
-    The accumulator still adds tile kt, then kt + 1: the same fp32 sums in the same order as one tile per step."""
+    """int8-block and fp8-block: BLOCK_K is the K quantization block (the wrappers check it), so K step kt uses
+    scale column kt; each step's dot is promoted to fp32 and scaled before it joins the fp32 accumulator."""
     rows, cols, offs_m, offs_n, offs_k, kt_first, kt_last, x_ptrs, w_ptrs, pid_n, pid_k, tile = _operand_tiles(
         x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
     xs_ptrs = xs_ptr + offs_m * stride_xsm  # (BLOCK_M,): column 0 of this tile's token scales
@@ -254,27 +224,20 @@ def _block_gemm_kernel(
         ws_ptrs = ws_ptr + ((pid_n * BLOCK_N) // SCALE_N) * stride_wsn  # scalar: the tile's one block row
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if PAIRED:
-        last_scale = tl.cdiv(K, BLOCK_K) - 1
-        for kt in range(kt_first, kt_last, 2):
-            # the second tile of the last step lies past K when K has an odd number of tiles: its loads are masked
-            # to zeros (EVEN_K is off then) and its scale index is clamped inside the scales
-            a0, b0 = _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K, EVEN_K, FP8)
-            a1, b1 = _load_k_tile(x_ptrs + BLOCK_K * stride_xk, w_ptrs + BLOCK_K * stride_wk, offs_k, K, kt + 1,
-                                  BLOCK_K, EVEN_K, FP8)
-            dot0 = _block_dot(a0, b0, FP8)
-            dot1 = _block_dot(a1, b1, FP8)
-            acc += dot0 * _block_scale(xs_ptrs, ws_ptrs, kt, stride_xsk, stride_wsk, WS_PER_COLUMN)
-            acc += dot1 * _block_scale(xs_ptrs, ws_ptrs, min(kt + 1, last_scale), stride_xsk, stride_wsk,
-                                       WS_PER_COLUMN)
-            x_ptrs += 2 * BLOCK_K * stride_xk
-            w_ptrs += 2 * BLOCK_K * stride_wk
-    else:
-        for kt in range(kt_first, kt_last):
-            a, b = _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K, EVEN_K, FP8)
-            acc += _block_dot(a, b, FP8) * _block_scale(xs_ptrs, ws_ptrs, kt, stride_xsk, stride_wsk, WS_PER_COLUMN)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
+    for kt in range(kt_first, kt_last):
+        a, b = _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K, EVEN_K, FP8)
+        if FP8:
+            dot = tl.dot(a, b, out_dtype=tl.float32)
+        else:
+            dot = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)  # |dot| <= 128 * 2^14 = 2^21: exact in fp32
+        xs = tl.load(xs_ptrs + kt * stride_xsk)  # (BLOCK_M,)
+        ws = tl.load(ws_ptrs + kt * stride_wsk)  # (BLOCK_N,) or scalar
+        if WS_PER_COLUMN:
+            acc += dot * (xs[:, None] * ws[None, :])
+        else:
+            acc += dot * (xs[:, None] * ws)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
 
     is_last = True
     if SPLIT_K > 1:
@@ -437,25 +400,20 @@ def block_gemm(
         return y
     if config is None:  # tuned or default tiles, bent to the K block (a no-op for 128x128)
         config = resolve_config(op, None, m, n, k, x_q.device)
-        config = replace(config, block_k=bk) if config.block_k not in (bk, 2 * bk) else config
+        config = replace(config, block_k=bk) if config.block_k != bk else config
     config = resolve_config(op, config, m, n, k, x_q.device)  # checks a caller's config
-    if config.block_k not in (bk, 2 * bk):
+    if config.block_k != bk:
         raise ValueError(
-            f"config.block_k = {config.block_k} must be the K quantization block {bk} (one scale per K tile) or "
-            f"twice it ({2 * bk}: two K tiles per loop step)"
+            f"config.block_k = {config.block_k} must equal the K quantization block {bk}: one scale per K step"
         )
-    paired = config.block_k == 2 * bk
-    if paired and config.split_k > 1:
-        raise ValueError(f"config.block_k = {config.block_k} (two K tiles per step) needs split_k 1, got {config.split_k}")
     _launch(
-        _block_gemm_kernel, x_q.device, replace(config, block_k=bk), m, n, torch.float32,
+        _block_gemm_kernel, x_q.device, config, m, n, torch.float32,
         x_q, x_s, w_q, w_s, x_s if bias is None else bias, y,
         m, n, k,
         x_q.stride(0), x_q.stride(1), x_s.stride(0), x_s.stride(1),
         w_q.stride(0), w_q.stride(1), w_s.stride(0), w_s.stride(1),
         y.stride(0), y.stride(1),
-        SCALE_N=bn, WS_PER_COLUMN=bn % config.block_n != 0, HAS_BIAS=bias is not None,
-        EVEN_K=k % config.block_k == 0, FP8=op == "fp8_gemm_block", PAIRED=paired,
+        SCALE_N=bn, WS_PER_COLUMN=bn % config.block_n != 0, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, FP8=op == "fp8_gemm_block",
     )
     return y
 
@@ -479,9 +437,8 @@ def int8_gemm_block(
     per_token_group_quant makes), w_q int8 [N, K], w_s float32 [cdiv(N, bn), cdiv(K, bk)] (per bn x bk block),
     block_size (bn, bk) = (128, 128) by default, bias [N] or None. Ragged N and K are fine (the last K block is
     zero-padded, as the quantizers treat it). Returns y [M, N] in ``out_dtype`` (bf16, fp16 or fp32), written into
-    ``out`` when given. The K tile must be the K block: config.block_k == bk (one scale column per K step), or
-    2 * bk for two K tiles per loop step (split_k 1; the same sums); N tiles may span block rows (each column reads
-    its own block row's scale).
+    ``out`` when given. The K tile must be the K block: config.block_k == bk (one scale column per K step); N tiles
+    may span block rows (each column reads its own block row's scale).
     Reference: ``ingot.quant.ref.int8_gemm_block_ref``.
     """
     return block_gemm("int8_gemm_block", x_q, x_s, w_q, w_s, block_size, bias, out_dtype, config, out)

@@ -164,8 +164,8 @@ DEFAULT_TUNE_M = (1, 16, 64, 128, 256, 1024, 4096)
 
 
 def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
-    """The configs a sweep tries for ``op`` at an [m, k] x [n, k] launch (kernel ties respected: block ops take
-    block_k 128, or 256 = two K blocks per step without split-K at large M).
+    """The configs a sweep tries for ``op`` at an [m, k] x [n, k] launch (kernel ties respected: block ops keep
+    block_k 128).
 
     Decode (m <= 64) is weight-bandwidth bound: narrow N tiles, deep pipelines, and split-K up to ~8 programs per SM
     so that enough bytes are in flight (~40 KB per SM: 3 TB/s x ~1.5 us / 132 SMs). Prefill is tensor-core bound:
@@ -174,8 +174,7 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
     """
     if op in WEIGHT_ONLY_OPS:
         return _weight_only_candidates(op, m, n, k, num_sms)
-    block_op = op in ("int8_gemm_block", "fp8_gemm_block")
-    block_ks = (128,) if block_op else (128, 256)
+    block_ks = (128,) if op in ("int8_gemm_block", "fp8_gemm_block") else (128, 256)
     out: list[GemmConfig] = []
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
@@ -193,10 +192,8 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
     # program's per-128-K promotion (block ops) overlaps another's MMAs.
     tiles = [(64, 64), (64, 128), (128, 64), (128, 128)] if m <= 256 else [(64, 128), (128, 64), (128, 128), (128, 256),
                                                                           (256, 128)]
-    # Block ops: block_k 256 = two 128-K tiles per loop step (int8_gemm.block_gemm), both dots issued before either
-    # is promoted.
     for bm, bn in tiles:
-        for bk in (128, 256) if block_op else block_ks:
+        for bk in block_ks:
             for stages in (3, 4):
                 smem = bk * (bm + bn) * stages
                 if smem > 200 * 1024:
