@@ -83,20 +83,22 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 @triton.jit
 def _k_range(K, pid_k, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """[first, last) K tiles of split pid_k: contiguous slices of cdiv(K tiles, SPLIT_K) tiles (the last may be short
-    or empty; an empty slice contributes a zero partial)."""
+    """(first, steps, k_tiles): split pid_k covers K tiles [first, first + steps) clipped to k_tiles - contiguous
+    slices of cdiv(K tiles, SPLIT_K) tiles (the last may be short or empty; an empty slice contributes a zero
+    partial). ``steps`` is the same in every program: the loops run it and mask the steps past k_tiles to zeros,
+    because loops bounded per program (range(first, last)) gave rare garbage tiles in the weight-only kernels on
+    the H100 (kernels/NOTES.md, session 6)."""
     k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    first = pid_k * per_split
-    return first, min(first + per_split, k_tiles)
+    steps = tl.cdiv(k_tiles, SPLIT_K)
+    return pid_k * steps, steps, k_tiles
 
 
 @triton.jit
 def _operand_tiles(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    SPLIT_K: tl.constexpr):
-    """This program's output tile and K slice: (rows, cols, offs_m, offs_n, offs_k, kt_first, kt_last, x_ptrs
-    (BM, BK), w_ptrs (BK, BN) at K tile kt_first, pid_n, pid_k, tile). Out-of-range rows/columns wrap onto valid ones
+    """This program's output tile and K slice: (rows, cols, offs_m, offs_n, offs_k, kt_first, steps, k_tiles, x_ptrs
+    (BM, BK), w_ptrs (BK, BN) at K tile kt_first, pid_n, pid_k, tile) - see _k_range. Out-of-range rows/columns wrap onto valid ones
     so the loads need no M/N mask; their results are never stored."""
     pid_m, pid_n, pid_k, tile = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,16 +106,17 @@ def _operand_tiles(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, strid
     offs_m = (rows % M).to(tl.int64)
     offs_n = (cols % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    kt_first, kt_last = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    kt_first, steps, k_tiles = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (kt_first * BLOCK_K + offs_k[None, :]) * stride_xk
     w_ptrs = w_ptr + offs_n[None, :] * stride_wn + (kt_first * BLOCK_K + offs_k[:, None]) * stride_wk
-    return rows, cols, offs_m, offs_n, offs_k, kt_first, kt_last, x_ptrs, w_ptrs, pid_n, pid_k, tile
+    return rows, cols, offs_m, offs_n, offs_k, kt_first, steps, k_tiles, x_ptrs, w_ptrs, pid_n, pid_k, tile
 
 
 @triton.jit
 def _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr):
     """The (BM, BK) activation and (BK, BN) weight tiles of K tile kt; a ragged last tile loads its missing columns
-    as zeros (fp8 takes a float zero: an int 0 does not cast to fp8)."""
+    as zeros, and so does a whole tile past K (a short split's surplus step; fp8 takes a float zero: an int 0 does not
+    cast to fp8)."""
     if EVEN_K:
         a = tl.load(x_ptrs)
         b = tl.load(w_ptrs)
@@ -167,16 +170,17 @@ def _int8_gemm_channel_kernel(
     stride_wn, stride_wk, stride_wsn,
     stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask
+    EVEN_K: tl.constexpr,  # no K mask (see _launch)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    rows, cols, offs_m, offs_n, offs_k, kt_first, kt_last, x_ptrs, w_ptrs, pid_n, pid_k, tile = _operand_tiles(
+    rows, cols, offs_m, offs_n, offs_k, kt_first, steps, k_tiles, x_ptrs, w_ptrs, pid_n, pid_k, tile = _operand_tiles(
         x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     # A `for` over range, not a `while`: triton software-pipelines only for loops (num_stages of loads in flight).
-    for kt in range(kt_first, kt_last):
+    for i in range(0, steps):
+        kt = kt_first + i
         a, b = _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K, EVEN_K, False)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         x_ptrs += BLOCK_K * stride_xk
@@ -212,7 +216,7 @@ def _block_gemm_kernel(
 ):
     """int8-block and fp8-block: BLOCK_K is the K quantization block (the wrappers check it), so K step kt uses
     scale column kt; each step's dot is promoted to fp32 and scaled before it joins the fp32 accumulator."""
-    rows, cols, offs_m, offs_n, offs_k, kt_first, kt_last, x_ptrs, w_ptrs, pid_n, pid_k, tile = _operand_tiles(
+    rows, cols, offs_m, offs_n, offs_k, kt_first, steps, k_tiles, x_ptrs, w_ptrs, pid_n, pid_k, tile = _operand_tiles(
         x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
     xs_ptrs = xs_ptr + offs_m * stride_xsm  # (BLOCK_M,): column 0 of this tile's token scales
     if WS_PER_COLUMN:
@@ -224,14 +228,16 @@ def _block_gemm_kernel(
         ws_ptrs = ws_ptr + ((pid_n * BLOCK_N) // SCALE_N) * stride_wsn  # scalar: the tile's one block row
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(kt_first, kt_last):
+    for i in range(0, steps):
+        kt = kt_first + i
         a, b = _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K, EVEN_K, FP8)
         if FP8:
             dot = tl.dot(a, b, out_dtype=tl.float32)
         else:
             dot = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)  # |dot| <= 128 * 2^14 = 2^21: exact in fp32
-        xs = tl.load(xs_ptrs + kt * stride_xsk)  # (BLOCK_M,)
-        ws = tl.load(ws_ptrs + kt * stride_wsk)  # (BLOCK_N,) or scalar
+        ks = tl.minimum(kt, k_tiles - 1)  # a step past K (dot = 0) reads the last scale column, not past the scales
+        xs = tl.load(xs_ptrs + ks * stride_xsk)  # (BLOCK_M,)
+        ws = tl.load(ws_ptrs + ks * stride_wsk)  # (BLOCK_N,) or scalar
         if WS_PER_COLUMN:
             acc += dot * (xs[:, None] * ws[None, :])
         else:
@@ -305,11 +311,13 @@ def _split_k_locks(device: torch.device) -> torch.Tensor:
     return torch.zeros(MAX_SPLIT_K_TILES, dtype=torch.int32, device=device)
 
 
-def _launch(kernel, device: torch.device, config: GemmConfig, m: int, n: int, part_dtype: torch.dtype,
+def _launch(kernel, device: torch.device, config: GemmConfig, m: int, n: int, k: int, part_dtype: torch.dtype,
             *args, **constexprs) -> None:
     """Grid, split-K scratch and launch of one GEMM (the kernels take part_ptr, lock_ptr after the six operands)."""
     tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     split_k = config.split_k if tiles <= MAX_SPLIT_K_TILES else 1
+    # EVEN_K, no K mask: no ragged K tile, and every split's steps are whole tiles inside K (see _k_range)
+    even_k = k % config.block_k == 0 and cdiv(k, config.block_k) % split_k == 0
     if split_k > 1:
         part = torch.empty(split_k * tiles * config.block_m * config.block_n, dtype=part_dtype, device=device)
         locks = _split_k_locks(device)
@@ -319,7 +327,7 @@ def _launch(kernel, device: torch.device, config: GemmConfig, m: int, n: int, pa
         kernel[(tiles * split_k,)](
             *args[:6], part, locks, *args[6:],
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            SPLIT_K=split_k, num_warps=config.num_warps, num_stages=config.num_stages,
+            SPLIT_K=split_k, EVEN_K=even_k, num_warps=config.num_warps, num_stages=config.num_stages,
             **constexprs,
         )
 
@@ -355,13 +363,13 @@ def int8_gemm_channel(
         return y
     config = resolve_config("int8_gemm_channel", config, m, n, k, x_q.device)
     _launch(
-        _int8_gemm_channel_kernel, x_q.device, config, m, n, torch.int32,
+        _int8_gemm_channel_kernel, x_q.device, config, m, n, k, torch.int32,
         x_q, x_s, w_q, w_s, x_s if bias is None else bias, y,
         m, n, k,
         x_q.stride(0), x_q.stride(1), x_s.stride(0),
         w_q.stride(0), w_q.stride(1), w_s.stride(0),
         y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
+        HAS_BIAS=bias is not None,
     )
     return y
 
@@ -407,13 +415,13 @@ def block_gemm(
             f"config.block_k = {config.block_k} must equal the K quantization block {bk}: one scale per K step"
         )
     _launch(
-        _block_gemm_kernel, x_q.device, config, m, n, torch.float32,
+        _block_gemm_kernel, x_q.device, config, m, n, k, torch.float32,
         x_q, x_s, w_q, w_s, x_s if bias is None else bias, y,
         m, n, k,
         x_q.stride(0), x_q.stride(1), x_s.stride(0), x_s.stride(1),
         w_q.stride(0), w_q.stride(1), w_s.stride(0), w_s.stride(1),
         y.stride(0), y.stride(1),
-        SCALE_N=bn, WS_PER_COLUMN=bn % config.block_n != 0, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, FP8=op == "fp8_gemm_block",
+        SCALE_N=bn, WS_PER_COLUMN=bn % config.block_n != 0, HAS_BIAS=bias is not None, FP8=op == "fp8_gemm_block",
     )
     return y
 
