@@ -99,3 +99,68 @@ def test_gpu_real_shapes(m, n, k):
     fp8_gemm_block(*args, out_dtype=torch.float32, out=out)
     torch.cuda.synchronize()
     _close(out, ref.fp8_gemm_block_ref(*args, out_dtype=torch.float32), GPU_TOL, f"M={m} N={n} K={k} seed={seed}")
+
+
+def test_backend_choice_is_checked():
+    args = _operands(4, 256, 256, seed=3)
+    with pytest.raises(ValueError, match=r"backend must be one of auto, triton, cublas, got 'cutlass'"):
+        fp8_gemm_block(*args, backend="cutlass")
+    if not CUDA:
+        with pytest.raises(ValueError, match=r"backend 'cublas': needs a CUDA device"):
+            fp8_gemm_block(*args, backend="cublas")
+        # auto on CPU is the (interpreted) Triton kernel: bit-identical to asking for it
+        assert torch.equal(fp8_gemm_block(*args), fp8_gemm_block(*args, backend="triton"))
+
+
+def test_cublas_refusals_name_the_reason():
+    x_q, x_s, w_q, w_s = _operands(4, 256, 256, seed=3)
+    why = fp8_gemm.cublas_block_unsupported
+    if not CUDA or torch.cuda.get_device_capability() != (9, 0):
+        assert why(x_q, w_q, (128, 128), None, torch.bfloat16) is not None
+        return
+    assert why(x_q, w_q, (128, 128), None, torch.bfloat16) is None
+    assert "multiples of 128" in why(x_q, w_q[:192], (128, 128), None, torch.bfloat16)
+    assert "bias" in why(x_q, w_q, (128, 128), torch.zeros(256, device="cuda"), torch.bfloat16)
+    assert "bf16 only" in why(x_q, w_q, (128, 128), None, torch.float32)
+    assert "128x128 weight blocks" in why(x_q, w_q, (64, 128), None, torch.bfloat16)
+
+
+def _cublas_or_skip():
+    if not fp8_supported("cuda") or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("cuBLAS block-scaled FP8 is sm_90 only")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 4096), (7168, 2048), (2048, 7168), (24576, 1536)])
+@pytest.mark.parametrize("m", [65, 128, 333, 1024, 4096])
+def test_gpu_cublas_backend(m, n, k):
+    """cuBLAS's block-scaled FP8 GEMM against the reference (row- and column-major activation scales, a poisoned out
+    buffer), and "auto" picks it at these M: the same bits as asking for cuBLAS."""
+    _cublas_or_skip()
+    seed = int.from_bytes(os.urandom(4), "little")
+    x_q, x_s, w_q, w_s = _operands(m, n, k, seed)
+    expected = ref.fp8_gemm_block_ref(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    for scales in (x_s.contiguous(), x_s.t().contiguous().t()):
+        y = fp8_gemm_block(x_q, scales, w_q, w_s, backend="cublas", out=out)
+        torch.cuda.synchronize()
+        assert y.data_ptr() == out.data_ptr()
+        _close(y, expected, 2.0**-8 + GPU_TOL, f"cublas M={m} N={n} K={k} seed={seed} x_s strides {scales.stride()}")
+    assert torch.equal(fp8_gemm_block(x_q, x_s, w_q, w_s), fp8_gemm_block(x_q, x_s, w_q, w_s, backend="cublas"))
+
+
+@pytest.mark.gpu
+def test_gpu_auto_keeps_triton_at_decode_sizes_and_in_graphs():
+    _cublas_or_skip()
+    for m in (1, 16, 64):
+        args = _operands(m, 4096, 4096, seed=m)
+        assert torch.equal(fp8_gemm_block(*args), fp8_gemm_block(*args, backend="triton")), f"M={m}"
+    args = _operands(256, 4096, 4096, seed=5)
+    eager = fp8_gemm_block(*args)
+    out = torch.empty_like(eager)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fp8_gemm_block(*args, out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager), "cuBLAS block FP8 replayed from a CUDA graph differs from the eager call"

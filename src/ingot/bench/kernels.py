@@ -9,7 +9,9 @@ For each (N, K) of the chosen model shapes and each M (tokens), times in the sam
   is recorded);
 - ``int8_channel`` / ``int8_block``: ``ingot.kernels.int8_gemm_channel`` / ``int8_gemm_block`` (GEMM only: the
   activations are already quantized, as for the cuBLAS rows);
-- ``fp8_block``: ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (e4m3, 1x128 activation x 128x128 weight scales);
+- ``fp8_block``: ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (e4m3, 1x128 activation x 128x128 weight scales), as
+  the engine calls it (backend "auto": cuBLAS's block-scaled GEMM at M >= 65 on sm_90, the Triton kernel elsewhere;
+  each row's ``backend`` says which; the row-major activation scales are transposed for cuBLAS inside the timing);
 - ``w8a16`` / ``w4a16``: ``ingot.kernels.weight_only`` (bf16 activations; int8 per-channel / int4 group-128 packed
   weights, dequantized in the kernel);
 - ``quant_int8`` / ``quant_fp8``: ``ingot.kernels.per_token_group_quant`` (group 128) on the activation [M, K].
@@ -328,6 +330,9 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
             for op in GEMM_OPS:
                 f = fns[op]
                 extra = {"input_sets": copies, "inputs_fit_in_l2": False}
+                if op == "fp8_block" and not isinstance(f, str):  # what fp8_gemm_block's "auto" runs here
+                    from ingot.kernels.fp8_gemm import auto_backend
+                    extra["backend"] = auto_backend(pairs[0][0]["x8"], pairs[0][1]["w8"])
                 if op == "scaled_mm_fp8":
                     extra["scale_mode"] = mode[0]
                     if mode[1]:

@@ -374,7 +374,7 @@ def int8_gemm_channel(
     return y
 
 
-def block_gemm(
+def check_block_operands(
     op: str,
     x_q: torch.Tensor,
     x_s: torch.Tensor,
@@ -383,11 +383,9 @@ def block_gemm(
     block_size: tuple[int, int],
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
-    config: GemmConfig | None,
     out: torch.Tensor | None,
-) -> torch.Tensor:
-    """The block-scaled GEMM behind ``int8_gemm_block`` (op "int8_gemm_block", int8 operands) and
-    ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (op "fp8_gemm_block", float8_e4m3fn operands)."""
+) -> tuple[int, int, int]:
+    """The operand checks of a block-scaled GEMM (op "int8_gemm_block" or "fp8_gemm_block"); returns (M, N, K)."""
     qdtype = torch.float8_e4m3fn if op == "fp8_gemm_block" else torch.int8
     m, n, k = _check_operands(x_q, x_s, w_q, w_s, bias, out_dtype, out, qdtype)
     bn, bk = block_size
@@ -403,6 +401,25 @@ def block_gemm(
             f"w_s must be per {bn}x{bk} block, shape (cdiv(N, {bn}), cdiv(K, {bk})) = ({cdiv(n, bn)}, {kb}), "
             f"got {tuple(w_s.shape)}"
         )
+    return m, n, k
+
+
+def block_gemm(
+    op: str,
+    x_q: torch.Tensor,
+    x_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    block_size: tuple[int, int],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: GemmConfig | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """The block-scaled GEMM behind ``int8_gemm_block`` (op "int8_gemm_block", int8 operands) and
+    ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (op "fp8_gemm_block", float8_e4m3fn operands)."""
+    m, n, k = check_block_operands(op, x_q, x_s, w_q, w_s, block_size, bias, out_dtype, out)
+    bn, bk = block_size
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
     if m == 0:
         return y
