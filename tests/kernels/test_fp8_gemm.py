@@ -144,7 +144,7 @@ def test_gpu_cublas_backend(m, n, k):
     for scales in (x_s.contiguous(), x_s.t().contiguous().t()):
         y = fp8_gemm_block(x_q, scales, w_q, w_s, backend="cublas", out=out)
         torch.cuda.synchronize()
-        assert y.data_ptr() == out.data_ptr()
+        assert y.data_ptr() == out.data_ptr(), "the result is written into out"
         _close(y, expected, 2.0**-8 + GPU_TOL, f"cublas M={m} N={n} K={k} seed={seed} x_s strides {scales.stride()}")
     assert torch.equal(fp8_gemm_block(x_q, x_s, w_q, w_s), fp8_gemm_block(x_q, x_s, w_q, w_s, backend="cublas"))
 

@@ -24,6 +24,7 @@ import logging
 
 import torch
 
+from ingot.kernels.checks import cdiv
 from ingot.kernels.int8_gemm import INTERPRETED, block_gemm, check_block_operands
 from ingot.kernels.tuning import GemmConfig
 
@@ -66,8 +67,21 @@ def auto_backend(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, in
 
 
 def _cublas_block_gemm(x_q, x_s, w_q, w_s, out):
-    """y = x_q @ w_q.T with 1x128 x 128x128 scales on cuBLAS: activation scales outer-dim-major (stride(0) == 1,
-    as the act quantizer's column-major layout makes them), weight scales as their [K / 128, N / 128] transpose view."""
+    """y = x_q @ w_q.T with 1x128 x 128x128 scales on cuBLAS: activation scales outer-dim-major (a [K / 128, M]
+    buffer seen as [M, K / 128]; torch takes no other stride), weight scales as their [K / 128, N / 128] transpose
+    view. cuBLAS refuses M % 4 != 0 (CUBLAS_STATUS_NOT_SUPPORTED on the H100: the scale buffer's rows must be 16-byte
+    aligned, and torch refuses a padded leading dimension), so such M run on rows padded with zeros to a multiple of
+    4 (x_q copied, the output's pad rows dropped)."""
+    m = x_q.shape[0]
+    m4 = cdiv(m, 4) * 4
+    if m4 != m:
+        x_pad = torch.empty((m4, x_q.shape[1]), dtype=x_q.dtype, device=x_q.device)
+        x_pad[:m] = x_q
+        x_pad[m:] = 0
+        s_pad = torch.zeros((x_s.shape[1], m4), dtype=torch.float32, device=x_s.device)
+        s_pad[:, :m] = x_s.t()
+        y = torch._scaled_mm(x_pad, w_q.t(), scale_a=s_pad.t(), scale_b=w_s.t(), out_dtype=torch.bfloat16)[:m]
+        return y if out is None else out.copy_(y)
     if x_s.stride(0) != 1:
         x_s = x_s.t().contiguous().t()
     if out is None:
