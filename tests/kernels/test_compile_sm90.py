@@ -1,4 +1,4 @@
-"""The GEMM kernels compile for a Hopper GPU (sm_90), checked on any machine: the CPU tests run the kernels in
+"""The GEMM and GEMV kernels compile for a Hopper GPU (sm_90), checked on any machine: the CPU tests run the kernels in
 triton's interpreter, which executes Python and so never meets the code generator. A kernel can pass every
 interpreter test and still abort the GPU compile (a dot of fp8 operands into int32, emitted after a constexpr
 branch's return, did). Each variant is compiled in a fresh interpreter-free subprocess with triton's own ptxas."""
@@ -31,13 +31,24 @@ for q, fp8 in (("i8", False), ("fp8e4nv", True)):
             {"SCALE_N": 128, "WS_PER_COLUMN": per_column, "HAS_BIAS": not even, "EVEN_K": even, "FP8": fp8,
              **_TILES, "BLOCK_N": 256 if per_column else 128, "SPLIT_K": split})
 
+# the weight-only GEMVs (M = 1), plain and with their K loop's loads pipelined by tl.range
+_GEMV = {"HAS_BIAS": False, "EVEN_K": True, "SPLIT_K": 2, "UPCAST_DOT": False, "BLOCK_M": 1, "BLOCK_N": 32,
+         "BLOCK_K": 128, "GROUP_M": 1}
+for stages in (1, 3):
+    VARIANTS[f"w8a16 gemv stages {stages}"] = (
+        "weight_only._w8a16_gemv_kernel", ["*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32"] + ["i32"] * 11,
+        {**_GEMV, "LOOP_STAGES": stages})
+    VARIANTS[f"w4a16 gemv stages {stages}"] = (
+        "weight_only._w4a16_gemv_kernel", ["*bf16", "*i32", "*fp32", "*fp32", "*bf16", "*fp32"] + ["i32"] * 13,
+        {"GROUP_SIZE": 128, **_GEMV, "LOOP_STAGES": stages})
+
 _SCRIPT = """
-import json, sys
+import importlib, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
-from ingot.kernels import int8_gemm
 name, types, constexprs = json.loads(sys.argv[1])
-kernel = getattr(int8_gemm, name)
+module, _, name = name.rpartition(".")
+kernel = getattr(importlib.import_module("ingot.kernels." + (module or "int8_gemm")), name)
 params = [p for p in kernel.arg_names if p not in constexprs]
 signature = dict(zip(params, types), **{c: "constexpr" for c in constexprs})
 src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)

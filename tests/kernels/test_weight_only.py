@@ -145,7 +145,8 @@ def test_matches_ref_prefill_tiles(op, n, k):
 
 
 # GEMV configs (block_m 1): M = 1 only, tensor cores not used; one and several K steps, with and without split-K.
-GEMV_CONFIGS = [GemmConfig(1, 32, 128), GemmConfig(1, 16, 64, split_k=3), GemmConfig(1, 64, 32, num_warps=2)]
+GEMV_CONFIGS = [GemmConfig(1, 32, 128), GemmConfig(1, 16, 64, split_k=3), GemmConfig(1, 64, 32, num_warps=2),
+                GemmConfig(1, 32, 128, num_stages=3, split_k=2)]  # the last: loop loads pipelined on a GPU
 
 
 @pytest.mark.parametrize("op", OPS)

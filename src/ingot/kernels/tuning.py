@@ -204,8 +204,8 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
 
 
 def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
-    """W8A16 / W4A16: at M = 1 the GEMV kernel (block_m 1: FMA units, register double-buffering, no pipeline stages)
-    over row tiles and K steps (int4 K steps stay within the 128-group) and the swap-AB dot tiles; decode (M <= 64)
+    """W8A16 / W4A16: at M = 1 the GEMV kernel (block_m 1: FMA units, register double-buffering, with or without
+    its loop's loads pipelined) over row tiles and K steps (int4 K steps stay within the 128-group) and the swap-AB dot tiles; decode (M <= 64)
     the swap-AB tiles with split-K; prefill the 128 x 128 tiles of the defaults and two neighbours."""
     out: list[GemmConfig] = []
     block_ks = (64, 128) if op == "w4a16_gemm" else (256, 512)
@@ -219,7 +219,9 @@ def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
                     for split in (1, 2, 4, 8):
                         if split > 1 and (tiles * split > 16 * num_sms or -(-k // bk) < 2 * split):
                             continue
-                        out.append(GemmConfig(1, bn, bk, group_m=1, num_warps=warps, num_stages=1, split_k=split))
+                        for stages in (1, 3):  # 3: the K loop's loads pipelined by tl.range (cp.async)
+                            out.append(GemmConfig(1, bn, bk, group_m=1, num_warps=warps, num_stages=stages,
+                                                  split_k=split))
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         for bn in (32, 64):

@@ -323,6 +323,7 @@ def _w8a16_gemv_kernel(
     SPLIT_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # unused: no dot
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    LOOP_STAGES: tl.constexpr = 1,  # > 1: the K loop's loads software-pipelined this deep (config.num_stages)
 ):
     """GEMV (config.block_m == 1, M == 1): y[0, n] = sum_k x[0, k] * q[n, k], then * w_s[n]. No tensor cores and no
     16-row padding of x: each program streams a (BLOCK_N, BLOCK_K) weight tile per step, multiplies it by x's K
@@ -340,7 +341,7 @@ def _w8a16_gemv_kernel(
     else:
         b_next = tl.load(w_ptrs, mask=offs_k[None, :] < K - kt0 * BLOCK_K, other=0)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for kt in range(kt0, kt1):
+    for kt in tl.range(kt0, kt1, num_stages=LOOP_STAGES):
         b = b_next
         w_ptrs += BLOCK_K * stride_wk
         if EVEN_K:
@@ -373,6 +374,7 @@ def _w4a16_gemv_kernel(
     SPLIT_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # unused: no dot
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    LOOP_STAGES: tl.constexpr = 1,  # > 1: the K loop's loads software-pipelined this deep (config.num_stages)
 ):
     """GEMV (config.block_m == 1, M == 1) on the packed int4 layout: per step a (BLOCK_N, BLOCK_K // 8) tile of words
     is unpacked in registers (_int4_affine: 1 + u / 16 in fp32, 2 integer ops per weight), multiplied by x's K slice
@@ -393,7 +395,7 @@ def _w4a16_gemv_kernel(
     else:
         p_next = tl.load(w_ptrs, mask=offs_p[None, :] < KP - kt0 * BLOCK_P, other=0)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for kt in range(kt0, kt1):
+    for kt in tl.range(kt0, kt1, num_stages=LOOP_STAGES):
         p = p_next
         w_ptrs += BLOCK_P * stride_wp
         if EVEN_K:
@@ -506,6 +508,8 @@ def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, *
             HAS_BIAS=bias is not None, EVEN_K=even_k, SPLIT_K=split, UPCAST_DOT=INTERPRETED,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             num_warps=config.num_warps, num_stages=config.num_stages,
+            # the launch's num_stages pipelines only loads that feed a dot; a GEMV's loop asks tl.range for it
+            **({"LOOP_STAGES": config.num_stages} if gemv else {}),
             **constexprs,
         )
         if split > 1:
