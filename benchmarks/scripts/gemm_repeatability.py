@@ -5,10 +5,11 @@ split-K race on the H100 wrote a garbage tile in 2 of 1200 launches before the f
     PYTHONPATH=src python3 benchmarks/scripts/gemm_repeatability.py --ops weight-only w8a8 --out OUT.json
 
 weight-only: W8A16 and W4A16 at SmolLM2's down_proj prefill shape with split-K forced to 2 (where the race was) and
-with the default config, and at decode sizes with their default split-K; also the relative error against the fp32
-reference (`weight-only-stress-*-23bddaf.json` came from this case list). w8a8: int8-channel, int8-block and FP8
-block GEMMs at decode sizes with their tuned configs, and each case's kernel time (a CUDA graph of 50 launches
-replayed 10 times) - not yet run on a GPU.
+with the default config, at decode sizes with their default split-K, and at M = 1 (the GEMV kernels); also the
+relative error against the fp32 reference. w8a8: int8-channel, int8-block and FP8 block GEMMs at decode sizes with
+their tuned configs, and each case's kernel time (a CUDA graph of 50 launches replayed 10 times; the operands of
+the smaller shapes stay in L2, so the times compare kernel versions, not HBM rates). Results:
+benchmarks/results/gemm-repeatability-*.json, weight-only-repeatability-*.json.
 """
 
 from __future__ import annotations

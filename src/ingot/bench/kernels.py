@@ -308,6 +308,7 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
     import triton
 
     from ingot.kernels.act_quant import per_token_group_quant
+    from ingot.kernels.fp8_gemm import auto_backend
 
     torch.manual_seed(options.seed)
     started = timestamp()
@@ -331,7 +332,6 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
                 f = fns[op]
                 extra = {"input_sets": copies, "inputs_fit_in_l2": False}
                 if op == "fp8_block" and not isinstance(f, str):  # what fp8_gemm_block's "auto" runs here
-                    from ingot.kernels.fp8_gemm import auto_backend
                     extra["backend"] = auto_backend(pairs[0][0]["x8"], pairs[0][1]["w8"])
                 if op == "scaled_mm_fp8":
                     extra["scale_mode"] = mode[0]

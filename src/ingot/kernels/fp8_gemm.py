@@ -10,10 +10,10 @@ them; callers (ingot.layers.linear) fall back to int8-block or bf16 where it is 
 Reference: ``ingot.quant.ref.fp8_gemm_block_ref``.
 
 Two backends. At M >= ``CUBLAS_MIN_M`` on sm_90, cuBLAS's block-scaled FP8 GEMM (``torch._scaled_mm`` with 1x128
-activation and 128x128 weight scales, CUDA >= 12.9) where it applies: the Triton kernel's per-block promotion makes
-every MMA wait for the previous block's scaling (kernels/NOTES.md), and on the H200 (torch 2.11, CUDA 13) it ran
+activation and 128x128 weight scales; measured with torch 2.11 + CUDA 13) where it applies: the Triton kernel's
+per-block promotion makes every MMA wait for the previous block's scaling (kernels/NOTES.md), and on the H200 it ran
 0.85-1.06x BF16 at M >= 1024 where cuBLAS ran 1.15-1.64x; cuBLAS was also ahead at M = 128 on 8 of 9 model shapes,
-behind at M = 16 on 7 of 9. Elsewhere (decode sizes, other GPUs, ragged N or K, a bias, fp16/fp32 outputs, a caller's
+behind at M = 16 on 8 of 9. Elsewhere (decode sizes, other GPUs, ragged N or K, a bias, fp16/fp32 outputs, a caller's
 tile config) the Triton kernel. The two differ by accumulation order and rounding only (relative 1.7e-3 in that
 probe, the size of the bf16 output rounding).
 """
@@ -25,7 +25,7 @@ import logging
 import torch
 
 from ingot.kernels.checks import cdiv
-from ingot.kernels.int8_gemm import INTERPRETED, block_gemm, check_block_operands
+from ingot.kernels.int8_gemm import INTERPRETED, check_block_operands, launch_block_gemm
 from ingot.kernels.tuning import GemmConfig
 
 MIN_CAPABILITY = (8, 9)
@@ -72,21 +72,21 @@ def _cublas_block_gemm(x_q, x_s, w_q, w_s, out):
     view. cuBLAS refuses M % 4 != 0 (CUBLAS_STATUS_NOT_SUPPORTED on the H100: the scale buffer's rows must be 16-byte
     aligned, and torch refuses a padded leading dimension), so such M run on rows padded with zeros to a multiple of
     4 (x_q copied, the output's pad rows dropped)."""
-    m = x_q.shape[0]
+    m, k = x_q.shape
     m4 = cdiv(m, 4) * 4
     if m4 != m:
-        x_pad = torch.empty((m4, x_q.shape[1]), dtype=x_q.dtype, device=x_q.device)
+        x_pad = torch.zeros((m4, k), dtype=x_q.dtype, device=x_q.device)
         x_pad[:m] = x_q
-        x_pad[m:] = 0
         s_pad = torch.zeros((x_s.shape[1], m4), dtype=torch.float32, device=x_s.device)
         s_pad[:, :m] = x_s.t()
-        y = torch._scaled_mm(x_pad, w_q.t(), scale_a=s_pad.t(), scale_b=w_s.t(), out_dtype=torch.bfloat16)[:m]
-        return y if out is None else out.copy_(y)
-    if x_s.stride(0) != 1:
+        x_q, x_s = x_pad, s_pad.t()
+    elif x_s.stride(0) != 1:
         x_s = x_s.t().contiguous().t()
-    if out is None:
-        return torch._scaled_mm(x_q, w_q.t(), scale_a=x_s, scale_b=w_s.t(), out_dtype=torch.bfloat16)
-    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_s, scale_b=w_s.t(), out_dtype=torch.bfloat16, out=out)
+    y = torch._scaled_mm(x_q, w_q.t(), scale_a=x_s, scale_b=w_s.t(), out_dtype=torch.bfloat16,
+                         out=out if m4 == m else None)
+    if m4 == m:
+        return y
+    return y[:m] if out is None else out.copy_(y[:m])
 
 
 def fp8_supported(device: torch.device | str) -> bool:
@@ -130,18 +130,18 @@ def fp8_gemm_block(
             f"fp8_gemm_block needs FP8 tensor cores (compute capability >= 8.9); {torch.cuda.get_device_name(x_q.device)} "
             f"has {cap[0]}.{cap[1]}: quantize fp8-block linears to int8-block or bf16 at load instead"
         )
-    if backend != "triton":
-        check_block_operands("fp8_gemm_block", x_q, x_s, w_q, w_s, block_size, bias, out_dtype, out)
-        if backend == "cublas":
-            why_not = cublas_block_unsupported(x_q, w_q, block_size, bias, out_dtype)
-            if why_not:
-                raise ValueError(f"fp8_gemm_block backend 'cublas': {why_not}")
+    m, n, k = check_block_operands("fp8_gemm_block", x_q, x_s, w_q, w_s, block_size, bias, out_dtype, out)
+    if backend == "cublas":
+        why_not = cublas_block_unsupported(x_q, w_q, block_size, bias, out_dtype)
+        if why_not:
+            raise ValueError(f"fp8_gemm_block backend 'cublas': {why_not}")
+        return _cublas_block_gemm(x_q, x_s, w_q, w_s, out)
+    if backend == "auto" and auto_backend(x_q, w_q, block_size, bias, out_dtype, config) == "cublas":
+        try:
             return _cublas_block_gemm(x_q, x_s, w_q, w_s, out)
-        if auto_backend(x_q, w_q, block_size, bias, out_dtype, config) == "cublas":
-            try:
-                return _cublas_block_gemm(x_q, x_s, w_q, w_s, out)
-            except RuntimeError as e:  # an older cuBLAS / torch without block scaling: Triton from now on
-                _cublas_failed[x_q.device] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                logging.getLogger("ingot").warning("fp8_gemm_block: cuBLAS block-scaled FP8 unavailable on %s (%s); "
-                                                   "using the Triton kernel", x_q.device, _cublas_failed[x_q.device])
-    return block_gemm("fp8_gemm_block", x_q, x_s, w_q, w_s, block_size, bias, out_dtype, config, out)
+        except RuntimeError as e:  # an older cuBLAS / torch without block scaling: Triton from now on
+            _cublas_failed[x_q.device] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            logging.getLogger("ingot").warning("fp8_gemm_block: cuBLAS block-scaled FP8 unavailable on %s (%s); "
+                                               "using the Triton kernel", x_q.device, _cublas_failed[x_q.device])
+    return launch_block_gemm("fp8_gemm_block", (m, n, k), x_q, x_s, w_q, w_s, block_size, bias, out_dtype, config,
+                             out)

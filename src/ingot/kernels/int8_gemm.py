@@ -97,9 +97,9 @@ def _k_range(K, pid_k, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 def _operand_tiles(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    SPLIT_K: tl.constexpr):
-    """This program's output tile and K slice: (rows, cols, offs_m, offs_n, offs_k, kt_first, steps, k_tiles, x_ptrs
-    (BM, BK), w_ptrs (BK, BN) at K tile kt_first, pid_n, pid_k, tile) - see _k_range. Out-of-range rows/columns wrap onto valid ones
-    so the loads need no M/N mask; their results are never stored."""
+    """This program's output tile and K slice: (rows, cols, offs_m, offs_n, offs_k, kt_first, steps, k_tiles,
+    x_ptrs (BM, BK), w_ptrs (BK, BN) at K tile kt_first, pid_n, pid_k, tile) - see _k_range. Out-of-range
+    rows/columns wrap onto valid ones so the loads need no M/N mask; their results are never stored."""
     pid_m, pid_n, pid_k, tile = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -419,6 +419,24 @@ def block_gemm(
     """The block-scaled GEMM behind ``int8_gemm_block`` (op "int8_gemm_block", int8 operands) and
     ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (op "fp8_gemm_block", float8_e4m3fn operands)."""
     m, n, k = check_block_operands(op, x_q, x_s, w_q, w_s, block_size, bias, out_dtype, out)
+    return launch_block_gemm(op, (m, n, k), x_q, x_s, w_q, w_s, block_size, bias, out_dtype, config, out)
+
+
+def launch_block_gemm(
+    op: str,
+    mnk: tuple[int, int, int],
+    x_q: torch.Tensor,
+    x_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    block_size: tuple[int, int],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: GemmConfig | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """``block_gemm`` on operands that ``check_block_operands`` passed (it returned ``mnk``)."""
+    m, n, k = mnk
     bn, bk = block_size
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
     if m == 0:

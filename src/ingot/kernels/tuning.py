@@ -205,8 +205,9 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
 
 def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
     """W8A16 / W4A16: at M = 1 the GEMV kernel (block_m 1: FMA units, register double-buffering, with or without
-    its loop's loads pipelined) over row tiles and K steps (int4 K steps stay within the 128-group) and the swap-AB dot tiles; decode (M <= 64)
-    the swap-AB tiles with split-K; prefill the 128 x 128 tiles of the defaults and two neighbours."""
+    its loop's loads pipelined) over row tiles and K steps (int4 K steps stay within the 128-group) and the swap-AB
+    dot tiles; decode (M <= 64) the swap-AB tiles with split-K; prefill the 128 x 128 tiles of the defaults and two
+    neighbours."""
     out: list[GemmConfig] = []
     block_ks = (64, 128) if op == "w4a16_gemm" else (256, 512)
     if m == 1:
