@@ -42,6 +42,18 @@ for stages in (1, 3):
         "weight_only._w4a16_gemv_kernel", ["*bf16", "*i32", "*fp32", "*fp32", "*bf16", "*fp32"] + ["i32"] * 13,
         {"GROUP_SIZE": 128, **_GEMV, "LOOP_STAGES": stages})
 
+# the W8A8 GEMVs (M = 1: dp4a inline PTX on int32 words), plain and pipelined, channel and block
+for stages in (1, 3):
+    for split, even in ((1, True), (4, False)):
+        _W8A8_GEMV = {"HAS_BIAS": not even, "EVEN_K": even, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1,
+                      "SPLIT_K": split, "DP4A": True, "LOOP_STAGES": stages}
+        VARIANTS[f"int8 channel gemv split {split} stages {stages}"] = (
+            "_int8_gemv_channel_kernel", ["*i32", "*fp32", "*i32", "*fp32", "*fp32", "*bf16", "*i32", "*i32"]
+            + ["i32"] * 7, _W8A8_GEMV)
+        VARIANTS[f"int8 block gemv split {split} stages {stages}"] = (
+            "_int8_gemv_block_kernel", ["*i32", "*fp32", "*i32", "*fp32", "*fp32", "*bf16", "*fp32", "*i32"]
+            + ["i32"] * 8, {"SCALE_N": 128, **_W8A8_GEMV})
+
 _SCRIPT = """
 import importlib, json, sys
 import triton

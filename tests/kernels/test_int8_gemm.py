@@ -9,6 +9,7 @@ reference computed on the same GPU.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
@@ -508,6 +509,71 @@ def test_channel_refuses_k_that_could_overflow_int32():
         int8_gemm_channel(x_q, ones, x_q.clone(), ones)
 
 
+# ------------------------------------------------------------------------------------------------- GEMV (M = 1)
+
+GEMV_CONFIGS = [
+    GemmConfig(1, 16, 128, group_m=1, num_warps=4, num_stages=1),
+    GemmConfig(1, 32, 256, group_m=1, num_warps=4, num_stages=3, split_k=2),
+    GemmConfig(1, 16, 128, group_m=1, num_warps=8, num_stages=1, split_k=8),  # empty slices at K = 576
+]
+
+
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=lambda c: f"bn{c.block_n}-bk{c.block_k}-split{c.split_k}")
+@pytest.mark.parametrize("n,k", [(100, 576), (64, 256), (200, 1024), (48, 192)])
+def test_gemv_channel_is_int32_exact(n, k, cfg):
+    """The M = 1 GEMV (config.block_m 1: int32 words, dp4a on the GPU, byte shifts here) sums the same integers as
+    the tensor-core kernel: y is bit-identical to the reference and to the dot kernel, ragged K and N included,
+    repeated (split-K counters reset)."""
+    args = _channel_operands(1, n, k, seed=n + k)
+    bias = _bias(n, torch.float32, seed=3)
+    expected = ref.int8_gemm_channel_ref(*args, bias=bias, out_dtype=torch.float32)
+    dot = int8_gemm_channel(*args, bias=bias, out_dtype=torch.float32, config=GemmConfig(16, 32, 128, group_m=1))
+    for _ in range(2):
+        y = int8_gemm_channel(*args, bias=bias, out_dtype=torch.float32, config=cfg)
+        assert torch.equal(y, expected)
+        assert torch.equal(y, dot)
+    assert int(int8_gemm._split_k_locks(torch.device(DEVICE)).abs().sum()) == 0
+
+
+def test_gemv_channel_extreme_bytes():
+    """Every byte at -127 / 127 (and -128 in x, which the dp4a and the shifts must sign-extend): still exact."""
+    n, k = 32, 1024
+    x_q = torch.full((1, k), -128, dtype=torch.int8, device=DEVICE)
+    x_q[0, 1::3] = 127
+    w_q = torch.full((n, k), -127, dtype=torch.int8, device=DEVICE)
+    w_q[::2, ::5] = 127
+    ones = torch.ones(1, 1, device=DEVICE)
+    w_s = torch.ones(n, 1, device=DEVICE)
+    y = int8_gemm_channel(x_q, ones, w_q, w_s, out_dtype=torch.float32, config=GEMV_CONFIGS[1])
+    assert torch.equal(y, (x_q.double() @ w_q.double().T).float())
+
+
+@pytest.mark.parametrize("cfg", [c for c in GEMV_CONFIGS if c.block_k == 128],
+                         ids=lambda c: f"bn{c.block_n}-split{c.split_k}")
+@pytest.mark.parametrize("n,k", [(100, 576), (256, 256), (200, 1024), (130, 192)])
+def test_gemv_block_matches_ref(n, k, cfg):
+    """The block GEMV (one 128-column K block per step, promoted and scaled like the tensor-core kernel)."""
+    args = _block_operands(1, n, k, seed=n * k)
+    bias = _bias(n, torch.bfloat16, seed=4)
+    expected = ref.int8_gemm_block_ref(*args, bias=bias, out_dtype=torch.float32)
+    for _ in range(2):
+        y = int8_gemm_block(*args, bias=bias, out_dtype=torch.float32, config=cfg)
+        assert_close_rel(y, expected, FP32_TOL, f"block GEMV N={n} K={k} {cfg}")
+    y16 = int8_gemm_block(*args, bias=bias, config=cfg)
+    assert_rounded(y16, expected, BF16_TOL, f"block GEMV bf16 N={n} K={k}")
+
+
+def test_gemv_config_falls_back_where_it_cannot_run():
+    """A GEMV config on K % 4 != 0 (no int32 view) runs the default tensor-core tiles; on M > 1 it is refused."""
+    args = _channel_operands(1, 40, 300 + 2, seed=9)
+    y = int8_gemm_channel(*args, out_dtype=torch.float32, config=GEMV_CONFIGS[0])
+    assert torch.equal(y, ref.int8_gemm_channel_ref(*args, out_dtype=torch.float32))
+    for op, operands, fn in (("channel", _channel_operands(2, 40, 256, seed=9), int8_gemm_channel),
+                             ("block", _block_operands(2, 40, 256, seed=9), int8_gemm_block)):
+        with pytest.raises(ValueError, match=r"config.block_m = 1 \(the GEMV kernel\) needs M = 1, got M = 2"):
+            fn(*operands, config=GEMV_CONFIGS[0])
+
+
 # ------------------------------------------------------------------------------------ GPU: real model shapes
 
 GPU_M = [1, 16, 128, 1024, 4096]
@@ -561,6 +627,31 @@ def test_gpu_split_k_repeated(op, split_k):
         torch.cuda.synchronize()
         assert_close_rel(out, reference(*args, out_dtype=torch.float32), FP32_TOL, f"{op} split {split_k} launch {i}")
     assert int(int8_gemm._split_k_locks(torch.device("cuda", torch.cuda.current_device())).abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS + [GemmConfig(1, 64, 512, group_m=1, num_warps=8, num_stages=3, split_k=4)],
+                         ids=lambda c: f"bn{c.block_n}-bk{c.block_k}-split{c.split_k}-s{c.num_stages}")
+@pytest.mark.parametrize("n,k", [(4096, 4096), (7168, 2048), (576, 7168), (2048, 7168)])
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_gemv_repeated(op, n, k, cfg):
+    """The dp4a GEMV at real sizes: 20 launches on fresh inputs into NaN-poisoned outputs, every one exact (channel:
+    bit-identical to the reference) or within the fp32 bound (block)."""
+    if op == "block" and cfg.block_k != 128:
+        cfg = replace(cfg, block_k=128)
+    for i in range(20):
+        seed = int.from_bytes(os.urandom(4), "little")
+        args = _channel_operands(1, n, k, seed) if op == "channel" else _block_operands(1, n, k, seed)
+        fn, reference = (int8_gemm_channel, ref.int8_gemm_channel_ref) if op == "channel" else (
+            int8_gemm_block, ref.int8_gemm_block_ref)
+        out = torch.full((1, n), float("nan"), device="cuda")
+        fn(*args, out_dtype=torch.float32, out=out, config=cfg)
+        torch.cuda.synchronize()
+        expected = reference(*args, out_dtype=torch.float32)
+        if op == "channel":
+            assert torch.equal(out, expected), f"channel GEMV {cfg} launch {i} seed {seed}"
+        else:
+            assert_close_rel(out, expected, FP32_TOL, f"block GEMV {cfg} launch {i} seed {seed}")
 
 
 @pytest.mark.gpu

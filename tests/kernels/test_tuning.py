@@ -62,7 +62,9 @@ def test_candidates_respect_kernel_ties():
         block = candidates("int8_gemm_block", m, 4096, 4096, 132)
         assert block and all(c.block_k == 128 for c in block)
         channel = candidates("int8_gemm_channel", m, 4096, 4096, 132)
-        assert channel and {c.block_k for c in channel} == {128, 256}
+        # M = 1 adds the dp4a GEMV (block_m 1) with 256- and 512-byte K steps; the block op's GEMV keeps 128
+        assert channel and {c.block_k for c in channel} == ({128, 256, 512} if m == 1 else {128, 256})
+        assert any(c.block_m == 1 for c in channel + block) == (m == 1)
     # split-K only at decode, only up to 8 programs per SM, never more splits than half the K tiles
     for c in candidates("int8_gemm_channel", 1, 4096, 512, 132):
         assert c.split_k <= 2 if c.block_k == 128 else c.split_k == 1

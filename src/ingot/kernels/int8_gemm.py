@@ -254,6 +254,129 @@ def _block_gemm_kernel(
         _store_tile(y_ptr, acc, rows, cols, M, N, stride_ym, stride_yn)
 
 
+@triton.jit
+def _dp4a(w, x, acc, ASM: tl.constexpr):
+    """acc + the dot products of the four signed bytes packed in each int32 of w and x (elementwise, broadcast).
+    ASM: one ``dp4a.s32.s32`` per word (sm_61+); otherwise the bytes are sign-extended by shifts (the interpreter,
+    which cannot run inline PTX). Both are exact integer sums."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [w, x, acc], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        for i in tl.static_range(4):
+            acc += ((w << (24 - 8 * i)) >> 24) * ((x << (24 - 8 * i)) >> 24)
+        return acc
+
+
+@triton.jit
+def _gemv_words(x_ptr, w_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The GEMV program's rows and K slice over the int32 views of x_q [1, K / 4] and w_q [N, K / 4] (4 int8 per
+    word, unit stride along K): (cols, offs_n, offs_w, kt_first, steps, x_ptrs (BLOCK_K / 4,), w_ptrs (BLOCK_N,
+    BLOCK_K / 4), pid_n, pid_k, tile). BLOCK_K counts bytes of K; a K step reads BLOCK_K / 4 words per row."""
+    pid_m, pid_n, pid_k, tile = _tile_ids(1, N, 1, BLOCK_N, 1, SPLIT_K)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (cols % N).to(tl.int64)
+    offs_w = tl.arange(0, BLOCK_K // 4)
+    kt_first, steps, k_tiles = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    x_ptrs = x_ptr + kt_first * (BLOCK_K // 4) + offs_w
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (kt_first * (BLOCK_K // 4) + offs_w)[None, :]
+    return cols, offs_n, offs_w, kt_first, steps, x_ptrs, w_ptrs, pid_n, pid_k, tile
+
+
+@triton.jit
+def _gemv_step(x_ptrs, w_ptrs, acc, offs_w, K, kt, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DP4A: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_K / 4) int32 + the word-wise byte dot products of K step kt; words past K load as 0."""
+    if EVEN_K:
+        a = tl.load(x_ptrs)
+        b = tl.load(w_ptrs)
+    else:
+        in_k = offs_w < K // 4 - kt * (BLOCK_K // 4)
+        a = tl.load(x_ptrs, mask=in_k, other=0)
+        b = tl.load(w_ptrs, mask=in_k[None, :], other=0)
+    return _dp4a(b, a[None, :], acc, DP4A)
+
+
+@triton.jit
+def _int8_gemv_channel_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,  # int32 views: x_q [1, K / 4], w_q [N, K / 4]; the rest as GEMM
+    part_ptr, lock_ptr,
+    M, N, K,
+    stride_xsm, stride_wn, stride_wsn, stride_yn,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,  # BLOCK_M, GROUP_M: 1
+    SPLIT_K: tl.constexpr,
+    DP4A: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
+):
+    """int8_gemm_channel at M = 1 (config.block_m == 1): no tensor cores and no 16-row padding of x. Each program
+    streams a (BLOCK_N, BLOCK_K) int8 weight tile per K step as int32 words, dp4a's them against x's words into an
+    int32 accumulator of the tile's shape (no cross-thread reduction inside the loop), and sums along K once at the
+    end. The integer sum is exact, so y is bit-identical to the tensor-core kernel's. Split-K as the GEMM kernel."""
+    cols, offs_n, offs_w, kt_first, steps, x_ptrs, w_ptrs, pid_n, pid_k, tile = _gemv_words(
+        x_ptr, w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.int32)
+    for i in tl.range(0, steps, num_stages=LOOP_STAGES):  # LOOP_STAGES > 1: the loads pipelined (cp.async)
+        acc = _gemv_step(x_ptrs, w_ptrs, acc, offs_w, K, kt_first + i, BLOCK_K, EVEN_K, DP4A)
+        x_ptrs += BLOCK_K // 4
+        w_ptrs += BLOCK_K // 4
+    dot = tl.sum(acc, axis=1)[None, :]  # (1, BLOCK_N)
+
+    is_last = True
+    if SPLIT_K > 1:
+        dot, is_last = _split_k_sum(dot, part_ptr, lock_ptr, tile, pid_k, 1, N, SPLIT_K, 1, BLOCK_N)
+    if is_last:
+        xs = tl.load(xs_ptr)
+        ws = tl.load(ws_ptr + offs_n * stride_wsn)
+        y = dot.to(tl.float32) * xs * ws[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        _store_tile(y_ptr, y, tl.arange(0, 1), cols, 1, N, 0, stride_yn)
+
+
+@triton.jit
+def _int8_gemv_block_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,  # int32 views of x_q, w_q as the channel GEMV; scales as GEMM
+    part_ptr, lock_ptr,
+    M, N, K,
+    stride_xsk, stride_wn, stride_wsn, stride_wsk, stride_yn,
+    SCALE_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,  # BLOCK_M, GROUP_M: 1
+    SPLIT_K: tl.constexpr,
+    DP4A: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
+):
+    """int8_gemm_block at M = 1: as the channel GEMV, but BLOCK_K is the K quantization block, so each step's integer
+    dot is summed along K, promoted to fp32 and scaled by x_s[0, kt] * w_s[n // SCALE_N, kt] before it joins the
+    fp32 accumulator (the same products, in the same order, as the tensor-core kernel)."""
+    cols, offs_n, offs_w, kt_first, steps, x_ptrs, w_ptrs, pid_n, pid_k, tile = _gemv_words(
+        x_ptr, w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    ws_ptrs = ws_ptr + (offs_n // SCALE_N) * stride_wsn
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in tl.range(0, steps, num_stages=LOOP_STAGES):
+        kt = kt_first + i
+        words = _gemv_step(x_ptrs, w_ptrs, tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.int32), offs_w, K, kt,
+                           BLOCK_K, EVEN_K, DP4A)
+        ks = tl.minimum(kt, k_tiles - 1)  # a step past K (dot = 0) reads the last scale column
+        xs = tl.load(xs_ptr + ks * stride_xsk)
+        ws = tl.load(ws_ptrs + ks * stride_wsk)
+        acc += tl.sum(words, axis=1).to(tl.float32) * (xs * ws)
+        x_ptrs += BLOCK_K // 4
+        w_ptrs += BLOCK_K // 4
+    acc2 = acc[None, :]
+
+    is_last = True
+    if SPLIT_K > 1:
+        acc2, is_last = _split_k_sum(acc2, part_ptr, lock_ptr, tile, pid_k, 1, N, SPLIT_K, 1, BLOCK_N)
+    if is_last:
+        if HAS_BIAS:
+            acc2 += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        _store_tile(y_ptr, acc2, tl.arange(0, 1), cols, 1, N, 0, stride_yn)
+
+
 # Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
 # functions that run on any device (numpy); compiled ones need CUDA tensors.
 INTERPRETED = not isinstance(_int8_gemm_channel_kernel, triton.runtime.JITFunction)
@@ -332,6 +455,24 @@ def _launch(kernel, device: torch.device, config: GemmConfig, m: int, n: int, k:
         )
 
 
+def _gemv_operands(x_q: torch.Tensor, w_q: torch.Tensor, m: int, k: int, config: GemmConfig) -> tuple | None:
+    """(x words, w words) - the int32 views [1, K / 4] and [N, K / 4] that the GEMV kernels read - for a launch whose
+    config has block_m 1, or None for a tensor-core config. K % 4 != 0 or an operand not 4-byte aligned cannot be
+    viewed: the caller then runs its default tensor-core tiles."""
+    if config.block_m != 1:
+        return None
+    if m != 1:
+        raise ValueError(f"config.block_m = 1 (the GEMV kernel) needs M = 1, got M = {m}")
+    if k % 4 or x_q.data_ptr() % 4 or w_q.data_ptr() % 4:
+        return None
+    return x_q.view(torch.int32), w_q.view(torch.int32)
+
+
+def _gemv_constexprs(config: GemmConfig) -> dict:
+    # dp4a is inline PTX: compiled kernels on NVIDIA GPUs only; the interpreter sign-extends bytes with shifts
+    return {"DP4A": not INTERPRETED and torch.version.hip is None, "LOOP_STAGES": config.num_stages}
+
+
 def int8_gemm_channel(
     x_q: torch.Tensor,
     x_s: torch.Tensor,
@@ -362,6 +503,18 @@ def int8_gemm_channel(
     if m == 0:
         return y
     config = resolve_config("int8_gemm_channel", config, m, n, k, x_q.device)
+    words = _gemv_operands(x_q, w_q, m, k, config)
+    if words is not None:
+        _launch(
+            _int8_gemv_channel_kernel, x_q.device, config, m, n, k, torch.int32,
+            words[0], x_s, words[1], w_s, x_s if bias is None else bias, y,
+            m, n, k,
+            x_s.stride(0), words[1].stride(0), w_s.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, **_gemv_constexprs(config),
+        )
+        return y
+    if config.block_m == 1:  # a GEMV config the operands cannot take
+        config = default_config(m, n, k, tuning.num_sms(x_q.device))
     _launch(
         _int8_gemm_channel_kernel, x_q.device, config, m, n, k, torch.int32,
         x_q, x_s, w_q, w_s, x_s if bias is None else bias, y,
@@ -449,6 +602,20 @@ def launch_block_gemm(
         raise ValueError(
             f"config.block_k = {config.block_k} must equal the K quantization block {bk}: one scale per K step"
         )
+    words = None if op == "fp8_gemm_block" else _gemv_operands(x_q, w_q, m, k, config)
+    if words is not None:
+        _launch(
+            _int8_gemv_block_kernel, x_q.device, config, m, n, k, torch.float32,
+            words[0], x_s, words[1], w_s, x_s if bias is None else bias, y,
+            m, n, k,
+            x_s.stride(1), words[1].stride(0), w_s.stride(0), w_s.stride(1), y.stride(1),
+            SCALE_N=bn, HAS_BIAS=bias is not None, **_gemv_constexprs(config),
+        )
+        return y
+    if config.block_m == 1:  # a GEMV config the operands (or fp8) cannot take
+        if m != 1:
+            raise ValueError(f"config.block_m = 1 (the GEMV kernel) needs M = 1, got M = {m}")
+        config = replace(default_config(m, n, k, tuning.num_sms(x_q.device)), block_k=bk)
     _launch(
         _block_gemm_kernel, x_q.device, config, m, n, k, torch.float32,
         x_q, x_s, w_q, w_s, x_s if bias is None else bias, y,

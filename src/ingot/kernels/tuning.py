@@ -51,7 +51,7 @@ class GemmConfig:
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
-            if name == "block_m" and v == 1:  # the weight-only GEMV kernels
+            if name == "block_m" and v == 1:  # the GEMV kernels (M = 1: weight-only and W8A8)
                 continue
             if v < 16 or v & (v - 1):
                 raise ValueError(f"GemmConfig.{name} must be a power of two >= 16, got {v}")
@@ -176,6 +176,8 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
         return _weight_only_candidates(op, m, n, k, num_sms)
     block_ks = (128,) if op in ("int8_gemm_block", "fp8_gemm_block") else (128, 256)
     out: list[GemmConfig] = []
+    if m == 1 and op in ("int8_gemm_channel", "int8_gemm_block"):
+        out += _int8_gemv_candidates(op, n, k, num_sms)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         for bn in (32, 64):
@@ -200,6 +202,24 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
                     continue
                 for warps in (4, 8) if bm * bn <= 128 * 128 else (8,):
                     out.append(GemmConfig(bm, bn, bk, group_m=8, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _int8_gemv_candidates(op: str, n: int, k: int, num_sms: int) -> list[GemmConfig]:
+    """The W8A8 GEMV (block_m 1: dp4a on int32 words, no tensor cores) at M = 1: row tiles x K steps (the block op's
+    step is its 128-column block), 4 or 8 warps, split-K up to ~8 programs per SM, loads pipelined or not."""
+    out = []
+    for bn in (16, 32, 64):
+        tiles = -(-n // bn)
+        for bk in (128,) if op == "int8_gemm_block" else (256, 512):
+            for warps in (4, 8):
+                if bn * bk // 4 // (32 * warps) < 4:  # under 4 words (16 bytes) per thread: idle lanes
+                    continue
+                for split in (1, 2, 4, 8):
+                    if split > 1 and (tiles * split > 8 * num_sms or -(-k // bk) < 2 * split):
+                        continue
+                    for stages in (1, 3):
+                        out.append(GemmConfig(1, bn, bk, group_m=1, num_warps=warps, num_stages=stages, split_k=split))
     return out
 
 
