@@ -326,6 +326,18 @@ def test_default_config_buckets():
     assert all(default_config(m).block_k == 128 for m in (1, 17, 33, 65, 10**6))
 
 
+def test_default_config_is_the_gemv_at_m1_for_int8_ops():
+    """M = 1 defaults to the dp4a GEMV for the int8 ops (the block one splits K to ~4 programs per SM, keeping >= 4 K
+    blocks per split), never for fp8 or M > 1."""
+    assert default_config(1, 4096, 4096, 132, "int8_gemm_channel") == int8_gemm.GEMV_CHANNEL
+    block = default_config(1, 4096, 4096, 132, "int8_gemm_block")
+    assert (block.block_m, block.block_k, block.split_k) == (1, 128, 4)  # 128 row tiles x 4 = 512 programs
+    assert default_config(1, 28672, 4096, 132, "int8_gemm_block").split_k == 1
+    assert default_config(1, 100, 576, 132, "int8_gemm_block").split_k == 1  # 5 K blocks: no split
+    assert default_config(1, 4096, 4096, 132, "fp8_gemm_block").block_m == 16
+    assert default_config(2, 4096, 4096, 132, "int8_gemm_channel").block_m == 16
+
+
 # ------------------------------------------------------------------------------------------------- split-K
 
 

@@ -47,10 +47,29 @@ _CONFIGS: tuple[tuple[int, GemmConfig], ...] = (
 MAX_SPLIT_K = 16
 SPLIT_K_TARGET_PROGRAMS = 2  # per SM
 
+# M = 1, int8 operands: the dp4a GEMV (block_m 1). `ingot tune` on the H100 picked it over every tensor-core tile
+# for all 9 Llama-3-8B / DeepSeek-V3 shapes of both ops (benchmarks/results/tune-gemv-m1-*.log). Channel: 16 rows x
+# 512 bytes per step, 8 warps, no split won 8 of 9. Block (K step = the 128-column block): the winners were 16-64
+# rows with split-K to ~2-4 programs per SM; the default takes 32 rows, split to GEMV_BLOCK_PROGRAMS per SM, at
+# least 4 K blocks per split (as the tensor-core default).
+GEMV_CHANNEL = GemmConfig(1, 16, 512, group_m=1, num_warps=8, num_stages=1)
+GEMV_BLOCK = GemmConfig(1, 32, 128, group_m=1, num_warps=4, num_stages=1)
+GEMV_BLOCK_PROGRAMS = 4  # per SM
+GEMV_OPS = ("int8_gemm_channel", "int8_gemm_block")
 
-def default_config(m: int, n: int | None = None, k: int | None = None, num_sms: int | None = None) -> GemmConfig:
+
+def default_config(m: int, n: int | None = None, k: int | None = None, num_sms: int | None = None,
+                   op: str | None = None) -> GemmConfig:
     """The untuned tile config for an [m, k] x [n, k] GEMM (both kernels). With n, k and the SM count, decode
-    shapes whose output tiles alone cannot fill the GPU get split-K: each split streams K / split_k of the weight."""
+    shapes whose output tiles alone cannot fill the GPU get split-K: each split streams K / split_k of the weight.
+    With ``op`` int8_gemm_channel / int8_gemm_block, M = 1 gets the GEMV (the wrappers fall back to the tensor-core
+    tiles where the operands cannot be read as int32 words)."""
+    if m == 1 and op in GEMV_OPS and n and k:
+        if op == "int8_gemm_channel":
+            return GEMV_CHANNEL
+        tiles = cdiv(n, GEMV_BLOCK.block_n)
+        split = min(8, max(1, GEMV_BLOCK_PROGRAMS * (num_sms or 132) // tiles), max(1, cdiv(k, 128) // 4))
+        return replace(GEMV_BLOCK, split_k=split)
     config = next(cfg for bound, cfg in _CONFIGS if m <= bound)
     if n is None or k is None or not num_sms or m > 64:
         return config
@@ -415,7 +434,7 @@ def _check_operands(
 
 def resolve_config(op: str, config: GemmConfig | None, m: int, n: int, k: int, device: torch.device) -> GemmConfig:
     """The config a launch uses: the caller's, else the tuned table's (ingot.kernels.tuning), else the default."""
-    return tuning.resolve_config(op, config, m, n, k, device, lambda sms: default_config(m, n, k, sms))
+    return tuning.resolve_config(op, config, m, n, k, device, lambda sms: default_config(m, n, k, sms, op))
 
 
 # Split-K counters: one int32 per output tile, zero between launches (the last split of a tile resets its own).

@@ -328,7 +328,7 @@ def _default_fn(op: str):
 
     if op in WEIGHT_ONLY_OPS:
         return lambda m, n, k, sms: weight_only.default_config(op, m, n, k, sms)
-    return int8_gemm.default_config
+    return lambda m, n, k, sms: int8_gemm.default_config(m, n, k, sms, op)
 
 
 def tune(options: TuneOptions, log=print) -> list[Path]:
