@@ -180,7 +180,9 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
         out += _int8_gemv_candidates(op, n, k, num_sms)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        for bn in (32, 64):
+        # 128-wide N tiles too: every program re-reads its rows of x (from L2), M x K x N / BLOCK_N bytes in all - at
+        # M = 64 with 32-wide tiles twice the int8 weight's own bytes
+        for bn in (32, 64, 128):
             tiles = -(-m // bm) * -(-n // bn)
             for bk in block_ks:
                 k_tiles = -(-k // bk)
