@@ -532,6 +532,31 @@ GPU_NK = [(4096, 4096), (28672, 4096), (4096, 14336), (7168, 2048), (18432, 7168
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [256, 1024])
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_prefill_bias_bf16_repeated(op, m):
+    """The default prefill tiles with a bias and a bf16 output, 20 launches into NaN-poisoned outputs: the 8-warp
+    W8A16 tiles wrote a garbage tile in 40 of 40 such launches at M = 1024 (weight_only.PREFILL_WARPS)."""
+    n, k = 28672, 4096
+    seed = int.from_bytes(os.urandom(4), "little")
+    bias = torch.randn(n, generator=_gen(seed + 1), device="cuda").to(torch.bfloat16)
+    if op == "w8a16":
+        x, w_q, w_s = _w8_operands(m, n, k, seed)
+        exact = ref.w8a16_gemm_ref(x, w_q, w_s, bias, out_dtype=torch.float32)
+        run = lambda out: w8a16_gemm(x, w_q, w_s, bias, out=out)  # noqa: E731
+    else:
+        x, w_p, w_s, _ = _w4_operands(m, n, k, seed, s_dtype=torch.bfloat16)
+        exact = ref.w4a16_gemm_ref(x, w_p, w_s, k, 128, bias, out_dtype=torch.float32)
+        run = lambda out: w4a16_gemm(x, w_p, w_s, k, 128, bias, out=out)  # noqa: E731
+    out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+    for i in range(20):
+        out.fill_(float("nan"))
+        run(out)
+        torch.cuda.synchronize()
+        assert_rounded(out, exact, BF16_TOL, f"{op} M={m} launch {i} seed={seed}", floor=GPU_FP32_TOL)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n,k", GPU_NK)
 @pytest.mark.parametrize("m", GPU_M)
 @pytest.mark.parametrize("op", OPS)
