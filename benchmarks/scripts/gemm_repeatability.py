@@ -27,7 +27,7 @@ from ingot.kernels.int8_gemm import int8_gemm_block, int8_gemm_channel
 from ingot.kernels.tuning import GemmConfig
 from ingot.kernels.weight_only import default_config, effective_split_k, w4a16_gemm, w8a16_gemm
 
-PREFILL = GemmConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4)  # the weight-only prefill default tiles
+PREFILL = GemmConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4)  # W8A16 prefill default tiles (W4A16: 8 warps)
 WEIGHT_ONLY_CASES = [  # (M, N, K), config (None: the default), launches
     ((4096, 576, 1536), replace(PREFILL, split_k=2), 3000), ((4096, 576, 1536), None, 1500),
     ((512, 576, 1536), None, 1500), ((16, 576, 1536), None, 3000), ((64, 576, 1536), None, 3000),

@@ -17,8 +17,8 @@ from ingot.formats.base import pack_int32
 from ingot.kernels.tuning import GemmConfig
 from ingot.kernels.weight_only import w4a16_gemm, w8a16_gemm
 
-EIGHT_WARPS = GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)  # the old prefill default
-FOUR_WARPS = GemmConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4)  # the default since session 8
+EIGHT_WARPS = GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)  # the old default (W4A16: still)
+FOUR_WARPS = GemmConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4)  # W8A16 default since session 8
 SHAPES = [(256, 28672, 4096), (1024, 28672, 4096), (4096, 28672, 4096), (1024, 4096, 4096), (1024, 4096, 14336),
           (4096, 576, 1536)]
 

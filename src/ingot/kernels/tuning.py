@@ -229,7 +229,7 @@ def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
     """W8A16 / W4A16: at M = 1 the GEMV kernel (block_m 1: FMA units, register double-buffering, with or without
     its loop's loads pipelined) over row tiles and K steps (int4 K steps stay within the 128-group) and the swap-AB
     dot tiles; decode (M <= 64) the swap-AB tiles with split-K; prefill the 128 x 128 tiles of the defaults and three
-    neighbours, all with 4 warps."""
+    neighbours (4 warps for W8A16's, see weight_only.PREFILL_WARPS)."""
     out: list[GemmConfig] = []
     block_ks = (64, 128) if op == "w4a16_gemm" else (256, 512)
     if m == 1:
@@ -256,10 +256,13 @@ def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
                             continue
                         out.append(GemmConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=stages, split_k=split))
         return out
-    # one warpgroup only: 8-warp weight-only tiles wrote garbage on the H100 (weight_only.PREFILL_WARPS)
+    from ingot.kernels.weight_only import PREFILL_WARPS  # W8A16: 4, its 8-warp tiles wrote garbage on the H100
+
+    warps = PREFILL_WARPS[op]
     for bm, bn, bk in ((128, 128, 64), (64, 128, 64), (128, 64, 64), (128, 128, 128)):
         for stages in (3, 4):
-            out.append(GemmConfig(bm, bn, bk, group_m=8, num_warps=4, num_stages=stages))
+            out.append(GemmConfig(bm, bn, bk, group_m=8, num_warps=4 if bm * bn < 128 * 128 else warps,
+                                  num_stages=stages))
     return out
 
 

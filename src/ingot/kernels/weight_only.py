@@ -66,31 +66,32 @@ REDUCE_BLOCK = 512  # elements of y per program of the split-K reduction
 # or 4 KB of int4 per stage, 5 stages for int8 and 6 for int4 (the int4 tile is half the bytes; x's tile, 4 KB of
 # bf16 at BLOCK_M = 16, rides along in every stage: 60 / 48 KB of shared memory, 3-4 programs per SM). Split-K
 # (``choose_split_k``) fills the SMs. int4's BLOCK_K stays <= 128 = its group, so a K step never straddles two scales.
-# Prefill (M > 64) is tensor-core bound: 128 x 128 x 64 tiles, 4 warps (PREFILL_WARPS), 4 stages (the int -> bf16
-# conversion of each weight tile happens in registers between the shared-memory load and the MMA).
+# Prefill (M > 64) is tensor-core bound: 128 x 128 x 64 tiles, 4 (W8A16) or 8 (W4A16) warps (PREFILL_WARPS), 4 stages
+# (the int -> bf16 conversion of each weight tile happens in registers between the shared-memory load and the MMA).
+# W8A16 prefill tiles run one warpgroup (4 warps). With two (8 warps, the default until session 8) the W8A16 kernel
+# wrote garbage on the H100 (benchmarks/scripts/weight_only_prefill_stress.py, bias + bf16 output, 128 x 128 x 64 tiles,
+# 4 stages): a non-finite tile in 37-100 of 100 launches at M 256-4096 on 28672x4096, 56 of 100 on 4096x4096 at M 1024,
+# 7 of 100 on SmolLM2's 576x1536 at M 4096; without a bias 0 of 60. The same tiles with 4 warps: 0 of 100 everywhere,
+# within 2% of the 8-warp time. Cause not found (the converted weight tile is the wgmma's register operand; triton
+# 3.6). W4A16 keeps 8 warps: 0 of 100 on the same six shapes, and 4 warps took 1.75-1.9x longer.
+PREFILL_WARPS = {"w8a16_gemm": 4, "w4a16_gemm": 8}
 _CONFIGS: dict[str, tuple[tuple[int, GemmConfig], ...]] = {
     "w8a16_gemm": (
         (1, GemmConfig(1, 32, 256, group_m=1, num_warps=4, num_stages=1)),  # GEMV
         (16, GemmConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=5)),
         (32, GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=4)),
         (64, GemmConfig(64, 64, 128, group_m=1, num_warps=4, num_stages=4)),
-        (2**62, GemmConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4)),  # 4 warps: see PREFILL_WARPS
+        (2**62, GemmConfig(128, 128, 64, group_m=8, num_warps=PREFILL_WARPS["w8a16_gemm"], num_stages=4)),
     ),
     "w4a16_gemm": (
         (1, GemmConfig(1, 64, 128, group_m=1, num_warps=4, num_stages=1)),  # GEMV
         (16, GemmConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=6)),
         (32, GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=5)),
         (64, GemmConfig(64, 64, 128, group_m=1, num_warps=4, num_stages=4)),
-        (2**62, GemmConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4)),
+        (2**62, GemmConfig(128, 128, 64, group_m=8, num_warps=PREFILL_WARPS["w4a16_gemm"], num_stages=4)),
     ),
 }
-# Prefill tiles run one warpgroup (4 warps). With two (8 warps, the default until session 8) the W8A16 kernel wrote
-# garbage on the H100: 128 x 128 x 64 tiles, 4 stages, a bias and a bf16 output at M = 1024, N 28672, K 4096 gave a
-# non-finite tile in 40 of 40 launches (fp32 output 2 of 40; 3 stages, or a bias loaded before the K loop, 3 of 40),
-# the same tiles with 4 warps 0 of 40 (benchmarks/results/weight-only-8warp-race-*.json). Cause not found (the
-# converted weight tile is the wgmma's register operand; triton 3.6); the 8-warp tiles are out of the defaults and
-# of ingot tune's candidates until it is.
-PREFILL_WARPS = 4
+
 OPS = tuple(_CONFIGS)
 
 
