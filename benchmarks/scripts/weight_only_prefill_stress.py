@@ -3,7 +3,8 @@ counts launches with a non-finite element (an unwritten or garbage tile) per con
 of 20 launches, median of 10 replays). Written after the 8-warp W8A16 tiles wrote garbage on the H100 in session 8
 (kernels/NOTES.md, weight_only.PREFILL_WARPS).
 
-    PYTHONPATH=src python3 benchmarks/scripts/weight_only_prefill_stress.py --out OUT.json [--launches 200] [--git-sha SHA]
+    PYTHONPATH=src python3 benchmarks/scripts/weight_only_prefill_stress.py --out OUT.json [--launches 200]
+        [--git-sha SHA]
 """
 
 from __future__ import annotations

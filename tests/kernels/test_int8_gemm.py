@@ -642,7 +642,8 @@ def test_gpu_split_k_repeated(op, split_k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", GEMV_CONFIGS + [GemmConfig(1, 64, 512, group_m=1, num_warps=8, num_stages=3, split_k=4)],
+@pytest.mark.parametrize("cfg", [*GEMV_CONFIGS, GemmConfig(1, 64, 512, group_m=1, num_warps=8, num_stages=3,
+                                                            split_k=4)],
                          ids=lambda c: f"bn{c.block_n}-bk{c.block_k}-split{c.split_k}-s{c.num_stages}")
 @pytest.mark.parametrize("n,k", [(4096, 4096), (7168, 2048), (576, 7168), (2048, 7168)])
 @pytest.mark.parametrize("op", OPS)

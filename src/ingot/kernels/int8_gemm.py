@@ -9,6 +9,9 @@ Two scale layouts (ingot.quant.schemes presets):
   block [cdiv(N, 128), cdiv(K, 128)]. The scales change every 128 columns of K, so each K step of exactly one
   block is an int32 dot that is promoted to fp32 and scaled before it joins the fp32 accumulator.
 
+At M = 1 both run a GEMV instead when the config has block_m 1 (the default there, and the tuned H100 tables):
+no tensor cores, one dp4a per four int8 products (``_int8_gemv_channel_kernel`` / ``_int8_gemv_block_kernel``).
+
 References with the same signatures: ``ingot.quant.ref.int8_gemm_channel_ref`` / ``int8_gemm_block_ref``.
 """
 

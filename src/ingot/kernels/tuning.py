@@ -33,7 +33,7 @@ class GemmConfig:
     """Tile shape and launch parameters of one GEMM launch.
 
     block_m/n/k: the [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tile each program multiplies per K step (powers of two,
-    >= 16: tl.dot's smallest int8 shape; block_m 1 selects the weight-only ops' GEMV kernels, for M = 1).
+    >= 16: tl.dot's smallest int8 shape; block_m 1 selects the GEMV kernels, for M = 1: weight-only and W8A8).
     group_m: programs along M that sweep N together (the Triton matmul tutorial's grouped ordering: a group re-reads
     the same W columns from L2). num_warps, num_stages: as in triton.
     split_k: programs that share one output tile's K range (decode, where M x N alone gives too few programs to keep
