@@ -1,7 +1,7 @@
 """The weight-only GEMMs at prefill sizes with a bias and a bf16 output, into NaN-poisoned outputs on fresh launches:
 counts launches with a non-finite element (an unwritten or garbage tile) per config, and times each config (CUDA graph
-of 20 launches, median of 10 replays). Written after the 8-warp W8A16 tiles wrote garbage on the H100 in session 8
-(kernels/NOTES.md, weight_only.PREFILL_WARPS).
+of 20 launches replayed 10 times, gemm_repeatability.graph_us). Written after the 8-warp W8A16 tiles wrote garbage
+on the H100 in session 8 (kernels/NOTES.md, weight_only.PREFILL_WARPS).
 
     PYTHONPATH=src python3 benchmarks/scripts/weight_only_prefill_stress.py --out OUT.json [--launches 200]
         [--git-sha SHA]
@@ -17,6 +17,8 @@ import torch
 from ingot.formats.base import pack_int32
 from ingot.kernels.tuning import GemmConfig
 from ingot.kernels.weight_only import w4a16_gemm, w8a16_gemm
+
+from gemm_repeatability import graph_us  # this script's folder is on sys.path when run as a file
 
 EIGHT_WARPS = GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)  # the old default (W4A16: still)
 FOUR_WARPS = GemmConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4)  # W8A16 default since session 8
@@ -48,24 +50,6 @@ def non_finite_launches(fn, cfg, out: torch.Tensor, launches: int) -> int:
     return bad
 
 
-def graph_us(fn, cfg, out: torch.Tensor) -> float:
-    fn(out, cfg)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(20):
-            fn(out, cfg)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / 20)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -81,7 +65,7 @@ def main() -> None:
             for name, cfg in (("8 warps", EIGHT_WARPS), ("4 warps", FOUR_WARPS)):
                 row = {"op": op, "m": m, "n": n, "k": k, "tiles": name, "config": str(cfg), "launches": args.launches,
                        "non_finite_launches": non_finite_launches(fn, cfg, out, args.launches),
-                       "us": round(graph_us(fn, cfg, out), 2)}
+                       "us": graph_us(lambda: fn(out, cfg), per_graph=20)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     with open(args.out, "w") as f:

@@ -537,6 +537,8 @@ def test_gemv_channel_is_int32_exact(n, k, cfg):
     the tensor-core kernel: y is bit-identical to the reference and to the dot kernel, ragged K and N included,
     repeated (split-K counters reset)."""
     args = _channel_operands(1, n, k, seed=n + k)
+    words, _ = int8_gemm._gemv_plan("int8_gemm_channel", args[0], args[2], (1, n, k), cfg)
+    assert words is not None, "these operands must run the GEMV, not fall back to the tensor-core tiles"
     bias = _bias(n, torch.float32, seed=3)
     expected = ref.int8_gemm_channel_ref(*args, bias=bias, out_dtype=torch.float32)
     dot = int8_gemm_channel(*args, bias=bias, out_dtype=torch.float32, config=GemmConfig(16, 32, 128, group_m=1))
@@ -566,6 +568,7 @@ def test_gemv_channel_extreme_bytes():
 def test_gemv_block_matches_ref(n, k, cfg):
     """The block GEMV (one 128-column K block per step, promoted and scaled like the tensor-core kernel)."""
     args = _block_operands(1, n, k, seed=n * k)
+    assert int8_gemm._gemv_plan("int8_gemm_block", args[0], args[2], (1, n, k), cfg)[0] is not None
     bias = _bias(n, torch.bfloat16, seed=4)
     expected = ref.int8_gemm_block_ref(*args, bias=bias, out_dtype=torch.float32)
     for _ in range(2):
@@ -578,6 +581,8 @@ def test_gemv_block_matches_ref(n, k, cfg):
 def test_gemv_config_falls_back_where_it_cannot_run():
     """A GEMV config on K % 4 != 0 (no int32 view) runs the default tensor-core tiles; on M > 1 it is refused."""
     args = _channel_operands(1, 40, 300 + 2, seed=9)
+    words, fallback = int8_gemm._gemv_plan("int8_gemm_channel", args[0], args[2], (1, 40, 302), GEMV_CONFIGS[0])
+    assert words is None and fallback.block_m == 16
     y = int8_gemm_channel(*args, out_dtype=torch.float32, config=GEMV_CONFIGS[0])
     assert torch.equal(y, ref.int8_gemm_channel_ref(*args, out_dtype=torch.float32))
     for op, operands, fn in (("channel", _channel_operands(2, 40, 256, seed=9), int8_gemm_channel),

@@ -59,6 +59,8 @@ GEMV_CHANNEL = GemmConfig(1, 16, 512, group_m=1, num_warps=8, num_stages=1)
 GEMV_BLOCK = GemmConfig(1, 32, 128, group_m=1, num_warps=4, num_stages=1)
 GEMV_BLOCK_PROGRAMS = 4  # per SM
 GEMV_OPS = ("int8_gemm_channel", "int8_gemm_block")
+# SMs assumed when there is no CUDA device (the interpreter): an H100's, so CPU tests take the same split decisions.
+NOMINAL_SMS = 132
 
 
 def default_config(m: int, n: int | None = None, k: int | None = None, num_sms: int | None = None,
@@ -71,7 +73,8 @@ def default_config(m: int, n: int | None = None, k: int | None = None, num_sms: 
         if op == "int8_gemm_channel":
             return GEMV_CHANNEL
         tiles = cdiv(n, GEMV_BLOCK.block_n)
-        split = min(8, max(1, GEMV_BLOCK_PROGRAMS * (num_sms or 132) // tiles), max(1, cdiv(k, 128) // 4))
+        split = min(8, max(1, GEMV_BLOCK_PROGRAMS * (num_sms or NOMINAL_SMS) // tiles),
+                    max(1, cdiv(k, GEMV_BLOCK.block_k) // 4))
         return replace(GEMV_BLOCK, split_k=split)
     config = next(cfg for bound, cfg in _CONFIGS if m <= bound)
     if n is None or k is None or not num_sms or m > 64:
@@ -293,8 +296,9 @@ def _dp4a(w, x, acc, ASM: tl.constexpr):
 @triton.jit
 def _gemv_words(x_ptr, w_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """The GEMV program's rows and K slice over the int32 views of x_q [1, K / 4] and w_q [N, K / 4] (4 int8 per
-    word, unit stride along K): (cols, offs_n, offs_w, kt_first, steps, x_ptrs (BLOCK_K / 4,), w_ptrs (BLOCK_N,
-    BLOCK_K / 4), pid_n, pid_k, tile). BLOCK_K counts bytes of K; a K step reads BLOCK_K / 4 words per row."""
+    word, unit stride along K): (cols, offs_n, offs_w, kt_first, steps, k_tiles, x_ptrs (BLOCK_K / 4,), w_ptrs
+    (BLOCK_N, BLOCK_K / 4), pid_n, pid_k, tile) - see _k_range. BLOCK_K counts bytes of K; a K step reads BLOCK_K / 4
+    words per row."""
     pid_m, pid_n, pid_k, tile = _tile_ids(1, N, 1, BLOCK_N, 1, SPLIT_K)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n = (cols % N).to(tl.int64)
@@ -302,7 +306,7 @@ def _gemv_words(x_ptr, w_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: t
     kt_first, steps, k_tiles = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
     x_ptrs = x_ptr + kt_first * (BLOCK_K // 4) + offs_w
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (kt_first * (BLOCK_K // 4) + offs_w)[None, :]
-    return cols, offs_n, offs_w, kt_first, steps, x_ptrs, w_ptrs, pid_n, pid_k, tile
+    return cols, offs_n, offs_w, kt_first, steps, k_tiles, x_ptrs, w_ptrs, pid_n, pid_k, tile
 
 
 @triton.jit
@@ -335,7 +339,7 @@ def _int8_gemv_channel_kernel(
     streams a (BLOCK_N, BLOCK_K) int8 weight tile per K step as int32 words, dp4a's them against x's words into an
     int32 accumulator of the tile's shape (no cross-thread reduction inside the loop), and sums along K once at the
     end. The integer sum is exact, so y is bit-identical to the tensor-core kernel's. Split-K as the GEMM kernel."""
-    cols, offs_n, offs_w, kt_first, steps, x_ptrs, w_ptrs, pid_n, pid_k, tile = _gemv_words(
+    cols, offs_n, offs_w, kt_first, steps, _, x_ptrs, w_ptrs, pid_n, pid_k, tile = _gemv_words(
         x_ptr, w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.int32)
     for i in tl.range(0, steps, num_stages=LOOP_STAGES):  # LOOP_STAGES > 1: the loads pipelined (cp.async)
@@ -373,9 +377,8 @@ def _int8_gemv_block_kernel(
     """int8_gemm_block at M = 1: as the channel GEMV, but BLOCK_K is the K quantization block, so each step's integer
     dot is summed along K, promoted to fp32 and scaled by x_s[0, kt] * w_s[n // SCALE_N, kt] before it joins the
     fp32 accumulator (the same products, in the same order, as the tensor-core kernel)."""
-    cols, offs_n, offs_w, kt_first, steps, x_ptrs, w_ptrs, pid_n, pid_k, tile = _gemv_words(
+    cols, offs_n, offs_w, kt_first, steps, k_tiles, x_ptrs, w_ptrs, pid_n, pid_k, tile = _gemv_words(
         x_ptr, w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K)
-    k_tiles = tl.cdiv(K, BLOCK_K)
     ws_ptrs = ws_ptr + (offs_n // SCALE_N) * stride_wsn
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for i in tl.range(0, steps, num_stages=LOOP_STAGES):
@@ -477,22 +480,25 @@ def _launch(kernel, device: torch.device, config: GemmConfig, m: int, n: int, k:
         )
 
 
-def _gemv_operands(x_q: torch.Tensor, w_q: torch.Tensor, m: int, k: int, config: GemmConfig) -> tuple | None:
-    """(x words, w words) - the int32 views [1, K / 4] and [N, K / 4] that the GEMV kernels read - for a launch whose
-    config has block_m 1, or None for a tensor-core config. K % 4 != 0 or an operand not 4-byte aligned cannot be
-    viewed: the caller then runs its default tensor-core tiles."""
+# dp4a is inline PTX: compiled kernels on NVIDIA GPUs only; the interpreter sign-extends bytes with shifts
+DP4A = not INTERPRETED and torch.version.hip is None
+
+
+def _gemv_plan(op: str, x_q: torch.Tensor, w_q: torch.Tensor, mnk: tuple[int, int, int],
+               config: GemmConfig) -> tuple[tuple | None, GemmConfig]:
+    """(words, config) for a launch of ``op``: words = the int32 views x_q [1, K / 4] and w_q [N, K / 4] that the GEMV
+    kernels read when the config has block_m 1 and the operands allow it, else None with the tensor-core config to
+    run - the caller's, or for a GEMV config the operands cannot take (fp8, K % 4 != 0, not 4-byte aligned) the
+    default tiles (with the config's K step: the block ops tie it to their K block). block_m 1 at M > 1 is refused."""
+    m, n, k = mnk
     if config.block_m != 1:
-        return None
+        return None, config
     if m != 1:
         raise ValueError(f"config.block_m = 1 (the GEMV kernel) needs M = 1, got M = {m}")
-    if k % 4 or x_q.data_ptr() % 4 or w_q.data_ptr() % 4:
-        return None
-    return x_q.view(torch.int32), w_q.view(torch.int32)
-
-
-def _gemv_constexprs(config: GemmConfig) -> dict:
-    # dp4a is inline PTX: compiled kernels on NVIDIA GPUs only; the interpreter sign-extends bytes with shifts
-    return {"DP4A": not INTERPRETED and torch.version.hip is None, "LOOP_STAGES": config.num_stages}
+    if op in GEMV_OPS and k % 4 == 0 and x_q.data_ptr() % 4 == 0 and w_q.data_ptr() % 4 == 0:
+        return (x_q.view(torch.int32), w_q.view(torch.int32)), config
+    fallback = default_config(m, n, k, tuning.num_sms(x_q.device))  # no op: tensor-core tiles
+    return None, fallback if op == "int8_gemm_channel" else replace(fallback, block_k=config.block_k)
 
 
 def int8_gemm_channel(
@@ -525,18 +531,16 @@ def int8_gemm_channel(
     if m == 0:
         return y
     config = resolve_config("int8_gemm_channel", config, m, n, k, x_q.device)
-    words = _gemv_operands(x_q, w_q, m, k, config)
+    words, config = _gemv_plan("int8_gemm_channel", x_q, w_q, (m, n, k), config)
     if words is not None:
         _launch(
             _int8_gemv_channel_kernel, x_q.device, config, m, n, k, torch.int32,
             words[0], x_s, words[1], w_s, x_s if bias is None else bias, y,
             m, n, k,
             x_s.stride(0), words[1].stride(0), w_s.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, **_gemv_constexprs(config),
+            HAS_BIAS=bias is not None, DP4A=DP4A, LOOP_STAGES=config.num_stages,
         )
         return y
-    if config.block_m == 1:  # a GEMV config the operands cannot take
-        config = default_config(m, n, k, tuning.num_sms(x_q.device))
     _launch(
         _int8_gemm_channel_kernel, x_q.device, config, m, n, k, torch.int32,
         x_q, x_s, w_q, w_s, x_s if bias is None else bias, y,
@@ -624,20 +628,16 @@ def launch_block_gemm(
         raise ValueError(
             f"config.block_k = {config.block_k} must equal the K quantization block {bk}: one scale per K step"
         )
-    words = None if op == "fp8_gemm_block" else _gemv_operands(x_q, w_q, m, k, config)
+    words, config = _gemv_plan(op, x_q, w_q, mnk, config)
     if words is not None:
         _launch(
             _int8_gemv_block_kernel, x_q.device, config, m, n, k, torch.float32,
             words[0], x_s, words[1], w_s, x_s if bias is None else bias, y,
             m, n, k,
             x_s.stride(1), words[1].stride(0), w_s.stride(0), w_s.stride(1), y.stride(1),
-            SCALE_N=bn, HAS_BIAS=bias is not None, **_gemv_constexprs(config),
+            SCALE_N=bn, HAS_BIAS=bias is not None, DP4A=DP4A, LOOP_STAGES=config.num_stages,
         )
         return y
-    if config.block_m == 1:  # a GEMV config the operands (or fp8) cannot take
-        if m != 1:
-            raise ValueError(f"config.block_m = 1 (the GEMV kernel) needs M = 1, got M = {m}")
-        config = replace(default_config(m, n, k, tuning.num_sms(x_q.device)), block_k=bk)
     _launch(
         _block_gemm_kernel, x_q.device, config, m, n, k, torch.float32,
         x_q, x_s, w_q, w_s, x_s if bias is None else bias, y,

@@ -228,8 +228,8 @@ def _int8_gemv_candidates(op: str, n: int, k: int, num_sms: int) -> list[GemmCon
 def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
     """W8A16 / W4A16: at M = 1 the GEMV kernel (block_m 1: FMA units, register double-buffering, with or without
     its loop's loads pipelined) over row tiles and K steps (int4 K steps stay within the 128-group) and the swap-AB
-    dot tiles; decode (M <= 64) the swap-AB tiles with split-K; prefill the 128 x 128 tiles of the defaults and three
-    neighbours (4 warps for W8A16's, see weight_only.PREFILL_WARPS)."""
+    dot tiles; decode (M <= 64) the swap-AB tiles with split-K; prefill the 128 x 128 tiles of the defaults and their
+    neighbours (W8A16 with 4 warps only, so no 128 x 256: weight_only.PREFILL_WARPS)."""
     out: list[GemmConfig] = []
     block_ks = (64, 128) if op == "w4a16_gemm" else (256, 512)
     if m == 1:
@@ -259,10 +259,12 @@ def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
     from ingot.kernels.weight_only import PREFILL_WARPS  # W8A16: 4, its 8-warp tiles wrote garbage on the H100
 
     warps = PREFILL_WARPS[op]
-    for bm, bn, bk in ((128, 128, 64), (64, 128, 64), (128, 64, 64), (128, 128, 128)):
+    tiles = [(128, 128, 64, warps), (64, 128, 64, 4), (128, 128, 128, warps)]
+    if warps == 8:  # a 128 x 256 fp32 accumulator needs two warpgroups' registers
+        tiles.append((128, 256, 64, 8))
+    for bm, bn, bk, tile_warps in tiles:
         for stages in (3, 4):
-            out.append(GemmConfig(bm, bn, bk, group_m=8, num_warps=4 if bm * bn < 128 * 128 else warps,
-                                  num_stages=stages))
+            out.append(GemmConfig(bm, bn, bk, group_m=8, num_warps=tile_warps, num_stages=stages))
     return out
 
 

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ingot.kernels import tuning
 from ingot.kernels.checks import cdiv, check_device, check_epilogue, check_tensor
-from ingot.kernels.int8_gemm import _tile_ids
+from ingot.kernels.int8_gemm import NOMINAL_SMS, _tile_ids
 from ingot.kernels.tuning import GemmConfig
 
 X_DTYPES = (torch.bfloat16, torch.float16)
@@ -51,8 +51,6 @@ PROGRAMS_PER_SM = 2
 # ... but every split keeps at least this many K tiles: a split's partial tile (BLOCK_M x BLOCK_N fp32, 4 KB at
 # 16 x 64) is then at most 1/8 of the int8 weight bytes it reads (4 x 64 x 128 = 32 KB).
 MIN_K_TILES_PER_SPLIT = 4
-# SMs assumed when there is no CUDA device (the interpreter): an H100's, so CPU tests take the same split decisions.
-NOMINAL_SMS = 132
 REDUCE_BLOCK = 512  # elements of y per program of the split-K reduction
 
 
@@ -66,14 +64,14 @@ REDUCE_BLOCK = 512  # elements of y per program of the split-K reduction
 # or 4 KB of int4 per stage, 5 stages for int8 and 6 for int4 (the int4 tile is half the bytes; x's tile, 4 KB of
 # bf16 at BLOCK_M = 16, rides along in every stage: 60 / 48 KB of shared memory, 3-4 programs per SM). Split-K
 # (``choose_split_k``) fills the SMs. int4's BLOCK_K stays <= 128 = its group, so a K step never straddles two scales.
-# Prefill (M > 64) is tensor-core bound: 128 x 128 x 64 tiles, 4 (W8A16) or 8 (W4A16) warps (PREFILL_WARPS), 4 stages
-# (the int -> bf16 conversion of each weight tile happens in registers between the shared-memory load and the MMA).
-# W8A16 prefill tiles run one warpgroup (4 warps). With two (8 warps, the default until session 8) the W8A16 kernel
-# wrote garbage on the H100 (benchmarks/scripts/weight_only_prefill_stress.py, bias + bf16 output, 128 x 128 x 64 tiles,
-# 4 stages): a non-finite tile in 37-100 of 100 launches at M 256-4096 on 28672x4096, 56 of 100 on 4096x4096 at M 1024,
-# 7 of 100 on SmolLM2's 576x1536 at M 4096; without a bias 0 of 60. The same tiles with 4 warps: 0 of 100 everywhere,
-# within 2% of the 8-warp time. Cause not found (the converted weight tile is the wgmma's register operand; triton
-# 3.6). W4A16 keeps 8 warps: 0 of 100 on the same six shapes, and 4 warps took 1.75-1.9x longer.
+# Prefill (M > 64) is tensor-core bound: 128 x 128 x 64 tiles, 4 stages (the int -> bf16 conversion of each weight
+# tile happens in registers between the shared-memory load and the MMA), with PREFILL_WARPS warps. W8A16 runs one
+# warpgroup: with two (8 warps, its default until session 8) it wrote garbage on the H100
+# (benchmarks/scripts/weight_only_prefill_stress.py: bias + bf16 output, NaN-poisoned outputs): a non-finite tile in
+# 37-100 of 100 launches at M 256-4096 on 28672x4096, 56 of 100 on 4096x4096 at M 1024, 7 of 100 on SmolLM2's
+# 576x1536 at M 4096; with no bias 0 of 60 (M 1024, 28672x4096). The same tiles with 4 warps: 0 of 100 everywhere,
+# within 3% of the 8-warp time. Cause not found (the converted weight tile is the wgmma's register operand; triton
+# 3.6). W4A16 keeps 8 warps: 0 of 100 on the same six shapes, and 4 warps took 1.66-1.88x longer.
 PREFILL_WARPS = {"w8a16_gemm": 4, "w4a16_gemm": 8}
 _CONFIGS: dict[str, tuple[tuple[int, GemmConfig], ...]] = {
     "w8a16_gemm": (
