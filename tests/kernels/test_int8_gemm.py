@@ -690,3 +690,79 @@ def test_gpu_end_to_end_vs_ref_linear(scheme):
     rel = ((y - expected).norm() / expected.norm()).item()
     assert rel < 1e-3 if torch.backends.cuda.matmul.allow_tf32 else rel < 1e-5, f"{scheme}: relative error {rel:.3g}"
 
+
+
+def test_block_backend_choice_is_checked():
+    args = _block_operands(4, 256, 256, 0)
+    with pytest.raises(ValueError, match="backend must be one of auto, triton, sm90"):
+        int8_gemm_block(*args, backend="cutlass")
+    # no Hopper here (CPU, interpreter): asking for the sm_90 kernel names why it cannot run, "auto" runs Triton
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend 'sm90': the triton interpreter runs no Gluon"):
+            int8_gemm_block(*args, backend="sm90")
+        torch.testing.assert_close(int8_gemm_block(*args), int8_gemm_block(*args, backend="triton"), rtol=0, atol=0)
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+# M from one partial tile to several waves; N ragged (576 = 4.5 blocks) and whole; K one block, ragged (192 = 1.5
+# blocks: the TMA zero-fills the missing columns), long.
+SM90_CASES = [(256, 4096, 4096), (333, 576, 7168), (1000, 7168, 2048), (4096, 1536, 192), (130, 2048, 128),
+              (2048, 28672, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU (wgmma, TMA)")
+@pytest.mark.parametrize("m,n,k", SM90_CASES)
+def test_gpu_sm90_block_same_bits_as_triton(m, n, k):
+    """The Gluon kernel against the Triton kernel: the same per-block int32 dots, promotions and K order, so the same
+    bits, in every output dtype, with and without bias; outputs NaN-poisoned (every element written); five launches
+    on fresh inputs."""
+    for launch in range(5):
+        seed = int.from_bytes(os.urandom(4), "little")
+        args = _block_operands(m, n, k, seed)
+        for out_dtype, bias in ((torch.float32, None), (torch.bfloat16, _bias(n, torch.bfloat16, seed + 1)),
+                                (torch.float16, _bias(n, torch.float32, seed + 2))):
+            outs = {}
+            for backend in ("sm90", "triton"):
+                outs[backend] = torch.full((m, n), float("nan"), dtype=out_dtype, device="cuda")
+                int8_gemm_block(*args, bias=bias, out_dtype=out_dtype, out=outs[backend], backend=backend)
+            torch.cuda.synchronize()
+            what = f"M={m} N={n} K={k} {out_dtype} bias={bias is not None} launch {launch} seed {seed}"
+            assert not outs["sm90"].isnan().any(), f"unwritten elements: {what}"
+            assert torch.equal(outs["sm90"], outs["triton"]), (
+                f"{what}: max |diff| {(outs['sm90'].float() - outs['triton'].float()).abs().max().item()}")
+        if launch == 0:
+            exact = ref.int8_gemm_block_ref(*args, out_dtype=torch.float32)
+            y = int8_gemm_block(*args, out_dtype=torch.float32, backend="sm90")
+            assert_close_rel(y, exact, FP32_TOL, f"sm90 vs reference M={m} N={n} K={k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU (wgmma, TMA)")
+def test_gpu_sm90_block_auto_choice_and_refusals(monkeypatch):
+    """"auto" takes the sm_90 kernel from MIN_M up and not below, nor with a caller's config; operands TMA cannot
+    read are refused by name with backend "sm90" and run on Triton with "auto"."""
+    from ingot.kernels import block_gemm_sm90
+
+    calls = []
+    kernel = block_gemm_sm90.int8_block_gemm_sm90
+    monkeypatch.setattr(block_gemm_sm90, "int8_block_gemm_sm90", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    args = _block_operands(block_gemm_sm90.MIN_M, 1024, 1024, 1)
+    assert int8_gemm.sm90_block_unsupported(args[0], args[2], (128, 128)) is None
+    y = int8_gemm_block(*args)
+    assert len(calls) == 1
+    torch.testing.assert_close(y, int8_gemm_block(*args, backend="triton"), rtol=0, atol=0)
+    int8_gemm_block(*[a[:-1] if i in (0, 1) else a for i, a in enumerate(args)])  # M = MIN_M - 1
+    int8_gemm_block(*args, config=GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3))
+    assert len(calls) == 1
+    ragged = _block_operands(512, 256, 200, 2)  # K = 200: rows of 200 bytes are not 16-byte aligned
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        int8_gemm_block(*ragged, backend="sm90")
+    assert_close_rel(int8_gemm_block(*ragged, out_dtype=torch.float32),
+                     ref.int8_gemm_block_ref(*ragged, out_dtype=torch.float32), FP32_TOL, "auto, K = 200")
+    other_block = _block_operands(512, 256, 256, 3, block_size=(64, 128))
+    with pytest.raises(ValueError, match="block size"):
+        int8_gemm_block(*other_block, block_size=(64, 128), backend="sm90")

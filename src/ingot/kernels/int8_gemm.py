@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from dataclasses import replace
 
 import torch
@@ -253,16 +254,24 @@ def _block_gemm_kernel(
         ws_ptrs = ws_ptr + ((pid_n * BLOCK_N) // SCALE_N) * stride_wsn  # scalar: the tile's one block row
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The scales are loaded one K step ahead of their use, so their latency overlaps a step's MMA instead of
+    # stalling the promotion: 3-10% at M = 1024 / 4096 on the H100 (kernels/NOTES.md, session 9). A step past K
+    # (dot = 0) reads the last scale column, not past the scales.
+    ks = tl.minimum(kt_first, k_tiles - 1)
+    xs_next = tl.load(xs_ptrs + ks * stride_xsk)  # (BLOCK_M,)
+    ws_next = tl.load(ws_ptrs + ks * stride_wsk)  # (BLOCK_N,) or scalar
     for i in range(0, steps):
         kt = kt_first + i
+        xs = xs_next
+        ws = ws_next
+        ks = tl.minimum(kt + 1, k_tiles - 1)
+        xs_next = tl.load(xs_ptrs + ks * stride_xsk)
+        ws_next = tl.load(ws_ptrs + ks * stride_wsk)
         a, b = _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K, EVEN_K, FP8)
         if FP8:
             dot = tl.dot(a, b, out_dtype=tl.float32)
         else:
             dot = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)  # |dot| <= 128 * 2^14 = 2^21: exact in fp32
-        ks = tl.minimum(kt, k_tiles - 1)  # a step past K (dot = 0) reads the last scale column, not past the scales
-        xs = tl.load(xs_ptrs + ks * stride_xsk)  # (BLOCK_M,)
-        ws = tl.load(ws_ptrs + ks * stride_wsk)  # (BLOCK_N,) or scalar
         if WS_PER_COLUMN:
             acc += dot * (xs[:, None] * ws[None, :])
         else:
@@ -661,6 +670,7 @@ def int8_gemm_block(
     *,
     config: GemmConfig | None = None,
     out: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Per-token-per-group x block W8A8 GEMM: y [M, N] = sum over K blocks kb of
     (x_q[:, kb] @ w_q[:, kb].T) * x_s[:, kb] * w_s[n // bn, kb] (+ bias).
@@ -671,6 +681,54 @@ def int8_gemm_block(
     zero-padded, as the quantizers treat it). Returns y [M, N] in ``out_dtype`` (bf16, fp16 or fp32), written into
     ``out`` when given. The K tile must be the K block: config.block_k == bk (one scale column per K step); N tiles
     may span block rows (each column reads its own block row's scale).
+
+    ``backend``: "auto" (the Hopper kernel ``ingot.kernels.block_gemm_sm90`` at M >= its MIN_M where
+    ``sm90_block_unsupported`` is None and no ``config`` is given, else Triton; a failure to compile or launch it is
+    logged once and that device stays on Triton), "triton", or "sm90" (raises where it does not apply). Both give
+    the same bits.
     Reference: ``ingot.quant.ref.int8_gemm_block_ref``.
     """
-    return block_gemm("int8_gemm_block", x_q, x_s, w_q, w_s, block_size, bias, out_dtype, config, out)
+    if backend not in BLOCK_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BLOCK_BACKENDS)}, got {backend!r}")
+    m, n, k = check_block_operands("int8_gemm_block", x_q, x_s, w_q, w_s, block_size, bias, out_dtype, out)
+    if backend == "sm90" or (backend == "auto" and config is None and m > 0):
+        why_not = sm90_block_unsupported(x_q, w_q, block_size)
+        if backend == "sm90" and why_not:
+            raise ValueError(f"int8_gemm_block backend 'sm90': {why_not}")
+        if backend == "sm90" or (why_not is None and m >= _sm90_module().MIN_M):
+            y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
+            if backend == "sm90":
+                return _sm90_module().int8_block_gemm_sm90(x_q, x_s, w_q, w_s, bias, y)
+            try:
+                return _sm90_module().int8_block_gemm_sm90(x_q, x_s, w_q, w_s, bias, y)
+            except Exception as e:  # a triton whose Gluon cannot build it: Triton from now on, said once
+                _sm90_failed[x_q.device] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                logging.getLogger("ingot").warning("int8_gemm_block: the sm_90 kernel failed on %s (%s); using the "
+                                                   "Triton kernel", x_q.device, _sm90_failed[x_q.device])
+    return launch_block_gemm("int8_gemm_block", (m, n, k), x_q, x_s, w_q, w_s, block_size, bias, out_dtype, config,
+                             out)
+
+
+BLOCK_BACKENDS = ("auto", "triton", "sm90")
+_sm90_failed: dict[torch.device, str] = {}  # device -> why the sm_90 kernel raised there (then "auto" stays on Triton)
+
+
+@functools.cache
+def _sm90_module():
+    """ingot.kernels.block_gemm_sm90, imported on first use: it needs triton's Gluon (triton >= 3.5)."""
+    from ingot.kernels import block_gemm_sm90
+
+    return block_gemm_sm90
+
+
+def sm90_block_unsupported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int]) -> str | None:
+    """None when ``int8_gemm_block`` can run these (checked) operands on the Hopper kernel, else why not."""
+    if INTERPRETED:
+        return "the triton interpreter runs no Gluon"
+    if x_q.device in _sm90_failed:
+        return f"raised on this device before: {_sm90_failed[x_q.device]}"
+    try:
+        module = _sm90_module()
+    except ImportError as e:
+        return f"triton {triton.__version__} has no Gluon ({e})"
+    return module.supported(x_q, w_q, block_size)

@@ -1,0 +1,211 @@
+"""int8-block W8A8 GEMM for Hopper (sm_90) at prefill sizes, written in Gluon (triton's explicit-layout dialect).
+
+Why a second kernel for the same op: ``int8_gemm._block_gemm_kernel`` must promote every 128-K step's int32 dot to
+fp32 (the scales change per K block). Triton's pipeliner only keeps a wgmma in flight when its accumulator is carried
+to the next dot; the block kernel's dot result feeds the promotion instead, so every step waits for its own MMA to
+drain before scaling it, and the tensor cores idle during the promotion (the H100 ran it at 0.77-0.97x BF16 at
+M >= 1024, where the channel kernel, with no promotion, runs 1.2-1.6x; kernels/NOTES.md). Gluon exposes the async
+wgmma directly: step i's MMA is issued, then step i - 1's result is waited for (one group left in flight) and
+promoted while step i runs - the overlap DeepGEMM gets from its CUDA kernels.
+
+The math is the same as the Triton kernel's, step by step: an exact int32 dot per 128-K block, converted to fp32,
+times x_s[m, kb] * w_s[n // 128, kb], added to an fp32 accumulator in K order; so the two kernels give the same bits.
+
+Loads: TMA (tensor descriptors, zero fill past M, N and K), STAGES-deep ring of shared-memory slots, one mbarrier per
+slot. A slot is refilled only after the wait that retires the MMA that read it. Scales: plain loads one step ahead of
+their use. The tile's N range lies inside one 128-row weight block (BLOCK_N divides 128), so the weight scale of a
+step is one scalar.
+
+Compiled only for CUDA sm_90 (wgmma and TMA); ``supported`` says when the wrapper may use it. Everything else - other
+GPUs, CPU, the interpreter, decode sizes, ragged strides - stays on the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ingot.kernels.tuning import GemmConfig
+
+# The tile the H100 runs (128x128x128, two warpgroups, 3 stages = 96 KB of shared memory: 3 beat 4 and 5 on 15 of
+# 18 M = 1024 / 4096 rows, session 9), and the smallest M it takes: below it the Triton kernel's small tiles and
+# split-K win (decode is bandwidth bound).
+CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3)
+MIN_M = 256
+
+
+@gluon.jit
+def _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, step, steps,
+               BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads of K step ``step`` into its ring slot (predicated off from ``steps`` on)."""
+    slot = step % STAGES
+    pred = step < steps
+    mbarrier.expect(ready.index(slot), x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [off_m, step * BLOCK_K], ready.index(slot), a_bufs.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(w_desc, [off_n, step * BLOCK_K], ready.index(slot), b_bufs.index(slot), pred=pred)
+
+
+@gluon.jit
+def _issue_step(a_bufs, b_bufs, ready, acc, step, STAGES: gl.constexpr):
+    """Waits for K step ``step``'s tiles and issues its int32 wgmma (use_acc=False: a fresh sum); returns the async
+    token. The wgmma's register operand is a bit copy of the fp32 accumulator ``acc`` as it stands: its values are
+    not read, but the copy makes the issue depend on every promotion before it, so the compiler cannot sink a
+    promotion below a later issue (it did, which kept a third int32 tile live: 255 registers and spills)."""
+    slot = step % STAGES
+    mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+    return warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc.to(gl.int32, bitcast=True),
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _step_scale(xs_ptrs, ws_ptr_tile, step, last, stride_xsk, stride_wsk):
+    """(BLOCK_M,) x_s * w_s of K step ``step`` (a padding step past K takes the last block's: its dot is zero)."""
+    kb = gl.minimum(step, last)
+    return gl.load(xs_ptrs + kb * stride_xsk) * gl.load(ws_ptr_tile + kb * stride_wsk)
+
+
+@gluon.jit
+def _int8_block_gemm_sm90_kernel(
+    x_desc, w_desc,  # TMA descriptors: int8 x [M, K] in [BLOCK_M, BLOCK_K] boxes, int8 w [N, K] in [BLOCK_N, BLOCK_K]
+    xs_ptr, ws_ptr, bias_ptr, y_ptr,  # fp32 [M, KB], fp32 [NB, KB], [N] or unused, [M, N]
+    M, N, K,
+    stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
+    SCALE_N: gl.constexpr,  # weight block rows (128); BLOCK_N divides it
+    HAS_BIAS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    # grouped tile order (GROUP_M row tiles share a weight column slab in L2), as int8_gemm._tile_ids
+    pid = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    k_tiles = gl.cdiv(K, BLOCK_K)
+
+    # wgmma accumulator layout: warps stacked along M (16 rows each), one BLOCK_N-wide int8 instruction along N
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_N, 32])
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    xs_ptrs = xs_ptr + gl.minimum(rows, M - 1).to(gl.int64) * stride_xsm  # rows past M read row M - 1, never stored
+    ws_ptr_tile = ws_ptr + (off_n // SCALE_N) * stride_wsn
+
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    # K steps run in groups of four; a count that is not a multiple gets steps past K, which the TMA fills with
+    # zeros (zero dots, promoted with the last block's scales)
+    steps = gl.cdiv(k_tiles, 4) * 4
+    last = k_tiles - 1
+    for s in gl.static_range(STAGES):  # the ring starts full
+        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, s, steps, BLOCK_K, STAGES)
+
+    # Two int32 accumulator tiles take turns. Each wgmma is issued before the previous step's is waited for (the
+    # wait leaves only the new one in flight), so the previous step's promotion runs while the tensor cores work on
+    # the next. Each group of four drains at its end (wait 0): a wgmma in flight across the loop's back edge made
+    # LLVM copy its registers at the loop latch, and ptxas serializes every wgmma of a kernel where any instruction
+    # reads the registers of one in flight (C7514).
+    acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+    for step in range(0, steps, 4):
+        tok0 = _issue_step(a_bufs, b_bufs, ready, acc, step, STAGES)
+        s0 = _step_scale(xs_ptrs, ws_ptr_tile, step, last, stride_xsk, stride_wsk)
+        tok1 = _issue_step(a_bufs, b_bufs, ready, acc, step + 1, STAGES)
+        s1 = _step_scale(xs_ptrs, ws_ptr_tile, step + 1, last, stride_xsk, stride_wsk)
+        done0 = warpgroup_mma_wait(num_outstanding=1, deps=(tok0,))
+        acc += done0.to(gl.float32) * s0[:, None]  # |done| <= 128 * 2^14 = 2^21: exact in fp32
+        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, step + STAGES, steps, BLOCK_K, STAGES)
+
+        tok2 = _issue_step(a_bufs, b_bufs, ready, acc, step + 2, STAGES)
+        s2 = _step_scale(xs_ptrs, ws_ptr_tile, step + 2, last, stride_xsk, stride_wsk)
+        done1 = warpgroup_mma_wait(num_outstanding=1, deps=(tok1,))
+        acc += done1.to(gl.float32) * s1[:, None]
+        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, step + 1 + STAGES, steps, BLOCK_K, STAGES)
+
+        tok3 = _issue_step(a_bufs, b_bufs, ready, acc, step + 3, STAGES)
+        s3 = _step_scale(xs_ptrs, ws_ptr_tile, step + 3, last, stride_xsk, stride_wsk)
+        done2 = warpgroup_mma_wait(num_outstanding=1, deps=(tok2,))
+        acc += done2.to(gl.float32) * s2[:, None]
+        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, step + 2 + STAGES, steps, BLOCK_K, STAGES)
+
+        done3 = warpgroup_mma_wait(num_outstanding=0, deps=(tok3,))
+        acc += done3.to(gl.float32) * s3[:, None]
+        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, step + 3 + STAGES, steps, BLOCK_K, STAGES)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+
+    if HAS_BIAS:
+        acc += gl.load(bias_ptr + gl.minimum(cols, N - 1)).to(gl.float32)[None, :]
+    # The wgmma layout gives each thread pairs of adjacent columns (4-byte stores); through shared memory to rows of
+    # 16 threads x 8 columns (16-byte stores of bf16)
+    gl.static_assert(BLOCK_N == 128, "the store layout covers 128 columns")
+    out: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[num_warps, 1],
+                                         order=[1, 0])
+    y = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), out)
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out))
+    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out))
+    y_ptrs = y_ptr + rows.to(gl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+    gl.store(y_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def supported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int]) -> str | None:
+    """None when the sm_90 kernel can run these (already checked) operands, else why not."""
+    if x_q.device.type != "cuda" or torch.version.hip is not None:
+        return "not a CUDA device"
+    if torch.cuda.get_device_capability(x_q.device) != (9, 0):
+        return "not sm_90 (wgmma)"
+    if x_q.dtype != torch.int8:
+        return "not int8 operands"
+    if tuple(block_size) != (128, 128):
+        return f"block size {tuple(block_size)}, not (128, 128)"
+    for name, t in (("x_q", x_q), ("w_q", w_q)):
+        if t.stride(1) != 1 or t.stride(0) % 16 or t.data_ptr() % 16:
+            return f"{name} is not a row-major tensor with 16-byte aligned rows (TMA)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_layout(rows: int, cols: int) -> gl.NVMMASharedLayout:
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int8)
+
+
+def int8_block_gemm_sm90(
+    x_q: torch.Tensor,
+    x_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    config: GemmConfig = CONFIG,
+) -> torch.Tensor:
+    """y = int8_gemm_block(x_q, x_s, w_q, w_s, (128, 128), bias) on operands that ``int8_gemm.check_block_operands``
+    and ``supported`` passed, written into ``y``."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    x_desc = TensorDescriptor(x_q, [m, k], [x_q.stride(0), 1], [bm, bk], _smem_layout(bm, bk))
+    w_desc = TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk], _smem_layout(bn, bk))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    with torch.cuda.device(x_q.device):
+        _int8_block_gemm_sm90_kernel[grid](
+            x_desc, w_desc, x_s, w_s, x_s if bias is None else bias, y,
+            m, n, k,
+            x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), y.stride(0), y.stride(1),
+            SCALE_N=128, HAS_BIAS=bias is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, STAGES=config.num_stages,
+            num_warps=config.num_warps,
+        )
+    return y
