@@ -34,10 +34,13 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ingot.kernels.tuning import GemmConfig
 
 # The tile the H100 runs (128x128x128, two warpgroups, 3 stages = 96 KB of shared memory: 3 beat 4 and 5 on 15 of
-# 18 M = 1024 / 4096 rows, session 9), and the smallest M it takes: below it the Triton kernel's small tiles and
-# split-K win (decode is bandwidth bound).
+# 18 M = 1024 / 4096 rows, session 9), and the smallest M it takes: it beat the Triton kernel on 9 of 9 bench shapes
+# at M = 512 and 5 of 9 at M = 256, where 128x128 tiles leave SMs idle on the narrow weights and the Triton tables'
+# smaller tiles and split-K win.
 CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3)
-MIN_M = 256
+# K steps between drains of the wgmma pipeline: 8 ran out of registers (ptxas spilled and serialized the wgmmas)
+GROUP_K = 4
+MIN_M = 512
 
 
 @gluon.jit
@@ -71,6 +74,34 @@ def _step_scale(xs_ptrs, ws_ptr_tile, step, last, stride_xsk, stride_wsk):
 
 
 @gluon.jit
+def _group(acc, x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, xs_ptrs, ws_ptr_tile, first, steps, last,
+           stride_xsk, stride_wsk, G: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """K steps first .. first + G - 1 into ``acc``. Two int32 tiles take turns: each wgmma is issued before the
+    previous step's is waited for (the wait leaves only the new one in flight), so the previous step's promotion runs
+    while the tensor cores work on the next; then the retired step's ring slot is refilled. The group drains at its
+    end (wait 0): a wgmma in flight across the K loop's back edge made LLVM copy its registers at the loop latch, and
+    ptxas serializes every wgmma of a kernel where any instruction reads the registers of one in flight (C7514).
+    Scales are loaded one step ahead of the issue that precedes their use."""
+    prev = _issue_step(a_bufs, b_bufs, ready, acc, first, STAGES)
+    prev_scale = _step_scale(xs_ptrs, ws_ptr_tile, first, last, stride_xsk, stride_wsk)
+    next_scale = _step_scale(xs_ptrs, ws_ptr_tile, first + 1, last, stride_xsk, stride_wsk)
+    for j in gl.static_range(1, G):
+        tok = _issue_step(a_bufs, b_bufs, ready, acc, first + j, STAGES)
+        scale = next_scale
+        if j + 1 < G:
+            next_scale = _step_scale(xs_ptrs, ws_ptr_tile, first + j + 1, last, stride_xsk, stride_wsk)
+        done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
+        acc += done.to(gl.float32) * prev_scale[:, None]  # |done| <= 128 * 2^14 = 2^21: exact in fp32
+        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, first + j - 1 + STAGES, steps, BLOCK_K, STAGES)
+        prev = tok
+        prev_scale = scale
+    done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+    acc += done.to(gl.float32) * prev_scale[:, None]
+    _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, first + G - 1 + STAGES, steps, BLOCK_K, STAGES)
+    return acc
+
+
+@gluon.jit
 def _int8_block_gemm_sm90_kernel(
     x_desc, w_desc,  # TMA descriptors: int8 x [M, K] in [BLOCK_M, BLOCK_K] boxes, int8 w [N, K] in [BLOCK_N, BLOCK_K]
     xs_ptr, ws_ptr, bias_ptr, y_ptr,  # fp32 [M, KB], fp32 [NB, KB], [N] or unused, [M, N]
@@ -79,7 +110,8 @@ def _int8_block_gemm_sm90_kernel(
     SCALE_N: gl.constexpr,  # weight block rows (128); BLOCK_N divides it
     HAS_BIAS: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
-    STAGES: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, GROUP_K: gl.constexpr,  # K steps per drain of the wgmma pipeline
+    num_warps: gl.constexpr,
 ):
     # grouped tile order (GROUP_M row tiles share a weight column slab in L2), as int8_gemm._tile_ids
     pid = gl.program_id(0)
@@ -107,43 +139,16 @@ def _int8_block_gemm_sm90_kernel(
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-    # K steps run in groups of four; a count that is not a multiple gets steps past K, which the TMA fills with
-    # zeros (zero dots, promoted with the last block's scales)
-    steps = gl.cdiv(k_tiles, 4) * 4
+    # K steps run in groups of GROUP_K (see _group); a step count that is not a multiple gets steps past K, which
+    # the TMA fills with zeros (zero dots, promoted with the last block's scales)
+    steps = gl.cdiv(k_tiles, GROUP_K) * GROUP_K
     last = k_tiles - 1
     for s in gl.static_range(STAGES):  # the ring starts full
         _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, s, steps, BLOCK_K, STAGES)
-
-    # Two int32 accumulator tiles take turns. Each wgmma is issued before the previous step's is waited for (the
-    # wait leaves only the new one in flight), so the previous step's promotion runs while the tensor cores work on
-    # the next. Each group of four drains at its end (wait 0): a wgmma in flight across the loop's back edge made
-    # LLVM copy its registers at the loop latch, and ptxas serializes every wgmma of a kernel where any instruction
-    # reads the registers of one in flight (C7514).
     acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
-    for step in range(0, steps, 4):
-        tok0 = _issue_step(a_bufs, b_bufs, ready, acc, step, STAGES)
-        s0 = _step_scale(xs_ptrs, ws_ptr_tile, step, last, stride_xsk, stride_wsk)
-        tok1 = _issue_step(a_bufs, b_bufs, ready, acc, step + 1, STAGES)
-        s1 = _step_scale(xs_ptrs, ws_ptr_tile, step + 1, last, stride_xsk, stride_wsk)
-        done0 = warpgroup_mma_wait(num_outstanding=1, deps=(tok0,))
-        acc += done0.to(gl.float32) * s0[:, None]  # |done| <= 128 * 2^14 = 2^21: exact in fp32
-        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, step + STAGES, steps, BLOCK_K, STAGES)
-
-        tok2 = _issue_step(a_bufs, b_bufs, ready, acc, step + 2, STAGES)
-        s2 = _step_scale(xs_ptrs, ws_ptr_tile, step + 2, last, stride_xsk, stride_wsk)
-        done1 = warpgroup_mma_wait(num_outstanding=1, deps=(tok1,))
-        acc += done1.to(gl.float32) * s1[:, None]
-        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, step + 1 + STAGES, steps, BLOCK_K, STAGES)
-
-        tok3 = _issue_step(a_bufs, b_bufs, ready, acc, step + 3, STAGES)
-        s3 = _step_scale(xs_ptrs, ws_ptr_tile, step + 3, last, stride_xsk, stride_wsk)
-        done2 = warpgroup_mma_wait(num_outstanding=1, deps=(tok2,))
-        acc += done2.to(gl.float32) * s2[:, None]
-        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, step + 2 + STAGES, steps, BLOCK_K, STAGES)
-
-        done3 = warpgroup_mma_wait(num_outstanding=0, deps=(tok3,))
-        acc += done3.to(gl.float32) * s3[:, None]
-        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, step + 3 + STAGES, steps, BLOCK_K, STAGES)
+    for step in range(0, steps, GROUP_K):
+        acc = _group(acc, x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, xs_ptrs, ws_ptr_tile, step, steps, last,
+                     stride_xsk, stride_wsk, GROUP_K, BLOCK_K, STAGES)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
 
@@ -206,6 +211,7 @@ def int8_block_gemm_sm90(
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), y.stride(0), y.stride(1),
             SCALE_N=128, HAS_BIAS=bias is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, STAGES=config.num_stages,
+            GROUP_K=GROUP_K,
             num_warps=config.num_warps,
         )
     return y
