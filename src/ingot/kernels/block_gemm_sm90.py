@@ -12,9 +12,9 @@ The math is the same as the Triton kernel's, step by step: an exact int32 dot pe
 times x_s[m, kb] * w_s[n // 128, kb], added to an fp32 accumulator in K order; so the two kernels give the same bits.
 
 Loads: TMA (tensor descriptors, zero fill past M, N and K), STAGES-deep ring of shared-memory slots, one mbarrier per
-slot. A slot is refilled only after the wait that retires the MMA that read it. Scales: plain loads one step ahead of
-their use. The tile's N range lies inside one 128-row weight block (BLOCK_N divides 128), so the weight scale of a
-step is one scalar.
+slot. A slot is refilled only after the wait that retires the MMA that read it. Scales: plain loads one step ahead
+of their use. The tile's N range is one 128-row weight block (BLOCK_N = 128, checked by the store), so the weight
+scale of a step is one scalar.
 
 Compiled only for CUDA sm_90 (wgmma and TMA); ``supported`` says when the wrapper may use it. Everything else - other
 GPUs, CPU, the interpreter, decode sizes, ragged strides - stays on the Triton kernel.
@@ -33,10 +33,10 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ingot.kernels.tuning import GemmConfig
 
-# The tile the H100 runs (128x128x128, two warpgroups, 3 stages = 96 KB of shared memory: 3 beat 4 and 5 on 15 of
+# The tile the H100 runs (128x128x128, two warpgroups, 3 stages = 96 KB of shared memory: 3 beat 4 stages on 18 of
 # 18 M = 1024 / 4096 rows, session 9), and the smallest M it takes: it beat the Triton kernel on 9 of 9 bench shapes
-# at M = 512 and 5 of 9 at M = 256, where 128x128 tiles leave SMs idle on the narrow weights and the Triton tables'
-# smaller tiles and split-K win.
+# at M = 512 and 4 of 9 at M = 256, where 128x128 tiles leave SMs idle on the narrow weights and the Triton tables'
+# smaller tiles and split-K win (kernels/NOTES.md, session 9).
 CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3)
 # K steps between drains of the wgmma pipeline: 8 ran out of registers (ptxas spilled and serialized the wgmmas)
 GROUP_K = 4
