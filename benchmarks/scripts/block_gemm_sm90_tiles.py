@@ -2,12 +2,19 @@
 and BF16 cuBLAS, with 3 rotating input sets (weights not L2-resident). Usage (H100, repo root, PYTHONPATH=src):
     python benchmarks/scripts/block_gemm_sm90_tiles.py 1024 4096   # M values; JSON to $OUT/sm90c.json
 """
-import itertools, json, os, sys, time
+import itertools
+import json
+import os
+import sys
+import time
+
 import torch
+
 sys.path.insert(0, "benchmarks/scripts")
-from gemm_repeatability import graph_us
-from ingot.kernels import int8_gemm, block_gemm_sm90
-from ingot.kernels.tuning import GemmConfig
+from gemm_repeatability import graph_us  # noqa: E402
+
+from ingot.kernels import block_gemm_sm90, int8_gemm  # noqa: E402
+from ingot.kernels.tuning import GemmConfig  # noqa: E402
 
 SHAPES = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (7168, 2048), (2048, 7168), (24576, 1536),
           (7168, 16384), (18432, 7168)]
@@ -38,10 +45,11 @@ for m in [int(a) for a in sys.argv[1:]]:
         row = {"m": m, "n": n, "k": k, "bf16_us": bf16, "triton_us": graph_us(f), "sm90": {}}
         ref = int8_gemm.int8_gemm_block(sets[0]["x"], sets[0]["xs"], sets[0]["w"], sets[0]["ws"], backend="triton")
         for name, cfg in VARIANTS.items():
-            f = rot(lambda s: block_gemm_sm90.int8_block_gemm_sm90(s["x"], s["xs"], s["w"], s["ws"], None, s["y"], cfg))
+            f = rot(lambda s: block_gemm_sm90.int8_block_gemm_sm90(s["x"], s["xs"], s["w"], s["ws"], None, torch.bfloat16,
+                                                                      s["y"], cfg))
             try:
                 y = block_gemm_sm90.int8_block_gemm_sm90(sets[0]["x"], sets[0]["xs"], sets[0]["w"], sets[0]["ws"], None,
-                                                         torch.empty_like(ref), cfg)
+                                                         torch.bfloat16, None, cfg)
                 torch.cuda.synchronize()
                 row["sm90"][name] = {"us": graph_us(f), "same_bits": bool(torch.equal(y, ref))}
             except Exception as e:  # noqa

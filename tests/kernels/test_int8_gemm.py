@@ -700,7 +700,10 @@ def test_block_backend_choice_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="backend 'sm90': the triton interpreter runs no Gluon"):
             int8_gemm_block(*args, backend="sm90")
-        torch.testing.assert_close(int8_gemm_block(*args), int8_gemm_block(*args, backend="triton"), rtol=0, atol=0)
+        big = _block_operands(512, 128, 128, 1)  # M at the sm_90 kernel's MIN_M: still Triton off the GPU
+        assert int8_gemm.block_auto_backend(big[0], big[2]) == "triton"
+        assert_close_rel(int8_gemm_block(*big, out_dtype=torch.float32),
+                         ref.int8_gemm_block_ref(*big, out_dtype=torch.float32), FP32_TOL, "auto on CPU, M = 512")
 
 
 def _hopper() -> bool:
@@ -744,7 +747,8 @@ def test_gpu_sm90_block_same_bits_as_triton(m, n, k):
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU (wgmma, TMA)")
 def test_gpu_sm90_block_auto_choice_and_refusals(monkeypatch):
     """"auto" takes the sm_90 kernel from MIN_M up and not below, nor with a caller's config; operands TMA cannot
-    read are refused by name with backend "sm90" and run on Triton with "auto"."""
+    read are refused by name with backend "sm90" and run on Triton with "auto"; a kernel that raises sends "auto" to
+    Triton on that device from then on."""
     from ingot.kernels import block_gemm_sm90
 
     calls = []
@@ -752,6 +756,8 @@ def test_gpu_sm90_block_auto_choice_and_refusals(monkeypatch):
     monkeypatch.setattr(block_gemm_sm90, "int8_block_gemm_sm90", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     args = _block_operands(block_gemm_sm90.MIN_M, 1024, 1024, 1)
     assert int8_gemm.sm90_block_unsupported(args[0], args[2], (128, 128)) is None
+    assert int8_gemm.block_auto_backend(args[0], args[2]) == "sm90"
+    assert int8_gemm.block_auto_backend(args[0][:-1], args[2]) == "triton"
     y = int8_gemm_block(*args)
     assert len(calls) == 1
     torch.testing.assert_close(y, int8_gemm_block(*args, backend="triton"), rtol=0, atol=0)
@@ -766,3 +772,13 @@ def test_gpu_sm90_block_auto_choice_and_refusals(monkeypatch):
     other_block = _block_operands(512, 256, 256, 3, block_size=(64, 128))
     with pytest.raises(ValueError, match="block size"):
         int8_gemm_block(*other_block, block_size=(64, 128), backend="sm90")
+    # a failing sm_90 kernel: "auto" answers from Triton, remembers the device, and takes Triton there from then on
+    def broken(*a, **kw):
+        raise RuntimeError("ptxas: no such instruction")
+
+    monkeypatch.setattr(block_gemm_sm90, "int8_block_gemm_sm90", broken)
+    monkeypatch.setattr(int8_gemm, "_sm90_failed", {})
+    assert_close_rel(int8_gemm_block(*args, out_dtype=torch.float32),
+                     ref.int8_gemm_block_ref(*args, out_dtype=torch.float32), FP32_TOL, "auto after a failure")
+    assert "ptxas: no such instruction" in int8_gemm.sm90_block_unsupported(args[0], args[2], (128, 128))
+    assert int8_gemm.block_auto_backend(args[0], args[2]) == "triton"

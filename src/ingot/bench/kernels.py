@@ -309,6 +309,7 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
 
     from ingot.kernels.act_quant import per_token_group_quant
     from ingot.kernels.fp8_gemm import auto_backend
+    from ingot.kernels.int8_gemm import block_auto_backend
 
     torch.manual_seed(options.seed)
     started = timestamp()
@@ -333,6 +334,8 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
                 extra = {"input_sets": copies, "inputs_fit_in_l2": False}
                 if op == "fp8_block" and not isinstance(f, str):  # what fp8_gemm_block's "auto" runs here
                     extra["backend"] = auto_backend(pairs[0][0]["x8"], pairs[0][1]["w8"])
+                if op == "int8_block":  # and int8_gemm_block's
+                    extra["backend"] = block_auto_backend(pairs[0][0]["x_q"], pairs[0][1]["w_q"])
                 if op == "scaled_mm_fp8":
                     extra["scale_mode"] = mode[0]
                     if mode[1]:

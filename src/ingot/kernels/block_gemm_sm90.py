@@ -193,13 +193,17 @@ def int8_block_gemm_sm90(
     w_q: torch.Tensor,
     w_s: torch.Tensor,
     bias: torch.Tensor | None,
-    y: torch.Tensor,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None,
     config: GemmConfig = CONFIG,
 ) -> torch.Tensor:
-    """y = int8_gemm_block(x_q, x_s, w_q, w_s, (128, 128), bias) on operands that ``int8_gemm.check_block_operands``
-    and ``supported`` passed, written into ``y``."""
+    """int8_gemm_block(x_q, x_s, w_q, w_s, (128, 128), bias, out_dtype, out=out) on operands that
+    ``int8_gemm.check_block_operands`` and ``supported`` passed."""
     m, k = x_q.shape
     n = w_q.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
+    if m == 0:
+        return y
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     x_desc = TensorDescriptor(x_q, [m, k], [x_q.stride(0), 1], [bm, bk], _smem_layout(bm, bk))
     w_desc = TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk], _smem_layout(bn, bk))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -51,6 +53,14 @@ def check_device(tensors: dict[str, torch.Tensor | None], interpreted: bool) -> 
         raise ValueError(
             f"{lead} must be on a CUDA device (or run triton's interpreter, TRITON_INTERPRET=1), got {device}"
         )
+
+
+def backend_failed(failed: dict, device: torch.device, what: str, error: Exception) -> None:
+    """Records that a faster backend raised on ``device`` (``failed[device]``: the error's first line, which the
+    backend's "why unsupported" check reports from then on, so "auto" stays on Triton there) and logs it once."""
+    first = str(error).splitlines()[0][:200] if str(error) else ""
+    failed[device] = f"{type(error).__name__}: {first}"
+    logging.getLogger("ingot").warning("%s on %s (%s); using the Triton kernel", what, device, failed[device])
 
 
 # Host-side integer helpers for the wrappers' grid and tile arithmetic. Plain Python on purpose: triton.cdiv and

@@ -20,11 +20,9 @@ probe, the size of the bf16 output rounding).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from ingot.kernels.checks import cdiv
+from ingot.kernels.checks import backend_failed, cdiv
 from ingot.kernels.int8_gemm import INTERPRETED, check_block_operands, launch_block_gemm
 from ingot.kernels.tuning import GemmConfig
 
@@ -140,8 +138,6 @@ def fp8_gemm_block(
         try:
             return _cublas_block_gemm(x_q, x_s, w_q, w_s, out)
         except RuntimeError as e:  # an older cuBLAS / torch without block scaling: Triton from now on
-            _cublas_failed[x_q.device] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            logging.getLogger("ingot").warning("fp8_gemm_block: cuBLAS block-scaled FP8 unavailable on %s (%s); "
-                                               "using the Triton kernel", x_q.device, _cublas_failed[x_q.device])
+            backend_failed(_cublas_failed, x_q.device, "fp8_gemm_block: cuBLAS block-scaled FP8 unavailable", e)
     return launch_block_gemm("fp8_gemm_block", (m, n, k), x_q, x_s, w_q, w_s, block_size, bias, out_dtype, config,
                              out)

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from dataclasses import replace
 
 import torch
 import triton
 import triton.language as tl
 
-from ingot.kernels.checks import cdiv, check_device, check_epilogue, check_tensor
+from ingot.kernels.checks import backend_failed, cdiv, check_device, check_epilogue, check_tensor
 from ingot.kernels import tuning
 from ingot.kernels.tuning import GemmConfig
 
@@ -592,24 +591,6 @@ def check_block_operands(
     return m, n, k
 
 
-def block_gemm(
-    op: str,
-    x_q: torch.Tensor,
-    x_s: torch.Tensor,
-    w_q: torch.Tensor,
-    w_s: torch.Tensor,
-    block_size: tuple[int, int],
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    config: GemmConfig | None,
-    out: torch.Tensor | None,
-) -> torch.Tensor:
-    """The block-scaled GEMM behind ``int8_gemm_block`` (op "int8_gemm_block", int8 operands) and
-    ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (op "fp8_gemm_block", float8_e4m3fn operands)."""
-    m, n, k = check_block_operands(op, x_q, x_s, w_q, w_s, block_size, bias, out_dtype, out)
-    return launch_block_gemm(op, (m, n, k), x_q, x_s, w_q, w_s, block_size, bias, out_dtype, config, out)
-
-
 def launch_block_gemm(
     op: str,
     mnk: tuple[int, int, int],
@@ -623,7 +604,9 @@ def launch_block_gemm(
     config: GemmConfig | None,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``block_gemm`` on operands that ``check_block_operands`` passed (it returned ``mnk``)."""
+    """The block-scaled GEMM's Triton launch behind ``int8_gemm_block`` (op "int8_gemm_block", int8 operands) and
+    ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (op "fp8_gemm_block", float8_e4m3fn operands), on operands that
+    ``check_block_operands`` passed (it returned ``mnk``)."""
     m, n, k = mnk
     bn, bk = block_size
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
@@ -691,20 +674,16 @@ def int8_gemm_block(
     if backend not in BLOCK_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BLOCK_BACKENDS)}, got {backend!r}")
     m, n, k = check_block_operands("int8_gemm_block", x_q, x_s, w_q, w_s, block_size, bias, out_dtype, out)
-    if backend == "sm90" or (backend == "auto" and config is None and m > 0):
+    if backend == "sm90":
         why_not = sm90_block_unsupported(x_q, w_q, block_size)
-        if backend == "sm90" and why_not:
+        if why_not:
             raise ValueError(f"int8_gemm_block backend 'sm90': {why_not}")
-        if backend == "sm90" or (why_not is None and m >= _sm90_module().MIN_M):
-            y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
-            if backend == "sm90":
-                return _sm90_module().int8_block_gemm_sm90(x_q, x_s, w_q, w_s, bias, y)
-            try:
-                return _sm90_module().int8_block_gemm_sm90(x_q, x_s, w_q, w_s, bias, y)
-            except Exception as e:  # a triton whose Gluon cannot build it: Triton from now on, said once
-                _sm90_failed[x_q.device] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                logging.getLogger("ingot").warning("int8_gemm_block: the sm_90 kernel failed on %s (%s); using the "
-                                                   "Triton kernel", x_q.device, _sm90_failed[x_q.device])
+        return _sm90_module().int8_block_gemm_sm90(x_q, x_s, w_q, w_s, bias, out_dtype, out)
+    if backend == "auto" and block_auto_backend(x_q, w_q, block_size, config) == "sm90":
+        try:
+            return _sm90_module().int8_block_gemm_sm90(x_q, x_s, w_q, w_s, bias, out_dtype, out)
+        except Exception as e:  # a triton whose Gluon cannot build or launch it: Triton from now on
+            backend_failed(_sm90_failed, x_q.device, "int8_gemm_block: the sm_90 kernel failed", e)
     return launch_block_gemm("int8_gemm_block", (m, n, k), x_q, x_s, w_q, w_s, block_size, bias, out_dtype, config,
                              out)
 
@@ -715,10 +694,25 @@ _sm90_failed: dict[torch.device, str] = {}  # device -> why the sm_90 kernel rai
 
 @functools.cache
 def _sm90_module():
-    """ingot.kernels.block_gemm_sm90, imported on first use: it needs triton's Gluon (triton >= 3.5)."""
-    from ingot.kernels import block_gemm_sm90
-
+    """ingot.kernels.block_gemm_sm90, imported on first use (it needs triton's Gluon, triton >= 3.5); None where
+    that import fails (remembered: a failed import is not cached by Python and would be retried every call)."""
+    try:
+        from ingot.kernels import block_gemm_sm90
+    except ImportError:
+        return None
     return block_gemm_sm90
+
+
+def block_auto_backend(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int] = (128, 128),
+                       config: GemmConfig | None = None) -> str:
+    """The backend ``int8_gemm_block(backend="auto")`` runs for these operands: "sm90" or "triton". M is checked
+    first, so decode-sized calls pay no device query."""
+    if config is not None or x_q.device.type != "cuda":
+        return "triton"
+    sm90 = _sm90_module()
+    if sm90 is not None and x_q.shape[0] >= sm90.MIN_M and sm90_block_unsupported(x_q, w_q, block_size) is None:
+        return "sm90"
+    return "triton"
 
 
 def sm90_block_unsupported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int]) -> str | None:
@@ -727,8 +721,6 @@ def sm90_block_unsupported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tup
         return "the triton interpreter runs no Gluon"
     if x_q.device in _sm90_failed:
         return f"raised on this device before: {_sm90_failed[x_q.device]}"
-    try:
-        module = _sm90_module()
-    except ImportError as e:
-        return f"triton {triton.__version__} has no Gluon ({e})"
-    return module.supported(x_q, w_q, block_size)
+    if _sm90_module() is None:
+        return f"triton {triton.__version__} has no Gluon with Hopper support (import failed)"
+    return _sm90_module().supported(x_q, w_q, block_size)
