@@ -426,6 +426,31 @@ def test_fp8_kernel_path_in_the_interpreter(scheme, interpreter, native_fp8):
     assert_summation_close(layer(x), expected, x, qw)
 
 
+def test_fp8_quantizes_column_major_scales_for_cublas(interpreter, native_fp8, monkeypatch):
+    """Where fp8_gemm_block's "auto" picks cuBLAS, the layer quantizes its input with column-major scales (the layout
+    cuBLAS reads, so the GEMM need not transpose them); elsewhere row-major. The interpreter has no cuBLAS: the
+    choice is forced and the GEMM it was going to run is stood in for by the Triton kernel, which reads any scale
+    strides; the output must not change."""
+    from ingot.kernels import fp8_gemm
+
+    layer, qw = make_linear("fp8-block", 100, 300, bias=True, dtype=torch.float32)
+    x = make_x((33, 300), torch.float32)
+    layer.method.use_kernels = True
+    row_major = layer(x)
+    seen = []
+    real = fp8_gemm.fp8_gemm_block
+
+    def gemm(x_q, x_s, *args, **kwargs):
+        seen.append(x_s.stride())
+        return real(x_q, x_s, *args, **{**kwargs, "backend": "triton"})
+
+    monkeypatch.setattr(fp8_gemm, "fp8_gemm_block", gemm)
+    for backend, strides in (("cublas", (1, 33)), ("triton", (3, 1))):
+        monkeypatch.setattr(fp8_gemm, "auto_backend", lambda *a, b=backend, **kw: b)
+        assert torch.equal(layer(x), row_major)
+        assert seen.pop() == strides, f"{backend}: x_s strides"
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 
 

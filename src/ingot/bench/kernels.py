@@ -11,7 +11,8 @@ For each (N, K) of the chosen model shapes and each M (tokens), times in the sam
   activations are already quantized, as for the cuBLAS rows);
 - ``fp8_block``: ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (e4m3, 1x128 activation x 128x128 weight scales), as
   the engine calls it (backend "auto": cuBLAS's block-scaled GEMM at M >= 65 on sm_90, the Triton kernel elsewhere;
-  each row's ``backend`` says which; the row-major activation scales are transposed for cuBLAS inside the timing);
+  each row's ``backend`` says which; the activation scales in the layout the engine's fp8 linear quantizes into:
+  column-major where cuBLAS runs, row-major for Triton);
 - ``w8a16`` / ``w4a16``: ``ingot.kernels.weight_only`` (bf16 activations; int8 per-channel / int4 group-128 packed
   weights, dequantized in the kernel);
 - ``quant_int8`` / ``quant_fp8``: ``ingot.kernels.per_token_group_quant`` (group 128) on the activation [M, K].
@@ -177,6 +178,7 @@ def _acts(m: int, k: int, copies: int) -> list[dict]:
             "x8_s_row": torch.rand(m, 1, device=_DEV, dtype=torch.float32) / 16 + 1e-4,
             "x8_sg": torch.rand(m, (k + 127) // 128, device=_DEV, dtype=torch.float32) / 16 + 1e-4,
         })
+        out[-1]["x8_sg_col"] = out[-1]["x8_sg"].t().contiguous().t()  # same values, column-major (cuBLAS's layout)
     return out
 
 
@@ -200,7 +202,7 @@ def _bytes(op: str, m: int, n: int, k: int) -> int:
 
 
 def _gemm_fns(m: int, n: int, k: int, pairs: list[tuple[dict, dict]], scaled_mode: list) -> dict:
-    from ingot.kernels.fp8_gemm import fp8_gemm_block, fp8_supported
+    from ingot.kernels.fp8_gemm import auto_backend, fp8_gemm_block, fp8_supported
     from ingot.kernels.int8_gemm import int8_gemm_block, int8_gemm_channel
     from ingot.kernels.weight_only import w4a16_gemm, w8a16_gemm
 
@@ -213,6 +215,8 @@ def _gemm_fns(m: int, n: int, k: int, pairs: list[tuple[dict, dict]], scaled_mod
                                 out_dtype=torch.bfloat16)
 
     one = torch.ones((), device=_DEV, dtype=torch.float32)
+    a0, w0 = pairs[0]
+    fp8_scales = "x8_sg_col" if auto_backend(a0["x8"], w0["w8"]) == "cublas" else "x8_sg"
 
     def scaled_tensor(a, w):
         return torch._scaled_mm(a["x8"], w["w8"].t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
@@ -221,7 +225,7 @@ def _gemm_fns(m: int, n: int, k: int, pairs: list[tuple[dict, dict]], scaled_mod
         "bf16": lambda a, w: a["x"] @ w["w"].t(),
         "int8_channel": lambda a, w: int8_gemm_channel(a["x_q"], a["x_s"], w["w_q"], w["w_s"]),
         "int8_block": lambda a, w: int8_gemm_block(a["x_q"], a["x_sg"], w["w_q"], w["w_sb"]),
-        "fp8_block": (lambda a, w: fp8_gemm_block(a["x8"], a["x8_sg"], w["w8"], w["w8_sb"]))
+        "fp8_block": (lambda a, w: fp8_gemm_block(a["x8"], a[fp8_scales], w["w8"], w["w8_sb"]))
         if fp8_supported(_DEV) else "n/a: no FP8 tensor cores (compute capability < 8.9)",
         "w8a16": lambda a, w: w8a16_gemm(a["x"], w["w_q"], w["w_s"]),
         "w4a16": lambda a, w: w4a16_gemm(a["x"], w["w4"], w["w4_s"], k),
@@ -230,7 +234,6 @@ def _gemm_fns(m: int, n: int, k: int, pairs: list[tuple[dict, dict]], scaled_mod
         fns["int_mm"] = int_mm
     else:
         fns["int_mm"] = "n/a: torch._int_mm needs M > 16 and N, K multiples of 8"
-    a0, w0 = pairs[0]
     errors = []
     for mode, f in (("rowwise", scaled_rowwise), ("per-tensor", scaled_tensor)):
         try:

@@ -42,6 +42,11 @@ SCALE_FMTS = ("float", "ue8m0")
 # of two, the lanes past group_size masked): ~4096 elements, 8 KB of bf16 in and 4 KB of int8/fp8 out, 32 elements
 # per thread at 4 warps. M = 16384, K = 7168, g = 128: 512 row blocks x 56 groups = 28672 programs.
 TILE_ELEMS = 4096
+# Inputs of up to SMALL_INPUT_ELEMS elements take programs of SMALL_TILE_ELEMS: 4x the programs, so more of their
+# loads are in flight at once where a few microseconds of latency dominate (H100, M = 1024, int8: K = 1536 4.40 ->
+# 3.72 us, K = 2048 5.03 -> 4.30, K = 4096 7.29 -> 7.04; at K = 7168 the small tiles lost, 10.02 -> 11.04 us).
+SMALL_INPUT_ELEMS = 1 << 22
+SMALL_TILE_ELEMS = 1024
 MAX_GROUP_SIZE = 4096  # one group is one row of the tile: larger groups would spill registers
 # per_token_quant_int8: rows of up to ONE_PASS_MAX_K channels are loaded once into registers (BLOCK_K = K rounded up
 # to a power of two, ONE_PASS_ELEMS_PER_WARP elements per warp, 4-16 warps): at decode one program per row, its
@@ -363,7 +368,8 @@ def per_token_group_quant(
         return x_q, x_s.view(out_shape)
 
     block_g = next_pow2(group_size)
-    block_m = min(next_pow2(m), max(1, TILE_ELEMS // block_g))
+    tile = SMALL_TILE_ELEMS if m * k <= SMALL_INPUT_ELEMS else TILE_ELEMS
+    block_m = min(next_pow2(m), max(1, tile // block_g))
     # The ties between tile and group: a program covers exactly one group of each of its rows.
     if block_g < group_size or block_g & (block_g - 1):
         raise ValueError(f"BLOCK_G = {block_g} must be a power of two >= group_size = {group_size}")

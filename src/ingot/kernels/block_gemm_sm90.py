@@ -11,10 +11,13 @@ promoted while step i runs - the overlap DeepGEMM gets from its CUDA kernels.
 The math is the same as the Triton kernel's, step by step: an exact int32 dot per 128-K block, converted to fp32,
 times x_s[m, kb] * w_s[n // 128, kb], added to an fp32 accumulator in K order; so the two kernels give the same bits.
 
-Loads: TMA (tensor descriptors, zero fill past M, N and K), STAGES-deep ring of shared-memory slots, one mbarrier per
-slot. A slot is refilled only after the wait that retires the MMA that read it. Scales: plain loads one step ahead
-of their use. The tile's N range is one 128-row weight block (BLOCK_N = 128, checked by the store), so the weight
-scale of a step is one scalar.
+Persistent: one program per SM (at most), each running its tiles one after another with one TMA ring across them,
+so the next tile's first loads are in flight while a tile finishes its last steps and stores (the non-persistent
+version paid ~20 us of fixed cost on 1024 tiles at M = N = K = 4096 - the intercept of time against K - and ran
+5-15% slower; kernels/NOTES.md, session 10). Loads: TMA (tensor descriptors, zero fill past M, N and K),
+STAGES-deep ring of shared-memory slots, one mbarrier per slot. A slot is refilled only after the wait that retires
+the MMA that read it. Scales: plain loads one step ahead of their use. The tile's N range is one 128-row weight
+block (BLOCK_N = 128, checked by the store), so the weight scale of a step is one scalar.
 
 Compiled only for CUDA sm_90 (wgmma and TMA); ``supported`` says when the wrapper may use it. Everything else - other
 GPUs, CPU, the interpreter, decode sizes, ragged strides - stays on the Triton kernel.
@@ -36,22 +39,41 @@ from ingot.kernels.tuning import GemmConfig
 # The tile the H100 runs (128x128x128, two warpgroups, 3 stages = 96 KB of shared memory: 3 beat 4 stages on 18 of
 # 18 M = 1024 / 4096 rows, session 9), and the smallest M it takes: it beat the Triton kernel on 9 of 9 bench shapes
 # at M = 512 and 4 of 9 at M = 256, where 128x128 tiles leave SMs idle on the narrow weights and the Triton tables'
-# smaller tiles and split-K win (kernels/NOTES.md, session 9).
+# smaller tiles and split-K win (kernels/NOTES.md, session 9, before it was made persistent).
 CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3)
-# K steps between drains of the wgmma pipeline: 8 ran out of registers (ptxas spilled and serialized the wgmmas)
+# K steps between drains of the wgmma pipeline: 8 ran out of registers (ptxas spilled and serialized the wgmmas);
+# 2 (226 registers) was 0-7% slower than 4 on 26 of 27 rows of the persistent kernel (H100, session 10)
 GROUP_K = 4
 MIN_M = 512
 
 
 @gluon.jit
-def _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, step, steps,
+def _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """Grouped tile order (GROUP_M row tiles share a weight column slab in L2), as int8_gemm._tile_ids."""
+    width = GROUP_M * num_pid_n
+    first_m = (tile // width) * GROUP_M
+    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % size_m
+    pid_n = (tile % width) // size_m
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@gluon.jit
+def _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, g, total, s, steps, off_m, off_n, next_m, next_n,
                BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    """TMA loads of K step ``step`` into its ring slot (predicated off from ``steps`` on)."""
-    slot = step % STAGES
-    pred = step < steps
+    """TMA loads of the program's ``g``-th K step - step ``s`` of the current tile at (off_m, off_n), or, from
+    ``steps`` on, step s - steps of the next tile at (next_m, next_n) - into its ring slot (predicated off from
+    ``total`` on). So the refills near the end of a tile load the next tile's first steps while this one finishes
+    and stores."""
+    slot = g % STAGES
+    pred = g < total
+    wrap = (s >= steps).to(gl.int32)
+    m0 = off_m + wrap * (next_m - off_m)
+    n0 = off_n + wrap * (next_n - off_n)
+    k = (s - wrap * steps) * BLOCK_K
     mbarrier.expect(ready.index(slot), x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(x_desc, [off_m, step * BLOCK_K], ready.index(slot), a_bufs.index(slot), pred=pred)
-    tma.async_copy_global_to_shared(w_desc, [off_n, step * BLOCK_K], ready.index(slot), b_bufs.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [m0, k], ready.index(slot), a_bufs.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(w_desc, [n0, k], ready.index(slot), b_bufs.index(slot), pred=pred)
 
 
 @gluon.jit
@@ -74,30 +96,34 @@ def _step_scale(xs_ptrs, ws_ptr_tile, step, last, stride_xsk, stride_wsk):
 
 
 @gluon.jit
-def _group(acc, x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, xs_ptrs, ws_ptr_tile, first, steps, last,
-           stride_xsk, stride_wsk, G: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    """K steps first .. first + G - 1 into ``acc``. Two int32 tiles take turns: each wgmma is issued before the
-    previous step's is waited for (the wait leaves only the new one in flight), so the previous step's promotion runs
-    while the tensor cores work on the next; then the retired step's ring slot is refilled. The group drains at its
-    end (wait 0): a wgmma in flight across the K loop's back edge made LLVM copy its registers at the loop latch, and
-    ptxas serializes every wgmma of a kernel where any instruction reads the registers of one in flight (C7514).
-    Scales are loaded one step ahead of the issue that precedes their use."""
-    prev = _issue_step(a_bufs, b_bufs, ready, acc, first, STAGES)
+def _group(acc, x_desc, w_desc, a_bufs, b_bufs, ready, xs_ptrs, ws_ptr_tile, g0, first, total, steps, last,
+           off_m, off_n, next_m, next_n, stride_xsk, stride_wsk, G: gl.constexpr, BLOCK_K: gl.constexpr,
+           STAGES: gl.constexpr):
+    """K steps first .. first + G - 1 of the current tile (the program's steps g0 .. g0 + G - 1) into ``acc``. Two
+    int32 tiles take turns: each wgmma is issued before the previous step's is waited for (the wait leaves only the
+    new one in flight), so the previous step's promotion runs while the tensor cores work on the next; then the
+    retired step's ring slot is refilled. The group drains at its end (wait 0): a wgmma in flight across the K loop's
+    back edge made LLVM copy its registers at the loop latch, and ptxas serializes every wgmma of a kernel where any
+    instruction reads the registers of one in flight (C7514). Scales are loaded one step ahead of the issue that
+    precedes their use."""
+    prev = _issue_step(a_bufs, b_bufs, ready, acc, g0, STAGES)
     prev_scale = _step_scale(xs_ptrs, ws_ptr_tile, first, last, stride_xsk, stride_wsk)
     next_scale = _step_scale(xs_ptrs, ws_ptr_tile, first + 1, last, stride_xsk, stride_wsk)
     for j in gl.static_range(1, G):
-        tok = _issue_step(a_bufs, b_bufs, ready, acc, first + j, STAGES)
+        tok = _issue_step(a_bufs, b_bufs, ready, acc, g0 + j, STAGES)
         scale = next_scale
         if j + 1 < G:
             next_scale = _step_scale(xs_ptrs, ws_ptr_tile, first + j + 1, last, stride_xsk, stride_wsk)
         done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
         acc += done.to(gl.float32) * prev_scale[:, None]  # |done| <= 128 * 2^14 = 2^21: exact in fp32
-        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, first + j - 1 + STAGES, steps, BLOCK_K, STAGES)
+        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, g0 + j - 1 + STAGES, total, first + j - 1 + STAGES, steps,
+                   off_m, off_n, next_m, next_n, BLOCK_K, STAGES)
         prev = tok
         prev_scale = scale
     done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
     acc += done.to(gl.float32) * prev_scale[:, None]
-    _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, first + G - 1 + STAGES, steps, BLOCK_K, STAGES)
+    _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, g0 + G - 1 + STAGES, total, first + G - 1 + STAGES, steps,
+               off_m, off_n, next_m, next_n, BLOCK_K, STAGES)
     return acc
 
 
@@ -113,57 +139,68 @@ def _int8_block_gemm_sm90_kernel(
     STAGES: gl.constexpr, GROUP_K: gl.constexpr,  # K steps per drain of the wgmma pipeline
     num_warps: gl.constexpr,
 ):
-    # grouped tile order (GROUP_M row tiles share a weight column slab in L2), as int8_gemm._tile_ids
+    # Persistent: program p runs tiles p, p + P, p + 2P, ... (P programs, at most one per SM), and its TMA ring runs
+    # on across them - the next tile's first loads are in flight while a tile finishes and stores its output.
     pid = gl.program_id(0)
     num_pid_m = gl.cdiv(M, BLOCK_M)
     num_pid_n = gl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
+    num_tiles = num_pid_m * num_pid_n
+    my_tiles = gl.cdiv(num_tiles - pid, gl.num_programs(0))
+    # K steps run in groups of GROUP_K (see _group); a step count that is not a multiple gets steps past K, which
+    # the TMA fills with zeros (zero dots, promoted with the last block's scales)
     k_tiles = gl.cdiv(K, BLOCK_K)
+    steps = gl.cdiv(gl.maximum(k_tiles, STAGES), GROUP_K) * GROUP_K  # >= STAGES: the refills reach one tile ahead
+    last = k_tiles - 1
+    total = my_tiles * steps
 
     # wgmma accumulator layout: warps stacked along M (16 rows each), one BLOCK_N-wide int8 instruction along N
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_N, 32])
-    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-    xs_ptrs = xs_ptr + gl.minimum(rows, M - 1).to(gl.int64) * stride_xsm  # rows past M read row M - 1, never stored
-    ws_ptr_tile = ws_ptr + (off_n // SCALE_N) * stride_wsn
+    # The wgmma layout gives each thread pairs of adjacent columns (4-byte stores); the output goes through shared
+    # memory to rows of 16 threads x 8 columns (16-byte stores of bf16)
+    gl.static_assert(BLOCK_N == 128, "the store layout covers 128 columns")
+    out: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[num_warps, 1],
+                                         order=[1, 0])
 
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
     b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-    # K steps run in groups of GROUP_K (see _group); a step count that is not a multiple gets steps past K, which
-    # the TMA fills with zeros (zero dots, promoted with the last block's scales)
-    steps = gl.cdiv(k_tiles, GROUP_K) * GROUP_K
-    last = k_tiles - 1
+    num_progs = gl.num_programs(0)
+    off_m, off_n = _tile_offsets(pid, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
     for s in gl.static_range(STAGES):  # the ring starts full
-        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, s, steps, BLOCK_K, STAGES)
-    acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
-    for step in range(0, steps, GROUP_K):
-        acc = _group(acc, x_desc, w_desc, a_bufs, b_bufs, ready, off_m, off_n, xs_ptrs, ws_ptr_tile, step, steps, last,
-                     stride_xsk, stride_wsk, GROUP_K, BLOCK_K, STAGES)
+        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, s, total, s, steps, off_m, off_n, off_m, off_n,
+                   BLOCK_K, STAGES)
+
+    for t in range(my_tiles):
+        # the next tile's offsets, once per tile (a last tile's "next" is clamped; its loads are predicated off):
+        # computing them per refill instead - integer divisions in every K step, beside the promotion - ran the
+        # kernel 15-20% slower than the non-persistent one (session 10)
+        next_m, next_n = _tile_offsets(gl.minimum(pid + (t + 1) * num_progs, num_tiles - 1), num_pid_m, num_pid_n,
+                                       BLOCK_M, BLOCK_N, GROUP_M)
+        rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+        xs_ptrs = xs_ptr + gl.minimum(rows, M - 1).to(gl.int64) * stride_xsm  # rows past M: row M - 1, never stored
+        ws_ptr_tile = ws_ptr + (off_n // SCALE_N) * stride_wsn
+        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+        for step in range(0, steps, GROUP_K):
+            acc = _group(acc, x_desc, w_desc, a_bufs, b_bufs, ready, xs_ptrs, ws_ptr_tile, t * steps + step, step,
+                         total, steps, last, off_m, off_n, next_m, next_n, stride_xsk, stride_wsk,
+                         GROUP_K, BLOCK_K, STAGES)
+
+        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        if HAS_BIAS:
+            acc += gl.load(bias_ptr + gl.minimum(cols, N - 1)).to(gl.float32)[None, :]
+        y = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), out)
+        out_rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out))
+        out_cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out))
+        y_ptrs = y_ptr + out_rows.to(gl.int64)[:, None] * stride_ym + out_cols[None, :] * stride_yn
+        gl.store(y_ptrs, y, mask=(out_rows[:, None] < M) & (out_cols[None, :] < N))
+        off_m = next_m
+        off_n = next_n
+
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
-
-    if HAS_BIAS:
-        acc += gl.load(bias_ptr + gl.minimum(cols, N - 1)).to(gl.float32)[None, :]
-    # The wgmma layout gives each thread pairs of adjacent columns (4-byte stores); through shared memory to rows of
-    # 16 threads x 8 columns (16-byte stores of bf16)
-    gl.static_assert(BLOCK_N == 128, "the store layout covers 128 columns")
-    out: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[num_warps, 1],
-                                         order=[1, 0])
-    y = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), out)
-    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out))
-    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out))
-    y_ptrs = y_ptr + rows.to(gl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
-    gl.store(y_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 def supported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int]) -> str | None:
@@ -180,6 +217,11 @@ def supported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int])
         if t.stride(1) != 1 or t.stride(0) % 16 or t.data_ptr() % 16:
             return f"{name} is not a row-major tensor with 16-byte aligned rows (TMA)"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,7 +249,7 @@ def int8_block_gemm_sm90(
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     x_desc = TensorDescriptor(x_q, [m, k], [x_q.stride(0), 1], [bm, bk], _smem_layout(bm, bk))
     w_desc = TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk], _smem_layout(bn, bk))
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    grid = (min(triton.cdiv(m, bm) * triton.cdiv(n, bn), _sm_count(x_q.device)),)
     with torch.cuda.device(x_q.device):
         _int8_block_gemm_sm90_kernel[grid](
             x_desc, w_desc, x_s, w_s, x_s if bias is None else bias, y,
