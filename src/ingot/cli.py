@@ -166,6 +166,7 @@ def cmd_bench_kernels(args) -> int:
         command=" ".join(["ingot", *sys.argv[1:]]),
         git_sha=args.git_sha,
         rep_ms=args.rep_ms,
+        settle_ms=args.settle_ms,
     )
     run_bench_kernels(options)
     return 0
@@ -493,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a custom N x K (repeatable); replaces the preset")
     b.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 128, 256, 1024, 4096], help="token counts")
     b.add_argument("--rep-ms", type=int, default=10, help="ms of unrolled calls per CUDA graph (10 replays each)")
+    b.add_argument("--settle-ms", type=int, default=500,
+                   help="idle ms before each GEMM timing at M >= 256, so every op starts from the same power state")
     b.add_argument("--out", help="results JSON (default: benchmarks/results/kernels-<device>-<date>.json)")
     b.add_argument("--git-sha", help="record this sha (a copied tree without .git); default: the checkout's")
     b.set_defaults(func=cmd_bench_kernels)

@@ -22,9 +22,11 @@ def test_options_and_presets():
         BenchKernelsOptions(shapes="gpt2")
     with pytest.raises(ValueError, match="M sizes"):
         BenchKernelsOptions(m_sizes=(0,))
+    with pytest.raises(ValueError, match="settle_ms"):
+        BenchKernelsOptions(settle_ms=-1)
     assert _nk("4096x14336") == (4096, 14336)
     args = build_parser().parse_args(["bench", "kernels", "--shape", "256x512", "--m", "1", "64", "--out", "x.json"])
-    assert args.shape == [(256, 512)] and args.m == [1, 64] and args.shapes == "all"
+    assert args.shape == [(256, 512)] and args.m == [1, 64] and args.shapes == "all" and args.settle_ms == 500
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

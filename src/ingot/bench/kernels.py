@@ -31,6 +31,7 @@ once (scales included). Targets: see ``TARGETS``.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ GEMM_OPS = OPS[:8]
 WEIGHT_ONLY_OPS = ("w8a16", "w4a16")
 _DEV = "cuda"  # where inputs are made (a CPU smoke run of the loop patches it)
 H100_L2_BYTES = 50 * 2**20
+SETTLE_MIN_M = 256  # GEMMs from here up draw enough power to move the clocks (BenchKernelsOptions.settle_ms)
 QUANT_MIN_M = 1024  # the bandwidth target applies where the activation is large enough to be bandwidth-bound
 TARGETS = {
     "int8_channel": {"small_m": 1.7, "large_m": 1.4},
@@ -73,6 +75,11 @@ class BenchKernelsOptions:
     git_sha: str | None = None  # for trees copied without .git (the GPU machine)
     rep_ms: int = 10  # do_bench_cudagraph's rep: ms of unrolled calls per graph (replayed 10 times)
     seed: int = 0
+    # idle ms before each GEMM timing from SETTLE_MIN_M rows up: the H100 caps its power (clocks 1155-1980 MHz within
+    # one run, throttle reason "SW power cap"), so a GEMM timed right after heavy ones ran at lower clocks than the
+    # same GEMM after a pause: int8-block at M = 4096 took 178 us in the bench after the int_mm / fp8 / channel rows
+    # and 148 us after 0.5 s idle, while BF16 (timed first) took 175 in both (benchmarks/results/bench-clocks-*).
+    settle_ms: int = 500
 
     def __post_init__(self) -> None:
         if self.shapes not in SHAPES:
@@ -82,6 +89,8 @@ class BenchKernelsOptions:
         for nk in self.custom_shapes:
             if len(nk) != 2 or any(d < 1 for d in nk):
                 raise ValueError(f"bench kernels: shape {nk!r}; expected (N, K) positive")
+        if self.settle_ms < 0:
+            raise ValueError(f"bench kernels: settle_ms must be >= 0, got {self.settle_ms}")
         if self.rep_ms < 1:
             raise ValueError(f"bench kernels: rep_ms must be >= 1, got {self.rep_ms}")
 
@@ -346,6 +355,8 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
                 if isinstance(f, str):
                     rows.append(_row(op, m, n, k, None, peaks, status=f, **extra))
                     continue
+                if m >= SETTLE_MIN_M:
+                    time.sleep(options.settle_ms / 1e3)
                 try:
                     us, timer = _time_us(_rotating(pairs, f), options.rep_ms)
                 except Exception as e:
@@ -390,6 +401,9 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
             "nk": [list(s) for s in options.shape_list()],
             "m_sizes": list(options.m_sizes),
             "rep_ms": options.rep_ms,
+            "settle": f"{options.settle_ms} ms idle before each GEMM timing at M >= {SETTLE_MIN_M} (every op starts "
+                      "from the same power state: the GPU caps its power, and an op timed right after heavy ones "
+                      "ran at lower clocks)",
             "seed": options.seed,
             "l2_bytes_assumed": l2,
             "timing": "triton.testing.do_bench_cudagraph, median of 10 graph replays of rep_ms of unrolled calls; "
