@@ -42,7 +42,7 @@ from ingot.kernels.tuning import GemmConfig
 # smaller tiles and split-K win (kernels/NOTES.md, session 9, before it was made persistent).
 CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3)
 # K steps between drains of the wgmma pipeline: 8 ran out of registers (ptxas spilled and serialized the wgmmas);
-# 2 (226 registers) was 0-7% slower than 4 on 26 of 27 rows of the persistent kernel (H100, session 10)
+# 2 (226 registers) was up to 5% slower than 4 on 26 of 27 rows of the persistent kernel (H100, session 10)
 GROUP_K = 4
 MIN_M = 512
 
