@@ -14,7 +14,7 @@ times x_s[m, kb] * w_s[n // 128, kb], added to an fp32 accumulator in K order; s
 Persistent: one program per SM (at most), each running its tiles one after another with one TMA ring across them,
 so the next tile's first loads are in flight while a tile finishes its last steps and stores (the non-persistent
 version paid ~20 us of fixed cost on 1024 tiles at M = N = K = 4096 - the intercept of time against K - and ran
-5-15% slower; kernels/NOTES.md, session 10). Loads: TMA (tensor descriptors, zero fill past M, N and K),
+1-37% slower on 27 bench shapes at M 512-4096; kernels/NOTES.md, session 10). Loads: TMA (tensor descriptors, zero fill past M, N and K),
 STAGES-deep ring of shared-memory slots, one mbarrier per slot. A slot is refilled only after the wait that retires
 the MMA that read it. Scales: plain loads one step ahead of their use. The tile's N range is one 128-row weight
 block (BLOCK_N = 128, checked by the store), so the weight scale of a step is one scalar.
