@@ -187,7 +187,6 @@ def _acts(m: int, k: int, copies: int) -> list[dict]:
             "x8_s_row": torch.rand(m, 1, device=_DEV, dtype=torch.float32) / 16 + 1e-4,
             "x8_sg": torch.rand(m, (k + 127) // 128, device=_DEV, dtype=torch.float32) / 16 + 1e-4,
         })
-        out[-1]["x8_sg_col"] = out[-1]["x8_sg"].t().contiguous().t()  # same values, column-major (cuBLAS's layout)
     return out
 
 
@@ -225,7 +224,11 @@ def _gemm_fns(m: int, n: int, k: int, pairs: list[tuple[dict, dict]], scaled_mod
 
     one = torch.ones((), device=_DEV, dtype=torch.float32)
     a0, w0 = pairs[0]
-    fp8_scales = "x8_sg_col" if auto_backend(a0["x8"], w0["w8"]) == "cublas" else "x8_sg"
+    fp8_scales = "x8_sg"
+    if auto_backend(a0["x8"], w0["w8"]) == "cublas":  # the engine quantizes into cuBLAS's column-major layout there
+        fp8_scales = "x8_sg_col"
+        for a, _ in pairs:
+            a["x8_sg_col"] = a["x8_sg"].t().contiguous().t()  # same values
 
     def scaled_tensor(a, w):
         return torch._scaled_mm(a["x8"], w["w8"].t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)

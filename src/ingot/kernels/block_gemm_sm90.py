@@ -37,9 +37,10 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ingot.kernels.tuning import GemmConfig
 
 # The tile the H100 runs (128x128x128, two warpgroups, 3 stages = 96 KB of shared memory: 3 beat 4 stages on 18 of
-# 18 M = 1024 / 4096 rows, session 9), and the smallest M it takes: it beat the Triton kernel on 9 of 9 bench shapes
-# at M = 512 and 4 of 9 at M = 256, where 128x128 tiles leave SMs idle on the narrow weights and the Triton tables'
-# smaller tiles and split-K win (kernels/NOTES.md, session 9, before it was made persistent).
+# 18 M = 1024 / 4096 rows, session 9), and the smallest M it takes: the persistent kernel beat the Triton kernel on
+# 9 of 9 bench shapes at M = 512 (1.17-1.27x) and 6 of 9 at M = 256, losing where 128x128 tiles are fewer than the
+# SMs (4096x4096, 4096x14336, 2048x7168) and the Triton tables' smaller tiles and split-K win (kernels/NOTES.md,
+# session 10).
 CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3)
 # K steps between drains of the wgmma pipeline: 8 ran out of registers (ptxas spilled and serialized the wgmmas);
 # 2 (226 registers) was up to 5% slower than 4 on 26 of 27 rows of the persistent kernel (H100, session 10)

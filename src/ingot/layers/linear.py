@@ -112,13 +112,16 @@ class QuantizedActivation:
         return self.x_q.shape
 
 
-def quantize_activation(x: torch.Tensor, quant: ActQuant) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (x_q, x_s) with the activation-quantization kernels (ingot.kernels.act_quant)."""
+def quantize_activation(x: torch.Tensor, quant: ActQuant,
+                        column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (x_q, x_s) with the activation-quantization kernels (ingot.kernels.act_quant).
+    ``column_major_scales``: per-group x_s stored column-major (the layout cuBLAS's block-scaled GEMM reads)."""
     from ingot.kernels.act_quant import per_token_group_quant, per_token_quant_int8
 
     if quant.group_size is None:
         return per_token_quant_int8(x)
-    return per_token_group_quant(x, quant.dtype, group_size=quant.group_size, scale_fmt=quant.scale_fmt)
+    return per_token_group_quant(x, quant.dtype, group_size=quant.group_size, scale_fmt=quant.scale_fmt,
+                                 column_major_scales=column_major_scales)
 
 
 def shared_input_quant(x: torch.Tensor, *linears: "Linear") -> ActQuant | None:
@@ -256,8 +259,12 @@ class LinearMethod:
     # ---- per kind: x2 (M, K) contiguous -> (M, N) in x2.dtype, bias included
     def _kernel(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Quantizing kinds: the activation-quantization kernel, then ``_gemm`` on the kernels."""
-        x_q, x_s = quantize_activation(x, self.act_quant(layer))
+        x_q, x_s = quantize_activation(x, self.act_quant(layer), self._scales_column_major(layer, x))
         return self._gemm(layer, x_q, x_s, x.dtype, True)
+
+    def _scales_column_major(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether the GEMM reads the activation scales of this (M, K) input column-major."""
+        return False
 
     def _reference(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -397,18 +404,13 @@ class Fp8BlockMethod(_BlockMethod):
     def act_quant(self, layer):
         return ActQuant("fp8_e4m3", layer.block_size[1], layer.act_scale_fmt)
 
-    def _kernel(self, layer, x):
-        """As LinearMethod's, except where the GEMM runs on cuBLAS: cuBLAS reads the activation scales column-major,
-        so they are quantized straight into that layout (the GEMM would otherwise transpose them, one more launch per
-        call: 1.34-1.42x -> 1.52-1.57x BF16 on four M = 1024 Llama / DeepSeek shapes, H100, kernels/NOTES.md)."""
-        from ingot.kernels.act_quant import per_token_group_quant
+    def _scales_column_major(self, layer, x):
+        """Where the GEMM runs on cuBLAS, which reads the activation scales column-major: quantized straight into
+        that layout, the GEMM need not transpose them (one more launch per call: 1.34-1.42x -> 1.52-1.57x BF16 on
+        four M = 1024 Llama / DeepSeek shapes, H100, kernels/NOTES.md)."""
         from ingot.kernels.fp8_gemm import auto_backend
 
-        quant = self.act_quant(layer)
-        column_major = auto_backend(x, layer.weight, layer.block_size, layer.bias, x.dtype) == "cublas"
-        x_q, x_s = per_token_group_quant(x, quant.dtype, group_size=quant.group_size, scale_fmt=quant.scale_fmt,
-                                         column_major_scales=column_major)
-        return self._gemm(layer, x_q, x_s, x.dtype, True)
+        return auto_backend(x, layer.weight, layer.block_size, layer.bias, x.dtype) == "cublas"
 
     def _reference(self, layer, x):
         x_q, x_s = ref.quantize_act_group(x, "fp8_e4m3", layer.block_size[1], layer.act_scale_fmt)
