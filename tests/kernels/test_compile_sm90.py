@@ -78,52 +78,60 @@ def test_gemm_kernel_compiles_for_sm90(variant):
     assert int(run.stdout.split()[-1]) > 0, f"{variant}: empty cubin"
 
 
-# The Gluon int8-block kernel (ingot.kernels.block_gemm_sm90) cannot run in the interpreter at all. Its speed rests
-# on ptxas keeping the wgmmas asynchronous: ptxas serializes every wgmma of a kernel (info C7514 / C7512) when an
-# instruction reads the registers of one in flight or registers run out, silently costing the overlap the kernel
-# exists for (it ran at 0.75-1.0x BF16 that way). So besides compiling it, ptxas -v must report neither, and no
-# spills.
+# The Gluon int8 kernels (ingot.kernels.gemm_sm90) cannot run in the interpreter at all. Their speed rests on ptxas
+# keeping the wgmmas asynchronous: ptxas serializes every wgmma of a kernel (info C7514 / C7512) when an instruction
+# reads the registers of one in flight or registers run out, silently costing the overlap the kernels exist for (the
+# block kernel ran at 0.75-1.0x BF16 that way). So besides compiling them, ptxas -v must report neither, and no
+# spills; and the shared memory must fit the H100's 227 KB per block.
 _GLUON_SCRIPT = """
 import json, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
-from ingot.kernels import block_gemm_sm90 as g
-cfg = g.CONFIG
+from triton.backends.nvidia.compiler import get_ptxas
+from ingot.kernels import gemm_sm90 as g
+op, tile, has_bias = sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3]))
+cfg = g.BLOCK_CONFIG if op == "block" else g.CHANNEL_TILES[tile][0]
 x = torch.zeros(1024, 1024, dtype=torch.int8)
 x_desc = mangle_type(g.TensorDescriptor(x, [1024, 1024], [1024, 1], [cfg.block_m, cfg.block_k],
                                         g._smem_layout(cfg.block_m, cfg.block_k)))
 w_desc = mangle_type(g.TensorDescriptor(x, [1024, 1024], [1024, 1], [cfg.block_n, cfg.block_k],
                                         g._smem_layout(cfg.block_n, cfg.block_k)))
-kernel = g._int8_block_gemm_sm90_kernel
-constexprs = {"SCALE_N": 128, "HAS_BIAS": bool(int(sys.argv[1])), "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-              "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "STAGES": cfg.num_stages, "GROUP_K": g.GROUP_K,
-              "num_warps": cfg.num_warps}
-types = [x_desc, w_desc, "*fp32", "*fp32", "*fp32", "*bf16"] + ["i32"] * 9
+constexprs = {"HAS_BIAS": has_bias, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+              "GROUP_M": cfg.group_m, "STAGES": cfg.num_stages, "num_warps": cfg.num_warps}
+if op == "block":
+    kernel, ints = g._int8_block_gemm_sm90_kernel, 9
+    constexprs.update(SCALE_N=128, GROUP_K=g.GROUP_K)
+else:
+    kernel, ints = g._int8_channel_gemm_sm90_kernel, 7
+types = [x_desc, w_desc, "*fp32", "*fp32", "*fp32", "*bf16"] + ["i32"] * ints
 params = [p for p in kernel.arg_names if p not in constexprs]
+assert len(params) == len(types), params
 signature = dict(zip(params, types), **{c: "constexpr" for c in constexprs})
 src = GluonASTSource(fn=kernel, signature=signature,
                      constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
 out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
-from triton.backends.nvidia.compiler import get_ptxas
 with tempfile.TemporaryDirectory() as d:
     open(d + "/k.ptx", "w").write(out.asm["ptx"])
     run = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", d + "/k.ptx", "-o", d + "/k.cubin"],
                          capture_output=True, text=True)
-print(json.dumps({"cubin": len(out.asm["cubin"]), "ptxas": run.stderr}))
+print(json.dumps({"cubin": len(out.asm["cubin"]), "shared": out.metadata.shared, "ptxas": run.stderr}))
 """
+SM90_KERNELS = [("block", 0)] + [("channel", i) for i in range(2)]
 
 
 @pytest.mark.parametrize("has_bias", [False, True])
-def test_sm90_block_gemm_compiles_with_async_wgmma(has_bias):
+@pytest.mark.parametrize("op,tile", SM90_KERNELS)
+def test_sm90_gemm_compiles_with_async_wgmma(op, tile, has_bias):
     pytest.importorskip("triton.experimental.gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _GLUON_SCRIPT, str(int(has_bias))], env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", _GLUON_SCRIPT, op, str(tile), str(int(has_bias))], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"compile for sm_90 failed (rc {run.returncode}):\n{run.stderr[-3000:]}"
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["cubin"] > 0
+    assert result["shared"] <= 227 * 1024, f"{result['shared']} bytes of shared memory"
     ptxas = result["ptxas"]
     assert "serialized" not in ptxas, f"ptxas serializes the wgmmas:\n{ptxas}"
     assert " 0 bytes spill stores, 0 bytes spill loads" in ptxas, f"the kernel spills:\n{ptxas}"

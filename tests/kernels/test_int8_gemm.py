@@ -692,18 +692,41 @@ def test_gpu_end_to_end_vs_ref_linear(scheme):
 
 
 
-def test_block_backend_choice_is_checked():
-    args = _block_operands(4, 256, 256, 0)
+def test_backend_choice_is_checked():
+    block = _block_operands(4, 256, 256, 0)
+    channel = _channel_operands(4, 256, 256, 0)
     with pytest.raises(ValueError, match="backend must be one of auto, triton, sm90"):
-        int8_gemm_block(*args, backend="cutlass")
-    # no Hopper here (CPU, interpreter): asking for the sm_90 kernel names why it cannot run, "auto" runs Triton
+        int8_gemm_block(*block, backend="cutlass")
+    with pytest.raises(ValueError, match="backend must be one of auto, triton, sm90"):
+        int8_gemm_channel(*channel, backend="cutlass")
+    # no Hopper here (CPU, interpreter): asking for the sm_90 kernels names why they cannot run, "auto" runs Triton
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="backend 'sm90': the triton interpreter runs no Gluon"):
-            int8_gemm_block(*args, backend="sm90")
-        big = _block_operands(512, 128, 128, 1)  # M at the sm_90 kernel's MIN_M: still Triton off the GPU
-        assert int8_gemm.block_auto_backend(big[0], big[2]) == "triton"
+            int8_gemm_block(*block, backend="sm90")
+        with pytest.raises(ValueError, match="backend 'sm90': the triton interpreter runs no Gluon"):
+            int8_gemm_channel(*channel, backend="sm90")
+        big = _block_operands(512, 128, 128, 1)  # M at the sm_90 kernels' smallest M: still Triton off the GPU
+        assert int8_gemm.auto_backend(big[0], big[2], (128, 128)) == "triton"
+        assert int8_gemm.auto_backend(big[0], big[2]) == "triton"
         assert_close_rel(int8_gemm_block(*big, out_dtype=torch.float32),
                          ref.int8_gemm_block_ref(*big, out_dtype=torch.float32), FP32_TOL, "auto on CPU, M = 512")
+        big = _channel_operands(512, 128, 128, 1)
+        assert torch.equal(int8_gemm_channel(*big, out_dtype=torch.float32),
+                           ref.int8_gemm_channel_ref(*big, out_dtype=torch.float32))
+
+
+def test_channel_config_picks_the_tile_that_finishes_first():
+    """Waves of tiles over the SMs times the tile's relative time (132 SMs, the H100): the 128x256 tile where both
+    need the same number of waves or it saves one, the 128x128 tile where the wide tiles would leave SMs idle."""
+    from ingot.kernels import gemm_sm90
+
+    wide, narrow = (cfg for cfg, _ in gemm_sm90.CHANNEL_TILES)
+    assert (wide.block_n, narrow.block_n) == (256, 128)
+    assert gemm_sm90.channel_config(4096, 4096, 132) == wide  # 512 vs 1024 tiles: 4 waves x 1.76 < 8 waves
+    assert gemm_sm90.channel_config(1024, 4096, 132) == wide  # 128 vs 256 tiles: 1 wave x 1.76 < 2 waves
+    assert gemm_sm90.channel_config(1024, 2048, 132) == narrow  # 64 vs 128 tiles: one wave each
+    assert gemm_sm90.channel_config(1024, 6144, 132) == narrow  # 192 vs 384 tiles: 2 x 1.76 > 3 waves
+    assert gemm_sm90.channel_config(512, 4096, 132) == narrow  # 64 vs 128 tiles
 
 
 def _hopper() -> bool:
@@ -745,40 +768,80 @@ def test_gpu_sm90_block_same_bits_as_triton(m, n, k):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU (wgmma, TMA)")
-def test_gpu_sm90_block_auto_choice_and_refusals(monkeypatch):
-    """"auto" takes the sm_90 kernel from MIN_M up and not below, nor with a caller's config; operands TMA cannot
-    read are refused by name with backend "sm90" and run on Triton with "auto"; a kernel that raises sends "auto" to
-    Triton on that device from then on."""
-    from ingot.kernels import block_gemm_sm90
+@pytest.mark.parametrize("m,n,k", SM90_CASES)
+def test_gpu_sm90_channel_same_bits_as_triton(m, n, k):
+    """The Gluon channel kernel, at each of its tiles and at the one channel_config picks, against the Triton kernel:
+    the same exact int32 sums and the same epilogue, so the same bits, in every output dtype, with and without bias;
+    outputs NaN-poisoned; three launches on fresh inputs; and the reference (int32-exact sums) at fp32."""
+    from ingot.kernels import gemm_sm90
 
+    tiles = [None] + [cfg for cfg, _ in gemm_sm90.CHANNEL_TILES]
+    for launch in range(3):
+        seed = int.from_bytes(os.urandom(4), "little")
+        args = _channel_operands(m, n, k, seed)
+        for out_dtype, bias in ((torch.float32, None), (torch.bfloat16, _bias(n, torch.bfloat16, seed + 1)),
+                                (torch.float16, _bias(n, torch.float32, seed + 2))):
+            expected = int8_gemm_channel(*args, bias=bias, out_dtype=out_dtype, backend="triton")
+            for cfg in tiles:
+                y = torch.full((m, n), float("nan"), dtype=out_dtype, device="cuda")
+                if cfg is None:
+                    int8_gemm_channel(*args, bias=bias, out_dtype=out_dtype, out=y, backend="sm90")
+                else:
+                    gemm_sm90.int8_channel_gemm_sm90(*args, bias, out_dtype, y, cfg)
+                torch.cuda.synchronize()
+                what = f"M={m} N={n} K={k} {out_dtype} bias={bias is not None} tile {cfg} launch {launch} seed {seed}"
+                assert not y.isnan().any(), f"unwritten elements: {what}"
+                assert torch.equal(y, expected), f"{what}: max |diff| {(y.float() - expected.float()).abs().max()}"
+        if launch == 0:
+            y = int8_gemm_channel(*args, out_dtype=torch.float32, backend="sm90")
+            assert torch.equal(y, ref.int8_gemm_channel_ref(*args, out_dtype=torch.float32)), f"M={m} N={n} K={k}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU (wgmma, TMA)")
+@pytest.mark.parametrize("op", ["block", "channel"])
+def test_gpu_sm90_auto_choice_and_refusals(monkeypatch, op):
+    """"auto" takes the sm_90 kernel from its smallest M up and not below, nor with a caller's config; operands TMA
+    cannot read are refused by name with backend "sm90" and run on Triton with "auto"; a kernel that raises sends
+    "auto" to Triton on that device from then on."""
+    from ingot.kernels import gemm_sm90
+
+    if op == "block":
+        name, min_m, block_size, gemm = "int8_block_gemm_sm90", gemm_sm90.BLOCK_MIN_M, (128, 128), int8_gemm_block
+        operands, reference = _block_operands, ref.int8_gemm_block_ref
+    else:
+        name, min_m, block_size, gemm = "int8_channel_gemm_sm90", gemm_sm90.CHANNEL_MIN_M, None, int8_gemm_channel
+        operands, reference = _channel_operands, ref.int8_gemm_channel_ref
     calls = []
-    kernel = block_gemm_sm90.int8_block_gemm_sm90
-    monkeypatch.setattr(block_gemm_sm90, "int8_block_gemm_sm90", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
-    args = _block_operands(block_gemm_sm90.MIN_M, 1024, 1024, 1)
-    assert int8_gemm.sm90_block_unsupported(args[0], args[2], (128, 128)) is None
-    assert int8_gemm.block_auto_backend(args[0], args[2]) == "sm90"
-    assert int8_gemm.block_auto_backend(args[0][:-1], args[2]) == "triton"
-    y = int8_gemm_block(*args)
+    kernel = getattr(gemm_sm90, name)
+    monkeypatch.setattr(gemm_sm90, name, lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    args = operands(min_m, 1024, 1024, 1)
+    assert int8_gemm.sm90_unsupported(args[0], args[2], block_size) is None
+    assert int8_gemm.auto_backend(args[0], args[2], block_size) == "sm90"
+    assert int8_gemm.auto_backend(args[0][:-1], args[2], block_size) == "triton"
+    y = gemm(*args)
     assert len(calls) == 1
-    torch.testing.assert_close(y, int8_gemm_block(*args, backend="triton"), rtol=0, atol=0)
-    int8_gemm_block(*[a[:-1] if i in (0, 1) else a for i, a in enumerate(args)])  # M = MIN_M - 1
-    int8_gemm_block(*args, config=GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3))
+    torch.testing.assert_close(y, gemm(*args, backend="triton"), rtol=0, atol=0)
+    gemm(*[a[:-1] if i in (0, 1) else a for i, a in enumerate(args)])  # M = smallest M - 1
+    gemm(*args, config=GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3))
     assert len(calls) == 1
-    ragged = _block_operands(512, 256, 200, 2)  # K = 200: rows of 200 bytes are not 16-byte aligned
+    ragged = operands(512, 256, 200, 2)  # K = 200: rows of 200 bytes are not 16-byte aligned
     with pytest.raises(ValueError, match="16-byte aligned"):
-        int8_gemm_block(*ragged, backend="sm90")
-    assert_close_rel(int8_gemm_block(*ragged, out_dtype=torch.float32),
-                     ref.int8_gemm_block_ref(*ragged, out_dtype=torch.float32), FP32_TOL, "auto, K = 200")
-    other_block = _block_operands(512, 256, 256, 3, block_size=(64, 128))
-    with pytest.raises(ValueError, match="block size"):
-        int8_gemm_block(*other_block, block_size=(64, 128), backend="sm90")
+        gemm(*ragged, backend="sm90")
+    assert_close_rel(gemm(*ragged, out_dtype=torch.float32), reference(*ragged, out_dtype=torch.float32), FP32_TOL,
+                     "auto, K = 200")
+    if op == "block":
+        other_block = _block_operands(512, 256, 256, 3, block_size=(64, 128))
+        with pytest.raises(ValueError, match="block size"):
+            int8_gemm_block(*other_block, block_size=(64, 128), backend="sm90")
+
     # a failing sm_90 kernel: "auto" answers from Triton, remembers the device, and takes Triton there from then on
     def broken(*a, **kw):
         raise RuntimeError("ptxas: no such instruction")
 
-    monkeypatch.setattr(block_gemm_sm90, "int8_block_gemm_sm90", broken)
+    monkeypatch.setattr(gemm_sm90, name, broken)
     monkeypatch.setattr(int8_gemm, "_sm90_failed", {})
-    assert_close_rel(int8_gemm_block(*args, out_dtype=torch.float32),
-                     ref.int8_gemm_block_ref(*args, out_dtype=torch.float32), FP32_TOL, "auto after a failure")
-    assert "ptxas: no such instruction" in int8_gemm.sm90_block_unsupported(args[0], args[2], (128, 128))
-    assert int8_gemm.block_auto_backend(args[0], args[2]) == "triton"
+    assert_close_rel(gemm(*args, out_dtype=torch.float32), reference(*args, out_dtype=torch.float32), FP32_TOL,
+                     "auto after a failure")
+    assert "ptxas: no such instruction" in int8_gemm.sm90_unsupported(args[0], args[2], block_size)
+    assert int8_gemm.auto_backend(args[0], args[2], block_size) == "triton"

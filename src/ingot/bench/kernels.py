@@ -8,7 +8,8 @@ For each (N, K) of the chosen model shapes and each M (tokens), times in the sam
 - ``scaled_mm_fp8``: ``torch._scaled_mm`` on e4m3 with rowwise scales (per-tensor when rowwise raises; the reason
   is recorded);
 - ``int8_channel`` / ``int8_block``: ``ingot.kernels.int8_gemm_channel`` / ``int8_gemm_block`` (GEMM only: the
-  activations are already quantized, as for the cuBLAS rows);
+  activations are already quantized, as for the cuBLAS rows; backend "auto": the Gluon sm_90 kernels at M >= 512
+  on Hopper, the Triton kernels elsewhere; each row's ``backend`` says which);
 - ``fp8_block``: ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (e4m3, 1x128 activation x 128x128 weight scales), as
   the engine calls it (backend "auto": cuBLAS's block-scaled GEMM at M >= 65 on sm_90, the Triton kernel elsewhere;
   each row's ``backend`` says which; the activation scales in the layout the engine's fp8 linear quantizes into:
@@ -324,7 +325,7 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
 
     from ingot.kernels.act_quant import per_token_group_quant
     from ingot.kernels.fp8_gemm import auto_backend
-    from ingot.kernels.int8_gemm import block_auto_backend
+    from ingot.kernels.int8_gemm import auto_backend as int8_auto_backend
 
     torch.manual_seed(options.seed)
     started = timestamp()
@@ -349,8 +350,10 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
                 extra = {"input_sets": copies, "inputs_fit_in_l2": False}
                 if op == "fp8_block" and not isinstance(f, str):  # what fp8_gemm_block's "auto" runs here
                     extra["backend"] = auto_backend(pairs[0][0]["x8"], pairs[0][1]["w8"])
-                if op == "int8_block":  # and int8_gemm_block's
-                    extra["backend"] = block_auto_backend(pairs[0][0]["x_q"], pairs[0][1]["w_q"])
+                if op == "int8_block":  # and int8_gemm_block's, int8_gemm_channel's
+                    extra["backend"] = int8_auto_backend(pairs[0][0]["x_q"], pairs[0][1]["w_q"], (128, 128))
+                if op == "int8_channel":
+                    extra["backend"] = int8_auto_backend(pairs[0][0]["x_q"], pairs[0][1]["w_q"])
                 if op == "scaled_mm_fp8":
                     extra["scale_mode"] = mode[0]
                     if mode[1]:

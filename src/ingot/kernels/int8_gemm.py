@@ -519,6 +519,7 @@ def int8_gemm_channel(
     *,
     config: GemmConfig | None = None,
     out: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Per-token x per-channel W8A8 GEMM: y [M, N] = (x_q @ w_q.T) * x_s * w_s.T (+ bias).
 
@@ -526,8 +527,15 @@ def int8_gemm_channel(
     bias [N] bf16/fp16/fp32 or None; all contiguous. Returns y [M, N] in ``out_dtype`` (bf16, fp16 or fp32),
     written into ``out`` when given. int32 accumulation over all of K (exact, split-K partials included; K < 131072
     so it cannot overflow), scales and bias in fp32 in the epilogue. ``config`` overrides the tuned/default tiles.
+
+    ``backend``: "auto" (the Hopper kernel ``ingot.kernels.gemm_sm90.int8_channel_gemm_sm90`` at M >= its
+    CHANNEL_MIN_M where ``sm90_unsupported`` is None and no ``config`` is given, else Triton; a failure to compile or
+    launch it is logged once and that device stays on Triton), "triton", or "sm90" (raises where it does not apply).
+    Both give the same bits.
     Reference: ``ingot.quant.ref.int8_gemm_channel_ref``.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     m, n, k = _check_operands(x_q, x_s, w_q, w_s, bias, out_dtype, out)
     if tuple(x_s.shape) != (m, 1):
         raise ValueError(f"x_s must be per token, shape (M, 1) = ({m}, 1), got {tuple(x_s.shape)}")
@@ -535,6 +543,16 @@ def int8_gemm_channel(
         raise ValueError(f"w_s must be per output channel, shape (N, 1) = ({n}, 1), got {tuple(w_s.shape)}")
     if k >= MAX_K_CHANNEL:
         raise ValueError(f"K = {k} may overflow the int32 accumulator (K * 128^2 >= 2^31); K must be < {MAX_K_CHANNEL}")
+    if backend == "sm90":
+        why_not = sm90_unsupported(x_q, w_q)
+        if why_not:
+            raise ValueError(f"int8_gemm_channel backend 'sm90': {why_not}")
+        return _sm90_module().int8_channel_gemm_sm90(x_q, x_s, w_q, w_s, bias, out_dtype, out)
+    if backend == "auto" and auto_backend(x_q, w_q, None, config) == "sm90":
+        try:
+            return _sm90_module().int8_channel_gemm_sm90(x_q, x_s, w_q, w_s, bias, out_dtype, out)
+        except Exception as e:  # a triton whose Gluon cannot build or launch it: Triton from now on
+            backend_failed(_sm90_failed, x_q.device, "int8_gemm_channel: the sm_90 kernel failed", e)
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
     if m == 0:
         return y
@@ -665,21 +683,21 @@ def int8_gemm_block(
     ``out`` when given. The K tile must be the K block: config.block_k == bk (one scale column per K step); N tiles
     may span block rows (each column reads its own block row's scale).
 
-    ``backend``: "auto" (the Hopper kernel ``ingot.kernels.block_gemm_sm90`` at M >= its MIN_M where
-    ``sm90_block_unsupported`` is None and no ``config`` is given, else Triton; a failure to compile or launch it is
-    logged once and that device stays on Triton), "triton", or "sm90" (raises where it does not apply). Both give
-    the same bits.
+    ``backend``: "auto" (the Hopper kernel ``ingot.kernels.gemm_sm90.int8_block_gemm_sm90`` at M >= its
+    BLOCK_MIN_M where ``sm90_unsupported`` is None and no ``config`` is given, else Triton; a failure to compile or
+    launch it is logged once and that device stays on Triton), "triton", or "sm90" (raises where it does not apply).
+    Both give the same bits.
     Reference: ``ingot.quant.ref.int8_gemm_block_ref``.
     """
-    if backend not in BLOCK_BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BLOCK_BACKENDS)}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     m, n, k = check_block_operands("int8_gemm_block", x_q, x_s, w_q, w_s, block_size, bias, out_dtype, out)
     if backend == "sm90":
-        why_not = sm90_block_unsupported(x_q, w_q, block_size)
+        why_not = sm90_unsupported(x_q, w_q, block_size)
         if why_not:
             raise ValueError(f"int8_gemm_block backend 'sm90': {why_not}")
         return _sm90_module().int8_block_gemm_sm90(x_q, x_s, w_q, w_s, bias, out_dtype, out)
-    if backend == "auto" and block_auto_backend(x_q, w_q, block_size, config) == "sm90":
+    if backend == "auto" and auto_backend(x_q, w_q, block_size, config) == "sm90":
         try:
             return _sm90_module().int8_block_gemm_sm90(x_q, x_s, w_q, w_s, bias, out_dtype, out)
         except Exception as e:  # a triton whose Gluon cannot build or launch it: Triton from now on
@@ -688,35 +706,40 @@ def int8_gemm_block(
                              out)
 
 
-BLOCK_BACKENDS = ("auto", "triton", "sm90")
-_sm90_failed: dict[torch.device, str] = {}  # device -> why the sm_90 kernel raised there (then "auto" stays on Triton)
+BACKENDS = ("auto", "triton", "sm90")
+_sm90_failed: dict[torch.device, str] = {}  # device -> why an sm_90 kernel raised there (then "auto" stays on Triton)
 
 
 @functools.cache
 def _sm90_module():
-    """ingot.kernels.block_gemm_sm90, imported on first use (it needs triton's Gluon, triton >= 3.5); None where
-    that import fails (remembered: a failed import is not cached by Python and would be retried every call)."""
+    """ingot.kernels.gemm_sm90, imported on first use (it needs triton's Gluon, triton >= 3.5); None where that
+    import fails (remembered: a failed import is not cached by Python and would be retried every call)."""
     try:
-        from ingot.kernels import block_gemm_sm90
+        from ingot.kernels import gemm_sm90
     except ImportError:
         return None
-    return block_gemm_sm90
+    return gemm_sm90
 
 
-def block_auto_backend(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int] = (128, 128),
-                       config: GemmConfig | None = None) -> str:
-    """The backend ``int8_gemm_block(backend="auto")`` runs for these operands: "sm90" or "triton". M is checked
-    first, so decode-sized calls pay no device query."""
+def auto_backend(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int] | None = None,
+                 config: GemmConfig | None = None) -> str:
+    """The backend ``int8_gemm_block(backend="auto")`` (with ``block_size``) or ``int8_gemm_channel(backend="auto")``
+    (without) runs for these operands: "sm90" or "triton". M is checked first, so decode-sized calls pay no device
+    query."""
     if config is not None or x_q.device.type != "cuda":
         return "triton"
     sm90 = _sm90_module()
-    if sm90 is not None and x_q.shape[0] >= sm90.MIN_M and sm90_block_unsupported(x_q, w_q, block_size) is None:
+    if sm90 is None:
+        return "triton"
+    min_m = sm90.CHANNEL_MIN_M if block_size is None else sm90.BLOCK_MIN_M
+    if x_q.shape[0] >= min_m and sm90_unsupported(x_q, w_q, block_size) is None:
         return "sm90"
     return "triton"
 
 
-def sm90_block_unsupported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int]) -> str | None:
-    """None when ``int8_gemm_block`` can run these (checked) operands on the Hopper kernel, else why not."""
+def sm90_unsupported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int] | None = None) -> str | None:
+    """None when ``int8_gemm_block`` (with ``block_size``) or ``int8_gemm_channel`` (without) can run these (checked)
+    operands on the Hopper kernel, else why not."""
     if INTERPRETED:
         return "the triton interpreter runs no Gluon"
     if x_q.device in _sm90_failed:

@@ -1,26 +1,34 @@
-"""int8-block W8A8 GEMM for Hopper (sm_90) at prefill sizes, written in Gluon (triton's explicit-layout dialect).
+"""W8A8 int8 GEMMs for Hopper (sm_90) at prefill sizes, written in Gluon (triton's explicit-layout dialect): the
+block-scaled one (``int8_block_gemm_sm90``) and the per-channel one (``int8_channel_gemm_sm90``). Both are
+persistent - one program per SM (at most), each running its tiles one after another with one TMA ring across them, so
+the next tile's first loads are in flight while a tile finishes its last steps and stores - and share the tile order
+and the ring (``_tile_offsets``, ``_load_step``). Loads: TMA (tensor descriptors, zero fill past M, N and K),
+STAGES-deep ring of shared-memory slots, one mbarrier per slot; a slot is refilled only after the wait that retires
+the MMA that read it. Outputs go through shared memory (``convert_layout``) to 16-byte stores: storing straight from
+the wgmma layout (4-byte stores) ran the channel kernel's 128x256 tile 2-61% slower on 27 of 27 rows (session 11,
+kernels/NOTES.md).
 
-Why a second kernel for the same op: ``int8_gemm._block_gemm_kernel`` must promote every 128-K step's int32 dot to
-fp32 (the scales change per K block). Triton's pipeliner only keeps a wgmma in flight when its accumulator is carried
-to the next dot; the block kernel's dot result feeds the promotion instead, so every step waits for its own MMA to
-drain before scaling it, and the tensor cores idle during the promotion (the H100 ran it at 0.77-0.97x BF16 at
-M >= 1024, where the channel kernel, with no promotion, runs 1.2-1.6x; kernels/NOTES.md). Gluon exposes the async
-wgmma directly: step i's MMA is issued, then step i - 1's result is waited for (one group left in flight) and
-promoted while step i runs - the overlap DeepGEMM gets from its CUDA kernels.
-
-The math is the same as the Triton kernel's, step by step: an exact int32 dot per 128-K block, converted to fp32,
-times x_s[m, kb] * w_s[n // 128, kb], added to an fp32 accumulator in K order; so the two kernels give the same bits.
-
-Persistent: one program per SM (at most), each running its tiles one after another with one TMA ring across them,
-so the next tile's first loads are in flight while a tile finishes its last steps and stores (the non-persistent
-version paid ~20 us of fixed cost on 1024 tiles at M = N = K = 4096 - the intercept of time against K - and ran
-1-37% slower on 27 bench shapes at M 512-4096; kernels/NOTES.md, session 10). Loads: TMA (tensor descriptors, zero fill past M, N and K),
-STAGES-deep ring of shared-memory slots, one mbarrier per slot. A slot is refilled only after the wait that retires
-the MMA that read it. Scales: plain loads one step ahead of their use. The tile's N range is one 128-row weight
+Block-scaled: ``int8_gemm._block_gemm_kernel`` must promote every 128-K step's int32 dot to fp32 (the scales change
+per K block). Triton's pipeliner only keeps a wgmma in flight when its accumulator is carried to the next dot; the
+block kernel's dot result feeds the promotion instead, so every step waits for its own MMA to drain before scaling
+it, and the tensor cores idle during the promotion (the H100 ran it at 0.77-0.97x BF16 at M >= 1024, where the
+channel kernel, with no promotion, runs 1.2-1.6x; kernels/NOTES.md). Gluon exposes the async wgmma directly: step i's
+MMA is issued, then step i - 1's result is waited for (one group left in flight) and promoted while step i runs - the
+overlap DeepGEMM gets from its CUDA kernels. The math is the same as the Triton kernel's, step by step: an exact int32
+dot per 128-K block, converted to fp32, times x_s[m, kb] * w_s[n // 128, kb], added to an fp32 accumulator in K
+order; so the two kernels give the same bits. Persistence: the non-persistent version paid ~20 us of fixed cost on
+1024 tiles at M = N = K = 4096 (the intercept of time against K) and ran 1-37% slower on 27 bench shapes at M
+512-4096 (session 10). Scales: plain loads one step ahead of their use; the tile's N range is one 128-row weight
 block (BLOCK_N = 128, checked by the store), so the weight scale of a step is one scalar.
 
-Compiled only for CUDA sm_90 (wgmma and TMA); ``supported`` says when the wrapper may use it. Everything else - other
-GPUs, CPU, the interpreter, decode sizes, ragged strides - stays on the Triton kernel.
+Per-channel: one int32 accumulator carried through all of K (each wgmma adds to the previous one's result, one left
+in flight), the scales and bias applied once in the epilogue, as ``int8_gemm._int8_gemm_channel_kernel`` does, so
+again the same bits. Two tiles, 128x256 and 128x128, chosen per call by ``channel_config`` (waves of tiles over the
+SMs). At M = 1024 / 4096 it ran 1.05-1.31x faster than the Triton kernel on
+the 9 bench shapes (1.51-2.12x BF16), at M = 512 1.04-1.48x faster (session 11).
+
+Compiled only for CUDA sm_90 (wgmma and TMA); ``supported`` says when the wrappers may use them. Everything else -
+other GPUs, CPU, the interpreter, decode sizes, ragged strides - stays on the Triton kernels.
 """
 
 from __future__ import annotations
@@ -36,16 +44,27 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ingot.kernels.tuning import GemmConfig
 
-# The tile the H100 runs (128x128x128, two warpgroups, 3 stages = 96 KB of shared memory: 3 beat 4 stages on 18 of
+# int8-block: the tile the H100 runs (128x128x128, two warpgroups, 3 stages = 96 KB of shared memory: 3 beat 4 stages on 18 of
 # 18 M = 1024 / 4096 rows, session 9), and the smallest M it takes: the persistent kernel beat the Triton kernel on
 # 9 of 9 bench shapes at M = 512 (1.17-1.27x) and 6 of 9 at M = 256, losing where 128x128 tiles are fewer than the
 # SMs (4096x4096, 4096x14336, 2048x7168) and the Triton tables' smaller tiles and split-K win (kernels/NOTES.md,
 # session 10).
-CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3)
+BLOCK_CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3)
 # K steps between drains of the wgmma pipeline: 8 ran out of registers (ptxas spilled and serialized the wgmmas);
 # 2 (226 registers) was up to 5% slower than 4 on 26 of 27 rows of the persistent kernel (H100, session 10)
 GROUP_K = 4
-MIN_M = 512
+BLOCK_MIN_M = 512
+
+# int8-channel: the two tiles ``channel_config`` picks from, with the time of one tile relative to the 128x128 tile
+# when SMs have tiles to spare (M = 4096: 0.80-0.94x of two 128x128 tiles on 9 of 9 bench shapes, median 0.88, so
+# 1.76). 4 stages (224 KB of shared memory with the store buffer, at 128x256) beat 3 on 18 of 18 rows at M 1024 /
+# 4096; a 256x128 tile was slower than 128x256 on 17 of 18 (both storing from the wgmma layout); triton 3.6's wgmma
+# lowering refuses an int8 instruction 256 wide, so the 128x256 tile runs two 128-wide ones per K step. Smallest M: at M = 512 the best of the two tiles beat
+# the Triton kernel on 9 of 9 bench shapes (1.04-1.48x), at M = 256 on 4 of 9 and at M = 128 on 0 of 9, where the
+# Triton tables' 64-row tiles win (session 11).
+CHANNEL_TILES = ((GemmConfig(128, 256, 128, group_m=8, num_warps=8, num_stages=4), 1.76),
+                 (GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4), 1.0))
+CHANNEL_MIN_M = 512
 
 
 @gluon.jit
@@ -204,15 +223,99 @@ def _int8_block_gemm_sm90_kernel(
         mbarrier.invalidate(ready.index(s))
 
 
-def supported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int]) -> str | None:
-    """None when the sm_90 kernel can run these (already checked) operands, else why not."""
+@gluon.jit
+def _int8_channel_gemm_sm90_kernel(
+    x_desc, w_desc,  # TMA descriptors: int8 x [M, K] in [BLOCK_M, BLOCK_K] boxes, int8 w [N, K] in [BLOCK_N, BLOCK_K]
+    xs_ptr, ws_ptr, bias_ptr, y_ptr,  # fp32 [M, 1], fp32 [N, 1], [N] or unused, [M, N]
+    M, N, K,
+    stride_xsm, stride_wsn, stride_ym, stride_yn,
+    HAS_BIAS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+    STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    # Persistent over tiles as the block kernel (one TMA ring across a program's tiles); K steps past K (when K is
+    # shorter than the ring) are zero-filled by the TMA and add nothing
+    pid = gl.program_id(0)
+    num_progs = gl.num_programs(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    my_tiles = gl.cdiv(num_tiles - pid, num_progs)
+    steps = gl.maximum(gl.cdiv(K, BLOCK_K), STAGES)  # >= STAGES: the refills reach one tile ahead
+    total = my_tiles * steps
+
+    # wgmma accumulator layout: warps stacked along M (16 rows each); a 128-wide int8 instruction (repeated along N
+    # for BLOCK_N = 256). The output goes through shared memory to rows of BLOCK_N // 8 threads x 8 columns.
+    INSTR_N: gl.constexpr = 128 if BLOCK_N > 128 else BLOCK_N
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, INSTR_N, 32])
+    THREADS_N: gl.constexpr = BLOCK_N // 8
+    out: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // THREADS_N, THREADS_N],
+                                         warps_per_cta=[num_warps, 1], order=[1, 0])
+
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    off_m, off_n = _tile_offsets(pid, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+    for s in gl.static_range(STAGES):  # the ring starts full
+        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, s, total, s, steps, off_m, off_n, off_m, off_n,
+                   BLOCK_K, STAGES)
+
+    for t in range(my_tiles):
+        next_m, next_n = _tile_offsets(gl.minimum(pid + (t + 1) * num_progs, num_tiles - 1), num_pid_m, num_pid_n,
+                                       BLOCK_M, BLOCK_N, GROUP_M)
+        # step 0 starts a fresh sum; every later step adds to the one before it, which stays in flight until the
+        # next is issued; the slot of the step just retired is refilled (the last step's after the final wait)
+        g0 = t * steps
+        slot = g0 % STAGES
+        mbarrier.wait(ready.index(slot), (g0 // STAGES) & 1)
+        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, layout=mma)
+        acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, use_acc=False,
+                            is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        for j in range(1, steps):
+            g = g0 + j
+            slot = g % STAGES
+            mbarrier.wait(ready.index(slot), (g // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, g - 1 + STAGES, total, j - 1 + STAGES, steps,
+                       off_m, off_n, next_m, next_n, BLOCK_K, STAGES)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, g0 + steps - 1 + STAGES, total, steps - 1 + STAGES, steps,
+                   off_m, off_n, next_m, next_n, BLOCK_K, STAGES)
+
+        # epilogue in the store layout: y = (acc * x_s) * w_s (+ bias), as the Triton kernel and the reference
+        acc_out = gl.convert_layout(acc, out)
+        rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out))
+        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out))
+        xs = gl.load(xs_ptr + gl.minimum(rows, M - 1).to(gl.int64) * stride_xsm)  # rows past M: never stored
+        ws = gl.load(ws_ptr + gl.minimum(cols, N - 1) * stride_wsn)
+        y = acc_out.to(gl.float32) * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            y += gl.load(bias_ptr + gl.minimum(cols, N - 1)).to(gl.float32)[None, :]
+        y_ptrs = y_ptr + rows.to(gl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+        gl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+        off_m = next_m
+        off_n = next_n
+
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+
+
+def supported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int] | None = None) -> str | None:
+    """None when the sm_90 kernels can run these (already checked) operands - block-scaled with ``block_size``,
+    per-channel without - else why not."""
     if x_q.device.type != "cuda" or torch.version.hip is not None:
         return "not a CUDA device"
     if torch.cuda.get_device_capability(x_q.device) != (9, 0):
         return "not sm_90 (wgmma)"
     if x_q.dtype != torch.int8:
         return "not int8 operands"
-    if tuple(block_size) != (128, 128):
+    if block_size is not None and tuple(block_size) != (128, 128):
         return f"block size {tuple(block_size)}, not (128, 128)"
     for name, t in (("x_q", x_q), ("w_q", w_q)):
         if t.stride(1) != 1 or t.stride(0) % 16 or t.data_ptr() % 16:
@@ -238,7 +341,7 @@ def int8_block_gemm_sm90(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     out: torch.Tensor | None,
-    config: GemmConfig = CONFIG,
+    config: GemmConfig = BLOCK_CONFIG,
 ) -> torch.Tensor:
     """int8_gemm_block(x_q, x_s, w_q, w_s, (128, 128), bias, out_dtype, out=out) on operands that
     ``int8_gemm.check_block_operands`` and ``supported`` passed."""
@@ -259,6 +362,53 @@ def int8_block_gemm_sm90(
             SCALE_N=128, HAS_BIAS=bias is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, STAGES=config.num_stages,
             GROUP_K=GROUP_K,
+            num_warps=config.num_warps,
+        )
+    return y
+
+
+def channel_config(m: int, n: int, num_sms: int) -> GemmConfig:
+    """The tile of ``CHANNEL_TILES`` that finishes M x N first: waves of tiles over the SMs (a partly filled wave
+    costs a whole one) times the tile's relative time. At M = 512-4096 on the 9 bench shapes it picked the faster
+    tile on 25 of 27 rows; the two misses were 1-5% slower (session 11)."""
+    def cost(tile: tuple[GemmConfig, float]) -> float:
+        config, time = tile
+        tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+        return triton.cdiv(tiles, num_sms) * time
+
+    return min(CHANNEL_TILES, key=cost)[0]
+
+
+def int8_channel_gemm_sm90(
+    x_q: torch.Tensor,
+    x_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """int8_gemm_channel(x_q, x_s, w_q, w_s, bias, out_dtype, out=out) on operands that ``int8_gemm``'s checks and
+    ``supported`` passed; ``config`` (a tile, block_k 128) overrides ``channel_config``."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
+    if m == 0:
+        return y
+    if config is None:
+        config = channel_config(m, n, _sm_count(x_q.device))
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    x_desc = TensorDescriptor(x_q, [m, k], [x_q.stride(0), 1], [bm, bk], _smem_layout(bm, bk))
+    w_desc = TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk], _smem_layout(bn, bk))
+    grid = (min(triton.cdiv(m, bm) * triton.cdiv(n, bn), _sm_count(x_q.device)),)
+    with torch.cuda.device(x_q.device):
+        _int8_channel_gemm_sm90_kernel[grid](
+            x_desc, w_desc, x_s, w_s, x_s if bias is None else bias, y,
+            m, n, k,
+            x_s.stride(0), w_s.stride(0), y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, STAGES=config.num_stages,
             num_warps=config.num_warps,
         )
     return y
