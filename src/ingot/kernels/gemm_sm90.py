@@ -44,12 +44,13 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ingot.kernels.tuning import GemmConfig
 
-# int8-block: the tile the H100 runs (128x128x128, two warpgroups, 3 stages = 96 KB of shared memory: 3 beat 4 stages on 18 of
-# 18 M = 1024 / 4096 rows, session 9), and the smallest M it takes: the persistent kernel beat the Triton kernel on
-# 9 of 9 bench shapes at M = 512 (1.17-1.27x) and 6 of 9 at M = 256, losing where 128x128 tiles are fewer than the
-# SMs (4096x4096, 4096x14336, 2048x7168) and the Triton tables' smaller tiles and split-K win (kernels/NOTES.md,
-# session 10).
-BLOCK_CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3)
+# int8-block: the tile the H100 runs (128x128x128, two warpgroups, 4 stages = 128 KB of shared memory: persistent, 4
+# stages beat 3 on 15 of 18 M = 1024 / 4096 rows, median +1%, -2% to +6% (session 11; the non-persistent kernel
+# had it the other way, 18 of 18, session 9); group_m 4 and 16 were no better than 8), and the smallest M it takes:
+# the persistent kernel beat the Triton kernel on 9 of 9 bench shapes at M = 512 (1.17-1.27x) and 6 of 9 at M = 256,
+# losing where 128x128 tiles are fewer than the SMs (4096x4096, 4096x14336, 2048x7168) and the Triton tables'
+# smaller tiles and split-K win (kernels/NOTES.md, session 10).
+BLOCK_CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4)
 # K steps between drains of the wgmma pipeline: 8 ran out of registers (ptxas spilled and serialized the wgmmas);
 # 2 (226 registers) was up to 5% slower than 4 on 26 of 27 rows of the persistent kernel (H100, session 10)
 GROUP_K = 4
