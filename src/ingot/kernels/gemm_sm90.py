@@ -19,7 +19,7 @@ dot per 128-K block, converted to fp32, times x_s[m, kb] * w_s[n // 128, kb], ad
 order; so the two kernels give the same bits. Persistence: the non-persistent version paid ~20 us of fixed cost on
 1024 tiles at M = N = K = 4096 (the intercept of time against K) and ran 1-37% slower on 27 bench shapes at M
 512-4096 (session 10). Scales: plain loads one step ahead of their use; the tile's N range is one 128-row weight
-block (BLOCK_N = 128, checked by the store), so the weight scale of a step is one scalar.
+block (BLOCK_N = 128), so the weight scale of a step is one scalar.
 
 Per-channel: one int32 accumulator carried through all of K (each wgmma adds to the previous one's result, one left
 in flight), the scales and bias applied once in the epilogue, as ``int8_gemm._int8_gemm_channel_kernel`` does, so
@@ -95,6 +95,22 @@ def _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, g, total, s, steps, off_m,
     mbarrier.expect(ready.index(slot), x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
     tma.async_copy_global_to_shared(x_desc, [m0, k], ready.index(slot), a_bufs.index(slot), pred=pred)
     tma.async_copy_global_to_shared(w_desc, [n0, k], ready.index(slot), b_bufs.index(slot), pred=pred)
+
+
+@gluon.jit
+def _start_ring(x_desc, w_desc, total, steps, off_m, off_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """The STAGES shared-memory slots of x and w tiles with one mbarrier each, filled with the program's first
+    steps (its first tile at (off_m, off_n))."""
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    for s in gl.static_range(STAGES):
+        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, s, total, s, steps, off_m, off_n, off_m, off_n,
+                   BLOCK_K, STAGES)
+    return a_bufs, b_bufs, ready
 
 
 @gluon.jit
@@ -178,21 +194,16 @@ def _int8_block_gemm_sm90_kernel(
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_N, 32])
     # The wgmma layout gives each thread pairs of adjacent columns (4-byte stores); the output goes through shared
-    # memory to rows of 16 threads x 8 columns (16-byte stores of bf16)
-    gl.static_assert(BLOCK_N == 128, "the store layout covers 128 columns")
-    out: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[num_warps, 1],
-                                         order=[1, 0])
+    # memory to rows of BLOCK_N // 8 threads x 8 columns (16-byte stores of bf16)
+    THREADS_N: gl.constexpr = BLOCK_N // 8
+    out: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // THREADS_N, THREADS_N],
+                                         warps_per_cta=[num_warps, 1], order=[1, 0])
+    gl.static_assert(SCALE_N % BLOCK_N == 0, "a tile's N range must lie in one weight block (one scale per K step)")
 
-    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
     num_progs = gl.num_programs(0)
     off_m, off_n = _tile_offsets(pid, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
-    for s in gl.static_range(STAGES):  # the ring starts full
-        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, s, total, s, steps, off_m, off_n, off_m, off_n,
-                   BLOCK_K, STAGES)
+    a_bufs, b_bufs, ready = _start_ring(x_desc, w_desc, total, steps, off_m, off_n, BLOCK_M, BLOCK_N, BLOCK_K,
+                                        STAGES)
 
     for t in range(my_tiles):
         # the next tile's offsets, once per tile (a last tile's "next" is clamped; its loads are predicated off):
@@ -255,15 +266,9 @@ def _int8_channel_gemm_sm90_kernel(
     out: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // THREADS_N, THREADS_N],
                                          warps_per_cta=[num_warps, 1], order=[1, 0])
 
-    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
     off_m, off_n = _tile_offsets(pid, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
-    for s in gl.static_range(STAGES):  # the ring starts full
-        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, s, total, s, steps, off_m, off_n, off_m, off_n,
-                   BLOCK_K, STAGES)
+    a_bufs, b_bufs, ready = _start_ring(x_desc, w_desc, total, steps, off_m, off_n, BLOCK_M, BLOCK_N, BLOCK_K,
+                                        STAGES)
 
     for t in range(my_tiles):
         next_m, next_n = _tile_offsets(gl.minimum(pid + (t + 1) * num_progs, num_tiles - 1), num_pid_m, num_pid_n,
@@ -334,6 +339,17 @@ def _smem_layout(rows: int, cols: int) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int8)
 
 
+def _descriptors_and_grid(x_q: torch.Tensor, w_q: torch.Tensor, config: GemmConfig):
+    """TMA descriptors of x [M, K] and w [N, K] in the config's tiles, and the persistent grid (one program per
+    tile, at most one per SM)."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    x_desc = TensorDescriptor(x_q, [m, k], [x_q.stride(0), 1], [bm, bk], _smem_layout(bm, bk))
+    w_desc = TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk], _smem_layout(bn, bk))
+    return x_desc, w_desc, (min(triton.cdiv(m, bm) * triton.cdiv(n, bn), _sm_count(x_q.device)),)
+
+
 def int8_block_gemm_sm90(
     x_q: torch.Tensor,
     x_s: torch.Tensor,
@@ -351,17 +367,15 @@ def int8_block_gemm_sm90(
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
     if m == 0:
         return y
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
-    x_desc = TensorDescriptor(x_q, [m, k], [x_q.stride(0), 1], [bm, bk], _smem_layout(bm, bk))
-    w_desc = TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk], _smem_layout(bn, bk))
-    grid = (min(triton.cdiv(m, bm) * triton.cdiv(n, bn), _sm_count(x_q.device)),)
+    x_desc, w_desc, grid = _descriptors_and_grid(x_q, w_q, config)
     with torch.cuda.device(x_q.device):
         _int8_block_gemm_sm90_kernel[grid](
             x_desc, w_desc, x_s, w_s, x_s if bias is None else bias, y,
             m, n, k,
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), y.stride(0), y.stride(1),
             SCALE_N=128, HAS_BIAS=bias is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, STAGES=config.num_stages,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            STAGES=config.num_stages,
             GROUP_K=GROUP_K,
             num_warps=config.num_warps,
         )
@@ -399,17 +413,15 @@ def int8_channel_gemm_sm90(
         return y
     if config is None:
         config = channel_config(m, n, _sm_count(x_q.device))
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
-    x_desc = TensorDescriptor(x_q, [m, k], [x_q.stride(0), 1], [bm, bk], _smem_layout(bm, bk))
-    w_desc = TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk], _smem_layout(bn, bk))
-    grid = (min(triton.cdiv(m, bm) * triton.cdiv(n, bn), _sm_count(x_q.device)),)
+    x_desc, w_desc, grid = _descriptors_and_grid(x_q, w_q, config)
     with torch.cuda.device(x_q.device):
         _int8_channel_gemm_sm90_kernel[grid](
             x_desc, w_desc, x_s, w_s, x_s if bias is None else bias, y,
             m, n, k,
             x_s.stride(0), w_s.stride(0), y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, STAGES=config.num_stages,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            STAGES=config.num_stages,
             num_warps=config.num_warps,
         )
     return y
