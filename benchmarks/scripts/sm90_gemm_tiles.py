@@ -16,7 +16,7 @@ sys.path.insert(0, "benchmarks/scripts")
 from gemm_repeatability import graph_us  # noqa: E402
 
 from ingot.kernels import gemm_sm90, int8_gemm  # noqa: E402
-from ingot.kernels.tuning import GemmConfig  # noqa: E402
+from ingot.kernels.tuning import GemmConfig, num_sms  # noqa: E402
 
 SHAPES = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (7168, 2048), (2048, 7168), (24576, 1536),
           (7168, 16384), (18432, 7168)]
@@ -69,7 +69,7 @@ def main(op: str, ms: list[int]) -> None:
             row = {"m": m, "n": n, "k": k, "bf16_us": bf16, "triton_us": triton_us,
                    "triton_x_bf16": round(bf16 / triton_us, 3), "sm90": {}}
             if channel:
-                picked = gemm_sm90.channel_config(m, n, gemm_sm90._sm_count(torch.device("cuda", 0)))
+                picked = gemm_sm90.channel_config(m, n, num_sms(torch.device("cuda", 0)))
                 row["channel_config"] = f"{picked.block_m}x{picked.block_n}s{picked.num_stages}"
             ref = triton_gemm(sets[0]["x"], sets[0]["xs"], sets[0]["w"], sets[0]["ws"], backend="triton")
             for name, cfg in VARIANTS[op].items():

@@ -36,20 +36,20 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ingot.kernels.tuning import GemmConfig
+from ingot.kernels.checks import cdiv
+from ingot.kernels.tuning import GemmConfig, num_sms
 
 # int8-block: the tile the H100 runs (128x128x128, two warpgroups, 4 stages = 128 KB of shared memory: persistent, 4
 # stages beat 3 on 15 of 18 M = 1024 / 4096 rows, median +1%, -2% to +6% (session 11; the non-persistent kernel
-# had it the other way, 18 of 18, session 9); group_m 4 and 16 were no better than 8), and the smallest M it takes:
-# the persistent kernel beat the Triton kernel on 9 of 9 bench shapes at M = 512 (1.17-1.27x) and 6 of 9 at M = 256,
-# losing where 128x128 tiles are fewer than the SMs (4096x4096, 4096x14336, 2048x7168) and the Triton tables'
-# smaller tiles and split-K win (kernels/NOTES.md, session 10).
+# had it the other way, 18 of 18, session 9); group_m 4 and 16 each beat 8 on only 5 of 18, by up to 3%), and the
+# smallest M it takes: the persistent kernel beat the Triton kernel on 9 of 9 bench shapes at M = 512 (1.17-1.27x)
+# and 6 of 9 at M = 256, losing where 128x128 tiles are fewer than the SMs (4096x4096, 4096x14336, 2048x7168) and
+# the Triton tables' smaller tiles and split-K win (kernels/NOTES.md, session 10).
 BLOCK_CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4)
 # K steps between drains of the wgmma pipeline: 8 ran out of registers (ptxas spilled and serialized the wgmmas);
 # 2 (226 registers) was up to 5% slower than 4 on 26 of 27 rows of the persistent kernel (H100, session 10)
@@ -60,9 +60,9 @@ BLOCK_MIN_M = 512
 # when SMs have tiles to spare (M = 4096: 0.80-0.94x of two 128x128 tiles on 9 of 9 bench shapes, median 0.88, so
 # 1.76). 4 stages (224 KB of shared memory with the store buffer, at 128x256) beat 3 on 18 of 18 rows at M 1024 /
 # 4096; a 256x128 tile was slower than 128x256 on 17 of 18 (both storing from the wgmma layout); triton 3.6's wgmma
-# lowering refuses an int8 instruction 256 wide, so the 128x256 tile runs two 128-wide ones per K step. Smallest M: at M = 512 the best of the two tiles beat
-# the Triton kernel on 9 of 9 bench shapes (1.04-1.48x), at M = 256 on 4 of 9 and at M = 128 on 0 of 9, where the
-# Triton tables' 64-row tiles win (session 11).
+# lowering refuses an int8 instruction 256 wide, so the 128x256 tile runs two 128-wide ones per K step. Smallest M:
+# at M = 512 the best of the two tiles beat the Triton kernel on 9 of 9 bench shapes (1.04-1.48x), at M = 256 on 4
+# of 9 and at M = 128 on 0 of 9, where the Triton tables' 64-row tiles win (session 11).
 CHANNEL_TILES = ((GemmConfig(128, 256, 128, group_m=8, num_warps=8, num_stages=4), 1.76),
                  (GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4), 1.0))
 CHANNEL_MIN_M = 512
@@ -179,10 +179,11 @@ def _int8_block_gemm_sm90_kernel(
     # Persistent: program p runs tiles p, p + P, p + 2P, ... (P programs, at most one per SM), and its TMA ring runs
     # on across them - the next tile's first loads are in flight while a tile finishes and stores its output.
     pid = gl.program_id(0)
+    num_progs = gl.num_programs(0)
     num_pid_m = gl.cdiv(M, BLOCK_M)
     num_pid_n = gl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
-    my_tiles = gl.cdiv(num_tiles - pid, gl.num_programs(0))
+    my_tiles = gl.cdiv(num_tiles - pid, num_progs)
     # K steps run in groups of GROUP_K (see _group); a step count that is not a multiple gets steps past K, which
     # the TMA fills with zeros (zero dots, promoted with the last block's scales)
     k_tiles = gl.cdiv(K, BLOCK_K)
@@ -200,7 +201,6 @@ def _int8_block_gemm_sm90_kernel(
                                          warps_per_cta=[num_warps, 1], order=[1, 0])
     gl.static_assert(SCALE_N % BLOCK_N == 0, "a tile's N range must lie in one weight block (one scale per K step)")
 
-    num_progs = gl.num_programs(0)
     off_m, off_n = _tile_offsets(pid, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
     a_bufs, b_bufs, ready = _start_ring(x_desc, w_desc, total, steps, off_m, off_n, BLOCK_M, BLOCK_N, BLOCK_K,
                                         STAGES)
@@ -330,11 +330,6 @@ def supported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int] 
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
 def _smem_layout(rows: int, cols: int) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int8)
 
@@ -347,7 +342,7 @@ def _descriptors_and_grid(x_q: torch.Tensor, w_q: torch.Tensor, config: GemmConf
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     x_desc = TensorDescriptor(x_q, [m, k], [x_q.stride(0), 1], [bm, bk], _smem_layout(bm, bk))
     w_desc = TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk], _smem_layout(bn, bk))
-    return x_desc, w_desc, (min(triton.cdiv(m, bm) * triton.cdiv(n, bn), _sm_count(x_q.device)),)
+    return x_desc, w_desc, (min(cdiv(m, bm) * cdiv(n, bn), num_sms(x_q.device)),)
 
 
 def int8_block_gemm_sm90(
@@ -382,14 +377,14 @@ def int8_block_gemm_sm90(
     return y
 
 
-def channel_config(m: int, n: int, num_sms: int) -> GemmConfig:
+def channel_config(m: int, n: int, sms: int) -> GemmConfig:
     """The tile of ``CHANNEL_TILES`` that finishes M x N first: waves of tiles over the SMs (a partly filled wave
     costs a whole one) times the tile's relative time. At M = 512-4096 on the 9 bench shapes it picked the faster
     tile on 25 of 27 rows; the two misses were 1-5% slower (session 11)."""
     def cost(tile: tuple[GemmConfig, float]) -> float:
         config, time = tile
-        tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-        return triton.cdiv(tiles, num_sms) * time
+        tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
+        return cdiv(tiles, sms) * time
 
     return min(CHANNEL_TILES, key=cost)[0]
 
@@ -412,7 +407,7 @@ def int8_channel_gemm_sm90(
     if m == 0:
         return y
     if config is None:
-        config = channel_config(m, n, _sm_count(x_q.device))
+        config = channel_config(m, n, num_sms(x_q.device))
     x_desc, w_desc, grid = _descriptors_and_grid(x_q, w_q, config)
     with torch.cuda.device(x_q.device):
         _int8_channel_gemm_sm90_kernel[grid](

@@ -534,8 +534,6 @@ def int8_gemm_channel(
     Both give the same bits.
     Reference: ``ingot.quant.ref.int8_gemm_channel_ref``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     m, n, k = _check_operands(x_q, x_s, w_q, w_s, bias, out_dtype, out)
     if tuple(x_s.shape) != (m, 1):
         raise ValueError(f"x_s must be per token, shape (M, 1) = ({m}, 1), got {tuple(x_s.shape)}")
@@ -543,16 +541,9 @@ def int8_gemm_channel(
         raise ValueError(f"w_s must be per output channel, shape (N, 1) = ({n}, 1), got {tuple(w_s.shape)}")
     if k >= MAX_K_CHANNEL:
         raise ValueError(f"K = {k} may overflow the int32 accumulator (K * 128^2 >= 2^31); K must be < {MAX_K_CHANNEL}")
-    if backend == "sm90":
-        why_not = sm90_unsupported(x_q, w_q)
-        if why_not:
-            raise ValueError(f"int8_gemm_channel backend 'sm90': {why_not}")
-        return _sm90_module().int8_channel_gemm_sm90(x_q, x_s, w_q, w_s, bias, out_dtype, out)
-    if backend == "auto" and auto_backend(x_q, w_q, None, config) == "sm90":
-        try:
-            return _sm90_module().int8_channel_gemm_sm90(x_q, x_s, w_q, w_s, bias, out_dtype, out)
-        except Exception as e:  # a triton whose Gluon cannot build or launch it: Triton from now on
-            backend_failed(_sm90_failed, x_q.device, "int8_gemm_channel: the sm_90 kernel failed", e)
+    y = _sm90_gemm("int8_gemm_channel", backend, None, config, x_q, x_s, w_q, w_s, bias, out_dtype, out)
+    if y is not None:
+        return y
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
     if m == 0:
         return y
@@ -689,19 +680,10 @@ def int8_gemm_block(
     Both give the same bits.
     Reference: ``ingot.quant.ref.int8_gemm_block_ref``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     m, n, k = check_block_operands("int8_gemm_block", x_q, x_s, w_q, w_s, block_size, bias, out_dtype, out)
-    if backend == "sm90":
-        why_not = sm90_unsupported(x_q, w_q, block_size)
-        if why_not:
-            raise ValueError(f"int8_gemm_block backend 'sm90': {why_not}")
-        return _sm90_module().int8_block_gemm_sm90(x_q, x_s, w_q, w_s, bias, out_dtype, out)
-    if backend == "auto" and auto_backend(x_q, w_q, block_size, config) == "sm90":
-        try:
-            return _sm90_module().int8_block_gemm_sm90(x_q, x_s, w_q, w_s, bias, out_dtype, out)
-        except Exception as e:  # a triton whose Gluon cannot build or launch it: Triton from now on
-            backend_failed(_sm90_failed, x_q.device, "int8_gemm_block: the sm_90 kernel failed", e)
+    y = _sm90_gemm("int8_gemm_block", backend, block_size, config, x_q, x_s, w_q, w_s, bias, out_dtype, out)
+    if y is not None:
+        return y
     return launch_block_gemm("int8_gemm_block", (m, n, k), x_q, x_s, w_q, w_s, block_size, bias, out_dtype, config,
                              out)
 
@@ -721,11 +703,35 @@ def _sm90_module():
     return gemm_sm90
 
 
+def _sm90_gemm(op: str, backend: str, block_size: tuple[int, int] | None, config: GemmConfig | None,
+               x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor | None:
+    """``op`` (int8_gemm_block with ``block_size``, int8_gemm_channel without) on the Hopper kernel where ``backend``
+    says so: "sm90" always (raising where it cannot run), "auto" where ``auto_backend`` picks it. None where Triton
+    runs instead, which includes "auto" after the kernel raised (logged once; that device stays on Triton)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "sm90":
+        why_not = sm90_unsupported(x_q, w_q, block_size)
+        if why_not:
+            raise ValueError(f"{op} backend 'sm90': {why_not}")
+    elif backend == "triton" or auto_backend(x_q, w_q, block_size, config) == "triton":
+        return None
+    kernel = getattr(_sm90_module(), "int8_channel_gemm_sm90" if block_size is None else "int8_block_gemm_sm90")
+    if backend == "sm90":
+        return kernel(x_q, x_s, w_q, w_s, bias, out_dtype, out)
+    try:
+        return kernel(x_q, x_s, w_q, w_s, bias, out_dtype, out)
+    except Exception as e:  # a triton whose Gluon cannot build or launch it: Triton from now on
+        backend_failed(_sm90_failed, x_q.device, f"{op}: the sm_90 kernel failed", e)
+        return None
+
+
 def auto_backend(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int] | None = None,
                  config: GemmConfig | None = None) -> str:
     """The backend ``int8_gemm_block(backend="auto")`` (with ``block_size``) or ``int8_gemm_channel(backend="auto")``
-    (without) runs for these operands: "sm90" or "triton". M is checked first, so decode-sized calls pay no device
-    query."""
+    (without) runs for these operands: "sm90" or "triton". M is checked before the device, so decode-sized calls
+    pay no device query."""
     if config is not None or x_q.device.type != "cuda":
         return "triton"
     sm90 = _sm90_module()
