@@ -296,6 +296,85 @@ def test_dtypes_and_bias(op, x_dtype, out_dtype, rel, bias_dtype):
     assert_rounded(y, exact, rel, f"{op} x={x_dtype} out={out_dtype} bias={bias_dtype}")
 
 
+# ------------------------------------------------------------------------------------ the dequantize backend
+
+
+def assert_within_weight_rounding(y, x, w, exact, rel, what):
+    """The dequantize backend rounds each weight once to x's dtype (relative error <= rel) before an fp32-accumulating
+    matmul, then rounds y: |y - exact| <= rel * (|x| @ |w|.T) + rel * |exact| (+ an fp32 floor), per element."""
+    assert torch.isfinite(y).all(), f"{what}: non-finite outputs"
+    spread = x.float().abs() @ w.float().abs().T
+    e = exact.float()
+    bound = rel * spread + rel * e.abs() + FP32_TOL * e.abs().max()
+    excess = ((y.float() - e).abs() - bound).max().item()
+    assert excess <= 0, f"{what}: exceeds the weight-rounding bound by {excess:.3g}"
+
+
+def test_dequantize_exact_in_fp32():
+    """dequantize_w4 / dequantize_w8 to fp32: q * scale with one fp32 multiply, bit for bit, ragged K (the padding
+    nibbles of the last word dropped) and groups of 64."""
+    n, k = 40, 300
+    x, w_p, w_s, q = _w4_operands(1, n, k, seed=43, group_size=64)
+    want = q.float() * w_s.repeat_interleave(64, dim=1)[:, :k]
+    assert torch.equal(weight_only.dequantize_w4(w_p, w_s, k, 64, torch.float32).cpu(), want.cpu())
+    _, w_q, w8_s = _w8_operands(1, n, k, seed=47, s_dtype=torch.bfloat16)
+    assert torch.equal(weight_only.dequantize_w8(w_q, w8_s, torch.float32).cpu(), (w_q.float() * w8_s.float()).cpu())
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_dequant_backend_matches_ref(op, out_dtype):
+    """backend='dequant' (dequantize to x's dtype, then torch's matmul), ragged K, bias: within the bound of one
+    rounding per weight and one of the output."""
+    m, n, k = 33, 100, 300
+    g = _gen(53)
+    bias = (torch.randn(n, generator=g, device=DEVICE) * 3).to(torch.bfloat16)
+    if op == "w8a16":
+        x, w_q, w_s = _w8_operands(m, n, k, 59)
+        y = w8a16_gemm(x, w_q, w_s, bias, out_dtype=out_dtype, backend="dequant")
+        exact = ref.w8a16_gemm_ref(x, w_q, w_s, bias, out_dtype=torch.float32)
+        w = w_q.float() * w_s
+    else:
+        x, w_p, w_s, q = _w4_operands(m, n, k, 59)
+        y = w4a16_gemm(x, w_p, w_s, k, bias=bias, out_dtype=out_dtype, backend="dequant")
+        exact = ref.w4a16_gemm_ref(x, w_p, w_s, k, bias=bias, out_dtype=torch.float32)
+        w = q.float() * w_s.repeat_interleave(128, dim=1)[:, :k]
+    assert y.dtype == (out_dtype or x.dtype) and y.shape == (m, n)
+    assert_within_weight_rounding(y, x, w, exact, BF16_TOL, f"{op} dequant out={out_dtype}")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_auto_backend_choice(op, monkeypatch):
+    """auto: dequantize from DEQUANT_MIN_M rows on, unless a config is given or the output dtype is not x's; bad
+    backend names and a config with backend='dequant' are refused."""
+    calls = []
+    real = weight_only._dequant_matmul
+    monkeypatch.setattr(weight_only, "_dequant_matmul", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setitem(weight_only.DEQUANT_MIN_M, op + "_gemm", 4)
+    n, k = 32, 128
+
+    def run(m, **kw):
+        calls.clear()
+        if op == "w8a16":
+            x, w_q, w_s = _w8_operands(m, n, k, 61)
+            w8a16_gemm(x, w_q, w_s, **kw)
+        else:
+            x, w_p, w_s, _ = _w4_operands(m, n, k, 61)
+            w4a16_gemm(x, w_p, w_s, k, **kw)
+        return "dequant" if calls else "triton"
+
+    assert run(4) == "dequant"
+    assert run(3) == "triton"
+    assert run(4, config=GemmConfig(16, 32, 64)) == "triton"
+    assert run(4, out_dtype=torch.float32) == "triton"
+    assert run(3, backend="dequant") == "dequant"
+    assert run(4, backend="triton") == "triton"
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'dequant'\), got 'cublas'"):
+        run(4, backend="cublas")
+    with pytest.raises(ValueError, match=r"backend='dequant' takes none"):
+        run(4, backend="dequant", config=GemmConfig(16, 32, 64))
+
+
 # ------------------------------------------------------------------------------------------------- split-K
 
 
@@ -543,11 +622,11 @@ def test_gpu_prefill_bias_bf16_repeated(op, m):
     if op == "w8a16":
         x, w_q, w_s = _w8_operands(m, n, k, seed)
         exact = ref.w8a16_gemm_ref(x, w_q, w_s, bias, out_dtype=torch.float32)
-        run = lambda out: w8a16_gemm(x, w_q, w_s, bias, out=out)  # noqa: E731
+        run = lambda out: w8a16_gemm(x, w_q, w_s, bias, out=out, backend="triton")  # noqa: E731
     else:
         x, w_p, w_s, _ = _w4_operands(m, n, k, seed, s_dtype=torch.bfloat16)
         exact = ref.w4a16_gemm_ref(x, w_p, w_s, k, 128, bias, out_dtype=torch.float32)
-        run = lambda out: w4a16_gemm(x, w_p, w_s, k, 128, bias, out=out)  # noqa: E731
+        run = lambda out: w4a16_gemm(x, w_p, w_s, k, 128, bias, out=out, backend="triton")  # noqa: E731
     out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
     for i in range(20):
         out.fill_(float("nan"))
@@ -571,15 +650,40 @@ def test_gpu_real_shapes(op, m, n, k):
         x, w_q, w_s = _w8_operands(m, n, k, seed)
         exact = ref.w8a16_gemm_ref(x, w_q, w_s, bias, out_dtype=torch.float32)
         w8a16_gemm(x, w_q, w_s, bias, out=out32, out_dtype=torch.float32)
-        w8a16_gemm(x, w_q, w_s, bias, out=out16)
+        w8a16_gemm(x, w_q, w_s, bias, out=out16, backend="triton")
     else:
         x, w_p, w_s, _ = _w4_operands(m, n, k, seed, s_dtype=torch.bfloat16)
         exact = ref.w4a16_gemm_ref(x, w_p, w_s, k, 128, bias, out_dtype=torch.float32)
         w4a16_gemm(x, w_p, w_s, k, 128, bias, out=out32, out_dtype=torch.float32)
-        w4a16_gemm(x, w_p, w_s, k, 128, bias, out=out16)
+        w4a16_gemm(x, w_p, w_s, k, 128, bias, out=out16, backend="triton")
     torch.cuda.synchronize()
     assert_close_rel(out32, exact, GPU_FP32_TOL, f"{op} fp32 M={m} N={n} K={k} seed={seed}")
     assert_rounded(out16, exact, BF16_TOL, f"{op} bf16 M={m} N={n} K={k} seed={seed}", floor=GPU_FP32_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", GPU_NK)
+@pytest.mark.parametrize("m", [256, 1024])
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_dequant_backend_real_shapes(op, m, n, k):
+    """The default (auto) path at prefill sizes is the dequantize backend: NaN-poisoned bf16 outputs within one
+    rounding per weight and one of the output, fresh random inputs, reference on the same GPU."""
+    assert m >= weight_only.DEQUANT_MIN_M[op + "_gemm"]
+    seed = int.from_bytes(os.urandom(4), "little")
+    bias = torch.randn(n, generator=_gen(seed + 1), device="cuda").to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    if op == "w8a16":
+        x, w_q, w_s = _w8_operands(m, n, k, seed, s_dtype=torch.bfloat16)
+        exact = ref.w8a16_gemm_ref(x, w_q, w_s, bias, out_dtype=torch.float32)
+        w8a16_gemm(x, w_q, w_s, bias, out=out)
+        w = w_q.float() * w_s.float()
+    else:
+        x, w_p, w_s, q = _w4_operands(m, n, k, seed, s_dtype=torch.bfloat16)
+        exact = ref.w4a16_gemm_ref(x, w_p, w_s, k, 128, bias, out_dtype=torch.float32)
+        w4a16_gemm(x, w_p, w_s, k, 128, bias, out=out)
+        w = q.float() * w_s.float().repeat_interleave(128, dim=1)[:, :k]
+    torch.cuda.synchronize()
+    assert_within_weight_rounding(out, x, w, exact, BF16_TOL, f"{op} dequant M={m} N={n} K={k} seed={seed}")
 
 
 @pytest.mark.gpu

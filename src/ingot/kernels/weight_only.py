@@ -18,10 +18,10 @@ the weight's bytes over HBM bandwidth (16.8 MB int8 / 8.4 MB int4 for 4096 x 409
    tokens the right one (16 columns, the smallest a dot takes): no MMA lanes are spent on padding rows of x.
 2. Split-K: a 4096-row weight in 64-row tiles is only 64 programs for 132 SMs. When the (M, N) tiles do not give
    ``PROGRAMS_PER_SM`` programs per SM, K is split in ``split_k`` ranges of whole K tiles, each program writes its
-   fp32 partial tile to a [split_k, M, N] workspace, and a second small kernel sums the partials in split order,
-   adds the bias and casts. The order is fixed, so results are deterministic run to run (fp32 atomics would not be,
-   and greedy decoding must be); the partials cost split_k * M * N * 4 bytes, 80 KB at M = 1, N = 4096, split 5,
-   against 16.8 MB of weight.
+   fp32 partial tile to a workspace and bumps its tile's counter, and the split that arrives last sums the partials
+   in split order, adds the bias and casts (one launch: int8_gemm's split-K semaphore). The order is fixed, so
+   results are deterministic run to run (fp32 atomics would not be, and greedy decoding must be); the partials cost
+   split_k * M * N * 4 bytes, 80 KB at M = 1, N = 4096, split 5, against 16.8 MB of weight.
 3. Integer -> float by bit tricks, not I2F: an int4 weight per 0.5 byte at 3.35 TB/s is 6.7e12 weights/s, ~28 per
    clock per SM on an H100 (1.83 GHz, 132 SMs), while I2F converts 16 per clock per SM. A nibble u becomes the fp32
    2^23 + u by OR-ing in the exponent bits (0x4B000000) and one fp32 subtraction of 2^23 + 8 gives q = u - 8 exactly.
@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ingot.kernels import tuning
 from ingot.kernels.checks import cdiv, check_device, check_epilogue, check_tensor
-from ingot.kernels.int8_gemm import NOMINAL_SMS, _tile_ids
+from ingot.kernels.int8_gemm import MAX_SPLIT_K_TILES, NOMINAL_SMS, _split_k_locks, _split_k_sum, _tile_ids
 from ingot.kernels.tuning import GemmConfig
 
 X_DTYPES = (torch.bfloat16, torch.float16)
@@ -51,7 +51,6 @@ PROGRAMS_PER_SM = 2
 # ... but every split keeps at least this many K tiles: a split's partial tile (BLOCK_M x BLOCK_N fp32, 4 KB at
 # 16 x 64) is then at most 1/8 of the int8 weight bytes it reads (4 x 64 x 128 = 32 KB).
 MIN_K_TILES_PER_SPLIT = 4
-REDUCE_BLOCK = 512  # elements of y per program of the split-K reduction
 
 
 # M = 1 runs the GEMV kernels (block_m 1): in `ingot tune` on the H100 they beat the best swap-AB dot tiles on every
@@ -91,6 +90,17 @@ _CONFIGS: dict[str, tuple[tuple[int, GemmConfig], ...]] = {
 }
 
 OPS = tuple(_CONFIGS)
+
+# Backends of w8a16_gemm / w4a16_gemm. "triton": the kernels above. "dequant": the weight dequantized to x's dtype
+# (q * scale in fp32, one rounding) into a transient [N, K] buffer, then torch's matmul (cuBLAS on a GPU): at prefill
+# sizes the tensor-core kernels above convert every weight tile in registers between its load and the MMA and run at
+# 0.16-0.72x cuBLAS BF16 (H100, M >= 128), while the dequantize pass costs one read of the quantized weight and one
+# write + read of its BF16 copy. "auto": "dequant" from DEQUANT_MIN_M rows on (no config given, output in x's dtype),
+# else "triton". Peak memory grows by the largest weight's BF16 copy (235 MB for Llama-3-8B's gate_up_proj) while
+# it runs.
+BACKENDS = ("auto", "triton", "dequant")
+DEQUANT_MIN_M = {"w8a16_gemm": 256, "w4a16_gemm": 256}
+DEQUANT_BLOCK_N = 32  # int4 dequantize tile: 32 rows x 128 columns, 2 KB of packed words in, 8 KB of bf16 out
 
 
 def choose_split_k(m: int, n: int, k: int, config: GemmConfig, num_sms: int) -> int:
@@ -174,16 +184,26 @@ def _unpack_int4(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _int4_affine(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Packed int32 tile (BLOCK_N, BLOCK_K // 8) -> fp32 f = 1 + u / 16 (BLOCK_N, BLOCK_K) in _unpack_int4's column
-    order, u the stored nibble (q + 8): the nibble is shifted straight into mantissa bits 19-22 under the exponent
-    of 1.0 - two integer ops per weight and no float subtraction (_int4_values needs three ops). The caller recovers
-    q . x = 16 (f . x) - 24 sum(x) per K step: f . x is ~1.5 |x| per term against q . x's ~4 |x|, so the fp32
-    cancellation costs a few ulps of the step's sum (exact for integer x: tests pin it)."""
-    M: tl.constexpr = 0x780000
+    """Packed int32 tile (BLOCK_N, BLOCK_K // 8) -> fp32 f (BLOCK_N, BLOCK_K) in _unpack_int4's column order, u the
+    stored nibble (q + 8): f = 1 + u / 256 for the even columns (nibble in mantissa bits 15-18) and 1 + u / 16 for the
+    odd ones (bits 19-22), under the exponent of 1.0. One shift puts a pair of nibbles (2j at bit 8j, 2j + 1 at
+    8j + 4) in both places at once, and one LOP3 per weight masks a nibble and ORs the exponent in: 1.5 integer ops
+    per weight, and no float subtraction (_int4_values needs three ops).
+
+    The caller multiplies x by c = 256 / 16 per even / odd column and recovers q . x = f . (c x) - sum((c + 8) x) per
+    K step. f (at most 9 significant bits) times c x (a bf16 / fp16 value times a power of two) is exact in fp32; the
+    cancellation costs the step's fp32 sum ~8 bits against the integers' own q . x (2^-16 of sum |x|, far below the
+    output's bf16 rounding; exact for small integer x: tests pin it)."""
+    LO: tl.constexpr = 0x78000
+    HI: tl.constexpr = 0x780000
     E: tl.constexpr = 0x3F800000
+    t0 = p << 15  # nibbles 0, 1 at bits 15-18, 19-22
+    t1 = p << 7  # nibbles 2, 3
+    t2 = p >> 1  # nibbles 4, 5 (arithmetic shift: the sign bits land above bit 22, outside both masks)
+    t3 = p >> 9  # nibbles 6, 7
     t = tl.join(
-        tl.join(tl.join(((p << 19) & M) | E, ((p << 3) & M) | E), tl.join(((p << 11) & M) | E, ((p >> 5) & M) | E)),
-        tl.join(tl.join(((p << 15) & M) | E, ((p >> 1) & M) | E), tl.join(((p << 7) & M) | E, ((p >> 9) & M) | E)),
+        tl.join(tl.join((t0 & LO) | E, (t2 & LO) | E), tl.join((t1 & LO) | E, (t3 & LO) | E)),
+        tl.join(tl.join((t0 & HI) | E, (t2 & HI) | E), tl.join((t1 & HI) | E, (t3 & HI) | E)),
     )
     return tl.reshape(t, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)
 
@@ -204,25 +224,25 @@ def _dot_wx(w, a, UPCAST_DOT: tl.constexpr):
 
 @triton.jit
 def _store_tile(
-    acc, rows, cols, offs_n, pid_k, M, N, bias_ptr, y_ptr, part_ptr, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    acc, rows, cols, offs_n, tile, pid_k, M, N, bias_ptr, y_ptr, part_ptr, lock_ptr, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """acc fp32 (BLOCK_N, BLOCK_M), scaled: y[rows, cols] (+ bias, cast) without split-K, else the fp32 partial
-    part[pid_k, rows, cols] of a contiguous [SPLIT_K, M, N] workspace."""
-    mask = (cols[:, None] < N) & (rows[None, :] < M)
-    if SPLIT_K == 1:
+    """acc fp32 (BLOCK_N, BLOCK_M), scaled: y[rows, cols] (+ bias, cast). With split-K, in one launch: each split
+    stores its partial tile and the split that arrives last sums them in split order (int8_gemm._split_k_sum; the
+    tile is transposed, so its roles of M / N and BLOCK_M / BLOCK_N swap) and stores y."""
+    is_last = True
+    if SPLIT_K > 1:
+        acc, is_last = _split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, N, M, SPLIT_K, BLOCK_N, BLOCK_M)
+    if is_last:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n).to(tl.float32)[:, None]
         y_ptrs = y_ptr + rows.to(tl.int64)[None, :] * stride_ym + cols[:, None] * stride_yn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        p_ptrs = part_ptr + (pid_k * M + rows.to(tl.int64))[None, :] * N + cols[:, None]
-        tl.store(p_ptrs, acc, mask=mask)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(cols[:, None] < N) & (rows[None, :] < M))
 
 
 @triton.jit
 def _w8a16_gemm_kernel(
-    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr,  # [M, K] bf16/fp16, int8 [N, K], [N, 1], [N], [M, N], fp32 ws
+    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr,  # [M, K] bf16/fp16, int8 [N, K], [N, 1], [N], [M, N]
     M, N, K,
     stride_xm, stride_xk,
     stride_wn, stride_wk, stride_wsn,
@@ -261,13 +281,13 @@ def _w8a16_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     ws = tl.load(ws_ptr + offs_n * stride_wsn).to(tl.float32)  # (BLOCK_N,)
-    _store_tile(acc * ws[:, None], rows, cols, offs_n, pid_k, M, N, bias_ptr, y_ptr, part_ptr, stride_ym, stride_yn,
-                HAS_BIAS, SPLIT_K)
+    _store_tile(acc * ws[:, None], rows, cols, offs_n, tl.program_id(0), pid_k, M, N, bias_ptr, y_ptr, part_ptr,
+                lock_ptr, stride_ym, stride_yn, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def _w4a16_gemm_kernel(
-    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr,  # [M, K], int32 [N, KP], [N, G], [N], [M, N], fp32 ws
+    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr,  # [M, K], int32 [N, KP], [N, G], [N], [M, N]
     M, N, K, KP,  # KP = cdiv(K, 8): packed words per weight row
     stride_xm, stride_xk,
     stride_wn, stride_wp, stride_wsn, stride_wsg,
@@ -312,13 +332,13 @@ def _w4a16_gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_P * stride_wp
 
-    _store_tile(acc, rows, cols, offs_n, pid_k, M, N, bias_ptr, y_ptr, part_ptr, stride_ym, stride_yn,
-                HAS_BIAS, SPLIT_K)
+    _store_tile(acc, rows, cols, offs_n, tl.program_id(0), pid_k, M, N, bias_ptr, y_ptr, part_ptr, lock_ptr,
+                stride_ym, stride_yn, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def _w8a16_gemv_kernel(
-    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr,  # as _w8a16_gemm_kernel; M == 1
+    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr,  # as _w8a16_gemm_kernel; M == 1
     M, N, K,
     stride_xm, stride_xk,
     stride_wn, stride_wk, stride_wsn,
@@ -362,13 +382,13 @@ def _w8a16_gemv_kernel(
 
     ws = tl.load(ws_ptr + offs_n * stride_wsn).to(tl.float32)
     rows = tl.arange(0, 1)
-    _store_tile((acc * ws)[:, None], rows, cols, offs_n, pid_k, M, N, bias_ptr, y_ptr, part_ptr, stride_ym, stride_yn,
-                HAS_BIAS, SPLIT_K)
+    _store_tile((acc * ws)[:, None], rows, cols, offs_n, pid_n, pid_k, M, N, bias_ptr, y_ptr, part_ptr, lock_ptr,
+                stride_ym, stride_yn, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr,  # as _w4a16_gemm_kernel; M == 1
+    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr,  # as _w4a16_gemm_kernel; M == 1
     M, N, K, KP,
     stride_xm, stride_xk,
     stride_wn, stride_wp, stride_wsn, stride_wsg,
@@ -383,9 +403,9 @@ def _w4a16_gemv_kernel(
     LOOP_STAGES: tl.constexpr = 1,  # > 1: the K loop's loads software-pipelined this deep (config.num_stages)
 ):
     """GEMV (config.block_m == 1, M == 1) on the packed int4 layout: per step a (BLOCK_N, BLOCK_K // 8) tile of words
-    is unpacked in registers (_int4_affine: 1 + u / 16 in fp32, 2 integer ops per weight), multiplied by x's K slice
-    on the FMA units, reduced along K, turned into q . x and scaled by the step's group scale (BLOCK_K divides the
-    group); register double-buffering as in _w8a16_gemv_kernel."""
+    is unpacked in registers (_int4_affine: 1 + u / 256 or 1 + u / 16 in fp32, 1.5 integer ops per weight),
+    multiplied by x's K slice on the FMA units, reduced along K, turned into q . x and scaled by the step's group scale
+    (BLOCK_K divides the group); register double-buffering as in _w8a16_gemv_kernel."""
     BLOCK_P: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -413,37 +433,43 @@ def _w4a16_gemv_kernel(
             a = tl.load(x_ptrs, mask=offs_k < K - kt * BLOCK_K, other=0.0)
         s = tl.load(ws_ptrs + ((kt * BLOCK_K) // GROUP_SIZE) * stride_wsg).to(tl.float32)
         a = a.to(tl.float32)
-        dot = tl.sum(_int4_affine(p, BLOCK_N, BLOCK_K) * a[None, :], axis=1) * 16.0 - 24.0 * tl.sum(a, axis=0)
+        c = tl.where(offs_k % 2 == 0, 256.0, 16.0)  # _int4_affine's per-column step, even / odd nibbles
+        dot = tl.sum(_int4_affine(p, BLOCK_N, BLOCK_K) * (a * c)[None, :], axis=1) - tl.sum(a * (c + 8.0), axis=0)
         acc += dot * s
         x_ptrs += BLOCK_K * stride_xk
 
     rows = tl.arange(0, 1)
-    _store_tile(acc[:, None], rows, cols, offs_n, pid_k, M, N, bias_ptr, y_ptr, part_ptr, stride_ym, stride_yn,
-                HAS_BIAS, SPLIT_K)
+    _store_tile(acc[:, None], rows, cols, offs_n, pid_n, pid_k, M, N, bias_ptr, y_ptr, part_ptr, lock_ptr,
+                stride_ym, stride_yn, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _split_k_reduce_kernel(
-    part_ptr, bias_ptr, y_ptr,  # fp32 [SPLIT_K, M, N] contiguous, [N], [M, N]
-    MN, N,  # M * N: the stride between two splits' partials
-    stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _w4_dequant_kernel(
+    w_ptr, ws_ptr, y_ptr,  # int32 [N, KP], [N, G], [N, K] in x's dtype
+    N, K, KP,
+    stride_wn, stride_wp, stride_wsn, stride_wsg,
+    stride_yn, stride_yk,
+    num_k_tiles,
+    GROUP_SIZE: tl.constexpr,  # a multiple of BLOCK_K: one scale per row per tile
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y = sum of the SPLIT_K partials, in split order (deterministic), + bias, cast to y's dtype."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat index m * N + n
-    mask = offs < MN
-    p_offs = offs
-    acc = tl.load(part_ptr + p_offs, mask=mask, other=0.0)
-    for _ in tl.static_range(1, SPLIT_K):
-        p_offs += MN  # int64: split * M * N may pass 2^31
-        acc += tl.load(part_ptr + p_offs, mask=mask, other=0.0)
-    m = offs // N
-    n = offs - m * N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + n * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    """w[n, k] = q[n, k] * w_s[n, k // GROUP_SIZE], one (BLOCK_N, BLOCK_K) tile per program (1-D grid, K tiles
+    fastest, as dequant._block_dequant_kernel): the exact q from _unpack_int4, one fp32 multiply, one rounding."""
+    BLOCK_P: tl.constexpr = BLOCK_K // 8
+    pid = tl.program_id(0)
+    pid_n = pid // num_k_tiles
+    pid_k = pid % num_k_tiles
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows64 = rows.to(tl.int64)
+    offs_p = pid_k * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < N
+    p = tl.load(w_ptr + rows64[:, None] * stride_wn + offs_p[None, :] * stride_wp,
+                mask=row_ok[:, None] & (offs_p < KP)[None, :], other=0)
+    s = tl.load(ws_ptr + rows64 * stride_wsn + ((pid_k * BLOCK_K) // GROUP_SIZE) * stride_wsg, mask=row_ok, other=0.0)
+    w = _unpack_int4(p, BLOCK_N, BLOCK_K) * s.to(tl.float32)[:, None]
+    tl.store(y_ptr + rows64[:, None] * stride_yn + cols[None, :] * stride_yk, w.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < K)[None, :])
 
 
 # Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
@@ -488,7 +514,7 @@ def resolve_config(op: str, config: GemmConfig | None, m: int, n: int, k: int, d
 
 def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, **constexprs) -> None:
     """Launch the GEMM kernel of ``kernels`` (gemm, gemv) on a (tiles, split) grid - the GEMV one when config.block_m
-    is 1 - then the split-K reduction when split > 1.
+    is 1. Split-K sums in the same launch (the last split of each tile, see _store_tile).
 
     sizes: (M, N, K, ...) as the kernel takes them; w_strides / ws_strides: the weight's and the scales' strides."""
     m, n, k = sizes[:3]
@@ -496,16 +522,20 @@ def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, *
     if gemv and m != 1:
         raise ValueError(f"config.block_m = 1 (the GEMV kernel) needs M = 1, got M = {m}")
     kernel = kernels[1] if gemv else kernels[0]
-    split, per_split = effective_split_k(k, config)
-    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
+    split, per_split = effective_split_k(k, config) if tiles <= MAX_SPLIT_K_TILES else (1, cdiv(k, config.block_k))
+    if split > 1:
+        part = torch.empty(split * tiles * config.block_m * config.block_n, dtype=torch.float32, device=x.device)
+        locks = _split_k_locks(x.device)
+    else:
+        part = locks = y  # unused
     # EVEN_K: no load needs a K mask - no ragged K tile, and no short last split (the GEMM kernels, not the GEMVs, run
     # per_split steps in every split)
     even_k = k % config.block_k == 0 and (gemv or cdiv(k, config.block_k) % per_split == 0)
     bias_arg = w_s if bias is None else bias
-    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         kernel[(tiles, split)](
-            x, w, w_s, bias_arg, y, part,
+            x, w, w_s, bias_arg, y, part, locks,
             *sizes,
             x.stride(0), x.stride(1),
             *w_strides, *ws_strides,
@@ -518,11 +548,59 @@ def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, *
             **({"LOOP_STAGES": config.num_stages} if gemv else {}),
             **constexprs,
         )
-        if split > 1:
-            _split_k_reduce_kernel[(cdiv(m * n, REDUCE_BLOCK),)](
-                part, bias_arg, y, m * n, n, y.stride(0), y.stride(1),
-                HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=REDUCE_BLOCK, num_warps=4,
-            )
+
+
+def _backend(op: str, backend: str, m: int, config: GemmConfig | None, x_dtype: torch.dtype,
+             out_dtype: torch.dtype) -> str:
+    """The backend a call runs on ("triton" or "dequant"), see BACKENDS."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "dequant" and config is not None:
+        raise ValueError("config selects the triton kernels' tiles; backend='dequant' takes none")
+    if backend != "auto":
+        return backend
+    return "dequant" if config is None and out_dtype == x_dtype and m >= DEQUANT_MIN_M[op] else "triton"
+
+
+def _dequant_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """y = x @ w.T (+ bias) by torch (cuBLAS), w already dequantized to x's dtype; bias added in x's dtype."""
+    if y.dtype == x.dtype:
+        if bias is None:
+            return torch.matmul(x, w.t(), out=y)
+        return torch.addmm(bias.to(x.dtype), x, w.t(), out=y)
+    r = torch.matmul(x, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+    return y.copy_(r)
+
+
+def dequantize_w8(w_q: torch.Tensor, w_s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8-weight -> [N, K] in ``dtype``: w_q * w_s per row (dequant.block_dequant with a (1, K) block)."""
+    from ingot.kernels.dequant import block_dequant
+
+    return block_dequant(w_q, w_s.float().contiguous(), (1, w_q.shape[1]), dtype)
+
+
+def dequantize_w4(w_packed: torch.Tensor, w_s: torch.Tensor, k: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """int4-group (w4a16_gemm's layout) -> [N, K] in ``dtype``: q * w_s per row and group, one rounding."""
+    n, kp = w_packed.shape
+    block_k = 128
+    while group_size % block_k:
+        block_k //= 2
+    if block_k < 16:
+        raise ValueError(f"group_size = {group_size} is not a multiple of 16")
+    y = torch.empty((n, k), dtype=dtype, device=w_packed.device)
+    if n == 0:
+        return y
+    num_k_tiles = cdiv(k, block_k)
+    with torch.cuda.device(y.device) if y.device.type == "cuda" else contextlib.nullcontext():
+        _w4_dequant_kernel[(cdiv(n, DEQUANT_BLOCK_N) * num_k_tiles,)](
+            w_packed, w_s, y,
+            n, k, kp,
+            w_packed.stride(0), w_packed.stride(1), w_s.stride(0), w_s.stride(1),
+            y.stride(0), y.stride(1),
+            num_k_tiles,
+            GROUP_SIZE=group_size, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=block_k, num_warps=4,
+        )
+    return y
 
 
 def w8a16_gemm(
@@ -534,6 +612,7 @@ def w8a16_gemm(
     config: GemmConfig | None = None,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Weight-only int8 GEMM: y [M, N] = x @ (w_q * w_s).T (+ bias).
 
@@ -541,7 +620,8 @@ def w8a16_gemm(
     stores it in the model dtype); bias [N] bf16/fp16/fp32 or None; all contiguous. Returns y [M, N] in x's dtype
     (or ``out_dtype``: bf16, fp16 or fp32), written into ``out`` when given. fp32 accumulation, scale and bias in fp32
     in the epilogue. ``config`` overrides the tuned table (ingot.kernels.tuning) or the M-bucketed default tiles
-    with their automatic split-K.
+    with their automatic split-K. ``backend``: see BACKENDS ("auto" dequantizes + cuBLAS from DEQUANT_MIN_M rows on:
+    the weight rounded once to x's dtype, bias added in x's dtype).
     Reference: ``ingot.quant.ref.w8a16_gemm_ref``.
     """
     out_dtype = _check_common(x, w_q, "w_q", torch.int8, w_s, bias, out, out_dtype)
@@ -556,6 +636,8 @@ def w8a16_gemm(
     y = torch.empty((m, n), dtype=out_dtype, device=x.device) if out is None else out
     if m == 0:
         return y
+    if _backend("w8a16_gemm", backend, m, config, x.dtype, out_dtype) == "dequant":
+        return _dequant_matmul(x, dequantize_w8(w_q, w_s, x.dtype), bias, y)
     config = resolve_config("w8a16_gemm", config, m, n, k, x.device)
     _launch(
         (_w8a16_gemm_kernel, _w8a16_gemv_kernel), x, w_q, w_s, bias, y, (m, n, k), (w_q.stride(0), w_q.stride(1)),
@@ -575,6 +657,7 @@ def w4a16_gemm(
     config: GemmConfig | None = None,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Weight-only int4 GEMM, symmetric groups: y [M, N] = x @ dequant(w_packed).T (+ bias).
 
@@ -584,7 +667,8 @@ def w4a16_gemm(
     w_s[n, j // group_size]; bias [N] or None; all contiguous. Ragged K (K % 8 != 0, K % group_size != 0) is fine: the
     missing columns multiply x's zero padding. Returns y [M, N] in x's dtype (or ``out_dtype``), written into ``out``
     when given. Each K tile must lie in one group: config.block_k divides group_size (the default tiles are bent to
-    it; group_size must then be a multiple of 16). Reference: ``ingot.quant.ref.w4a16_gemm_ref``.
+    it; group_size must then be a multiple of 16). ``backend`` as in ``w8a16_gemm``.
+    Reference: ``ingot.quant.ref.w4a16_gemm_ref``.
     """
     out_dtype = _check_common(x, w_packed, "w_packed", torch.int32, w_s, bias, out, out_dtype)
     m, kx = x.shape
@@ -611,6 +695,8 @@ def w4a16_gemm(
     y = torch.empty((m, n), dtype=out_dtype, device=x.device) if out is None else out
     if m == 0:
         return y
+    if _backend("w4a16_gemm", backend, m, config, x.dtype, out_dtype) == "dequant":
+        return _dequant_matmul(x, dequantize_w4(w_packed, w_s, k, group_size, x.dtype), bias, y)
     if config is None:
         config = resolve_config("w4a16_gemm", None, m, n, k, x.device)
         bk = config.block_k  # bent to the group (a no-op for group 128)
