@@ -145,7 +145,9 @@ def test_matches_ref_prefill_tiles(op, n, k):
 
 
 # GEMV configs (block_m 1): M = 1 only, tensor cores not used; one and several K steps, with and without split-K.
+# block_k 256 / 512: the W4A16 GEMV's steps of 2 / 4 whole groups of 128 (the last step of K = 300 half past K)
 GEMV_CONFIGS = [GemmConfig(1, 32, 128), GemmConfig(1, 16, 64, split_k=3), GemmConfig(1, 64, 32, num_warps=2),
+                GemmConfig(1, 32, 256, num_warps=2), GemmConfig(1, 16, 512, split_k=2),
                 GemmConfig(1, 32, 128, num_stages=3, split_k=2)]  # the last: loop loads pipelined on a GPU
 
 
@@ -254,6 +256,21 @@ def test_w4a16_other_group_sizes(group_size, block_k):
     assert_close_rel(y, expected, FP32_TOL, f"group {group_size} default tiles")
     y = w4a16_gemm(x, w_p, w_s, k, group_size, out_dtype=torch.float32, config=GemmConfig(16, 32, block_k, split_k=2))
     assert_close_rel(y, expected, FP32_TOL, f"group {group_size} BLOCK_K {block_k}")
+
+
+@pytest.mark.parametrize("group_size,block_k", [(64, 256), (32, 128), (64, 512)])
+def test_w4a16_gemv_steps_of_whole_groups(group_size, block_k):
+    """The GEMV with K steps of 2-8 whole groups (each group's sum scaled by its own scale; groups past K masked),
+    against the reference; the tensor-core tiles refuse such a step."""
+    n, k = 100, 300
+    x, w_p, w_s, _ = _w4_operands(1, n, k, seed=37, group_size=group_size)
+    expected = ref.w4a16_gemm_ref(x, w_p, w_s, k, group_size, out_dtype=torch.float32)
+    for cfg in (GemmConfig(1, 32, block_k, num_warps=2), GemmConfig(1, 16, block_k, split_k=2)):
+        y = w4a16_gemm(x, w_p, w_s, k, group_size, out_dtype=torch.float32, config=cfg)
+        assert_close_rel(y, expected, FP32_TOL, f"group {group_size} GEMV {cfg}")
+    x16 = torch.cat([x] * 16)
+    with pytest.raises(ValueError, match=rf"config.block_k = {block_k} must divide group_size = {group_size}"):
+        w4a16_gemm(x16, w_p, w_s, k, group_size, config=GemmConfig(16, 32, block_k))
 
 
 def test_w4a16_group_scales_land_on_their_groups():

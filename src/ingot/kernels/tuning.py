@@ -227,11 +227,11 @@ def _int8_gemv_candidates(op: str, n: int, k: int, num_sms: int) -> list[GemmCon
 
 def _weight_only_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
     """W8A16 / W4A16: at M = 1 the GEMV kernel (block_m 1: FMA units, register double-buffering, with or without
-    its loop's loads pipelined) over row tiles and K steps (int4 K steps stay within the 128-group) and the swap-AB
+    its loop's loads pipelined) over row tiles and K steps (int4: within one 128-group or whole groups) and the swap-AB
     dot tiles; decode (M <= 64) the swap-AB tiles with split-K; prefill the 128 x 128 tiles of the defaults and their
     neighbours (W8A16 with 4 warps only, so no 128 x 256: weight_only.PREFILL_WARPS)."""
     out: list[GemmConfig] = []
-    block_ks = (64, 128) if op == "w4a16_gemm" else (256, 512)
+    block_ks = (64, 128, 256, 512) if op == "w4a16_gemm" else (256, 512)  # int4: 256 / 512 = 2 / 4 whole groups
     if m == 1:
         for bn in (16, 32, 64):
             for bk in block_ks:

@@ -184,26 +184,16 @@ def _unpack_int4(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _int4_affine(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Packed int32 tile (BLOCK_N, BLOCK_K // 8) -> fp32 f (BLOCK_N, BLOCK_K) in _unpack_int4's column order, u the
-    stored nibble (q + 8): f = 1 + u / 256 for the even columns (nibble in mantissa bits 15-18) and 1 + u / 16 for the
-    odd ones (bits 19-22), under the exponent of 1.0. One shift puts a pair of nibbles (2j at bit 8j, 2j + 1 at
-    8j + 4) in both places at once, and one LOP3 per weight masks a nibble and ORs the exponent in: 1.5 integer ops
-    per weight, and no float subtraction (_int4_values needs three ops).
-
-    The caller multiplies x by c = 256 / 16 per even / odd column and recovers q . x = f . (c x) - sum((c + 8) x) per
-    K step. f (at most 9 significant bits) times c x (a bf16 / fp16 value times a power of two) is exact in fp32; the
-    cancellation costs the step's fp32 sum ~8 bits against the integers' own q . x (2^-16 of sum |x|, far below the
-    output's bf16 rounding; exact for small integer x: tests pin it)."""
-    LO: tl.constexpr = 0x78000
-    HI: tl.constexpr = 0x780000
+    """Packed int32 tile (BLOCK_N, BLOCK_K // 8) -> fp32 f = 1 + u / 16 (BLOCK_N, BLOCK_K) in _unpack_int4's column
+    order, u the stored nibble (q + 8): the nibble is shifted straight into mantissa bits 19-22 under the exponent
+    of 1.0 - two integer ops per weight and no float subtraction (_int4_values needs three ops). The caller recovers
+    q . x = 16 (f . x) - 24 sum(x) per K step: f . x is ~1.5 |x| per term against q . x's ~4 |x|, so the fp32
+    cancellation costs a few ulps of the step's sum (exact for integer x: tests pin it)."""
+    M: tl.constexpr = 0x780000
     E: tl.constexpr = 0x3F800000
-    t0 = p << 15  # nibbles 0, 1 at bits 15-18, 19-22
-    t1 = p << 7  # nibbles 2, 3
-    t2 = p >> 1  # nibbles 4, 5 (arithmetic shift: the sign bits land above bit 22, outside both masks)
-    t3 = p >> 9  # nibbles 6, 7
     t = tl.join(
-        tl.join(tl.join((t0 & LO) | E, (t2 & LO) | E), tl.join((t1 & LO) | E, (t3 & LO) | E)),
-        tl.join(tl.join((t0 & HI) | E, (t2 & HI) | E), tl.join((t1 & HI) | E, (t3 & HI) | E)),
+        tl.join(tl.join(((p << 19) & M) | E, ((p << 3) & M) | E), tl.join(((p << 11) & M) | E, ((p >> 5) & M) | E)),
+        tl.join(tl.join(((p << 15) & M) | E, ((p >> 1) & M) | E), tl.join(((p << 7) & M) | E, ((p >> 9) & M) | E)),
     )
     return tl.reshape(t, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)
 
@@ -403,15 +393,20 @@ def _w4a16_gemv_kernel(
     LOOP_STAGES: tl.constexpr = 1,  # > 1: the K loop's loads software-pipelined this deep (config.num_stages)
 ):
     """GEMV (config.block_m == 1, M == 1) on the packed int4 layout: per step a (BLOCK_N, BLOCK_K // 8) tile of words
-    is unpacked in registers (_int4_affine: 1 + u / 256 or 1 + u / 16 in fp32, 1.5 integer ops per weight),
-    multiplied by x's K slice on the FMA units, reduced along K, turned into q . x and scaled by the step's group scale
-    (BLOCK_K divides the group); register double-buffering as in _w8a16_gemv_kernel."""
+    is unpacked in registers (_int4_affine: 1 + u / 16 in fp32, 2 integer ops per weight), multiplied by x's K slice
+    on the FMA units and reduced along K per group, each group's sum turned into q . x and scaled by its group scale;
+    register double-buffering as in _w8a16_gemv_kernel. A step is part of one group (BLOCK_K divides GROUP_SIZE) or
+    NG whole groups (GROUP_SIZE divides BLOCK_K): wider steps read more contiguous bytes per weight row."""
     BLOCK_P: tl.constexpr = BLOCK_K // 8
+    NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1  # groups per K step
+    SUB: tl.constexpr = BLOCK_K // NG  # columns per group in a step
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n = (cols % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     offs_p = tl.arange(0, BLOCK_P)
+    offs_g = tl.arange(0, NG)
+    num_groups = tl.cdiv(K, GROUP_SIZE)
     pid_k, kt0, kt1 = _k_slice(K, K_TILES_PER_SPLIT, BLOCK_K)
     x_ptrs = x_ptr + (kt0 * BLOCK_K + offs_k) * stride_xk
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (kt0 * BLOCK_P + offs_p)[None, :] * stride_wp
@@ -431,11 +426,17 @@ def _w4a16_gemv_kernel(
             # x past K loads 0: the padding nibbles of a ragged last word add nothing
             p_next = tl.load(w_ptrs, mask=(offs_p[None, :] < KP - (kt + 1) * BLOCK_P) & (kt + 1 < kt1), other=0)
             a = tl.load(x_ptrs, mask=offs_k < K - kt * BLOCK_K, other=0.0)
-        s = tl.load(ws_ptrs + ((kt * BLOCK_K) // GROUP_SIZE) * stride_wsg).to(tl.float32)
         a = a.to(tl.float32)
-        c = tl.where(offs_k % 2 == 0, 256.0, 16.0)  # _int4_affine's per-column step, even / odd nibbles
-        dot = tl.sum(_int4_affine(p, BLOCK_N, BLOCK_K) * (a * c)[None, :], axis=1) - tl.sum(a * (c + 8.0), axis=0)
-        acc += dot * s
+        fx = _int4_affine(p, BLOCK_N, BLOCK_K) * a[None, :]
+        if NG == 1:
+            s = tl.load(ws_ptrs + ((kt * BLOCK_K) // GROUP_SIZE) * stride_wsg).to(tl.float32)
+            acc += (tl.sum(fx, axis=1) * 16.0 - 24.0 * tl.sum(a, axis=0)) * s
+        else:
+            dots = tl.sum(tl.reshape(fx, (BLOCK_N, NG, SUB)), axis=2) * 16.0  # (BLOCK_N, NG)
+            corr = tl.sum(tl.reshape(a, (NG, SUB)), axis=1) * 24.0  # (NG,)
+            g = kt * NG + offs_g
+            s = tl.load(ws_ptrs[:, None] + g[None, :] * stride_wsg, mask=(g < num_groups)[None, :], other=0.0)
+            acc += tl.sum((dots - corr[None, :]) * s.to(tl.float32), axis=1)
         x_ptrs += BLOCK_K * stride_xk
 
     rows = tl.arange(0, 1)
@@ -603,6 +604,11 @@ def dequantize_w4(w_packed: torch.Tensor, w_s: torch.Tensor, k: int, group_size:
     return y
 
 
+def _whole_groups(config: GemmConfig, group_size: int) -> bool:
+    """The W4A16 GEMV (block_m 1) also runs K steps of several whole groups (block_k a multiple of group_size)."""
+    return config.block_m == 1 and config.block_k > group_size and config.block_k % group_size == 0
+
+
 def w8a16_gemm(
     x: torch.Tensor,
     w_q: torch.Tensor,
@@ -700,8 +706,9 @@ def w4a16_gemm(
     if config is None:
         config = resolve_config("w4a16_gemm", None, m, n, k, x.device)
         bk = config.block_k  # bent to the group (a no-op for group 128)
-        while bk >= 16 and group_size % bk:
-            bk //= 2
+        if not _whole_groups(config, group_size):
+            while bk >= 16 and group_size % bk:
+                bk //= 2
         if bk < 16:
             raise ValueError(
                 f"group_size = {group_size} is not a multiple of 16: no K tile (a power of two >= 16) lies in one group"
@@ -709,10 +716,10 @@ def w4a16_gemm(
         config = replace(config, block_k=bk)
     elif not isinstance(config, GemmConfig):
         raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
-    if group_size % config.block_k:
+    if group_size % config.block_k and not _whole_groups(config, group_size):
         raise ValueError(
             f"config.block_k = {config.block_k} must divide group_size = {group_size}: a K step must lie in one group "
-            "(one scale per row per step)"
+            "(one scale per row per step; the GEMV, block_m 1, also takes whole groups per step)"
         )
     _launch(
         (_w4a16_gemm_kernel, _w4a16_gemv_kernel), x, w_packed, w_s, bias, y, (m, n, k, kp),
