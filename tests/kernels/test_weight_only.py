@@ -436,7 +436,9 @@ def test_default_config_buckets():
         assert default_config(op, 16).block_m == 16
         assert default_config(op, 64).block_m == 64
         assert default_config(op, 65).block_m == 128
-    assert all(128 % default_config("w4a16_gemm", m).block_k == 0 for m in (1, 17, 33, 65, 10**6))  # int4 groups
+    # int4 groups of 128: the tensor-core tiles' K steps lie in one group, the GEMV's are whole groups
+    assert all(128 % default_config("w4a16_gemm", m).block_k == 0 for m in (17, 33, 65, 10**6))
+    assert default_config("w4a16_gemm", 1).block_k % 128 == 0
     with pytest.raises(ValueError, match=r"unknown weight-only op 'w2a16'"):
         default_config("w2a16", 1)
 

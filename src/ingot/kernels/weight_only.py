@@ -81,7 +81,7 @@ _CONFIGS: dict[str, tuple[tuple[int, GemmConfig], ...]] = {
         (2**62, GemmConfig(128, 128, 64, group_m=8, num_warps=PREFILL_WARPS["w8a16_gemm"], num_stages=4)),
     ),
     "w4a16_gemm": (
-        (1, GemmConfig(1, 64, 128, group_m=1, num_warps=4, num_stages=1)),  # GEMV
+        (1, GemmConfig(1, 16, 512, group_m=1, num_warps=4, num_stages=1)),  # GEMV, steps of 4 whole groups
         (16, GemmConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=6)),
         (32, GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=5)),
         (64, GemmConfig(64, 64, 128, group_m=1, num_warps=4, num_stages=4)),
@@ -99,7 +99,10 @@ OPS = tuple(_CONFIGS)
 # else "triton". Peak memory grows by the largest weight's BF16 copy (235 MB for Llama-3-8B's gate_up_proj) while
 # it runs.
 BACKENDS = ("auto", "triton", "dequant")
-DEQUANT_MIN_M = {"w8a16_gemm": 256, "w4a16_gemm": 256}
+# H100 (benchmarks/results/weight-only-prefill-dequant-*-571998e.json, 9 Llama-3-8B / DeepSeek-V3 shapes): W4A16's
+# dequantize path beat its kernel on 8 of 9 shapes at M = 256 (tied the 9th) and on 9 of 9 from M = 512; W8A16's
+# kernel still won 3 of 9 at M = 256 (the widest weights) and none from M = 512.
+DEQUANT_MIN_M = {"w8a16_gemm": 512, "w4a16_gemm": 256}
 DEQUANT_BLOCK_N = 32  # int4 dequantize tile: 32 rows x 128 columns, 2 KB of packed words in, 8 KB of bf16 out
 
 
