@@ -682,7 +682,7 @@ def test_gpu_real_shapes(op, m, n, k):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", GPU_NK)
-@pytest.mark.parametrize("m", [256, 1024])
+@pytest.mark.parametrize("m", [512, 1024])
 @pytest.mark.parametrize("op", OPS)
 def test_gpu_dequant_backend_real_shapes(op, m, n, k):
     """The default (auto) path at prefill sizes is the dequantize backend: NaN-poisoned bf16 outputs within one
