@@ -205,3 +205,18 @@ def test_one_token_chunks_beside_decodes_keep_greedy_outputs():
     refs = [greedy_reference(model, p, 6) for p in PROMPTS[:3]]
     llm = engine(model, max_num_batched_tokens=2, max_num_seqs=2)
     assert [o.token_ids for o in llm.generate(PROMPTS[:3], SamplingParams(max_tokens=6))] == refs
+
+
+def test_dequant_scratch_bytes_is_the_largest_weight_only_linear():
+    """The engine's memory reserve holds the largest BF16 copy a weight-only linear makes at prefill sizes
+    (the MLP's 96 x 64 weights here, x 2 bytes); other schemes make none."""
+    from ingot.engine.config import dequant_scratch_bytes
+    from ingot.models.loader import random_model
+
+    llama = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+             "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+             "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+    for scheme in ("int4-group", "int8-weight"):
+        model = random_model(llama, scheme, "cpu", dtype=torch.bfloat16, seed=0)
+        assert dequant_scratch_bytes(model) == 96 * 64 * 2, scheme
+    assert dequant_scratch_bytes(random_model(llama, "int8-channel", "cpu", dtype=torch.bfloat16, seed=0)) == 0

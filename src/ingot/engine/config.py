@@ -78,11 +78,22 @@ def cache_dtype(model) -> torch.dtype:
     raise ValueError("model has no floating-point parameters to take the KV cache dtype from")
 
 
+def dequant_scratch_bytes(model) -> int:
+    """The largest transient weight copy a forward makes: weight-only linears (int8-weight, int4-group) dequantize
+    their weight to the model dtype at prefill sizes (ingot.kernels.weight_only, DEQUANT_MIN_M) - 235 MB for
+    Llama-3-8B's gate_up_proj. 0 for models without them."""
+    from ingot.layers.linear import Linear
+
+    return max((m.out_features * m.in_features * torch.empty((), dtype=m.params_dtype).element_size()
+                for m in model.modules()
+                if isinstance(m, Linear) and m.method.kind in ("int8-weight", "int4-group")), default=0)
+
+
 def plan_engine(model, config: EngineConfig, device: torch.device) -> EnginePlan:
     """Resolve the config for ``model`` on ``device``.
 
     CUDA: the KV pool takes mem_fraction of the GPU's memory minus what is allocated (the weights) and an
-    activation reserve (``kv_cache.reserve_bytes``); max_model_len defaults to the config's max_position_embeddings,
+    activation reserve (``kv_cache.reserve_bytes``, plus ``dequant_scratch_bytes``); max_model_len defaults to the config's max_position_embeddings,
     capped by the pool; prefill graphs (their activations are held by the graphs' own memory pool) add to the
     reserve. CPU: the pool holds max_num_seqs x max_model_len tokens (max_model_len <= 2048 by default).
     num_kv_blocks overrides the pool size. The pool must hold one sequence of max_model_len.
@@ -104,6 +115,7 @@ def plan_engine(model, config: EngineConfig, device: torch.device) -> EnginePlan
         num_blocks = config.num_kv_blocks
     elif cuda:
         reserve = reserve_bytes(batched + prefill_graphs, max_num_seqs, int(model.config["vocab_size"]))
+        reserve += dequant_scratch_bytes(model)
         num_blocks = cuda_num_blocks(specs, bs, dtype, device, config.mem_fraction, reserve)
     else:
         num_blocks = max_num_seqs * math.ceil((config.max_model_len or cap) / bs)
