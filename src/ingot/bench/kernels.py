@@ -15,7 +15,8 @@ For each (N, K) of the chosen model shapes and each M (tokens), times in the sam
   each row's ``backend`` says which; the activation scales in the layout the engine's fp8 linear quantizes into:
   column-major where cuBLAS runs, row-major for Triton);
 - ``w8a16`` / ``w4a16``: ``ingot.kernels.weight_only`` (bf16 activations; int8 per-channel / int4 group-128 packed
-  weights, dequantized in the kernel);
+  weights, dequantized in the kernel; backend "auto": at prefill sizes, weight_only.DEQUANT_MIN_M, dequantized to
+  bf16 and multiplied by cuBLAS; each row's ``backend`` says which);
 - ``quant_int8`` / ``quant_fp8``: ``ingot.kernels.per_token_group_quant`` (group 128) on the activation [M, K].
 
 Timing: ``triton.testing.do_bench_cudagraph`` (``do_bench`` with a note where graph capture fails), median of its
@@ -326,6 +327,7 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
     from ingot.kernels.act_quant import per_token_group_quant
     from ingot.kernels.fp8_gemm import auto_backend
     from ingot.kernels.int8_gemm import auto_backend as int8_auto_backend
+    from ingot.kernels.weight_only import choose_backend
 
     torch.manual_seed(options.seed)
     started = timestamp()
@@ -354,6 +356,8 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
                     extra["backend"] = int8_auto_backend(pairs[0][0]["x_q"], pairs[0][1]["w_q"], (128, 128))
                 if op == "int8_channel":
                     extra["backend"] = int8_auto_backend(pairs[0][0]["x_q"], pairs[0][1]["w_q"])
+                if op in WEIGHT_ONLY_OPS:  # "triton" kernels, or "dequant" (to bf16, then cuBLAS) at prefill sizes
+                    extra["backend"] = choose_backend(op + "_gemm", "auto", m, None, torch.bfloat16, torch.bfloat16)
                 if op == "scaled_mm_fp8":
                     extra["scale_mode"] = mode[0]
                     if mode[1]:

@@ -554,7 +554,7 @@ def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, *
         )
 
 
-def _backend(op: str, backend: str, m: int, config: GemmConfig | None, x_dtype: torch.dtype,
+def choose_backend(op: str, backend: str, m: int, config: GemmConfig | None, x_dtype: torch.dtype,
              out_dtype: torch.dtype) -> str:
     """The backend a call runs on ("triton" or "dequant"), see BACKENDS."""
     if backend not in BACKENDS:
@@ -645,7 +645,7 @@ def w8a16_gemm(
     y = torch.empty((m, n), dtype=out_dtype, device=x.device) if out is None else out
     if m == 0:
         return y
-    if _backend("w8a16_gemm", backend, m, config, x.dtype, out_dtype) == "dequant":
+    if choose_backend("w8a16_gemm", backend, m, config, x.dtype, out_dtype) == "dequant":
         return _dequant_matmul(x, dequantize_w8(w_q, w_s, x.dtype), bias, y)
     config = resolve_config("w8a16_gemm", config, m, n, k, x.device)
     _launch(
@@ -704,7 +704,7 @@ def w4a16_gemm(
     y = torch.empty((m, n), dtype=out_dtype, device=x.device) if out is None else out
     if m == 0:
         return y
-    if _backend("w4a16_gemm", backend, m, config, x.dtype, out_dtype) == "dequant":
+    if choose_backend("w4a16_gemm", backend, m, config, x.dtype, out_dtype) == "dequant":
         return _dequant_matmul(x, dequantize_w4(w_packed, w_s, k, group_size, x.dtype), bias, y)
     if config is None:
         config = resolve_config("w4a16_gemm", None, m, n, k, x.device)
