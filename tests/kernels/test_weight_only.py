@@ -368,6 +368,7 @@ def test_auto_backend_choice(op, monkeypatch):
     real = weight_only._dequant_matmul
     monkeypatch.setattr(weight_only, "_dequant_matmul", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setitem(weight_only.DEQUANT_MIN_M, op + "_gemm", 4)
+    monkeypatch.setattr(weight_only, "DEQUANT_MIN_M_NARROW", 4)
     n, k = 32, 128
 
     def run(m, **kw):
@@ -390,6 +391,23 @@ def test_auto_backend_choice(op, monkeypatch):
         run(4, backend="cublas")
     with pytest.raises(ValueError, match=r"backend='dequant' takes none"):
         run(4, backend="dequant", config=GemmConfig(16, 32, 64))
+
+
+@pytest.mark.parametrize("op", ["w8a16_gemm", "w4a16_gemm"])
+def test_auto_backend_narrow_prefill_rule(op):
+    """Between DEQUANT_MIN_M_NARROW and DEQUANT_MIN_M rows, auto dequantizes only where the kernel's 128 x 128 tiles
+    would not fill the SMs; from DEQUANT_MIN_M on, always; below the narrow bound, never."""
+    bf16 = torch.bfloat16
+    lo, hi = weight_only.DEQUANT_MIN_M_NARROW, weight_only.DEQUANT_MIN_M[op]
+    choose = weight_only.choose_backend
+    assert choose(op, "auto", lo, 4096, None, bf16, bf16, 132) == "dequant"  # 32 tiles
+    assert choose(op, "auto", lo, 28672, None, bf16, bf16, 132) == "triton"  # 224 tiles
+    assert choose(op, "auto", lo, 16896, None, bf16, bf16, 132) == "triton"  # 132 tiles: a full wave
+    assert choose(op, "auto", lo, 16768, None, bf16, bf16, 132) == "dequant"  # 131
+    assert choose(op, "auto", lo - 1, 4096, None, bf16, bf16, 132) == "triton"
+    assert choose(op, "auto", hi, 28672, None, bf16, bf16, 132) == "dequant"
+    assert choose(op, "auto", lo, 4096, None, bf16, torch.float32, 132) == "triton"
+    assert choose(op, "auto", lo, 28672, None, bf16, bf16, None) == "triton"  # NOMINAL_SMS (132) when unknown
 
 
 # ------------------------------------------------------------------------------------------------- split-K
