@@ -93,8 +93,8 @@ def plan_engine(model, config: EngineConfig, device: torch.device) -> EnginePlan
     """Resolve the config for ``model`` on ``device``.
 
     CUDA: the KV pool takes mem_fraction of the GPU's memory minus what is allocated (the weights) and an
-    activation reserve (``kv_cache.reserve_bytes``, plus ``dequant_scratch_bytes``); max_model_len defaults to the config's max_position_embeddings,
-    capped by the pool; prefill graphs (their activations are held by the graphs' own memory pool) add to the
+    activation reserve (``kv_cache.reserve_bytes``, plus ``dequant_scratch_bytes``); max_model_len defaults to the
+    config's max_position_embeddings, capped by the pool; prefill graphs (their activations are held by the graphs' own memory pool) add to the
     reserve. CPU: the pool holds max_num_seqs x max_model_len tokens (max_model_len <= 2048 by default).
     num_kv_blocks overrides the pool size. The pool must hold one sequence of max_model_len.
     """

@@ -95,9 +95,9 @@ OPS = tuple(_CONFIGS)
 # (q * scale in fp32, one rounding) into a transient [N, K] buffer, then torch's matmul (cuBLAS on a GPU): at prefill
 # sizes the tensor-core kernels above convert every weight tile in registers between its load and the MMA and run at
 # 0.16-0.72x cuBLAS BF16 (H100, M >= 128), while the dequantize pass costs one read of the quantized weight and one
-# write + read of its BF16 copy. "auto": "dequant" from DEQUANT_MIN_M rows on (no config given, output in x's dtype),
-# else "triton". Peak memory grows by the largest weight's BF16 copy (235 MB for Llama-3-8B's gate_up_proj) while
-# it runs.
+# write + read of its BF16 copy. "auto": "dequant" from DEQUANT_MIN_M rows on, or from DEQUANT_MIN_M_NARROW where the
+# kernel's tiles would not fill the GPU (no config given, output in x's dtype; ``choose_backend``), else "triton".
+# Peak memory grows by the largest weight's BF16 copy (235 MB for Llama-3-8B's gate_up_proj) while it runs.
 BACKENDS = ("auto", "triton", "dequant")
 # H100 (benchmarks/results/weight-only-prefill-dequant-*-571998e.json, 9 Llama-3-8B / DeepSeek-V3 shapes): W4A16's
 # dequantize path beat its kernel on 8 of 9 shapes at M = 256 (tied the 9th) and on 9 of 9 from M = 512; W8A16's
@@ -595,7 +595,9 @@ def dequantize_w8(w_q: torch.Tensor, w_s: torch.Tensor, dtype: torch.dtype) -> t
     return block_dequant(w_q, w_s.float().contiguous(), (1, w_q.shape[1]), dtype)
 
 
-def dequantize_w4(w_packed: torch.Tensor, w_s: torch.Tensor, k: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_w4(
+    w_packed: torch.Tensor, w_s: torch.Tensor, k: int, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
     """int4-group (w4a16_gemm's layout) -> [N, K] in ``dtype``: q * w_s per row and group, one rounding."""
     n, kp = w_packed.shape
     block_k = 128
