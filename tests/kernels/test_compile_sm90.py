@@ -34,13 +34,18 @@ for q, fp8 in (("i8", False), ("fp8e4nv", True)):
 # the weight-only GEMVs (M = 1), plain and with their K loop's loads pipelined by tl.range
 _GEMV = {"HAS_BIAS": False, "EVEN_K": True, "SPLIT_K": 2, "UPCAST_DOT": False, "BLOCK_M": 1, "BLOCK_N": 32,
          "BLOCK_K": 128, "GROUP_M": 1}
+# (pointers: x, w, w_s, bias, y, split-K partials, split-K tile counters)
 for stages in (1, 3):
     VARIANTS[f"w8a16 gemv stages {stages}"] = (
-        "weight_only._w8a16_gemv_kernel", ["*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32"] + ["i32"] * 11,
+        "weight_only._w8a16_gemv_kernel", ["*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32", "*i32"] + ["i32"] * 11,
         {**_GEMV, "LOOP_STAGES": stages})
     VARIANTS[f"w4a16 gemv stages {stages}"] = (
-        "weight_only._w4a16_gemv_kernel", ["*bf16", "*i32", "*fp32", "*fp32", "*bf16", "*fp32"] + ["i32"] * 13,
+        "weight_only._w4a16_gemv_kernel", ["*bf16", "*i32", "*fp32", "*fp32", "*bf16", "*fp32", "*i32"] + ["i32"] * 13,
         {"GROUP_SIZE": 128, **_GEMV, "LOOP_STAGES": stages})
+# the W4A16 GEMV's K steps of 4 whole groups (the H100 tables' pick)
+VARIANTS["w4a16 gemv whole groups"] = (
+    "weight_only._w4a16_gemv_kernel", ["*bf16", "*i32", "*fp32", "*fp32", "*bf16", "*fp32", "*i32"] + ["i32"] * 13,
+    {"GROUP_SIZE": 128, **_GEMV, "BLOCK_N": 16, "BLOCK_K": 512, "LOOP_STAGES": 3})
 
 # the W8A8 GEMVs (M = 1: dp4a inline PTX on int32 words), plain and pipelined, channel and block
 for stages in (1, 3):
