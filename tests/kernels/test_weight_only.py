@@ -394,20 +394,23 @@ def test_auto_backend_choice(op, monkeypatch):
 
 
 @pytest.mark.parametrize("op", ["w8a16_gemm", "w4a16_gemm"])
-def test_auto_backend_narrow_prefill_rule(op):
+def test_auto_backend_narrow_prefill_rule(op, monkeypatch):
     """Between DEQUANT_MIN_M_NARROW and DEQUANT_MIN_M rows, auto dequantizes only where the kernel's 128 x 128 tiles
     would not fill the SMs; from DEQUANT_MIN_M on, always; below the narrow bound, never."""
-    bf16 = torch.bfloat16
+    bf16, cpu = torch.bfloat16, torch.device("cpu")
     lo, hi = weight_only.DEQUANT_MIN_M_NARROW, weight_only.DEQUANT_MIN_M[op]
     choose = weight_only.choose_backend
-    assert choose(op, "auto", lo, 4096, None, bf16, bf16, 132) == "dequant"  # 32 tiles
-    assert choose(op, "auto", lo, 28672, None, bf16, bf16, 132) == "triton"  # 224 tiles
-    assert choose(op, "auto", lo, 16896, None, bf16, bf16, 132) == "triton"  # 132 tiles: a full wave
-    assert choose(op, "auto", lo, 16768, None, bf16, bf16, 132) == "dequant"  # 131
-    assert choose(op, "auto", lo - 1, 4096, None, bf16, bf16, 132) == "triton"
-    assert choose(op, "auto", hi, 28672, None, bf16, bf16, 132) == "dequant"
-    assert choose(op, "auto", lo, 4096, None, bf16, torch.float32, 132) == "triton"
-    assert choose(op, "auto", lo, 28672, None, bf16, bf16, None) == "triton"  # NOMINAL_SMS (132) when unknown
+    assert choose(op, "auto", lo, 28672, None, bf16, bf16, cpu) == "triton"  # NOMINAL_SMS (132) off CUDA
+    monkeypatch.setattr(weight_only.tuning, "num_sms", lambda device: 132)
+    assert choose(op, "auto", lo, 4096, None, bf16, bf16, cpu) == "dequant"  # 32 tiles
+    assert choose(op, "auto", lo, 28672, None, bf16, bf16, cpu) == "triton"  # 224 tiles
+    assert choose(op, "auto", lo, 16896, None, bf16, bf16, cpu) == "triton"  # 132 tiles: a full wave
+    assert choose(op, "auto", lo, 16768, None, bf16, bf16, cpu) == "dequant"  # 131
+    assert choose(op, "auto", lo - 1, 4096, None, bf16, bf16, cpu) == "triton"
+    assert choose(op, "auto", hi, 28672, None, bf16, bf16, cpu) == "dequant"
+    assert choose(op, "auto", lo, 4096, None, bf16, torch.float32, cpu) == "triton"
+    monkeypatch.setattr(weight_only.tuning, "num_sms", lambda device: 16)
+    assert choose(op, "auto", lo, 4096, None, bf16, bf16, cpu) == "triton"  # 32 tiles fill a 16-SM GPU
 
 
 # ------------------------------------------------------------------------------------------------- split-K

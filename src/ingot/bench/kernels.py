@@ -358,7 +358,7 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
                     extra["backend"] = int8_auto_backend(pairs[0][0]["x_q"], pairs[0][1]["w_q"])
                 if op in WEIGHT_ONLY_OPS:  # "triton" kernels, or "dequant" (to bf16, then cuBLAS) at prefill sizes
                     extra["backend"] = choose_backend(op + "_gemm", "auto", m, n, None, torch.bfloat16, torch.bfloat16,
-                                                      props.multi_processor_count)
+                                                      pairs[0][0]["x"].device)
                 if op == "scaled_mm_fp8":
                     extra["scale_mode"] = mode[0]
                     if mode[1]:

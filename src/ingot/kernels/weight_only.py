@@ -94,7 +94,7 @@ OPS = tuple(_CONFIGS)
 # Backends of w8a16_gemm / w4a16_gemm. "triton": the kernels above. "dequant": the weight dequantized to x's dtype
 # (q * scale in fp32, one rounding) into a transient [N, K] buffer, then torch's matmul (cuBLAS on a GPU): at prefill
 # sizes the tensor-core kernels above convert every weight tile in registers between its load and the MMA and run at
-# 0.16-0.72x cuBLAS BF16 (H100, M >= 128), while the dequantize pass costs one read of the quantized weight and one
+# 0.16-0.94x cuBLAS BF16 (H100, M >= 128), while the dequantize pass costs one read of the quantized weight and one
 # write + read of its BF16 copy. "auto": "dequant" from DEQUANT_MIN_M rows on, or from DEQUANT_MIN_M_NARROW where the
 # kernel's tiles would not fill the GPU (no config given, output in x's dtype; ``choose_backend``), else "triton".
 # Peak memory grows by the largest weight's BF16 copy (235 MB for Llama-3-8B's gate_up_proj) while it runs.
@@ -437,15 +437,11 @@ def _w4a16_gemv_kernel(
             a = tl.load(x_ptrs, mask=offs_k < K - kt * BLOCK_K, other=0.0)
         a = a.to(tl.float32)
         fx = _int4_affine(p, BLOCK_N, BLOCK_K) * a[None, :]
-        if NG == 1:
-            s = tl.load(ws_ptrs + ((kt * BLOCK_K) // GROUP_SIZE) * stride_wsg).to(tl.float32)
-            acc += (tl.sum(fx, axis=1) * 16.0 - 24.0 * tl.sum(a, axis=0)) * s
-        else:
-            dots = tl.sum(tl.reshape(fx, (BLOCK_N, NG, SUB)), axis=2) * 16.0  # (BLOCK_N, NG)
-            corr = tl.sum(tl.reshape(a, (NG, SUB)), axis=1) * 24.0  # (NG,)
-            g = kt * NG + offs_g
-            s = tl.load(ws_ptrs[:, None] + g[None, :] * stride_wsg, mask=(g < num_groups)[None, :], other=0.0)
-            acc += tl.sum((dots - corr[None, :]) * s.to(tl.float32), axis=1)
+        dots = tl.sum(tl.reshape(fx, (BLOCK_N, NG, SUB)), axis=2) * 16.0  # (BLOCK_N, NG): f . x per group
+        corr = tl.sum(tl.reshape(a, (NG, SUB)), axis=1) * 24.0  # (NG,)
+        g = (kt * BLOCK_K) // GROUP_SIZE + offs_g  # the step's groups (groups past K: scale 0, x 0)
+        s = tl.load(ws_ptrs[:, None] + g[None, :] * stride_wsg, mask=(g < num_groups)[None, :], other=0.0)
+        acc += tl.sum((dots - corr[None, :]) * s.to(tl.float32), axis=1)
         x_ptrs += BLOCK_K * stride_xk
 
     rows = tl.arange(0, 1)
@@ -561,10 +557,10 @@ def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, *
 
 
 def choose_backend(op: str, backend: str, m: int, n: int, config: GemmConfig | None, x_dtype: torch.dtype,
-                   out_dtype: torch.dtype, num_sms: int | None = None) -> str:
+                   out_dtype: torch.dtype, device: torch.device) -> str:
     """The backend a call runs on ("triton" or "dequant"), see BACKENDS. "auto" dequantizes from DEQUANT_MIN_M rows,
-    and from DEQUANT_MIN_M_NARROW rows when the kernel's 128 x 128 prefill tiles would not fill the GPU's
-    ``num_sms`` (NOMINAL_SMS when unknown) - only with no config and an output in x's dtype."""
+    and from DEQUANT_MIN_M_NARROW rows when the kernel's 128 x 128 prefill tiles would not fill ``device``'s SMs
+    (NOMINAL_SMS off CUDA) - only with no config and an output in x's dtype."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "dequant" and config is not None:
@@ -573,19 +569,20 @@ def choose_backend(op: str, backend: str, m: int, n: int, config: GemmConfig | N
         return backend
     if config is not None or out_dtype != x_dtype or m < DEQUANT_MIN_M_NARROW:
         return "triton"
-    if m >= DEQUANT_MIN_M[op] or cdiv(m, 128) * cdiv(n, 128) < (num_sms or NOMINAL_SMS):
+    if m >= DEQUANT_MIN_M[op] or cdiv(m, 128) * cdiv(n, 128) < (tuning.num_sms(device) or NOMINAL_SMS):
         return "dequant"
     return "triton"
 
 
 def _dequant_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-    """y = x @ w.T (+ bias) by torch (cuBLAS), w already dequantized to x's dtype; bias added in x's dtype."""
-    if y.dtype == x.dtype:
-        if bias is None:
-            return torch.matmul(x, w.t(), out=y)
-        return torch.addmm(bias.to(x.dtype), x, w.t(), out=y)
-    r = torch.matmul(x, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
-    return y.copy_(r)
+    """y = x @ w.T (+ bias) by torch (cuBLAS), w already dequantized to x's dtype; bias added in x's dtype. Written
+    straight into y when y has x's dtype, else computed in x's dtype and cast."""
+    into = y if y.dtype == x.dtype else torch.empty(y.shape, dtype=x.dtype, device=x.device)
+    if bias is None:
+        torch.matmul(x, w.t(), out=into)
+    else:
+        torch.addmm(bias.to(x.dtype), x, w.t(), out=into)
+    return into if into is y else y.copy_(into)
 
 
 def dequantize_w8(w_q: torch.Tensor, w_s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -600,11 +597,7 @@ def dequantize_w4(
 ) -> torch.Tensor:
     """int4-group (w4a16_gemm's layout) -> [N, K] in ``dtype``: q * w_s per row and group, one rounding."""
     n, kp = w_packed.shape
-    block_k = 128
-    while group_size % block_k:
-        block_k //= 2
-    if block_k < 16:
-        raise ValueError(f"group_size = {group_size} is not a multiple of 16")
+    block_k = _k_tile_in_group(128, group_size)
     y = torch.empty((n, k), dtype=dtype, device=w_packed.device)
     if n == 0:
         return y
@@ -619,6 +612,17 @@ def dequantize_w4(
             GROUP_SIZE=group_size, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=block_k, num_warps=4,
         )
     return y
+
+
+def _k_tile_in_group(block_k: int, group_size: int) -> int:
+    """block_k halved until it divides group_size (a no-op for group 128), so that a K tile lies in one group."""
+    while block_k >= 16 and group_size % block_k:
+        block_k //= 2
+    if block_k < 16:
+        raise ValueError(
+            f"group_size = {group_size} is not a multiple of 16: no K tile (a power of two >= 16) lies in one group"
+        )
+    return block_k
 
 
 def _whole_groups(config: GemmConfig, group_size: int) -> bool:
@@ -659,7 +663,7 @@ def w8a16_gemm(
     y = torch.empty((m, n), dtype=out_dtype, device=x.device) if out is None else out
     if m == 0:
         return y
-    if choose_backend("w8a16_gemm", backend, m, n, config, x.dtype, out_dtype, tuning.num_sms(x.device)) == "dequant":
+    if choose_backend("w8a16_gemm", backend, m, n, config, x.dtype, out_dtype, x.device) == "dequant":
         return _dequant_matmul(x, dequantize_w8(w_q, w_s, x.dtype), bias, y)
     config = resolve_config("w8a16_gemm", config, m, n, k, x.device)
     _launch(
@@ -718,19 +722,12 @@ def w4a16_gemm(
     y = torch.empty((m, n), dtype=out_dtype, device=x.device) if out is None else out
     if m == 0:
         return y
-    if choose_backend("w4a16_gemm", backend, m, n, config, x.dtype, out_dtype, tuning.num_sms(x.device)) == "dequant":
+    if choose_backend("w4a16_gemm", backend, m, n, config, x.dtype, out_dtype, x.device) == "dequant":
         return _dequant_matmul(x, dequantize_w4(w_packed, w_s, k, group_size, x.dtype), bias, y)
     if config is None:
         config = resolve_config("w4a16_gemm", None, m, n, k, x.device)
-        bk = config.block_k  # bent to the group (a no-op for group 128)
         if not _whole_groups(config, group_size):
-            while bk >= 16 and group_size % bk:
-                bk //= 2
-        if bk < 16:
-            raise ValueError(
-                f"group_size = {group_size} is not a multiple of 16: no K tile (a power of two >= 16) lies in one group"
-            )
-        config = replace(config, block_k=bk)
+            config = replace(config, block_k=_k_tile_in_group(config.block_k, group_size))
     elif not isinstance(config, GemmConfig):
         raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
     if group_size % config.block_k and not _whole_groups(config, group_size):
