@@ -236,6 +236,114 @@ def _int8_block_gemm_sm90_kernel(
 
 
 @gluon.jit
+def _ws_load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M: gl.constexpr,
+                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+    """The producer warp of the warp-specialized block kernel: the program's tiles' K steps, in order, into the ring;
+    a slot is refilled once both consumers have released it (``empty``)."""
+    pid = gl.program_id(0)
+    num_progs = gl.num_programs(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    g = 0
+    for tile in range(pid, num_tiles, num_progs):
+        off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+        for s in range(k_tiles):
+            slot = g % STAGES
+            # a fresh mbarrier counts as having completed the phase before its first: the first lap does not wait
+            mbarrier.wait(empty.index(slot), ((g // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(slot), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [off_m, s * BLOCK_K], ready.index(slot), a_bufs.index(slot))
+            tma.async_copy_global_to_shared(w_desc, [off_n, s * BLOCK_K], ready.index(slot), b_bufs.index(slot))
+            g += 1
+
+
+@gluon.jit
+def _ws_mma_partition(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
+                      stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
+                      HALF: gl.constexpr, SCALE_N: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+    """One consumer warpgroup of the warp-specialized block kernel: rows HALF * BLOCK_M / 2 .. of every tile. Each K
+    step: wait for the slot, one int32 wgmma, wait for it, release the slot, promote. The other consumer runs the
+    same loop on the other half of the tile, so one's promotion overlaps the other's MMA (DeepGEMM's two math
+    warpgroups) without the single-warpgroup kernel's in-flight register juggling."""
+    ROWS: gl.constexpr = BLOCK_M // 2
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BLOCK_N, 32])
+    THREADS_N: gl.constexpr = BLOCK_N // 8
+    out: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // THREADS_N, THREADS_N],
+                                         warps_per_cta=[4, 1], order=[1, 0])
+    pid = gl.program_id(0)
+    num_progs = gl.num_programs(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    zero = gl.zeros((ROWS, BLOCK_N), gl.int32, layout=mma)
+    g = 0
+    for tile in range(pid, num_tiles, num_progs):
+        off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+        rows = off_m + HALF * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
+        xs_ptrs = xs_ptr + gl.minimum(rows, M - 1).to(gl.int64) * stride_xsm  # rows past M: never stored
+        ws_ptr_tile = ws_ptr + (off_n // SCALE_N) * stride_wsn
+        acc = gl.zeros((ROWS, BLOCK_N), gl.float32, layout=mma)
+        for s in range(k_tiles):
+            slot = g % STAGES
+            scale = gl.load(xs_ptrs + s * stride_xsk) * gl.load(ws_ptr_tile + s * stride_wsk)
+            mbarrier.wait(ready.index(slot), (g // STAGES) & 1)
+            tok = warpgroup_mma(a_bufs.index(slot).slice(HALF * ROWS, ROWS), b_bufs.index(slot).permute((1, 0)),
+                                zero, use_acc=False, is_async=True)
+            done = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+            mbarrier.arrive(empty.index(slot), count=1)
+            acc += done.to(gl.float32) * scale[:, None]  # |done| <= 128 * 2^14 = 2^21: exact in fp32
+            g += 1
+        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        if HAS_BIAS:
+            acc += gl.load(bias_ptr + gl.minimum(cols, N - 1)).to(gl.float32)[None, :]
+        y = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), out)
+        out_rows = off_m + HALF * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out))
+        out_cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out))
+        y_ptrs = y_ptr + out_rows.to(gl.int64)[:, None] * stride_ym + out_cols[None, :] * stride_yn
+        gl.store(y_ptrs, y, mask=(out_rows[:, None] < M) & (out_cols[None, :] < N))
+
+
+@gluon.jit
+def _int8_block_gemm_sm90_ws_kernel(
+    x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, y_ptr,  # as _int8_block_gemm_sm90_kernel
+    M, N, K,
+    stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
+    SCALE_N: gl.constexpr,
+    HAS_BIAS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+    STAGES: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,  # registers per thread of the worker consumer warpgroup (setmaxnreg)
+    num_warps: gl.constexpr,  # 4: the default partition is one consumer warpgroup
+):
+    # Warp-specialized and persistent: a producer warp streams every tile's K steps through the TMA ring; two
+    # consumer warpgroups (the default partition and one worker) each take half the tile's rows
+    gl.static_assert(SCALE_N % BLOCK_N == 0, "a tile's N range must lie in one weight block (one scale per K step)")
+    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # released by both consumers
+    gl.warp_specialize([
+        (_ws_mma_partition, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
+                             stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
+                             0, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES)),
+        (_ws_mma_partition, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
+                             stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
+                             1, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES)),
+        (_ws_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                              GROUP_M, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+@gluon.jit
 def _int8_channel_gemm_sm90_kernel(
     x_desc, w_desc,  # TMA descriptors: int8 x [M, K] in [BLOCK_M, BLOCK_K] boxes, int8 w [N, K] in [BLOCK_N, BLOCK_K]
     xs_ptr, ws_ptr, bias_ptr, y_ptr,  # fp32 [M, 1], fp32 [N, 1], [N] or unused, [M, N]
@@ -373,6 +481,38 @@ def int8_block_gemm_sm90(
             STAGES=config.num_stages,
             GROUP_K=GROUP_K,
             num_warps=config.num_warps,
+        )
+    return y
+
+
+def int8_block_gemm_sm90_ws(
+    x_q: torch.Tensor,
+    x_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None,
+    config: GemmConfig = BLOCK_CONFIG,
+    consumer_regs: int = 240,
+    maxnreg: int = 168,
+) -> torch.Tensor:
+    """int8_block_gemm_sm90 by the warp-specialized kernel (a TMA producer warp, two consumer warpgroups)."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
+    if m == 0:
+        return y
+    x_desc, w_desc, grid = _descriptors_and_grid(x_q, w_q, config)
+    with torch.cuda.device(x_q.device):
+        _int8_block_gemm_sm90_ws_kernel[grid](
+            x_desc, w_desc, x_s, w_s, x_s if bias is None else bias, y,
+            m, n, k,
+            x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), y.stride(0), y.stride(1),
+            SCALE_N=128, HAS_BIAS=bias is not None,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            STAGES=config.num_stages, CONSUMER_REGS=consumer_regs,
+            num_warps=4, maxnreg=maxnreg,
         )
     return y
 
