@@ -237,7 +237,8 @@ def _int8_block_gemm_sm90_kernel(
 
 @gluon.jit
 def _ws_load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M: gl.constexpr,
-                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                       GROUP_K: gl.constexpr):
     """The producer warp of the warp-specialized block kernel: the program's tiles' K steps, in order, into the ring;
     a slot is refilled once both consumers have released it (``empty``)."""
     pid = gl.program_id(0)
@@ -245,11 +246,11 @@ def _ws_load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BL
     num_pid_m = gl.cdiv(M, BLOCK_M)
     num_pid_n = gl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
-    k_tiles = gl.cdiv(K, BLOCK_K)
+    steps = gl.cdiv(gl.cdiv(K, BLOCK_K), GROUP_K) * GROUP_K  # as the consumers count them
     g = 0
     for tile in range(pid, num_tiles, num_progs):
         off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
-        for s in range(k_tiles):
+        for s in range(steps):
             slot = g % STAGES
             # a fresh mbarrier counts as having completed the phase before its first: the first lap does not wait
             mbarrier.wait(empty.index(slot), ((g // STAGES) & 1) ^ 1)
@@ -260,14 +261,26 @@ def _ws_load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BL
 
 
 @gluon.jit
+def _ws_issue(a_bufs, b_bufs, ready, acc, g, HALF: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
+    """Waits for the program's K step ``g`` and issues this consumer's int32 wgmma on it (its ROWS rows of the x
+    tile); the register operand is a bit copy of ``acc``, as in _issue_step."""
+    slot = g % STAGES
+    mbarrier.wait(ready.index(slot), (g // STAGES) & 1)
+    return warpgroup_mma(a_bufs.index(slot).slice(HALF * ROWS, ROWS), b_bufs.index(slot).permute((1, 0)),
+                         acc.to(gl.int32, bitcast=True), use_acc=False, is_async=True)
+
+
+@gluon.jit
 def _ws_mma_partition(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
                       stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
                       HALF: gl.constexpr, SCALE_N: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
-                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
-    """One consumer warpgroup of the warp-specialized block kernel: rows HALF * BLOCK_M / 2 .. of every tile. Each K
-    step: wait for the slot, one int32 wgmma, wait for it, release the slot, promote. The other consumer runs the
-    same loop on the other half of the tile, so one's promotion overlaps the other's MMA (DeepGEMM's two math
-    warpgroups) without the single-warpgroup kernel's in-flight register juggling."""
+                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                      GROUP_K: gl.constexpr):
+    """One consumer warpgroup of the warp-specialized block kernel: rows HALF * BLOCK_M / 2 .. of every tile. The
+    other consumer runs the same loop on the other half of the tile, so one's promotion and epilogue overlap the
+    other's MMAs (DeepGEMM's two math warpgroups). Within a consumer, K steps go in groups of GROUP_K as in _group:
+    each wgmma is issued before the previous step's is waited for and promoted; the group drains at its end. A slot
+    is released (``empty``) once this consumer's wgmma on it has retired."""
     ROWS: gl.constexpr = BLOCK_M // 2
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_N, 32])
@@ -280,7 +293,8 @@ def _ws_mma_partition(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_
     num_pid_n = gl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
     k_tiles = gl.cdiv(K, BLOCK_K)
-    zero = gl.zeros((ROWS, BLOCK_N), gl.int32, layout=mma)
+    steps = gl.cdiv(k_tiles, GROUP_K) * GROUP_K  # steps past K: zero tiles from the TMA, the last block's scales
+    last = k_tiles - 1
     g = 0
     for tile in range(pid, num_tiles, num_progs):
         off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
@@ -288,16 +302,21 @@ def _ws_mma_partition(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_
         xs_ptrs = xs_ptr + gl.minimum(rows, M - 1).to(gl.int64) * stride_xsm  # rows past M: never stored
         ws_ptr_tile = ws_ptr + (off_n // SCALE_N) * stride_wsn
         acc = gl.zeros((ROWS, BLOCK_N), gl.float32, layout=mma)
-        for s in range(k_tiles):
-            slot = g % STAGES
-            scale = gl.load(xs_ptrs + s * stride_xsk) * gl.load(ws_ptr_tile + s * stride_wsk)
-            mbarrier.wait(ready.index(slot), (g // STAGES) & 1)
-            tok = warpgroup_mma(a_bufs.index(slot).slice(HALF * ROWS, ROWS), b_bufs.index(slot).permute((1, 0)),
-                                zero, use_acc=False, is_async=True)
-            done = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-            mbarrier.arrive(empty.index(slot), count=1)
-            acc += done.to(gl.float32) * scale[:, None]  # |done| <= 128 * 2^14 = 2^21: exact in fp32
-            g += 1
+        for first in range(0, steps, GROUP_K):
+            prev = _ws_issue(a_bufs, b_bufs, ready, acc, g, HALF, ROWS, STAGES)
+            prev_scale = _step_scale(xs_ptrs, ws_ptr_tile, first, last, stride_xsk, stride_wsk)
+            for j in gl.static_range(1, GROUP_K):
+                tok = _ws_issue(a_bufs, b_bufs, ready, acc, g + j, HALF, ROWS, STAGES)
+                scale = _step_scale(xs_ptrs, ws_ptr_tile, first + j, last, stride_xsk, stride_wsk)
+                done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
+                mbarrier.arrive(empty.index((g + j - 1) % STAGES), count=1)
+                acc += done.to(gl.float32) * prev_scale[:, None]  # |done| <= 128 * 2^14 = 2^21: exact in fp32
+                prev = tok
+                prev_scale = scale
+            done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+            mbarrier.arrive(empty.index((g + GROUP_K - 1) % STAGES), count=1)
+            acc += done.to(gl.float32) * prev_scale[:, None]
+            g += GROUP_K
         cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
         if HAS_BIAS:
             acc += gl.load(bias_ptr + gl.minimum(cols, N - 1)).to(gl.float32)[None, :]
@@ -317,6 +336,7 @@ def _int8_block_gemm_sm90_ws_kernel(
     HAS_BIAS: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
     STAGES: gl.constexpr,
+    GROUP_K: gl.constexpr,  # K steps per drain of a consumer's wgmma pipeline (1: none in flight while promoting)
     CONSUMER_REGS: gl.constexpr,  # registers per thread of the worker consumer warpgroup (setmaxnreg)
     num_warps: gl.constexpr,  # 4: the default partition is one consumer warpgroup
 ):
@@ -334,12 +354,12 @@ def _int8_block_gemm_sm90_ws_kernel(
     gl.warp_specialize([
         (_ws_mma_partition, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
                              stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
-                             0, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES)),
+                             0, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, GROUP_K)),
         (_ws_mma_partition, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
                              stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
-                             1, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES)),
+                             1, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, GROUP_K)),
         (_ws_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                              GROUP_M, STAGES)),
+                              GROUP_M, STAGES, GROUP_K)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -494,6 +514,7 @@ def int8_block_gemm_sm90_ws(
     out_dtype: torch.dtype,
     out: torch.Tensor | None,
     config: GemmConfig = BLOCK_CONFIG,
+    group_k: int = 1,
     consumer_regs: int = 240,
     maxnreg: int = 168,
 ) -> torch.Tensor:
@@ -511,7 +532,7 @@ def int8_block_gemm_sm90_ws(
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), y.stride(0), y.stride(1),
             SCALE_N=128, HAS_BIAS=bias is not None,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            STAGES=config.num_stages, CONSUMER_REGS=consumer_regs,
+            STAGES=config.num_stages, GROUP_K=group_k, CONSUMER_REGS=consumer_regs,
             num_warps=4, maxnreg=maxnreg,
         )
     return y
