@@ -21,11 +21,10 @@ from ingot.kernels.tuning import GemmConfig, num_sms  # noqa: E402
 SHAPES = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (7168, 2048), (2048, 7168), (24576, 1536),
           (7168, 16384), (18432, 7168)]
 VARIANTS = {
-    "block": {"128x128s3": GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3),
-              "128x128s4": GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4),
-              "128x128s3g4": GemmConfig(128, 128, 128, group_m=4, num_warps=8, num_stages=3),
-              "128x128s3g16": GemmConfig(128, 128, 128, group_m=16, num_warps=8, num_stages=3),
-              "64x128s6": GemmConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=6)},
+    "block": {"128x128s5": GemmConfig(128, 128, 128, group_m=8, num_warps=4, num_stages=5),
+              "128x128s4": GemmConfig(128, 128, 128, group_m=8, num_warps=4, num_stages=4),
+              "128x128s6": GemmConfig(128, 128, 128, group_m=8, num_warps=4, num_stages=6),
+              "128x128s5g16": GemmConfig(128, 128, 128, group_m=16, num_warps=4, num_stages=5)},
     "channel": {"128x256s4": GemmConfig(128, 256, 128, group_m=8, num_warps=8, num_stages=4),
                 "128x256s3": GemmConfig(128, 256, 128, group_m=8, num_warps=8, num_stages=3),
                 "128x128s4": GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4),

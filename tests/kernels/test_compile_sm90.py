@@ -87,7 +87,8 @@ def test_gemm_kernel_compiles_for_sm90(variant):
 # keeping the wgmmas asynchronous: ptxas serializes every wgmma of a kernel (info C7514 / C7512) when an instruction
 # reads the registers of one in flight or registers run out, silently costing the overlap the kernels exist for (the
 # block kernel ran at 0.75-1.0x BF16 that way). So besides compiling them, ptxas -v must report neither, and no
-# spills; and the shared memory must fit the H100's 227 KB per block.
+# spills; and the shared memory must fit the H100's 227 KB per block. The block kernel is warp-specialized: ptxas
+# reports its launch register limit; a partition that outgrew its setmaxnreg share would spill, which the check sees.
 _GLUON_SCRIPT = """
 import json, subprocess, sys, tempfile
 import torch, triton
@@ -105,9 +106,11 @@ w_desc = mangle_type(g.TensorDescriptor(x, [1024, 1024], [1024, 1], [cfg.block_n
                                         g._smem_layout(cfg.block_n, cfg.block_k)))
 constexprs = {"HAS_BIAS": has_bias, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
               "GROUP_M": cfg.group_m, "STAGES": cfg.num_stages, "num_warps": cfg.num_warps}
+options = {"num_warps": cfg.num_warps}
 if op == "block":
     kernel, ints = g._int8_block_gemm_sm90_kernel, 9
-    constexprs.update(SCALE_N=128, GROUP_K=g.GROUP_K)
+    constexprs.update(SCALE_N=128, GROUP_K=g.GROUP_K, CONSUMER_REGS=g.BLOCK_CONSUMER_REGS)
+    options["maxnreg"] = g.BLOCK_MAXNREG
 else:
     kernel, ints = g._int8_channel_gemm_sm90_kernel, 7
 types = [x_desc, w_desc, "*fp32", "*fp32", "*fp32", "*bf16"] + ["i32"] * ints
@@ -116,12 +119,13 @@ assert len(params) == len(types), params
 signature = dict(zip(params, types), **{c: "constexpr" for c in constexprs})
 src = GluonASTSource(fn=kernel, signature=signature,
                      constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 with tempfile.TemporaryDirectory() as d:
     open(d + "/k.ptx", "w").write(out.asm["ptx"])
     run = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", d + "/k.ptx", "-o", d + "/k.cubin"],
                          capture_output=True, text=True)
-print(json.dumps({"cubin": len(out.asm["cubin"]), "shared": out.metadata.shared, "ptxas": run.stderr}))
+print(json.dumps({"cubin": len(out.asm["cubin"]), "shared": out.metadata.shared, "ptxas": run.stderr,
+                  "num_warps": out.metadata.num_warps}))
 """
 SM90_KERNELS = [("block", 0)] + [("channel", i) for i in range(2)]
 
@@ -140,3 +144,5 @@ def test_sm90_gemm_compiles_with_async_wgmma(op, tile, has_bias):
     ptxas = result["ptxas"]
     assert "serialized" not in ptxas, f"ptxas serializes the wgmmas:\n{ptxas}"
     assert " 0 bytes spill stores, 0 bytes spill loads" in ptxas, f"the kernel spills:\n{ptxas}"
+    if op == "block":  # warp-specialized: two consumer warpgroups and the producer warp's (rounded up to 4 warps)
+        assert result["num_warps"] == 12, result["num_warps"]

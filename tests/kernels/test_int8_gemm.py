@@ -797,6 +797,24 @@ def test_gpu_sm90_channel_same_bits_as_triton(m, n, k):
             assert torch.equal(y, ref.int8_gemm_channel_ref(*args, out_dtype=torch.float32)), f"M={m} N={n} K={k}"
 
 
+def test_sm90_block_wanted_rule(monkeypatch):
+    """The sm_90 block kernel from M = 512 on any N, and at M 256-511 only where its 128x128 tiles give at least
+    half the SMs one each (the H100 measurements behind it: gemm_sm90's comments); the SM count is read only there."""
+    gemm_sm90 = pytest.importorskip("ingot.kernels.gemm_sm90")
+    reads = []
+    monkeypatch.setattr(gemm_sm90, "num_sms", lambda device: reads.append(device) or 132)
+    cuda = torch.device("cuda", 0)
+    assert gemm_sm90.block_wanted(512, 128, cuda) and gemm_sm90.block_wanted(4096, 2048, cuda)
+    assert not gemm_sm90.block_wanted(255, 28672, cuda)
+    assert reads == []
+    assert not gemm_sm90.block_wanted(256, 4096, cuda)  # 2 x 32 = 64 tiles < 66
+    assert gemm_sm90.block_wanted(256, 4224, cuda)  # 2 x 33 = 66
+    assert gemm_sm90.block_wanted(256, 6144, cuda)
+    assert not gemm_sm90.block_wanted(511, 2048, cuda)  # 4 x 16 = 64
+    assert gemm_sm90.block_wanted(385, 2048, cuda) is False and gemm_sm90.block_wanted(385, 2176, cuda)  # 4 x 17
+    assert len(reads) == 6
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU (wgmma, TMA)")
 @pytest.mark.parametrize("op", ["block", "channel"])
@@ -806,8 +824,8 @@ def test_gpu_sm90_auto_choice_and_refusals(monkeypatch, op):
     "auto" to Triton on that device from then on."""
     from ingot.kernels import gemm_sm90
 
-    if op == "block":
-        name, min_m, block_size, gemm = "int8_block_gemm_sm90", gemm_sm90.BLOCK_MIN_M, (128, 128), int8_gemm_block
+    if op == "block":  # the smallest M at which it always runs (block_wanted's own test covers 256-511)
+        name, min_m, block_size, gemm = "int8_block_gemm_sm90", gemm_sm90.BLOCK_FULL_M, (128, 128), int8_gemm_block
         operands, reference = _block_operands, ref.int8_gemm_block_ref
     else:
         name, min_m, block_size, gemm = "int8_channel_gemm_sm90", gemm_sm90.CHANNEL_MIN_M, None, int8_gemm_channel

@@ -2,30 +2,31 @@
 block-scaled one (``int8_block_gemm_sm90``) and the per-channel one (``int8_channel_gemm_sm90``). Both are
 persistent - one program per SM (at most), each running its tiles one after another with one TMA ring across them, so
 the next tile's first loads are in flight while a tile finishes its last steps and stores - and share the tile order
-and the ring (``_tile_offsets``, ``_load_step``). Loads: TMA (tensor descriptors, zero fill past M, N and K),
-STAGES-deep ring of shared-memory slots, one mbarrier per slot; a slot is refilled only after the wait that retires
-the MMA that read it. Outputs go through shared memory (``convert_layout``) to 16-byte stores: storing straight from
-the wgmma layout (4-byte stores) ran the channel kernel's 128x256 tile 2-61% slower on 27 of 27 rows (session 11,
-kernels/NOTES.md).
+(``_tile_offsets``). Loads: TMA (tensor descriptors, zero fill past M, N and K), a STAGES-deep ring of shared-memory
+slots, one mbarrier per slot. Outputs go through shared memory (``convert_layout``) to 16-byte stores: storing
+straight from the wgmma layout (4-byte stores) ran the channel kernel's 128x256 tile 2-61% slower on 27 of 27 rows
+(session 11, kernels/NOTES.md).
 
 Block-scaled: ``int8_gemm._block_gemm_kernel`` must promote every 128-K step's int32 dot to fp32 (the scales change
 per K block). Triton's pipeliner only keeps a wgmma in flight when its accumulator is carried to the next dot; the
 block kernel's dot result feeds the promotion instead, so every step waits for its own MMA to drain before scaling
 it, and the tensor cores idle during the promotion (the H100 ran it at 0.77-0.97x BF16 at M >= 1024, where the
-channel kernel, with no promotion, runs 1.2-1.6x; kernels/NOTES.md). Gluon exposes the async wgmma directly: step i's
-MMA is issued, then step i - 1's result is waited for (one group left in flight) and promoted while step i runs - the
-overlap DeepGEMM gets from its CUDA kernels. The math is the same as the Triton kernel's, step by step: an exact int32
-dot per 128-K block, converted to fp32, times x_s[m, kb] * w_s[n // 128, kb], added to an fp32 accumulator in K
-order; so the two kernels give the same bits. Persistence: the non-persistent version paid ~20 us of fixed cost on
-1024 tiles at M = N = K = 4096 (the intercept of time against K) and ran 1-37% slower on 27 bench shapes at M
-512-4096 (session 10). Scales: plain loads one step ahead of their use; the tile's N range is one 128-row weight
-block (BLOCK_N = 128), so the weight scale of a step is one scalar.
+channel kernel, with no promotion, runs 1.2-1.6x; kernels/NOTES.md). Here the kernel is warp-specialized, as
+DeepGEMM's: a producer warp streams every tile's K steps through the TMA ring (``_block_load_partition``), and two
+consumer warpgroups each own half of every 128-row tile (``_block_mma_partition``), so one's promotion and epilogue
+run while the other's MMAs do. Within a consumer, step i's wgmma is issued before step i - 1's result is waited for
+and promoted. The math is the same as the Triton kernel's, step by step: an exact int32 dot per 128-K block,
+converted to fp32, times x_s[m, kb] * w_s[n // 128, kb], added to an fp32 accumulator in K order; so the two kernels
+give the same bits. The tile's N range is one 128-row weight block (BLOCK_N = 128), so the weight scale of a step is
+one scalar. History (kernels/NOTES.md): one warpgroup pair in lockstep, refilling the ring itself, ran 1.10-1.34x
+BF16 at M >= 1024 (sessions 9-10); warp-specialized, 1.26-1.55x (session 13).
 
 Per-channel: one int32 accumulator carried through all of K (each wgmma adds to the previous one's result, one left
 in flight), the scales and bias applied once in the epilogue, as ``int8_gemm._int8_gemm_channel_kernel`` does, so
-again the same bits. Two tiles, 128x256 and 128x128, chosen per call by ``channel_config`` (waves of tiles over the
-SMs). At M = 1024 / 4096 it ran 1.05-1.31x faster than the Triton kernel on
-the 9 bench shapes (1.51-2.12x BF16), at M = 512 1.04-1.48x faster (session 11).
+again the same bits. The ring is refilled by the same warps (``_start_ring``, ``_load_step``): a slot after the wait
+that retires the MMA that read it. Two tiles, 128x256 and 128x128, chosen per call by ``channel_config`` (waves of
+tiles over the SMs). At M = 1024 / 4096 it ran 1.05-1.31x faster than the Triton kernel on the 9 bench shapes
+(1.51-2.12x BF16), at M = 512 1.04-1.48x faster (session 11).
 
 Compiled only for CUDA sm_90 (wgmma and TMA); ``supported`` says when the wrappers may use them. Everything else -
 other GPUs, CPU, the interpreter, decode sizes, ragged strides - stays on the Triton kernels.
@@ -44,17 +45,22 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ingot.kernels.checks import cdiv
 from ingot.kernels.tuning import GemmConfig, num_sms
 
-# int8-block: the tile the H100 runs (128x128x128, two warpgroups, 4 stages = 128 KB of shared memory: persistent, 4
-# stages beat 3 on 15 of 18 M = 1024 / 4096 rows, median +1%, -2% to +6% (session 11; the non-persistent kernel
-# had it the other way, 18 of 18, session 9); group_m 4 and 16 each beat 8 on only 5 of 18, by up to 3%), and the
-# smallest M it takes: the persistent kernel beat the Triton kernel on 9 of 9 bench shapes at M = 512 (1.17-1.27x)
-# and 6 of 9 at M = 256, losing where 128x128 tiles are fewer than the SMs (4096x4096, 4096x14336, 2048x7168) and
-# the Triton tables' smaller tiles and split-K win (kernels/NOTES.md, session 10).
-BLOCK_CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4)
-# K steps between drains of the wgmma pipeline: 8 ran out of registers (ptxas spilled and serialized the wgmmas);
-# 2 (226 registers) was up to 5% slower than 4 on 26 of 27 rows of the persistent kernel (H100, session 10)
+# int8-block (H100, session 13, `ws-block-*-715faf8.json`, 9 bench shapes at M 256-4096): 128x128x128 tiles, two
+# consumer warpgroups of 64 rows (num_warps 4 is the default partition's one; the worker adds 4 + 1 warps), 5 stages
+# (160 KB of shared memory; geometric mean over the 9 shapes 1.391x BF16 at M = 1024 against 1.382x for 4 stages and
+# 1.384x for 6); K steps in groups of 4 per drain of a consumer's wgmma pipeline (1: 1.13-1.37x; 2: 1.27-1.50x; 4:
+# 1.23-1.54x at M 1024 / 4096; 8 spilled and serialized the wgmmas). Registers: 168 per thread at launch (12 warps
+# on one SM), redistributed by setmaxnreg: 24 for the producer warp's warpgroup, 240 for each consumer.
+BLOCK_CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=4, num_stages=5)
 GROUP_K = 4
-BLOCK_MIN_M = 512
+BLOCK_MAXNREG = 168
+BLOCK_CONSUMER_REGS = 240
+# Where it runs (``block_wanted``): from M = 512 on every bench shape (it beat the Triton tables on 9 of 9 at M =
+# 512, 0.99-1.49x BF16 against 0.71-1.05x), and from M = 256 where its tiles give at least half the SMs one each: at
+# M = 256 it won on 6 of 9 shapes and lost on the three with 32-64 tiles (4096x4096 0.98x against Triton's 1.13x,
+# 2048x7168 0.72x against 0.95x; 4096x14336 even).
+BLOCK_FULL_M = 512
+BLOCK_MIN_M = 256
 
 # int8-channel: the two tiles ``channel_config`` picks from, with the time of one tile relative to the 128x128 tile
 # when SMs have tiles to spare (M = 4096: 0.80-0.94x of two 128x128 tiles on 9 of 9 bench shapes, median 0.88, so
@@ -114,18 +120,6 @@ def _start_ring(x_desc, w_desc, total, steps, off_m, off_n, BLOCK_M: gl.constexp
 
 
 @gluon.jit
-def _issue_step(a_bufs, b_bufs, ready, acc, step, STAGES: gl.constexpr):
-    """Waits for K step ``step``'s tiles and issues its int32 wgmma (use_acc=False: a fresh sum); returns the async
-    token. The wgmma's register operand is a bit copy of the fp32 accumulator ``acc`` as it stands: its values are
-    not read, but the copy makes the issue depend on every promotion before it, so the compiler cannot sink a
-    promotion below a later issue (it did, which kept a third int32 tile live: 255 registers and spills)."""
-    slot = step % STAGES
-    mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-    return warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc.to(gl.int32, bitcast=True),
-                         use_acc=False, is_async=True)
-
-
-@gluon.jit
 def _step_scale(xs_ptrs, ws_ptr_tile, step, last, stride_xsk, stride_wsk):
     """(BLOCK_M,) x_s * w_s of K step ``step`` (a padding step past K takes the last block's: its dot is zero)."""
     kb = gl.minimum(step, last)
@@ -133,112 +127,9 @@ def _step_scale(xs_ptrs, ws_ptr_tile, step, last, stride_xsk, stride_wsk):
 
 
 @gluon.jit
-def _group(acc, x_desc, w_desc, a_bufs, b_bufs, ready, xs_ptrs, ws_ptr_tile, g0, first, total, steps, last,
-           off_m, off_n, next_m, next_n, stride_xsk, stride_wsk, G: gl.constexpr, BLOCK_K: gl.constexpr,
-           STAGES: gl.constexpr):
-    """K steps first .. first + G - 1 of the current tile (the program's steps g0 .. g0 + G - 1) into ``acc``. Two
-    int32 tiles take turns: each wgmma is issued before the previous step's is waited for (the wait leaves only the
-    new one in flight), so the previous step's promotion runs while the tensor cores work on the next; then the
-    retired step's ring slot is refilled. The group drains at its end (wait 0): a wgmma in flight across the K loop's
-    back edge made LLVM copy its registers at the loop latch, and ptxas serializes every wgmma of a kernel where any
-    instruction reads the registers of one in flight (C7514). Scales are loaded one step ahead of the issue that
-    precedes their use."""
-    prev = _issue_step(a_bufs, b_bufs, ready, acc, g0, STAGES)
-    prev_scale = _step_scale(xs_ptrs, ws_ptr_tile, first, last, stride_xsk, stride_wsk)
-    next_scale = _step_scale(xs_ptrs, ws_ptr_tile, first + 1, last, stride_xsk, stride_wsk)
-    for j in gl.static_range(1, G):
-        tok = _issue_step(a_bufs, b_bufs, ready, acc, g0 + j, STAGES)
-        scale = next_scale
-        if j + 1 < G:
-            next_scale = _step_scale(xs_ptrs, ws_ptr_tile, first + j + 1, last, stride_xsk, stride_wsk)
-        done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
-        acc += done.to(gl.float32) * prev_scale[:, None]  # |done| <= 128 * 2^14 = 2^21: exact in fp32
-        _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, g0 + j - 1 + STAGES, total, first + j - 1 + STAGES, steps,
-                   off_m, off_n, next_m, next_n, BLOCK_K, STAGES)
-        prev = tok
-        prev_scale = scale
-    done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
-    acc += done.to(gl.float32) * prev_scale[:, None]
-    _load_step(x_desc, w_desc, a_bufs, b_bufs, ready, g0 + G - 1 + STAGES, total, first + G - 1 + STAGES, steps,
-               off_m, off_n, next_m, next_n, BLOCK_K, STAGES)
-    return acc
-
-
-@gluon.jit
-def _int8_block_gemm_sm90_kernel(
-    x_desc, w_desc,  # TMA descriptors: int8 x [M, K] in [BLOCK_M, BLOCK_K] boxes, int8 w [N, K] in [BLOCK_N, BLOCK_K]
-    xs_ptr, ws_ptr, bias_ptr, y_ptr,  # fp32 [M, KB], fp32 [NB, KB], [N] or unused, [M, N]
-    M, N, K,
-    stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
-    SCALE_N: gl.constexpr,  # weight block rows (128); BLOCK_N divides it
-    HAS_BIAS: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
-    STAGES: gl.constexpr, GROUP_K: gl.constexpr,  # K steps per drain of the wgmma pipeline
-    num_warps: gl.constexpr,
-):
-    # Persistent: program p runs tiles p, p + P, p + 2P, ... (P programs, at most one per SM), and its TMA ring runs
-    # on across them - the next tile's first loads are in flight while a tile finishes and stores its output.
-    pid = gl.program_id(0)
-    num_progs = gl.num_programs(0)
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_tiles = num_pid_m * num_pid_n
-    my_tiles = gl.cdiv(num_tiles - pid, num_progs)
-    # K steps run in groups of GROUP_K (see _group); a step count that is not a multiple gets steps past K, which
-    # the TMA fills with zeros (zero dots, promoted with the last block's scales)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    steps = gl.cdiv(gl.maximum(k_tiles, STAGES), GROUP_K) * GROUP_K  # >= STAGES: the refills reach one tile ahead
-    last = k_tiles - 1
-    total = my_tiles * steps
-
-    # wgmma accumulator layout: warps stacked along M (16 rows each), one BLOCK_N-wide int8 instruction along N
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BLOCK_N, 32])
-    # The wgmma layout gives each thread pairs of adjacent columns (4-byte stores); the output goes through shared
-    # memory to rows of BLOCK_N // 8 threads x 8 columns (16-byte stores of bf16)
-    THREADS_N: gl.constexpr = BLOCK_N // 8
-    out: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // THREADS_N, THREADS_N],
-                                         warps_per_cta=[num_warps, 1], order=[1, 0])
-    gl.static_assert(SCALE_N % BLOCK_N == 0, "a tile's N range must lie in one weight block (one scale per K step)")
-
-    off_m, off_n = _tile_offsets(pid, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
-    a_bufs, b_bufs, ready = _start_ring(x_desc, w_desc, total, steps, off_m, off_n, BLOCK_M, BLOCK_N, BLOCK_K,
-                                        STAGES)
-
-    for t in range(my_tiles):
-        # the next tile's offsets, once per tile (a last tile's "next" is clamped; its loads are predicated off):
-        # computing them per refill instead - integer divisions in every K step, beside the promotion - ran the
-        # kernel 15-20% slower than the non-persistent one (session 10)
-        next_m, next_n = _tile_offsets(gl.minimum(pid + (t + 1) * num_progs, num_tiles - 1), num_pid_m, num_pid_n,
-                                       BLOCK_M, BLOCK_N, GROUP_M)
-        rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-        xs_ptrs = xs_ptr + gl.minimum(rows, M - 1).to(gl.int64) * stride_xsm  # rows past M: row M - 1, never stored
-        ws_ptr_tile = ws_ptr + (off_n // SCALE_N) * stride_wsn
-        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
-        for step in range(0, steps, GROUP_K):
-            acc = _group(acc, x_desc, w_desc, a_bufs, b_bufs, ready, xs_ptrs, ws_ptr_tile, t * steps + step, step,
-                         total, steps, last, off_m, off_n, next_m, next_n, stride_xsk, stride_wsk,
-                         GROUP_K, BLOCK_K, STAGES)
-
-        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-        if HAS_BIAS:
-            acc += gl.load(bias_ptr + gl.minimum(cols, N - 1)).to(gl.float32)[None, :]
-        y = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), out)
-        out_rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out))
-        out_cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out))
-        y_ptrs = y_ptr + out_rows.to(gl.int64)[:, None] * stride_ym + out_cols[None, :] * stride_yn
-        gl.store(y_ptrs, y, mask=(out_rows[:, None] < M) & (out_cols[None, :] < N))
-        off_m = next_m
-        off_n = next_n
-
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(s))
-
-
-@gluon.jit
-def _ws_load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M: gl.constexpr,
-                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                       GROUP_K: gl.constexpr):
+def _block_load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M: gl.constexpr,
+                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                          GROUP_K: gl.constexpr):
     """The producer warp of the warp-specialized block kernel: the program's tiles' K steps, in order, into the ring;
     a slot is refilled once both consumers have released it (``empty``)."""
     pid = gl.program_id(0)
@@ -261,9 +152,12 @@ def _ws_load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BL
 
 
 @gluon.jit
-def _ws_issue(a_bufs, b_bufs, ready, acc, g, HALF: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
+def _block_issue(a_bufs, b_bufs, ready, acc, g, HALF: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
     """Waits for the program's K step ``g`` and issues this consumer's int32 wgmma on it (its ROWS rows of the x
-    tile); the register operand is a bit copy of ``acc``, as in _issue_step."""
+    tile). The register operand is a bit copy of the fp32 accumulator ``acc`` as it stands: its values are not read
+    (use_acc=False), but the copy makes the issue depend on every promotion before it, so the compiler cannot sink a
+    promotion below a later issue (it did in session 9, which kept a third int32 tile live: spills, and ptxas
+    serialized every wgmma)."""
     slot = g % STAGES
     mbarrier.wait(ready.index(slot), (g // STAGES) & 1)
     return warpgroup_mma(a_bufs.index(slot).slice(HALF * ROWS, ROWS), b_bufs.index(slot).permute((1, 0)),
@@ -271,16 +165,19 @@ def _ws_issue(a_bufs, b_bufs, ready, acc, g, HALF: gl.constexpr, ROWS: gl.conste
 
 
 @gluon.jit
-def _ws_mma_partition(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
-                      stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
-                      HALF: gl.constexpr, SCALE_N: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
-                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                      GROUP_K: gl.constexpr):
+def _block_mma_partition(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
+                         stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
+                         HALF: gl.constexpr, SCALE_N: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                         GROUP_K: gl.constexpr):
     """One consumer warpgroup of the warp-specialized block kernel: rows HALF * BLOCK_M / 2 .. of every tile. The
     other consumer runs the same loop on the other half of the tile, so one's promotion and epilogue overlap the
-    other's MMAs (DeepGEMM's two math warpgroups). Within a consumer, K steps go in groups of GROUP_K as in _group:
-    each wgmma is issued before the previous step's is waited for and promoted; the group drains at its end. A slot
-    is released (``empty``) once this consumer's wgmma on it has retired."""
+    other's MMAs (DeepGEMM's two math warpgroups). Within a consumer, K steps go in groups of GROUP_K: each wgmma is
+    issued before the previous step's is waited for (one left in flight) and promoted; the group drains at its end
+    (a wgmma in flight across the loop's back edge made LLVM copy its registers at the latch, and ptxas serializes
+    every wgmma of a kernel where any instruction reads the registers of one in flight: C7514, session 9). A slot is
+    released (``empty``) once this consumer's wgmma on it has retired. Scales are loaded as their step is issued, a
+    wait ahead of their use."""
     ROWS: gl.constexpr = BLOCK_M // 2
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_N, 32])
@@ -303,10 +200,10 @@ def _ws_mma_partition(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_
         ws_ptr_tile = ws_ptr + (off_n // SCALE_N) * stride_wsn
         acc = gl.zeros((ROWS, BLOCK_N), gl.float32, layout=mma)
         for first in range(0, steps, GROUP_K):
-            prev = _ws_issue(a_bufs, b_bufs, ready, acc, g, HALF, ROWS, STAGES)
+            prev = _block_issue(a_bufs, b_bufs, ready, acc, g, HALF, ROWS, STAGES)
             prev_scale = _step_scale(xs_ptrs, ws_ptr_tile, first, last, stride_xsk, stride_wsk)
             for j in gl.static_range(1, GROUP_K):
-                tok = _ws_issue(a_bufs, b_bufs, ready, acc, g + j, HALF, ROWS, STAGES)
+                tok = _block_issue(a_bufs, b_bufs, ready, acc, g + j, HALF, ROWS, STAGES)
                 scale = _step_scale(xs_ptrs, ws_ptr_tile, first + j, last, stride_xsk, stride_wsk)
                 done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
                 mbarrier.arrive(empty.index((g + j - 1) % STAGES), count=1)
@@ -328,11 +225,12 @@ def _ws_mma_partition(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_
 
 
 @gluon.jit
-def _int8_block_gemm_sm90_ws_kernel(
-    x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, y_ptr,  # as _int8_block_gemm_sm90_kernel
+def _int8_block_gemm_sm90_kernel(
+    x_desc, w_desc,  # TMA descriptors: int8 x [M, K] in [BLOCK_M, BLOCK_K] boxes, int8 w [N, K] in [BLOCK_N, BLOCK_K]
+    xs_ptr, ws_ptr, bias_ptr, y_ptr,  # fp32 [M, KB], fp32 [NB, KB], [N] or unused, [M, N]
     M, N, K,
     stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
-    SCALE_N: gl.constexpr,
+    SCALE_N: gl.constexpr,  # weight block rows (128); BLOCK_N divides it
     HAS_BIAS: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
     STAGES: gl.constexpr,
@@ -352,15 +250,18 @@ def _int8_block_gemm_sm90_ws_kernel(
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # released by both consumers
     gl.warp_specialize([
-        (_ws_mma_partition, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
-                             stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
-                             0, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, GROUP_K)),
-        (_ws_mma_partition, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
-                             stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
-                             1, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, GROUP_K)),
-        (_ws_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                              GROUP_M, STAGES, GROUP_K)),
+        (_block_mma_partition, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
+                                stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
+                                0, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, GROUP_K)),
+        (_block_mma_partition, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
+                                stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
+                                1, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, GROUP_K)),
+        (_block_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M, BLOCK_N,
+                                 BLOCK_K, GROUP_M, STAGES, GROUP_K)),
     ], [4, 1], [CONSUMER_REGS, 24])
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+        mbarrier.invalidate(empty.index(s))
 
 
 @gluon.jit
@@ -482,6 +383,7 @@ def int8_block_gemm_sm90(
     out_dtype: torch.dtype,
     out: torch.Tensor | None,
     config: GemmConfig = BLOCK_CONFIG,
+    group_k: int = GROUP_K,
 ) -> torch.Tensor:
     """int8_gemm_block(x_q, x_s, w_q, w_s, (128, 128), bias, out_dtype, out=out) on operands that
     ``int8_gemm.check_block_operands`` and ``supported`` passed."""
@@ -498,44 +400,21 @@ def int8_block_gemm_sm90(
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), y.stride(0), y.stride(1),
             SCALE_N=128, HAS_BIAS=bias is not None,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            STAGES=config.num_stages,
-            GROUP_K=GROUP_K,
-            num_warps=config.num_warps,
+            STAGES=config.num_stages, GROUP_K=group_k, CONSUMER_REGS=BLOCK_CONSUMER_REGS,
+            num_warps=config.num_warps, maxnreg=BLOCK_MAXNREG,
         )
     return y
 
 
-def int8_block_gemm_sm90_ws(
-    x_q: torch.Tensor,
-    x_s: torch.Tensor,
-    w_q: torch.Tensor,
-    w_s: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    out: torch.Tensor | None,
-    config: GemmConfig = BLOCK_CONFIG,
-    group_k: int = 1,
-    consumer_regs: int = 240,
-    maxnreg: int = 168,
-) -> torch.Tensor:
-    """int8_block_gemm_sm90 by the warp-specialized kernel (a TMA producer warp, two consumer warpgroups)."""
-    m, k = x_q.shape
-    n = w_q.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
-    if m == 0:
-        return y
-    x_desc, w_desc, grid = _descriptors_and_grid(x_q, w_q, config)
-    with torch.cuda.device(x_q.device):
-        _int8_block_gemm_sm90_ws_kernel[grid](
-            x_desc, w_desc, x_s, w_s, x_s if bias is None else bias, y,
-            m, n, k,
-            x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), y.stride(0), y.stride(1),
-            SCALE_N=128, HAS_BIAS=bias is not None,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            STAGES=config.num_stages, GROUP_K=group_k, CONSUMER_REGS=consumer_regs,
-            num_warps=4, maxnreg=maxnreg,
-        )
-    return y
+def block_wanted(m: int, n: int, device: torch.device) -> bool:
+    """Whether ``int8_gemm_block(backend="auto")`` takes the sm_90 kernel at this M and N (operands supported):
+    from M = BLOCK_FULL_M always, and from BLOCK_MIN_M where its 128x128 tiles give at least half of the device's SMs
+    one each (below that the Triton tables' smaller tiles and split-K win; session 13). The SM count is read only
+    in that middle range."""
+    if m >= BLOCK_FULL_M:
+        return True
+    tiles = cdiv(m, BLOCK_CONFIG.block_m) * cdiv(n, BLOCK_CONFIG.block_n)
+    return m >= BLOCK_MIN_M and 2 * tiles >= num_sms(device)
 
 
 def channel_config(m: int, n: int, sms: int) -> GemmConfig:

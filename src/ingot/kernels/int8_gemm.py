@@ -674,8 +674,8 @@ def int8_gemm_block(
     ``out`` when given. The K tile must be the K block: config.block_k == bk (one scale column per K step); N tiles
     may span block rows (each column reads its own block row's scale).
 
-    ``backend``: "auto" (the Hopper kernel ``ingot.kernels.gemm_sm90.int8_block_gemm_sm90`` at M >= its
-    BLOCK_MIN_M where ``sm90_unsupported`` is None and no ``config`` is given, else Triton; a failure to compile or
+    ``backend``: "auto" (the Hopper kernel ``ingot.kernels.gemm_sm90.int8_block_gemm_sm90`` where its
+    ``block_wanted`` says so for M and N, ``sm90_unsupported`` is None and no ``config`` is given, else Triton; a failure to compile or
     launch it is logged once and that device stays on Triton), "triton", or "sm90" (raises where it does not apply).
     Both give the same bits.
     Reference: ``ingot.quant.ref.int8_gemm_block_ref``.
@@ -737,10 +737,12 @@ def auto_backend(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, in
     sm90 = _sm90_module()
     if sm90 is None:
         return "triton"
-    min_m = sm90.CHANNEL_MIN_M if block_size is None else sm90.BLOCK_MIN_M
-    if x_q.shape[0] >= min_m and sm90_unsupported(x_q, w_q, block_size) is None:
-        return "sm90"
-    return "triton"
+    m = x_q.shape[0]
+    if m < (sm90.CHANNEL_MIN_M if block_size is None else sm90.BLOCK_MIN_M):
+        return "triton"
+    if block_size is not None and not sm90.block_wanted(m, w_q.shape[0], x_q.device):
+        return "triton"
+    return "sm90" if sm90_unsupported(x_q, w_q, block_size) is None else "triton"
 
 
 def sm90_unsupported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int] | None = None) -> str | None:
