@@ -30,11 +30,6 @@ for q, fp8 in (("i8", False), ("fp8e4nv", True)):
             "_block_gemm_kernel", [a.format(q=q) for a in _BLOCK_ARGS],
             {"SCALE_N": 128, "WS_PER_COLUMN": per_column, "HAS_BIAS": not even, "EVEN_K": even, "FP8": fp8,
              **_TILES, "BLOCK_N": 256 if per_column else 128, "SPLIT_K": split})
-    # two K tiles per loop step (the decode tiles' block_k = 256), split and ragged
-    VARIANTS[f"block {q} paired"] = (
-        "_block_gemm_kernel", [a.format(q=q) for a in _BLOCK_ARGS],
-        {"SCALE_N": 128, "WS_PER_COLUMN": False, "HAS_BIAS": True, "EVEN_K": False, "FP8": fp8, **_TILES,
-         "BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 2, "PAIRED": True})
 
 # the weight-only GEMVs (M = 1), plain and with their K loop's loads pipelined by tl.range
 _GEMV = {"HAS_BIAS": False, "EVEN_K": True, "SPLIT_K": 2, "UPCAST_DOT": False, "BLOCK_M": 1, "BLOCK_N": 32,

@@ -75,7 +75,7 @@ def test_refusals():
         fp8_gemm_block(x_q.view(torch.int8), x_s, w_q, w_s)
     with pytest.raises(TypeError, match=r"w_q must be torch.float8_e4m3fn, got torch.bfloat16"):
         fp8_gemm_block(x_q, x_s, w_q.to(torch.bfloat16), w_s)
-    with pytest.raises(ValueError, match=r"config.block_k = 64 must be the K quantization block 128"):
+    with pytest.raises(ValueError, match=r"config.block_k = 64 must equal the K quantization block 128"):
         fp8_gemm_block(x_q, x_s, w_q, w_s, config=GemmConfig(16, 64, 64))
     with pytest.raises(ValueError, match=r"w_s must be per 128x128 block"):
         fp8_gemm_block(x_q, x_s, w_q, w_s[:, :2].contiguous())

@@ -224,31 +224,6 @@ def _int8_gemm_channel_kernel(
 
 
 @triton.jit
-def _block_dot(a, b, FP8: tl.constexpr):
-    """One K tile's dot in fp32: fp8 operands accumulate in fp32, int8 ones in int32 (|dot| <= 128 * 2^14 = 2^21:
-    exact in fp32)."""
-    # One return after the branches: triton's code generator still emits the statements that follow a return inside
-    # a constexpr branch (an int32 dot of fp8 operands aborted the compile on the GPU; session 7).
-    if FP8:
-        dot = tl.dot(a, b, out_dtype=tl.float32)
-    else:
-        dot = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
-    return dot
-
-
-@triton.jit
-def _block_scale(xs_ptrs, ws_ptrs, kt, stride_xsk, stride_wsk, WS_PER_COLUMN: tl.constexpr):
-    """The (BLOCK_M, BLOCK_N) or (BLOCK_M, 1) scale of K tile kt: token scales x the weight block's scale(s)."""
-    xs = tl.load(xs_ptrs + kt * stride_xsk)  # (BLOCK_M,)
-    ws = tl.load(ws_ptrs + kt * stride_wsk)  # (BLOCK_N,) or scalar
-    if WS_PER_COLUMN:
-        scale = xs[:, None] * ws[None, :]
-    else:
-        scale = xs[:, None] * ws
-    return scale
-
-
-@triton.jit
 def _block_gemm_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr,  # q [M, K], fp32 [M, KB], q [N, K], fp32 [NB, KB], [N], [M, N]
     part_ptr, lock_ptr,  # split-K: fp32 partial tiles [SPLIT_K, tiles, BLOCK_M * BLOCK_N], int32 counters [tiles]
@@ -263,7 +238,6 @@ def _block_gemm_kernel(
     FP8: tl.constexpr,  # operands are float8_e4m3fn (fp32 dot) instead of int8 (int32 dot)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    PAIRED: tl.constexpr = False,  # two K tiles per loop step (config.block_k = 2 x the K block)
 ):
     """int8-block and fp8-block: BLOCK_K is the K quantization block (the wrappers check it), so K step kt uses
     scale column kt; each step's dot is promoted to fp32 and scaled before it joins the fp32 accumulator."""
@@ -279,47 +253,30 @@ def _block_gemm_kernel(
         ws_ptrs = ws_ptr + ((pid_n * BLOCK_N) // SCALE_N) * stride_wsn  # scalar: the tile's one block row
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if PAIRED:
-        # Two K tiles per loop step: both dots are issued before either is promoted, so one MMA wait serves two
-        # tiles; the accumulator still adds tile kt, then kt + 1 (the same fp32 sums in the same order). A split
-        # with an odd step count ends on a half step whose second tile is loaded as zeros (index k_tiles: past K;
-        # EVEN_K is off then).
-        for i in range(0, steps, 2):
-            kt = kt_first + i
-            kt1 = tl.where(i + 1 < steps, kt + 1, k_tiles)
-            s0 = _block_scale(xs_ptrs, ws_ptrs, tl.minimum(kt, k_tiles - 1), stride_xsk, stride_wsk, WS_PER_COLUMN)
-            s1 = _block_scale(xs_ptrs, ws_ptrs, tl.minimum(kt1, k_tiles - 1), stride_xsk, stride_wsk, WS_PER_COLUMN)
-            a0, b0 = _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K, EVEN_K, FP8)
-            a1, b1 = _load_k_tile(x_ptrs + BLOCK_K * stride_xk, w_ptrs + BLOCK_K * stride_wk, offs_k, K, kt1,
-                                  BLOCK_K, EVEN_K, FP8)
-            dot0 = _block_dot(a0, b0, FP8)
-            dot1 = _block_dot(a1, b1, FP8)
-            acc += dot0 * s0
-            acc += dot1 * s1
-            x_ptrs += 2 * BLOCK_K * stride_xk
-            w_ptrs += 2 * BLOCK_K * stride_wk
-    else:
-        # The scales are loaded one K step ahead of their use, so their latency overlaps a step's MMA instead of
-        # stalling the promotion: -1% to +16% (median 4%) at M = 1024 / 4096 on the H100 (kernels/NOTES.md, session
-        # 9). A step past K (dot = 0) reads the last scale column, not past the scales.
-        ks = tl.minimum(kt_first, k_tiles - 1)
-        xs_next = tl.load(xs_ptrs + ks * stride_xsk)  # (BLOCK_M,)
-        ws_next = tl.load(ws_ptrs + ks * stride_wsk)  # (BLOCK_N,) or scalar
-        for i in range(0, steps):
-            kt = kt_first + i
-            xs = xs_next
-            ws = ws_next
-            ks = tl.minimum(kt + 1, k_tiles - 1)
-            xs_next = tl.load(xs_ptrs + ks * stride_xsk)
-            ws_next = tl.load(ws_ptrs + ks * stride_wsk)
-            a, b = _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K, EVEN_K, FP8)
-            dot = _block_dot(a, b, FP8)
-            if WS_PER_COLUMN:
-                acc += dot * (xs[:, None] * ws[None, :])
-            else:
-                acc += dot * (xs[:, None] * ws)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
+    # The scales are loaded one K step ahead of their use, so their latency overlaps a step's MMA instead of
+    # stalling the promotion: -1% to +16% (median 4%) at M = 1024 / 4096 on the H100 (kernels/NOTES.md, session 9).
+    # A step past K (dot = 0) reads the last scale column, not past the scales.
+    ks = tl.minimum(kt_first, k_tiles - 1)
+    xs_next = tl.load(xs_ptrs + ks * stride_xsk)  # (BLOCK_M,)
+    ws_next = tl.load(ws_ptrs + ks * stride_wsk)  # (BLOCK_N,) or scalar
+    for i in range(0, steps):
+        kt = kt_first + i
+        xs = xs_next
+        ws = ws_next
+        ks = tl.minimum(kt + 1, k_tiles - 1)
+        xs_next = tl.load(xs_ptrs + ks * stride_xsk)
+        ws_next = tl.load(ws_ptrs + ks * stride_wsk)
+        a, b = _load_k_tile(x_ptrs, w_ptrs, offs_k, K, kt, BLOCK_K, EVEN_K, FP8)
+        if FP8:
+            dot = tl.dot(a, b, out_dtype=tl.float32)
+        else:
+            dot = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)  # |dot| <= 128 * 2^14 = 2^21: exact in fp32
+        if WS_PER_COLUMN:
+            acc += dot * (xs[:, None] * ws[None, :])
+        else:
+            acc += dot * (xs[:, None] * ws)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
 
     is_last = True
     if SPLIT_K > 1:
@@ -511,17 +468,12 @@ def _split_k_locks(device: torch.device) -> torch.Tensor:
 
 
 def _launch(kernel, device: torch.device, config: GemmConfig, m: int, n: int, k: int, part_dtype: torch.dtype,
-            *args, pair_k: bool = False, **constexprs) -> None:
-    """Grid, split-K scratch and launch of one GEMM (the kernels take part_ptr, lock_ptr after the six operands).
-    pair_k: the block kernel's two K tiles per loop step (PAIRED)."""
+            *args, **constexprs) -> None:
+    """Grid, split-K scratch and launch of one GEMM (the kernels take part_ptr, lock_ptr after the six operands)."""
     tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     split_k = config.split_k if tiles <= MAX_SPLIT_K_TILES else 1
-    # EVEN_K, no K mask: no ragged K tile, and every split's steps are whole tiles inside K (see _k_range) - whole
-    # pairs of them when paired
-    k_tiles = cdiv(k, config.block_k)
-    even_k = k % config.block_k == 0 and k_tiles % split_k == 0 and (not pair_k or (k_tiles // split_k) % 2 == 0)
-    if pair_k:
-        constexprs["PAIRED"] = True
+    # EVEN_K, no K mask: no ragged K tile, and every split's steps are whole tiles inside K (see _k_range)
+    even_k = k % config.block_k == 0 and cdiv(k, config.block_k) % split_k == 0
     if split_k > 1:
         part = torch.empty(split_k * tiles * config.block_m * config.block_n, dtype=part_dtype, device=device)
         locks = _split_k_locks(device)
@@ -671,18 +623,12 @@ def launch_block_gemm(
         return y
     if config is None:  # tuned or default tiles, bent to the K block (a no-op for 128x128)
         config = resolve_config(op, None, m, n, k, x_q.device)
-        config = replace(config, block_k=bk) if config.block_k not in (bk, 2 * bk) else config
+        config = replace(config, block_k=bk) if config.block_k != bk else config
     config = resolve_config(op, config, m, n, k, x_q.device)  # checks a caller's config
-    if config.block_k not in (bk, 2 * bk):
+    if config.block_k != bk:
         raise ValueError(
-            f"config.block_k = {config.block_k} must be the K quantization block {bk} (one scale per K step) or "
-            f"twice it ({2 * bk}: two K tiles per loop step)"
+            f"config.block_k = {config.block_k} must equal the K quantization block {bk}: one scale per K step"
         )
-    paired = config.block_k == 2 * bk
-    if paired and config.block_m == 1:
-        raise ValueError(f"config.block_k = {config.block_k} (two K tiles per step) is for the tensor-core tiles, not "
-                         "the GEMV (block_m 1)")
-    config = replace(config, block_k=bk)
     words, config = _gemv_plan(op, x_q, w_q, mnk, config)
     if words is not None:
         _launch(
@@ -701,7 +647,6 @@ def launch_block_gemm(
         w_q.stride(0), w_q.stride(1), w_s.stride(0), w_s.stride(1),
         y.stride(0), y.stride(1),
         SCALE_N=bn, WS_PER_COLUMN=bn % config.block_n != 0, HAS_BIAS=bias is not None, FP8=op == "fp8_gemm_block",
-        pair_k=paired,
     )
     return y
 

@@ -165,7 +165,7 @@ DEFAULT_TUNE_M = (1, 16, 64, 128, 256, 1024, 4096)
 
 def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
     """The configs a sweep tries for ``op`` at an [m, k] x [n, k] launch (kernel ties respected: block ops keep
-    block_k 128, or at decode sizes 256 = two 128-K tiles per loop step, both dots issued before either promotion).
+    block_k 128).
 
     Decode (m <= 64) is weight-bandwidth bound: narrow N tiles, deep pipelines, and split-K up to ~8 programs per SM
     so that enough bytes are in flight (~40 KB per SM: 3 TB/s x ~1.5 us / 132 SMs). Prefill is tensor-core bound:
@@ -174,8 +174,7 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
     """
     if op in WEIGHT_ONLY_OPS:
         return _weight_only_candidates(op, m, n, k, num_sms)
-    block_op = op in ("int8_gemm_block", "fp8_gemm_block")
-    block_ks = (128,) if block_op else (128, 256)
+    block_ks = (128,) if op in ("int8_gemm_block", "fp8_gemm_block") else (128, 256)
     out: list[GemmConfig] = []
     if m == 1 and op in ("int8_gemm_channel", "int8_gemm_block"):
         out += _int8_gemv_candidates(op, n, k, num_sms)
@@ -185,7 +184,7 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
         # M = 64 with 32-wide tiles twice the int8 weight's own bytes
         for bn in (32, 64, 128):
             tiles = -(-m // bm) * -(-n // bn)
-            for bk in (128, 256):
+            for bk in block_ks:
                 k_tiles = -(-k // bk)
                 for stages in (4, 6):
                     for split in (1, 2, 4, 8, 16):
