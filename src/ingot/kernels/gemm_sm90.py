@@ -18,8 +18,8 @@ run while the other's MMAs do. Within a consumer, step i's wgmma is issued befor
 and promoted. The math is the same as the Triton kernel's, step by step: an exact int32 dot per 128-K block,
 converted to fp32, times x_s[m, kb] * w_s[n // 128, kb], added to an fp32 accumulator in K order; so the two kernels
 give the same bits. The tile's N range is one 128-row weight block (BLOCK_N = 128), so the weight scale of a step is
-one scalar. History (kernels/NOTES.md): one warpgroup pair in lockstep, refilling the ring itself, ran 1.10-1.34x
-BF16 at M >= 1024 (sessions 9-10); warp-specialized, 1.26-1.55x (session 13).
+one scalar. History (kernels/NOTES.md): one warpgroup pair in lockstep, refilling the ring itself, ran 1.11-1.33x
+BF16 at M >= 1024 in the kernel bench (sessions 9-10, db5eb03); warp-specialized, 1.21-1.43x (session 13, 3e4c839).
 
 Per-channel: one int32 accumulator carried through all of K (each wgmma adds to the previous one's result, one left
 in flight), the scales and bias applied once in the epilogue, as ``int8_gemm._int8_gemm_channel_kernel`` does, so
