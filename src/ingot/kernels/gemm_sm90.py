@@ -48,7 +48,7 @@ from ingot.kernels.tuning import GemmConfig, num_sms
 # int8-block (H100, session 13, `ws-block-*-715faf8.json`, 9 bench shapes at M 256-4096): 128x128x128 tiles, two
 # consumer warpgroups of 64 rows (num_warps 4 is the default partition's one; the worker adds 4 + 1 warps), 5 stages
 # (160 KB of shared memory; geometric mean over the 9 shapes 1.391x BF16 at M = 1024 against 1.382x for 4 stages and
-# 1.384x for 6); K steps in groups of 4 per drain of a consumer's wgmma pipeline (1: 1.13-1.37x; 2: 1.27-1.50x; 4:
+# 1.384x for 6); K steps in groups of 4 per drain of a consumer's wgmma pipeline (1: 1.13-1.37x; 2: 1.23-1.50x; 4:
 # 1.23-1.54x at M 1024 / 4096; 8 spilled and serialized the wgmmas). Registers: 168 per thread at launch (12 warps
 # on one SM), redistributed by setmaxnreg: 24 for the producer warp's warpgroup, 240 for each consumer.
 BLOCK_CONFIG = GemmConfig(128, 128, 128, group_m=8, num_warps=4, num_stages=5)
@@ -57,8 +57,8 @@ BLOCK_MAXNREG = 168
 BLOCK_CONSUMER_REGS = 240
 # Where it runs (``block_wanted``): from M = 512 on every bench shape (it beat the Triton tables on 9 of 9 at M =
 # 512, 0.99-1.49x BF16 against 0.71-1.05x), and from M = 256 where its tiles give at least half the SMs one each: at
-# M = 256 it won on 6 of 9 shapes and lost on the three with 32-64 tiles (4096x4096 0.98x against Triton's 1.13x,
-# 2048x7168 0.72x against 0.95x; 4096x14336 even).
+# M = 256 it won on 7 of 9 shapes, lost on 4096x4096 (0.98x against Triton's 1.13x) and 2048x7168 (0.72x against
+# 0.95x), and was 1% ahead on 4096x14336; the rule leaves all three, 32-64 tiles each, to Triton.
 BLOCK_FULL_M = 512
 BLOCK_MIN_M = 256
 
@@ -127,19 +127,13 @@ def _step_scale(xs_ptrs, ws_ptr_tile, step, last, stride_xsk, stride_wsk):
 
 
 @gluon.jit
-def _block_load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M: gl.constexpr,
-                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                          GROUP_K: gl.constexpr):
+def _block_load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, num_pid_m, num_pid_n, steps,
+                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+                          STAGES: gl.constexpr):
     """The producer warp of the warp-specialized block kernel: the program's tiles' K steps, in order, into the ring;
     a slot is refilled once both consumers have released it (``empty``)."""
-    pid = gl.program_id(0)
-    num_progs = gl.num_programs(0)
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_tiles = num_pid_m * num_pid_n
-    steps = gl.cdiv(gl.cdiv(K, BLOCK_K), GROUP_K) * GROUP_K  # as the consumers count them
     g = 0
-    for tile in range(pid, num_tiles, num_progs):
+    for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
         off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
         for s in range(steps):
             slot = g % STAGES
@@ -165,11 +159,10 @@ def _block_issue(a_bufs, b_bufs, ready, acc, g, HALF: gl.constexpr, ROWS: gl.con
 
 
 @gluon.jit
-def _block_mma_partition(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
-                         stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
+def _block_mma_partition(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, num_pid_m, num_pid_n,
+                         steps, last, stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
                          HALF: gl.constexpr, SCALE_N: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
-                         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                         GROUP_K: gl.constexpr):
+                         BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUP_K: gl.constexpr):
     """One consumer warpgroup of the warp-specialized block kernel: rows HALF * BLOCK_M / 2 .. of every tile. The
     other consumer runs the same loop on the other half of the tile, so one's promotion and epilogue overlap the
     other's MMAs (DeepGEMM's two math warpgroups). Within a consumer, K steps go in groups of GROUP_K: each wgmma is
@@ -184,16 +177,8 @@ def _block_mma_partition(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr,
     THREADS_N: gl.constexpr = BLOCK_N // 8
     out: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // THREADS_N, THREADS_N],
                                          warps_per_cta=[4, 1], order=[1, 0])
-    pid = gl.program_id(0)
-    num_progs = gl.num_programs(0)
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_tiles = num_pid_m * num_pid_n
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    steps = gl.cdiv(k_tiles, GROUP_K) * GROUP_K  # steps past K: zero tiles from the TMA, the last block's scales
-    last = k_tiles - 1
     g = 0
-    for tile in range(pid, num_tiles, num_progs):
+    for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
         off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
         rows = off_m + HALF * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
         xs_ptrs = xs_ptr + gl.minimum(rows, M - 1).to(gl.int64) * stride_xsm  # rows past M: never stored
@@ -249,15 +234,24 @@ def _int8_block_gemm_sm90_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # released by both consumers
+    # The tile grid and the K step count, once for all partitions: the producer and the consumers must walk the same
+    # steps. Steps run in groups of GROUP_K; a count that is not a multiple gets steps past K, which the TMA fills
+    # with zeros (zero dots, promoted with the last block's scales, index ``last``).
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    steps = gl.cdiv(k_tiles, GROUP_K) * GROUP_K
     gl.warp_specialize([
-        (_block_mma_partition, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
-                                stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
-                                0, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, GROUP_K)),
-        (_block_mma_partition, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
-                                stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
-                                1, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, GROUP_K)),
-        (_block_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M, BLOCK_N,
-                                 BLOCK_K, GROUP_M, STAGES, GROUP_K)),
+        (_block_mma_partition, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, num_pid_m,
+                                num_pid_n, steps, k_tiles - 1, stride_xsm, stride_xsk, stride_wsn, stride_wsk,
+                                stride_ym, stride_yn, 0, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, GROUP_M, STAGES,
+                                GROUP_K)),
+        (_block_mma_partition, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, num_pid_m,
+                                num_pid_n, steps, k_tiles - 1, stride_xsm, stride_xsk, stride_wsn, stride_wsk,
+                                stride_ym, stride_yn, 1, SCALE_N, HAS_BIAS, BLOCK_M, BLOCK_N, GROUP_M, STAGES,
+                                GROUP_K)),
+        (_block_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, num_pid_m, num_pid_n, steps, BLOCK_M,
+                                 BLOCK_N, BLOCK_K, GROUP_M, STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
@@ -383,7 +377,6 @@ def int8_block_gemm_sm90(
     out_dtype: torch.dtype,
     out: torch.Tensor | None,
     config: GemmConfig = BLOCK_CONFIG,
-    group_k: int = GROUP_K,
 ) -> torch.Tensor:
     """int8_gemm_block(x_q, x_s, w_q, w_s, (128, 128), bias, out_dtype, out=out) on operands that
     ``int8_gemm.check_block_operands`` and ``supported`` passed."""
@@ -400,7 +393,7 @@ def int8_block_gemm_sm90(
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), y.stride(0), y.stride(1),
             SCALE_N=128, HAS_BIAS=bias is not None,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            STAGES=config.num_stages, GROUP_K=group_k, CONSUMER_REGS=BLOCK_CONSUMER_REGS,
+            STAGES=config.num_stages, GROUP_K=GROUP_K, CONSUMER_REGS=BLOCK_CONSUMER_REGS,
             num_warps=config.num_warps, maxnreg=BLOCK_MAXNREG,
         )
     return y
@@ -411,10 +404,11 @@ def block_wanted(m: int, n: int, device: torch.device) -> bool:
     from M = BLOCK_FULL_M always, and from BLOCK_MIN_M where its 128x128 tiles give at least half of the device's SMs
     one each (below that the Triton tables' smaller tiles and split-K win; session 13). The SM count is read only
     in that middle range."""
+    if m < BLOCK_MIN_M:
+        return False
     if m >= BLOCK_FULL_M:
         return True
-    tiles = cdiv(m, BLOCK_CONFIG.block_m) * cdiv(n, BLOCK_CONFIG.block_n)
-    return m >= BLOCK_MIN_M and 2 * tiles >= num_sms(device)
+    return 2 * cdiv(m, BLOCK_CONFIG.block_m) * cdiv(n, BLOCK_CONFIG.block_n) >= num_sms(device)
 
 
 def channel_config(m: int, n: int, sms: int) -> GemmConfig:

@@ -675,8 +675,9 @@ def int8_gemm_block(
     may span block rows (each column reads its own block row's scale).
 
     ``backend``: "auto" (the Hopper kernel ``ingot.kernels.gemm_sm90.int8_block_gemm_sm90`` where its
-    ``block_wanted`` says so for M and N, ``sm90_unsupported`` is None and no ``config`` is given, else Triton; a failure to compile or
-    launch it is logged once and that device stays on Triton), "triton", or "sm90" (raises where it does not apply).
+    ``block_wanted`` says so for M and N, ``sm90_unsupported`` is None and no ``config`` is given, else Triton; a
+    failure to compile or launch it is logged once and that device stays on Triton), "triton", or "sm90" (raises
+    where it does not apply).
     Both give the same bits.
     Reference: ``ingot.quant.ref.int8_gemm_block_ref``.
     """
@@ -738,11 +739,11 @@ def auto_backend(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, in
     if sm90 is None:
         return "triton"
     m = x_q.shape[0]
-    if m < (sm90.CHANNEL_MIN_M if block_size is None else sm90.BLOCK_MIN_M):
-        return "triton"
-    if block_size is not None and not sm90.block_wanted(m, w_q.shape[0], x_q.device):
-        return "triton"
-    return "sm90" if sm90_unsupported(x_q, w_q, block_size) is None else "triton"
+    if block_size is None:
+        wanted = m >= sm90.CHANNEL_MIN_M
+    else:
+        wanted = sm90.block_wanted(m, w_q.shape[0], x_q.device)
+    return "sm90" if wanted and sm90_unsupported(x_q, w_q, block_size) is None else "triton"
 
 
 def sm90_unsupported(x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int] | None = None) -> str | None:
