@@ -454,3 +454,173 @@ def int8_channel_gemm_sm90(
             num_warps=config.num_warps,
         )
     return y
+
+
+# ----------------------------------------------------------------------------------------- decode sizes (swap-AB)
+
+
+@gluon.jit
+def _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, j, steps, first, off_n, off_m,
+                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads of the program's K step ``j`` (K tile first + j) into its ring slot; none from ``steps`` on. A K
+    tile past K (the last split's surplus) is zero-filled by the TMA and adds nothing."""
+    slot = j % STAGES
+    pred = j < steps
+    k = (first + j) * BLOCK_K
+    mbarrier.expect(ready.index(slot), w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(w_desc, [off_n, k], ready.index(slot), a_bufs.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [off_m, k], ready.index(slot), b_bufs.index(slot), pred=pred)
+
+
+@gluon.jit
+def _int8_skinny_gemm_sm90_kernel(
+    w_desc, x_desc,  # TMA descriptors: int8 w [N, K] in [BLOCK_N, BLOCK_K] boxes, int8 x [M, K] in [BLOCK_M, BLOCK_K]
+    xs_ptr, ws_ptr, bias_ptr, y_ptr,  # channel: fp32 [M, 1], fp32 [N, 1]; block: fp32 [M, KB], fp32 [NB, KB]
+    part_ptr, lock_ptr,  # split-K: partial tiles [SPLIT_K, tiles, BLOCK_N * BLOCK_M] (int32 / fp32), counters [tiles]
+    M, N, K,
+    stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
+    BLOCKED: gl.constexpr,  # block scales (fp32 promotion per K step) instead of per-channel ones
+    SCALE_N: gl.constexpr,  # weight block rows (128; BLOCK_N divides it) when BLOCKED
+    HAS_BIAS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+    STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
+    num_warps: gl.constexpr,  # 4: one warpgroup
+):
+    # Swap-AB: y^T [N, M] = w [N, K] @ x^T, so the weight rows fill the wgmma's 64-row side and the few tokens its
+    # narrow side (BLOCK_M 16-64): no padding of x to 64 rows, and one program's x tile is read once per
+    # BLOCK_N weight rows. One program = one (N tile, M tile, K split); a STAGES-deep TMA ring streams its K steps.
+    gl.static_assert(num_warps == 4, "one warpgroup")
+    pid = gl.program_id(0)
+    tile = pid // SPLIT_K
+    pid_k = pid % SPLIT_K
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    off_n = (tile // num_pid_m) * BLOCK_N  # consecutive tiles share an N tile (its weight rows stay in L2)
+    off_m = (tile % num_pid_m) * BLOCK_M
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    steps = gl.cdiv(k_tiles, SPLIT_K)
+    first = pid_k * steps
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BLOCK_M, 32])
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    for s in gl.static_range(STAGES):
+        _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, s, steps, first, off_n, off_m, BLOCK_K, STAGES)
+
+    if BLOCKED:
+        # each step's exact int32 dot, promoted: acc += dot * (x_s[m, kb] * w_s[n // SCALE_N, kb]), as the Triton
+        # kernel. The wgmma is waited for before its promotion; the ring keeps STAGES steps of loads in flight.
+        tokens = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+        xs_ptrs = xs_ptr + gl.minimum(tokens, M - 1).to(gl.int64) * stride_xsm  # tokens past M: never stored
+        ws_ptr_tile = ws_ptr + (off_n // SCALE_N) * stride_wsn
+        last = k_tiles - 1
+        acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
+        zero = gl.zeros((BLOCK_N, BLOCK_M), gl.int32, layout=mma)
+        for j in range(steps):
+            slot = j % STAGES
+            kb = gl.minimum(first + j, last)  # a step past K (dot = 0) takes the last block's scales
+            scale = gl.load(xs_ptrs + kb * stride_xsk) * gl.load(ws_ptr_tile + kb * stride_wsk)
+            mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
+            dot = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), zero, use_acc=False,
+                                is_async=True)
+            dot = warpgroup_mma_wait(num_outstanding=0, deps=(dot,))
+            _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, j + STAGES, steps, first, off_n, off_m,
+                         BLOCK_K, STAGES)
+            acc += dot.to(gl.float32) * scale[None, :]  # |dot| <= 128 * 2^14 = 2^21: exact in fp32
+    else:
+        # one int32 sum over the split's K range; each wgmma adds to the one before, which stays in flight until
+        # the next is issued; the slot of the step just retired is refilled
+        mbarrier.wait(ready.index(0), 0)
+        acc = gl.zeros((BLOCK_N, BLOCK_M), gl.int32, layout=mma)
+        acc = warpgroup_mma(a_bufs.index(0), b_bufs.index(0).permute((1, 0)), acc, use_acc=False, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        for j in range(1, steps):
+            slot = j % STAGES
+            mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, j - 1 + STAGES, steps, first, off_n, off_m,
+                         BLOCK_K, STAGES)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+
+    # the output tile in a layout whose threads own 8 consecutive weight rows (= 8 consecutive columns of y: 16-byte
+    # bf16 stores); split-K partials go through the same layout
+    THREADS_N: gl.constexpr = BLOCK_N // 8 if BLOCK_N < 256 else 32
+    out: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[THREADS_N, 32 // THREADS_N],
+                                         warps_per_cta=[1, 4], order=[0, 1])
+    acc = gl.convert_layout(acc, out)
+    n_offs = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out))
+    m_offs = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out))
+    is_last = True
+    if SPLIT_K > 1:
+        # as int8_gemm._split_k_sum: every split stores its partial, then bumps the tile's counter (acq_rel, GPU
+        # scope, after a barrier); the last to arrive sums the partials in split order and resets the counter
+        num_tiles = gl.cdiv(N, BLOCK_N) * num_pid_m
+        offs = n_offs[:, None] * BLOCK_M + m_offs[None, :]
+        gl.store(part_ptr + (pid_k * num_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + offs, acc,
+                 cache_modifier=".cg")
+        gl.thread_barrier()
+        count = gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        is_last = count == SPLIT_K - 1
+        if is_last:
+            acc = gl.zeros((BLOCK_N, BLOCK_M), acc.dtype, layout=out)
+            for p in range(SPLIT_K):  # a loop, not unrolled: SPLIT_K tiles of loads in flight spilled at 128x64
+                acc += gl.load(part_ptr + (p * num_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + offs,
+                               cache_modifier=".cg")
+            gl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")
+    if is_last:
+        rows = off_n + n_offs  # weight rows = columns of y
+        cols = off_m + m_offs  # tokens = rows of y
+        if BLOCKED:
+            y = acc
+        else:  # (acc * x_s) * w_s, in the reference's order
+            xs = gl.load(xs_ptr + gl.minimum(cols, M - 1).to(gl.int64) * stride_xsm)
+            ws = gl.load(ws_ptr + gl.minimum(rows, N - 1) * stride_wsn)
+            y = acc.to(gl.float32) * xs[None, :] * ws[:, None]
+        if HAS_BIAS:
+            y += gl.load(bias_ptr + gl.minimum(rows, N - 1)).to(gl.float32)[:, None]
+        y_ptrs = y_ptr + cols.to(gl.int64)[None, :] * stride_ym + rows[:, None] * stride_yn
+        gl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < N) & (cols[None, :] < M))
+
+
+def int8_skinny_gemm_sm90(
+    x_q: torch.Tensor,
+    x_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None,
+    config: GemmConfig,
+    blocked: bool,
+    part: torch.Tensor | None = None,
+    locks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """int8_gemm_channel (``blocked`` False) or int8_gemm_block with (128, 128) blocks (True) at decode sizes, on
+    operands that ``supported`` passed: swap-AB tiles of config.block_n weight rows x config.block_m tokens, split-K
+    config.split_k (``part`` and ``locks``: its scratch and tile counters, as ``int8_gemm._launch`` makes them)."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
+    if m == 0:
+        return y
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    w_desc = TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk], _smem_layout(bn, bk))
+    x_desc = TensorDescriptor(x_q, [m, k], [x_q.stride(0), 1], [bm, bk], _smem_layout(bm, bk))
+    tiles = cdiv(n, bn) * cdiv(m, bm)
+    with torch.cuda.device(x_q.device):
+        _int8_skinny_gemm_sm90_kernel[(tiles * config.split_k,)](
+            w_desc, x_desc, x_s, w_s, x_s if bias is None else bias, y,
+            x_s if part is None else part, x_s if locks is None else locks,
+            m, n, k,
+            x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), y.stride(0), y.stride(1),
+            BLOCKED=blocked, SCALE_N=128, HAS_BIAS=bias is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=config.num_stages, SPLIT_K=config.split_k,
+            num_warps=4,
+        )
+    return y
