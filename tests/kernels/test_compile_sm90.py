@@ -97,8 +97,19 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
 from triton.backends.nvidia.compiler import get_ptxas
 from ingot.kernels import gemm_sm90 as g
+from ingot.kernels.tuning import GemmConfig
 op, tile, has_bias = sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3]))
-cfg = g.BLOCK_CONFIG if op == "block" else g.CHANNEL_TILES[tile][0]
+# the decode kernel's extremes: the smallest tile, the largest (the most registers: a 128 x 64 split-K sum), deepest
+SKINNY_TILES = [GemmConfig(16, 64, 256, num_stages=8, split_k=1), GemmConfig(64, 128, 256, num_stages=4, split_k=4),
+                GemmConfig(32, 64, 128, num_stages=8, split_k=2)]
+if op == "block":
+    cfg = g.BLOCK_CONFIG
+elif op == "channel":
+    cfg = g.CHANNEL_TILES[tile][0]
+else:
+    cfg = SKINNY_TILES[tile]
+    if op == "skinny-block":
+        cfg = GemmConfig(cfg.block_m, cfg.block_n, 128, num_stages=cfg.num_stages, split_k=cfg.split_k)
 x = torch.zeros(1024, 1024, dtype=torch.int8)
 x_desc = mangle_type(g.TensorDescriptor(x, [1024, 1024], [1024, 1], [cfg.block_m, cfg.block_k],
                                         g._smem_layout(cfg.block_m, cfg.block_k)))
@@ -107,13 +118,20 @@ w_desc = mangle_type(g.TensorDescriptor(x, [1024, 1024], [1024, 1], [cfg.block_n
 constexprs = {"HAS_BIAS": has_bias, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
               "GROUP_M": cfg.group_m, "STAGES": cfg.num_stages, "num_warps": cfg.num_warps}
 options = {"num_warps": cfg.num_warps}
-if op == "block":
+if op.startswith("skinny"):
+    kernel = g._int8_skinny_gemm_sm90_kernel
+    del constexprs["GROUP_M"]
+    constexprs.update(BLOCKED=op == "skinny-block", SCALE_N=128, SPLIT_K=cfg.split_k)
+    part = "*fp32" if op == "skinny-block" else "*i32"
+    types = [w_desc, x_desc, "*fp32", "*fp32", "*fp32", "*bf16", part, "*i32"] + ["i32"] * 9
+elif op == "block":
     kernel, ints = g._int8_block_gemm_sm90_kernel, 9
     constexprs.update(SCALE_N=128, GROUP_K=g.GROUP_K, CONSUMER_REGS=g.BLOCK_CONSUMER_REGS)
     options["maxnreg"] = g.BLOCK_MAXNREG
 else:
     kernel, ints = g._int8_channel_gemm_sm90_kernel, 7
-types = [x_desc, w_desc, "*fp32", "*fp32", "*fp32", "*bf16"] + ["i32"] * ints
+if not op.startswith("skinny"):
+    types = [x_desc, w_desc, "*fp32", "*fp32", "*fp32", "*bf16"] + ["i32"] * ints
 params = [p for p in kernel.arg_names if p not in constexprs]
 assert len(params) == len(types), params
 signature = dict(zip(params, types), **{c: "constexpr" for c in constexprs})
@@ -127,7 +145,8 @@ with tempfile.TemporaryDirectory() as d:
 print(json.dumps({"cubin": len(out.asm["cubin"]), "shared": out.metadata.shared, "ptxas": run.stderr,
                   "num_warps": out.metadata.num_warps}))
 """
-SM90_KERNELS = [("block", 0)] + [("channel", i) for i in range(2)]
+SM90_KERNELS = ([("block", 0)] + [("channel", i) for i in range(2)]
+                + [(f"skinny-{kind}", i) for kind in ("channel", "block") for i in range(3)])
 
 
 @pytest.mark.parametrize("has_bias", [False, True])

@@ -715,6 +715,22 @@ def test_backend_choice_is_checked():
                            ref.int8_gemm_channel_ref(*big, out_dtype=torch.float32))
 
 
+def test_sm90_decode_config_off_hopper():
+    """A caller's config of kernel "sm90" (the Hopper decode kernel) names why it cannot run (here: the
+    interpreter, or no sm_90); with backend "triton" likewise."""
+    if _hopper():
+        pytest.skip("the decode kernel runs here (its GPU tests cover it)")
+    sm90 = GemmConfig(16, 64, 256, group_m=1, num_stages=4, kernel="sm90")
+    channel = _channel_operands(5, 128, 256, 1)
+    with pytest.raises(ValueError, match="config.kernel 'sm90' cannot run here"):
+        int8_gemm_channel(*channel, config=sm90)
+    with pytest.raises(ValueError, match="backend 'triton'"):
+        int8_gemm_channel(*channel, config=sm90, backend="triton")
+    block = _block_operands(5, 128, 256, 1)
+    with pytest.raises(ValueError, match="config.kernel 'sm90' cannot run here"):
+        int8_gemm_block(*block, config=replace(sm90, block_k=128))
+
+
 def test_channel_config_picks_the_tile_that_finishes_first():
     """Waves of tiles over the SMs times the tile's relative time (132 SMs, the H100): the 128x256 tile where both
     need the same number of waves or it saves one, the 128x128 tile where the wide tiles would leave SMs idle."""
@@ -795,6 +811,66 @@ def test_gpu_sm90_channel_same_bits_as_triton(m, n, k):
         if launch == 0:
             y = int8_gemm_channel(*args, out_dtype=torch.float32, backend="sm90")
             assert torch.equal(y, ref.int8_gemm_channel_ref(*args, out_dtype=torch.float32)), f"M={m} N={n} K={k}"
+
+
+# decode sizes for the swap-AB kernel: M from one token to a full 64-token tile (33: a ragged one); N ragged (576 =
+# 9 x 64 = 4.5 x 128) and whole; K ragged (1040 = 8.125 x 128: the TMA zero-fills the rest) and long
+SM90_DECODE_CASES = [(1, 4096, 4096), (5, 576, 1040), (16, 2048, 7168), (33, 7168, 2048), (64, 576, 1536)]
+SM90_DECODE_TILES = [GemmConfig(16, 64, 256, group_m=1, num_stages=8, kernel="sm90"),
+                     GemmConfig(64, 128, 128, group_m=1, num_stages=4, split_k=4, kernel="sm90"),
+                     GemmConfig(32, 64, 256, group_m=1, num_stages=6, split_k=3, kernel="sm90")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU (wgmma, TMA)")
+@pytest.mark.parametrize("m,n,k", SM90_DECODE_CASES)
+def test_gpu_sm90_decode_kernel(m, n, k):
+    """The swap-AB decode kernel at several tiles (one token tile or several, split-K 1 / 3 / 4): per-channel the
+    same bits as the Triton kernel (exact int32 sums, the same epilogue), block-scaled within fp32 rounding of the
+    reference (its split partials sum in another order); every output dtype, bias or none, NaN-poisoned outputs,
+    three launches on fresh inputs."""
+    for launch in range(3):
+        seed = int.from_bytes(os.urandom(4), "little")
+        channel, block = _channel_operands(m, n, k, seed), _block_operands(m, n, k, seed)
+        for out_dtype, bias in ((torch.float32, None), (torch.bfloat16, _bias(n, torch.bfloat16, seed + 1)),
+                                (torch.float16, _bias(n, torch.float32, seed + 2))):
+            expected = int8_gemm_channel(*channel, bias=bias, out_dtype=out_dtype, backend="triton")
+            exact = ref.int8_gemm_block_ref(*block, bias=bias, out_dtype=torch.float32)
+            for cfg in SM90_DECODE_TILES:
+                what = f"M={m} N={n} K={k} {out_dtype} bias={bias is not None} {cfg} launch {launch} seed {seed}"
+                y = torch.full((m, n), float("nan"), dtype=out_dtype, device="cuda")
+                int8_gemm_channel(*channel, bias=bias, out_dtype=out_dtype, out=y, config=cfg)
+                torch.cuda.synchronize()
+                assert not y.isnan().any(), f"unwritten elements: {what}"
+                assert torch.equal(y, expected), f"{what}: max |diff| {(y.float() - expected.float()).abs().max()}"
+                y = torch.full((m, n), float("nan"), dtype=out_dtype, device="cuda")
+                int8_gemm_block(*block, bias=bias, out_dtype=out_dtype, out=y, config=replace(cfg, block_k=128))
+                torch.cuda.synchronize()
+                assert not y.isnan().any(), f"unwritten elements (block): {what}"
+                tol = FP32_TOL if out_dtype == torch.float32 else 1e-2
+                assert_close_rel(y.float(), exact, tol, f"block {what}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU (wgmma, TMA)")
+def test_gpu_sm90_decode_from_a_tuned_table(monkeypatch):
+    """A tuned table entry of kernel "sm90" runs the decode kernel (same bits as Triton); backend "triton" or a weight
+    the TMA cannot read (rows at an odd address) take the Triton default instead, without an error."""
+    from ingot.kernels import tuning
+
+    m, n, k = 16, 576, 1536
+    entry = GemmConfig(16, 64, 256, group_m=1, num_stages=4, kernel="sm90")
+    monkeypatch.setattr(tuning, "lookup", lambda op, n_, k_, m_, device: entry)
+    calls = []
+    real = int8_gemm._sm90_decode
+    monkeypatch.setattr(int8_gemm, "_sm90_decode", lambda *a: calls.append(a[0]) or real(*a))
+    args = _channel_operands(m, n, k, 7)
+    expected = int8_gemm_channel(*args, backend="triton")
+    assert calls == []
+    assert torch.equal(int8_gemm_channel(*args), expected) and calls == [entry]
+    odd = torch.empty(n * k + 1, dtype=torch.int8, device="cuda")[1:].view(n, k)
+    odd.copy_(args[2])
+    assert torch.equal(int8_gemm_channel(args[0], args[1], odd, args[3]), expected) and len(calls) == 1
 
 
 def test_sm90_block_wanted_rule(monkeypatch):

@@ -72,6 +72,32 @@ def test_candidates_respect_kernel_ties():
     assert all((4096 // c.block_n) * c.split_k <= 8 * 132 for c in candidates("int8_gemm_channel", 1, 4096, 4096, 132))
 
 
+def test_sm90_decode_candidates_only_where_asked():
+    """The Hopper swap-AB decode tiles (kernel "sm90") join the int8 W8A8 ops' candidates at M <= 64 when the sweep's
+    device runs them, never elsewhere; their split-K keeps the programs within two per SM; block keeps 128-K steps."""
+    for op in ("int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block", "w8a16_gemm"):
+        for m in (1, 16, 64, 128):
+            plain = candidates(op, m, 4096, 4096, 132)
+            assert all(c.kernel == "triton" for c in plain)
+            sm90 = [c for c in candidates(op, m, 4096, 4096, 132, sm90=True) if c.kernel == "sm90"]
+            assert bool(sm90) == (m <= 64 and op in ("int8_gemm_channel", "int8_gemm_block")), (op, m)
+            for c in sm90:
+                assert c.block_m == (16 if m <= 16 else 64) and c.block_n in (64, 128)
+                assert (4096 // c.block_n) * c.split_k <= 2 * 132 or c.split_k == 1
+                assert c.block_k == 128 if op == "int8_gemm_block" else c.block_k in (128, 256)
+                assert (c.block_n + c.block_m) * c.block_k * c.num_stages <= 200 * 1024 or c.num_stages == 4
+
+
+def test_gemm_config_kernel_field():
+    cfg = GemmConfig(16, 64, 256, group_m=1, num_stages=8, kernel="sm90")
+    assert GemmConfig.from_dict(cfg.to_dict()) == cfg
+    assert GemmConfig.from_dict({"block_m": 16, "block_n": 32, "block_k": 128}).kernel == "triton"  # old tables
+    with pytest.raises(ValueError, match="kernel must be one of triton, sm90"):
+        GemmConfig(16, 64, 256, kernel="cutlass")
+    with pytest.raises(ValueError, match="block_m 1"):
+        GemmConfig(1, 64, 256, kernel="sm90")
+
+
 def test_tune_options_validation():
     with pytest.raises(ValueError, match=r"op 'w9a9'"):
         TuneOptions(ops=("w9a9",), shapes=((8, 8),))

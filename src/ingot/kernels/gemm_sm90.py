@@ -460,34 +460,16 @@ def int8_channel_gemm_sm90(
 
 
 @gluon.jit
-def _gdc_wait():
-    """griddepcontrol.wait: blocks until the grid this launch depends on has completed and its memory is visible
-    (programmatic dependent launch); a no-op for a launch without it."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _gdc_launch_dependents():
-    """griddepcontrol.launch_dependents: lets the next launch (if it has programmatic dependent launch) start."""
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                              pack=1)
-
-
-@gluon.jit
 def _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, j, steps, first, off_n, off_m,
-                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, LOAD_W: gl.constexpr = True,
-                 LOAD_X: gl.constexpr = True):
+                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
     """TMA loads of the program's K step ``j`` (K tile first + j) into its ring slot; none from ``steps`` on. A K
-    tile past K (the last split's surplus) is zero-filled by the TMA and adds nothing. LOAD_W / LOAD_X False leave
-    out the weight / x half (the prologue of a dependent launch issues them apart)."""
+    tile past K (the last split's surplus) is zero-filled by the TMA and adds nothing."""
     slot = j % STAGES
     pred = j < steps
     k = (first + j) * BLOCK_K
-    if LOAD_W:
-        mbarrier.expect(ready.index(slot), w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(w_desc, [off_n, k], ready.index(slot), a_bufs.index(slot), pred=pred)
-    if LOAD_X:
-        tma.async_copy_global_to_shared(x_desc, [off_m, k], ready.index(slot), b_bufs.index(slot), pred=pred)
+    mbarrier.expect(ready.index(slot), w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(w_desc, [off_n, k], ready.index(slot), a_bufs.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [off_m, k], ready.index(slot), b_bufs.index(slot), pred=pred)
 
 
 @gluon.jit
@@ -502,13 +484,13 @@ def _int8_skinny_gemm_sm90_kernel(
     HAS_BIAS: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
-    PDL: gl.constexpr,  # launched as a programmatic dependent: the weight's first steps load before the wait
     num_warps: gl.constexpr,  # 4: one warpgroup
 ):
     # Swap-AB: y^T [N, M] = w [N, K] @ x^T, so the weight rows fill the wgmma's 64-row side and the few tokens its
     # narrow side (BLOCK_M 16-64): no padding of x to 64 rows, and one program's x tile is read once per
     # BLOCK_N weight rows. One program = one (N tile, M tile, K split); a STAGES-deep TMA ring streams its K steps.
     gl.static_assert(num_warps == 4, "one warpgroup")
+    gl.static_assert(not BLOCKED or SCALE_N % BLOCK_N == 0, "a tile's weight rows must lie in one scale block")
     pid = gl.program_id(0)
     tile = pid // SPLIT_K
     pid_k = pid % SPLIT_K
@@ -526,20 +508,8 @@ def _int8_skinny_gemm_sm90_kernel(
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-    if PDL:
-        # the weight is no output of the launch before (the caller's promise): its first STAGES steps stream in
-        # while that launch finishes; x, the scales and every store wait for it
-        _gdc_launch_dependents()
-        for s in gl.static_range(STAGES):
-            _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, s, steps, first, off_n, off_m, BLOCK_K, STAGES,
-                         True, False)
-        _gdc_wait()
-        for s in gl.static_range(STAGES):
-            _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, s, steps, first, off_n, off_m, BLOCK_K, STAGES,
-                         False, True)
-    else:
-        for s in gl.static_range(STAGES):
-            _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, s, steps, first, off_n, off_m, BLOCK_K, STAGES)
+    for s in gl.static_range(STAGES):
+        _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, s, steps, first, off_n, off_m, BLOCK_K, STAGES)
 
     if BLOCKED:
         # each step's exact int32 dot, promoted: acc += dot * (x_s[m, kb] * w_s[n // SCALE_N, kb]), as the Triton
@@ -631,7 +601,6 @@ def int8_skinny_gemm_sm90(
     blocked: bool,
     part: torch.Tensor | None = None,
     locks: torch.Tensor | None = None,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """int8_gemm_channel (``blocked`` False) or int8_gemm_block with (128, 128) blocks (True) at decode sizes, on
     operands that ``supported`` passed: swap-AB tiles of config.block_n weight rows x config.block_m tokens, split-K
@@ -652,7 +621,7 @@ def int8_skinny_gemm_sm90(
             m, n, k,
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), y.stride(0), y.stride(1),
             BLOCKED=blocked, SCALE_N=128, HAS_BIAS=bias is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=config.num_stages, SPLIT_K=config.split_k, PDL=pdl,
-            num_warps=4, launch_pdl=pdl,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=config.num_stages, SPLIT_K=config.split_k,
+            num_warps=4,
         )
     return y

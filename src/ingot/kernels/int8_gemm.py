@@ -509,6 +509,50 @@ def _gemv_plan(op: str, x_q: torch.Tensor, w_q: torch.Tensor, mnk: tuple[int, in
     return None, fallback if op == "int8_gemm_channel" else replace(fallback, block_k=config.block_k)
 
 
+def _decode_kernel_plan(op: str, caller_config: GemmConfig | None, config: GemmConfig, backend: str,
+                        x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int] | None,
+                        mnk: tuple[int, int, int]) -> GemmConfig:
+    """``config``, or for a config of kernel "sm90" (the Hopper swap-AB decode kernel, which tuned tables pick at M
+    <= 64) that cannot run here - backend "triton", fp8 operands, no sm_90, operands the TMA cannot read - the Triton
+    default tiles. A caller's own "sm90" config that cannot run raises instead."""
+    if config.kernel != "sm90":
+        return config
+    why = "backend 'triton'" if backend == "triton" else None
+    if why is None and op not in ("int8_gemm_channel", "int8_gemm_block"):
+        why = f"{op} has no sm90 decode kernel (int8 operands only)"
+    why = why or sm90_unsupported(x_q, w_q, block_size)
+    if why is None:
+        return config
+    if caller_config is not None:
+        raise ValueError(f"{op}: config.kernel 'sm90' cannot run here: {why}")
+    m, n, k = mnk
+    fallback = default_config(m, n, k, tuning.num_sms(x_q.device), op)
+    return fallback if block_size is None else replace(fallback, block_k=block_size[1])
+
+
+def _sm90_decode(config: GemmConfig, blocked: bool, x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor,
+                 w_s: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
+    """y = the GEMM on the Hopper swap-AB decode kernel with ``config`` (split-K scratch and counters as ``_launch``
+    makes them). False where the kernel failed to build or launch: logged once, the device stays on Triton from
+    then on (``sm90_unsupported``), and the caller runs Triton."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
+    if config.split_k > 1 and tiles > MAX_SPLIT_K_TILES:
+        config = replace(config, split_k=1)
+    part = locks = None
+    if config.split_k > 1:
+        part = torch.empty(config.split_k * tiles * config.block_m * config.block_n,
+                           dtype=torch.float32 if blocked else torch.int32, device=x_q.device)
+        locks = _split_k_locks(x_q.device)
+    try:
+        _sm90_module().int8_skinny_gemm_sm90(x_q, x_s, w_q, w_s, bias, y.dtype, y, config, blocked, part, locks)
+    except Exception as e:  # a triton whose Gluon cannot build or launch it: Triton from now on
+        backend_failed(_sm90_failed, x_q.device, "the sm_90 decode kernel failed", e)
+        return False
+    return True
+
+
 def int8_gemm_channel(
     x_q: torch.Tensor,
     x_s: torch.Tensor,
@@ -547,7 +591,14 @@ def int8_gemm_channel(
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
     if m == 0:
         return y
+    caller_config = config
     config = resolve_config("int8_gemm_channel", config, m, n, k, x_q.device)
+    config = _decode_kernel_plan("int8_gemm_channel", caller_config, config, backend, x_q, w_q, None, (m, n, k))
+    if config.kernel == "sm90":
+        if _sm90_decode(config, False, x_q, x_s, w_q, w_s, bias, y):
+            return y
+        # it failed (logged): the Triton default, or a caller's config raises
+        config = _decode_kernel_plan("int8_gemm_channel", caller_config, config, backend, x_q, w_q, None, (m, n, k))
     words, config = _gemv_plan("int8_gemm_channel", x_q, w_q, (m, n, k), config)
     if words is not None:
         _launch(
@@ -612,15 +663,18 @@ def launch_block_gemm(
     out_dtype: torch.dtype,
     config: GemmConfig | None,
     out: torch.Tensor | None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """The block-scaled GEMM's Triton launch behind ``int8_gemm_block`` (op "int8_gemm_block", int8 operands) and
     ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (op "fp8_gemm_block", float8_e4m3fn operands), on operands that
-    ``check_block_operands`` passed (it returned ``mnk``)."""
+    ``check_block_operands`` passed (it returned ``mnk``); a config of kernel "sm90" (int8 only) runs the Hopper
+    decode kernel instead (``_decode_kernel_plan``)."""
     m, n, k = mnk
     bn, bk = block_size
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
     if m == 0:
         return y
+    caller_config = config
     if config is None:  # tuned or default tiles, bent to the K block (a no-op for 128x128)
         config = resolve_config(op, None, m, n, k, x_q.device)
         config = replace(config, block_k=bk) if config.block_k != bk else config
@@ -629,6 +683,12 @@ def launch_block_gemm(
         raise ValueError(
             f"config.block_k = {config.block_k} must equal the K quantization block {bk}: one scale per K step"
         )
+    config = _decode_kernel_plan(op, caller_config, config, backend, x_q, w_q, block_size, mnk)
+    if config.kernel == "sm90":
+        if _sm90_decode(config, True, x_q, x_s, w_q, w_s, bias, y):
+            return y
+        # it failed (logged): the Triton default, or a caller's config raises
+        config = _decode_kernel_plan(op, caller_config, config, backend, x_q, w_q, block_size, mnk)
     words, config = _gemv_plan(op, x_q, w_q, mnk, config)
     if words is not None:
         _launch(
@@ -686,7 +746,7 @@ def int8_gemm_block(
     if y is not None:
         return y
     return launch_block_gemm("int8_gemm_block", (m, n, k), x_q, x_s, w_q, w_s, block_size, bias, out_dtype, config,
-                             out)
+                             out, backend)
 
 
 BACKENDS = ("auto", "triton", "sm90")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+KERNELS = ("triton", "sm90")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class GemmConfig:
     the same W columns from L2). num_warps, num_stages: as in triton.
     split_k: programs that share one output tile's K range (decode, where M x N alone gives too few programs to keep
     HBM busy); kernels that do not split K require 1.
+    kernel: "triton" (the op's Triton kernels) or "sm90" (W8A8 int8 ops only: the Hopper swap-AB decode kernel
+    ``gemm_sm90._int8_skinny_gemm_sm90_kernel``, block_n weight rows x block_m tokens per program; group_m and
+    num_warps unused).
     """
 
     block_m: int
@@ -47,6 +51,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1
+    kernel: str = "triton"
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -58,11 +63,15 @@ class GemmConfig:
         for name in ("group_m", "num_warps", "num_stages", "split_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GemmConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"GemmConfig.kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if self.kernel == "sm90" and self.block_m == 1:
+            raise ValueError("GemmConfig: block_m 1 (the GEMV kernels) is a Triton kernel, not kernel 'sm90'")
 
     @classmethod
     def from_dict(cls, d: dict) -> "GemmConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: int(v) for k, v in d.items() if k in names})
+        return cls(**{k: v if k == "kernel" else int(v) for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,9 +172,10 @@ WEIGHT_ONLY_OPS = ("w8a16_gemm", "w4a16_gemm")
 DEFAULT_TUNE_M = (1, 16, 64, 128, 256, 1024, 4096)
 
 
-def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
+def candidates(op: str, m: int, n: int, k: int, num_sms: int, sm90: bool = False) -> list[GemmConfig]:
     """The configs a sweep tries for ``op`` at an [m, k] x [n, k] launch (kernel ties respected: block ops keep
-    block_k 128).
+    block_k 128). ``sm90``: the device runs the Hopper swap-AB decode kernel, whose tiles join the W8A8 int8 ops'
+    candidates at M <= 64 (``_sm90_decode_candidates``).
 
     Decode (m <= 64) is weight-bandwidth bound: narrow N tiles, deep pipelines, and split-K up to ~8 programs per SM
     so that enough bytes are in flight (~40 KB per SM: 3 TB/s x ~1.5 us / 132 SMs). Prefill is tensor-core bound:
@@ -178,6 +188,8 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
     out: list[GemmConfig] = []
     if m == 1 and op in ("int8_gemm_channel", "int8_gemm_block"):
         out += _int8_gemv_candidates(op, n, k, num_sms)
+    if m <= 64 and sm90 and op in ("int8_gemm_channel", "int8_gemm_block"):
+        out += _sm90_decode_candidates(op, m, n, k, num_sms)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         # 128-wide N tiles too: every program re-reads its rows of x (from L2), M x K x N / BLOCK_N bytes in all - at
@@ -204,6 +216,26 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig
                     continue
                 for warps in (4, 8) if bm * bn <= 128 * 128 else (8,):
                     out.append(GemmConfig(bm, bn, bk, group_m=8, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _sm90_decode_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
+    """The swap-AB decode kernel (kernel "sm90") at M <= 64: 64 or 128 weight rows x the token bucket per program,
+    K steps of 128 or 256 (block: 128, its scale block), a 4-deep ring and the deepest that fits ~200 KB of shared
+    memory, split-K while the programs stay within two per SM (more waves of these short programs lost on the H100,
+    session 14: 4096x4096 at M = 64, split 4: 19.1 us against 13.0 for split 2 and 10.2 for split 1)."""
+    out = []
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    for bn in (64, 128):
+        tiles = -(-m // bm) * -(-n // bn)
+        for bk in (128,) if op == "int8_gemm_block" else (128, 256):
+            k_tiles = -(-k // bk)
+            for stages in sorted({4, min(8, (200 * 1024) // ((bn + bm) * bk))}):
+                for split in (1, 2, 4):
+                    if split > 1 and (tiles * split > 2 * num_sms or k_tiles < 2 * split):
+                        continue
+                    out.append(GemmConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=stages, split_k=split,
+                                          kernel="sm90"))
     return out
 
 
@@ -339,6 +371,15 @@ def _default_fn(op: str):
     return lambda m, n, k, sms: int8_gemm.default_config(m, n, k, sms, op)
 
 
+def _sm90_decode_available(device: torch.device) -> bool:
+    """Whether the Hopper swap-AB decode kernel can run on ``device`` (sm_90, triton with Gluon)."""
+    if torch.cuda.get_device_capability(device) != (9, 0) or torch.version.hip is not None:
+        return False
+    from ingot.kernels import int8_gemm
+
+    return int8_gemm._sm90_module() is not None
+
+
 def tune(options: TuneOptions, log=print) -> list[Path]:
     """Sweep ``candidates`` for every (op, shape, M) on the current CUDA device; write one table per (op, shape).
 
@@ -356,6 +397,7 @@ def tune(options: TuneOptions, log=print) -> list[Path]:
     device = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(device)
     name, num_sms = props.name, props.multi_processor_count
+    sm90 = _sm90_decode_available(device)
     l2 = getattr(props, "L2_cache_size", 0) or 50 * 2**20
     written = []
     for op in options.ops:
@@ -381,7 +423,7 @@ def tune(options: TuneOptions, log=print) -> list[Path]:
 
                 default = default_config(m, n, k, num_sms)
                 results = []
-                for cfg in candidates(op, m, n, k, num_sms):
+                for cfg in candidates(op, m, n, k, num_sms, sm90):
                     try:
                         results.append((timed(cfg), cfg))
                     except Exception as e:  # out of shared memory / registers for this tile: not a candidate
@@ -400,7 +442,7 @@ def tune(options: TuneOptions, log=print) -> list[Path]:
                     us, cfg = default_us, default
                 entries[str(m)] = {**cfg.to_dict(), "us": round(us, 2), "default_us": round(default_us, 2),
                                    "candidates": len(results)}
-                log(f"{op} M={m} N={n} K={k}: {us:.1f} us (default {default_us:.1f} us) "
+                log(f"{op} M={m} N={n} K={k}: {us:.1f} us (default {default_us:.1f} us) {cfg.kernel} "
                     f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} split{cfg.split_k}")
             path = config_path(op, n, k, name, options.out_dir)
             if path.exists():  # keep the M values this sweep did not time
