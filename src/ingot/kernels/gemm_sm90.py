@@ -1,5 +1,6 @@
-"""W8A8 int8 GEMMs for Hopper (sm_90) at prefill sizes, written in Gluon (triton's explicit-layout dialect): the
-block-scaled one (``int8_block_gemm_sm90``) and the per-channel one (``int8_channel_gemm_sm90``). Both are
+"""W8A8 int8 GEMMs for Hopper (sm_90), written in Gluon (triton's explicit-layout dialect): at prefill sizes the
+block-scaled one (``int8_block_gemm_sm90``) and the per-channel one (``int8_channel_gemm_sm90``); at decode sizes
+one swap-AB kernel for both scale layouts (``int8_skinny_gemm_sm90``, end of file). The prefill ones are
 persistent - one program per SM (at most), each running its tiles one after another with one TMA ring across them, so
 the next tile's first loads are in flight while a tile finishes its last steps and stores - and share the tile order
 (``_tile_offsets``). Loads: TMA (tensor descriptors, zero fill past M, N and K), a STAGES-deep ring of shared-memory
@@ -28,8 +29,14 @@ that retires the MMA that read it. Two tiles, 128x256 and 128x128, chosen per ca
 tiles over the SMs). At M = 1024 / 4096 it ran 1.05-1.31x faster than the Triton kernel on the 9 bench shapes
 (1.51-2.12x BF16), at M = 512 1.04-1.48x faster (session 11).
 
+Decode (M <= 64): the weight rows take the wgmma's 64-row side and the tokens its narrow side (16-64), a TMA ring
+streams the K steps, and split-K reuses the Triton kernels' partial tiles and counters. It runs where a tuned table
+entry says so (``GemmConfig.kernel`` "sm90": ``ingot tune`` sweeps it beside the Triton tiles on sm_90). On the H100
+it won 14 of 18 int8-channel rows at M 16 / 64 and 7 of 27 int8-block rows at M 1 / 16 / 64 (session 14,
+kernels/NOTES.md); the per-channel sums are exact, so it gives the Triton kernel's bits.
+
 Compiled only for CUDA sm_90 (wgmma and TMA); ``supported`` says when the wrappers may use them. Everything else -
-other GPUs, CPU, the interpreter, decode sizes, ragged strides - stays on the Triton kernels.
+other GPUs, CPU, the interpreter, ragged strides - stays on the Triton kernels.
 """
 
 from __future__ import annotations
