@@ -533,8 +533,9 @@ def _decode_kernel_plan(op: str, caller_config: GemmConfig | None, config: GemmC
 def _sm90_decode(config: GemmConfig, blocked: bool, x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor,
                  w_s: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
     """y = the GEMM on the Hopper swap-AB decode kernel with ``config`` (split-K scratch and counters as ``_launch``
-    makes them). False where the kernel failed to build or launch: logged once, the device stays on Triton from
-    then on (``sm90_unsupported``), and the caller runs Triton."""
+    makes them, and with its errors: a first split-K call inside graph capture raises). False where the kernel failed
+    to build or launch: logged once, the device stays on Triton from then on (``sm90_unsupported``), and the caller
+    runs Triton."""
     m, k = x_q.shape
     n = w_q.shape[0]
     tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
