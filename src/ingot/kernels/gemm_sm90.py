@@ -596,27 +596,15 @@ def _int8_skinny_gemm_sm90_kernel(
         gl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < N) & (cols[None, :] < M))
 
 
-def int8_skinny_gemm_sm90(
-    x_q: torch.Tensor,
-    x_s: torch.Tensor,
-    w_q: torch.Tensor,
-    w_s: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    out: torch.Tensor | None,
-    config: GemmConfig,
-    blocked: bool,
-    part: torch.Tensor | None = None,
-    locks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """int8_gemm_channel (``blocked`` False) or int8_gemm_block with (128, 128) blocks (True) at decode sizes, on
-    operands that ``supported`` passed: swap-AB tiles of config.block_n weight rows x config.block_m tokens, split-K
-    config.split_k (``part`` and ``locks``: its scratch and tile counters, as ``int8_gemm._launch`` makes them)."""
+def int8_skinny_gemm_sm90(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,
+                          bias: torch.Tensor | None, y: torch.Tensor, config: GemmConfig, blocked: bool,
+                          part: torch.Tensor | None, locks: torch.Tensor | None) -> None:
+    """y [M, N] = int8_gemm_channel (``blocked`` False) or int8_gemm_block with (128, 128) blocks (True) at decode
+    sizes, on operands that ``supported`` passed: swap-AB tiles of config.block_n weight rows x config.block_m tokens,
+    split-K config.split_k (``part`` and ``locks``: its scratch and tile counters, as ``int8_gemm._launch`` makes
+    them; None without a split)."""
     m, k = x_q.shape
     n = w_q.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
-    if m == 0:
-        return y
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     w_desc = TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk], _smem_layout(bn, bk))
     x_desc = TensorDescriptor(x_q, [m, k], [x_q.stride(0), 1], [bm, bk], _smem_layout(bm, bk))
@@ -631,4 +619,3 @@ def int8_skinny_gemm_sm90(
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=config.num_stages, SPLIT_K=config.split_k,
             num_warps=4,
         )
-    return y

@@ -547,7 +547,7 @@ def _sm90_decode(config: GemmConfig, blocked: bool, x_q: torch.Tensor, x_s: torc
                            dtype=torch.float32 if blocked else torch.int32, device=x_q.device)
         locks = _split_k_locks(x_q.device)
     try:
-        _sm90_module().int8_skinny_gemm_sm90(x_q, x_s, w_q, w_s, bias, y.dtype, y, config, blocked, part, locks)
+        _sm90_module().int8_skinny_gemm_sm90(x_q, x_s, w_q, w_s, bias, y, config, blocked, part, locks)
     except Exception as e:  # a triton whose Gluon cannot build or launch it: Triton from now on
         backend_failed(_sm90_failed, x_q.device, "the sm_90 decode kernel failed", e)
         return False
