@@ -861,9 +861,11 @@ def test_gpu_sm90_decode_from_a_tuned_table(monkeypatch):
     m, n, k = 16, 576, 1536
     entry = GemmConfig(16, 64, 256, group_m=1, num_stages=4, kernel="sm90")
     monkeypatch.setattr(tuning, "lookup", lambda op, n_, k_, m_, device: entry)
+    from ingot.kernels import gemm_sm90
+
     calls = []
-    real = int8_gemm._sm90_decode
-    monkeypatch.setattr(int8_gemm, "_sm90_decode", lambda *a: calls.append(a[0]) or real(*a))
+    real = gemm_sm90.int8_skinny_gemm_sm90
+    monkeypatch.setattr(gemm_sm90, "int8_skinny_gemm_sm90", lambda *a: calls.append(a[6]) or real(*a))
     args = _channel_operands(m, n, k, 7)
     expected = int8_gemm_channel(*args, backend="triton")
     assert calls == []

@@ -94,9 +94,9 @@ def plan_engine(model, config: EngineConfig, device: torch.device) -> EnginePlan
 
     CUDA: the KV pool takes mem_fraction of the GPU's memory minus what is allocated (the weights) and an
     activation reserve (``kv_cache.reserve_bytes``, plus ``dequant_scratch_bytes``); max_model_len defaults to the
-    config's max_position_embeddings, capped by the pool; prefill graphs (their activations are held by the graphs' own memory pool) add to the
-    reserve. CPU: the pool holds max_num_seqs x max_model_len tokens (max_model_len <= 2048 by default).
-    num_kv_blocks overrides the pool size. The pool must hold one sequence of max_model_len.
+    config's max_position_embeddings, capped by the pool; prefill graphs (their activations are held by the graphs'
+    own memory pool) add to the reserve. CPU: the pool holds max_num_seqs x max_model_len tokens (max_model_len <=
+    2048 by default). num_kv_blocks overrides the pool size. The pool must hold one sequence of max_model_len.
     """
     cuda = device.type == "cuda"
     max_pos = int(model.config.get("max_position_embeddings") or 2**31)

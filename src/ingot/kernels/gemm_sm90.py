@@ -558,7 +558,7 @@ def _int8_skinny_gemm_sm90_kernel(
 
     # the output tile in a layout whose threads own 8 consecutive weight rows (= 8 consecutive columns of y: 16-byte
     # bf16 stores); split-K partials go through the same layout
-    THREADS_N: gl.constexpr = BLOCK_N // 8 if BLOCK_N < 256 else 32
+    THREADS_N: gl.constexpr = BLOCK_N // 8  # BLOCK_N 64 or 128
     out: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[THREADS_N, 32 // THREADS_N],
                                          warps_per_cta=[1, 4], order=[0, 1])
     acc = gl.convert_layout(acc, out)
@@ -598,11 +598,11 @@ def _int8_skinny_gemm_sm90_kernel(
 
 def int8_skinny_gemm_sm90(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,
                           bias: torch.Tensor | None, y: torch.Tensor, config: GemmConfig, blocked: bool,
-                          part: torch.Tensor | None, locks: torch.Tensor | None) -> None:
+                          part: torch.Tensor, locks: torch.Tensor) -> None:
     """y [M, N] = int8_gemm_channel (``blocked`` False) or int8_gemm_block with (128, 128) blocks (True) at decode
     sizes, on operands that ``supported`` passed: swap-AB tiles of config.block_n weight rows x config.block_m tokens,
-    split-K config.split_k (``part`` and ``locks``: its scratch and tile counters, as ``int8_gemm._launch`` makes
-    them; None without a split)."""
+    split-K config.split_k (``part`` and ``locks``: its scratch and tile counters, from
+    ``int8_gemm._split_k_scratch``)."""
     m, k = x_q.shape
     n = w_q.shape[0]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
@@ -612,7 +612,7 @@ def int8_skinny_gemm_sm90(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tenso
     with torch.cuda.device(x_q.device):
         _int8_skinny_gemm_sm90_kernel[(tiles * config.split_k,)](
             w_desc, x_desc, x_s, w_s, x_s if bias is None else bias, y,
-            x_s if part is None else part, x_s if locks is None else locks,
+            part, locks,
             m, n, k,
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), y.stride(0), y.stride(1),
             BLOCKED=blocked, SCALE_N=128, HAS_BIAS=bias is not None,

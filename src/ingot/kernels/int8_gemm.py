@@ -467,18 +467,24 @@ def _split_k_locks(device: torch.device) -> torch.Tensor:
     return torch.zeros(MAX_SPLIT_K_TILES, dtype=torch.int32, device=device)
 
 
+def _split_k_scratch(config: GemmConfig, m: int, n: int, part_dtype: torch.dtype, device: torch.device,
+                     unused: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(tiles, split_k, part, locks) of a launch: the output tiles, the split (1 beyond MAX_SPLIT_K_TILES), and with
+    a split its partial-tile scratch and the device's tile counters; ``unused`` stands in for both without one."""
+    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
+    split_k = config.split_k if tiles <= MAX_SPLIT_K_TILES else 1
+    if split_k == 1:
+        return tiles, 1, unused, unused
+    part = torch.empty(split_k * tiles * config.block_m * config.block_n, dtype=part_dtype, device=device)
+    return tiles, split_k, part, _split_k_locks(device)
+
+
 def _launch(kernel, device: torch.device, config: GemmConfig, m: int, n: int, k: int, part_dtype: torch.dtype,
             *args, **constexprs) -> None:
     """Grid, split-K scratch and launch of one GEMM (the kernels take part_ptr, lock_ptr after the six operands)."""
-    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
-    split_k = config.split_k if tiles <= MAX_SPLIT_K_TILES else 1
+    tiles, split_k, part, locks = _split_k_scratch(config, m, n, part_dtype, device, args[0])
     # EVEN_K, no K mask: no ragged K tile, and every split's steps are whole tiles inside K (see _k_range)
     even_k = k % config.block_k == 0 and cdiv(k, config.block_k) % split_k == 0
-    if split_k > 1:
-        part = torch.empty(split_k * tiles * config.block_m * config.block_n, dtype=part_dtype, device=device)
-        locks = _split_k_locks(device)
-    else:
-        part = locks = args[0]  # unused
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernel[(tiles * split_k,)](
             *args[:6], part, locks, *args[6:],
@@ -509,49 +515,39 @@ def _gemv_plan(op: str, x_q: torch.Tensor, w_q: torch.Tensor, mnk: tuple[int, in
     return None, fallback if op == "int8_gemm_channel" else replace(fallback, block_k=config.block_k)
 
 
-def _decode_kernel_plan(op: str, caller_config: GemmConfig | None, config: GemmConfig, backend: str,
-                        x_q: torch.Tensor, w_q: torch.Tensor, block_size: tuple[int, int] | None,
-                        mnk: tuple[int, int, int]) -> GemmConfig:
-    """``config``, or for a config of kernel "sm90" (the Hopper swap-AB decode kernel, which tuned tables pick at M
-    <= 64) that cannot run here - backend "triton", fp8 operands, no sm_90, operands the TMA cannot read - the Triton
-    default tiles. A caller's own "sm90" config that cannot run raises instead."""
+def _run_sm90_decode(op: str, caller_config: GemmConfig | None, config: GemmConfig, backend: str,
+                     mnk: tuple[int, int, int], x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor,
+                     w_s: torch.Tensor, block_size: tuple[int, int] | None, bias: torch.Tensor | None,
+                     y: torch.Tensor) -> GemmConfig | None:
+    """For a config of kernel "sm90" (the caller's, else a tuned table's, which picks it at M <= 64): y from the
+    Hopper swap-AB decode kernel, and None. Otherwise the Triton config to launch: ``config`` itself, or the Triton
+    default tiles where a table's "sm90" entry cannot run here (backend "triton", not int8 on sm_90, operands the
+    TMA cannot read, a device where it failed before) or its launch fails (logged once; the device then stays on
+    Triton). A caller's own "sm90" config that cannot run raises, and its launch errors propagate."""
     if config.kernel != "sm90":
         return config
-    why = "backend 'triton'" if backend == "triton" else None
-    if why is None and op not in ("int8_gemm_channel", "int8_gemm_block"):
-        why = f"{op} has no sm90 decode kernel (int8 operands only)"
-    why = why or sm90_unsupported(x_q, w_q, block_size)
-    if why is None:
-        return config
-    if caller_config is not None:
-        raise ValueError(f"{op}: config.kernel 'sm90' cannot run here: {why}")
     m, n, k = mnk
+    why = "backend 'triton'" if backend == "triton" else sm90_unsupported(x_q, w_q, block_size)
+    if why is None:
+        blocked = block_size is not None
+        _, split_k, part, locks = _split_k_scratch(config, m, n, torch.float32 if blocked else torch.int32,
+                                                   x_q.device, x_s)
+        if split_k != config.split_k:
+            config = replace(config, split_k=split_k)
+        launch = functools.partial(_sm90_module().int8_skinny_gemm_sm90, x_q, x_s, w_q, w_s, bias, y, config,
+                                   blocked, part, locks)
+        if caller_config is not None:
+            launch()
+            return None
+        try:
+            launch()
+            return None
+        except Exception as e:  # a triton whose Gluon cannot build or launch it: Triton from now on
+            backend_failed(_sm90_failed, x_q.device, f"{op}: the sm_90 decode kernel failed", e)
+    elif caller_config is not None:
+        raise ValueError(f"{op}: config.kernel 'sm90' cannot run here: {why}")
     fallback = default_config(m, n, k, tuning.num_sms(x_q.device), op)
     return fallback if block_size is None else replace(fallback, block_k=block_size[1])
-
-
-def _sm90_decode(config: GemmConfig, blocked: bool, x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor,
-                 w_s: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
-    """y = the GEMM on the Hopper swap-AB decode kernel with ``config`` (split-K scratch and counters as ``_launch``
-    makes them, and with its errors: a first split-K call inside graph capture raises). False where the kernel failed
-    to build or launch: logged once, the device stays on Triton from then on (``sm90_unsupported``), and the caller
-    runs Triton."""
-    m, k = x_q.shape
-    n = w_q.shape[0]
-    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
-    if config.split_k > 1 and tiles > MAX_SPLIT_K_TILES:
-        config = replace(config, split_k=1)
-    part = locks = None
-    if config.split_k > 1:
-        part = torch.empty(config.split_k * tiles * config.block_m * config.block_n,
-                           dtype=torch.float32 if blocked else torch.int32, device=x_q.device)
-        locks = _split_k_locks(x_q.device)
-    try:
-        _sm90_module().int8_skinny_gemm_sm90(x_q, x_s, w_q, w_s, bias, y, config, blocked, part, locks)
-    except Exception as e:  # a triton whose Gluon cannot build or launch it: Triton from now on
-        backend_failed(_sm90_failed, x_q.device, "the sm_90 decode kernel failed", e)
-        return False
-    return True
 
 
 def int8_gemm_channel(
@@ -592,14 +588,11 @@ def int8_gemm_channel(
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
     if m == 0:
         return y
-    caller_config = config
-    config = resolve_config("int8_gemm_channel", config, m, n, k, x_q.device)
-    config = _decode_kernel_plan("int8_gemm_channel", caller_config, config, backend, x_q, w_q, None, (m, n, k))
-    if config.kernel == "sm90":
-        if _sm90_decode(config, False, x_q, x_s, w_q, w_s, bias, y):
-            return y
-        # it failed (logged): the Triton default, or a caller's config raises
-        config = _decode_kernel_plan("int8_gemm_channel", caller_config, config, backend, x_q, w_q, None, (m, n, k))
+    config = _run_sm90_decode("int8_gemm_channel", config,
+                              resolve_config("int8_gemm_channel", config, m, n, k, x_q.device), backend, (m, n, k),
+                              x_q, x_s, w_q, w_s, None, bias, y)
+    if config is None:
+        return y
     words, config = _gemv_plan("int8_gemm_channel", x_q, w_q, (m, n, k), config)
     if words is not None:
         _launch(
@@ -669,7 +662,7 @@ def launch_block_gemm(
     """The block-scaled GEMM's Triton launch behind ``int8_gemm_block`` (op "int8_gemm_block", int8 operands) and
     ``ingot.kernels.fp8_gemm.fp8_gemm_block`` (op "fp8_gemm_block", float8_e4m3fn operands), on operands that
     ``check_block_operands`` passed (it returned ``mnk``); a config of kernel "sm90" (int8 only) runs the Hopper
-    decode kernel instead (``_decode_kernel_plan``)."""
+    decode kernel instead (``_run_sm90_decode``)."""
     m, n, k = mnk
     bn, bk = block_size
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if out is None else out
@@ -684,12 +677,9 @@ def launch_block_gemm(
         raise ValueError(
             f"config.block_k = {config.block_k} must equal the K quantization block {bk}: one scale per K step"
         )
-    config = _decode_kernel_plan(op, caller_config, config, backend, x_q, w_q, block_size, mnk)
-    if config.kernel == "sm90":
-        if _sm90_decode(config, True, x_q, x_s, w_q, w_s, bias, y):
-            return y
-        # it failed (logged): the Triton default, or a caller's config raises
-        config = _decode_kernel_plan(op, caller_config, config, backend, x_q, w_q, block_size, mnk)
+    config = _run_sm90_decode(op, caller_config, config, backend, mnk, x_q, x_s, w_q, w_s, block_size, bias, y)
+    if config is None:
+        return y
     words, config = _gemv_plan(op, x_q, w_q, mnk, config)
     if words is not None:
         _launch(

@@ -223,7 +223,7 @@ def _sm90_decode_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
     """The swap-AB decode kernel (kernel "sm90") at M <= 64: 64 or 128 weight rows x the token bucket per program,
     K steps of 128 or 256 (block: 128, its scale block), a 4-deep ring and the deepest that fits ~200 KB of shared
     memory, split-K while the programs stay within two per SM (more waves of these short programs lost on the H100,
-    session 14: 4096x4096 at M = 64, split 4: 19.1 us against 13.0 for split 2 and 10.2 for split 1)."""
+    session 14: 4096x4096 at M = 64, 64 x 256 steps, 4 stages: 13.0 / 21.2 / 31.6 us at split 2 / 4 / 8)."""
     out = []
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     for bn in (64, 128):
