@@ -121,7 +121,8 @@ options = {"num_warps": cfg.num_warps}
 if op.startswith("skinny"):
     kernel = g._int8_skinny_gemm_sm90_kernel
     del constexprs["GROUP_M"]
-    constexprs.update(BLOCKED=op == "skinny-block", SCALE_N=128, SPLIT_K=cfg.split_k)
+    constexprs.update(BLOCKED=op == "skinny-block", SCALE_N=128, SPLIT_K=cfg.split_k, GROUP_K=g.skinny_group_k(cfg),
+                      SCALE_STEPS=g.sm90_decode_scale_steps(cfg, 16384))
     part = "*fp32" if op == "skinny-block" else "*i32"
     types = [w_desc, x_desc, "*fp32", "*fp32", "*fp32", "*bf16", part, "*i32"] + ["i32"] * 9
 elif op == "block":

@@ -818,14 +818,15 @@ def test_gpu_sm90_channel_same_bits_as_triton(m, n, k):
 SM90_DECODE_CASES = [(1, 4096, 4096), (5, 576, 1040), (16, 2048, 7168), (33, 7168, 2048), (64, 576, 1536)]
 SM90_DECODE_TILES = [GemmConfig(16, 64, 256, group_m=1, num_stages=8, kernel="sm90"),
                      GemmConfig(64, 128, 128, group_m=1, num_stages=4, split_k=4, kernel="sm90"),
-                     GemmConfig(32, 64, 256, group_m=1, num_stages=6, split_k=3, kernel="sm90")]
+                     GemmConfig(32, 64, 256, group_m=1, num_stages=6, split_k=3, kernel="sm90"),
+                     GemmConfig(64, 64, 256, group_m=1, num_stages=6, split_k=2, kernel="sm90")]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU (wgmma, TMA)")
 @pytest.mark.parametrize("m,n,k", SM90_DECODE_CASES)
 def test_gpu_sm90_decode_kernel(m, n, k):
-    """The swap-AB decode kernel at several tiles (one token tile or several, split-K 1 / 3 / 4): per-channel the
+    """The swap-AB decode kernel at several tiles (one token tile or several, split-K 1 / 2 / 3 / 4): per-channel the
     same bits as the Triton kernel (exact int32 sums, the same epilogue), block-scaled within fp32 rounding of the
     reference (its split partials sum in another order); every output dtype, bias or none, NaN-poisoned outputs,
     three launches on fresh inputs."""

@@ -50,7 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ingot.kernels.checks import cdiv
-from ingot.kernels.tuning import GemmConfig, num_sms
+from ingot.kernels.tuning import GemmConfig, num_sms, sm90_decode_scale_steps
 
 # int8-block (H100, session 13, `ws-block-*-715faf8.json`, 9 bench shapes at M 256-4096): 128x128x128 tiles, two
 # consumer warpgroups of 64 rows (num_warps 4 is the default partition's one; the worker adds 4 + 1 warps), 5 stages
@@ -79,6 +79,17 @@ BLOCK_MIN_M = 256
 CHANNEL_TILES = ((GemmConfig(128, 256, 128, group_m=8, num_warps=8, num_stages=4), 1.76),
                  (GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4), 1.0))
 CHANNEL_MIN_M = 512
+
+# The decode kernel's block-scaled steps per drain of its wgmma pipeline (``_int8_skinny_gemm_sm90_kernel``), for
+# tiles of up to SKINNY_GROUP_K_TILE int32 elements: two int32 dots in flight beside the fp32 accumulator take 3 x 64
+# registers a thread at 128 x 64, which spilled (476 bytes), so that tile waits for each step alone.
+SKINNY_GROUP_K = 4
+SKINNY_GROUP_K_TILE = 128 * 32
+
+
+def skinny_group_k(config: GemmConfig) -> int:
+    """GROUP_K of the decode kernel's block-scaled path for this tile."""
+    return SKINNY_GROUP_K if config.block_n * config.block_m <= SKINNY_GROUP_K_TILE else 1
 
 
 @gluon.jit
@@ -467,13 +478,15 @@ def int8_channel_gemm_sm90(
 
 
 @gluon.jit
-def _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, j, steps, first, off_n, off_m,
+def _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, j, steps, loaded, first, k_tiles, off_n, off_m,
                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    """TMA loads of the program's K step ``j`` (K tile first + j) into its ring slot; none from ``steps`` on. A K
-    tile past K (the last split's surplus) is zero-filled by the TMA and adds nothing."""
+    """TMA loads of the program's K step ``j`` (K tile first + j) into its ring slot; none from ``loaded`` on. A K
+    tile past K (the last split's surplus) is zero-filled by the TMA and adds nothing; so are the steps from ``steps``
+    to ``loaded`` (a block program's last group of steps rounded up), which load from past K, not from the next
+    split's range."""
     slot = j % STAGES
-    pred = j < steps
-    k = (first + j) * BLOCK_K
+    pred = j < loaded
+    k = gl.where(j < steps, first + j, k_tiles) * BLOCK_K
     mbarrier.expect(ready.index(slot), w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=pred)
     tma.async_copy_global_to_shared(w_desc, [off_n, k], ready.index(slot), a_bufs.index(slot), pred=pred)
     tma.async_copy_global_to_shared(x_desc, [off_m, k], ready.index(slot), b_bufs.index(slot), pred=pred)
@@ -491,6 +504,8 @@ def _int8_skinny_gemm_sm90_kernel(
     HAS_BIAS: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
+    GROUP_K: gl.constexpr,  # BLOCKED: K steps per drain of the wgmma pipeline (1: each step waited for alone)
+    SCALE_STEPS: gl.constexpr,  # BLOCKED: a power of two >= the split's steps rounded up to whole groups
     num_warps: gl.constexpr,  # 4: one warpgroup
 ):
     # Swap-AB: y^T [N, M] = w [N, K] @ x^T, so the weight rows fill the wgmma's 64-row side and the few tokens its
@@ -507,6 +522,9 @@ def _int8_skinny_gemm_sm90_kernel(
     k_tiles = gl.cdiv(K, BLOCK_K)
     steps = gl.cdiv(k_tiles, SPLIT_K)
     first = pid_k * steps
+    loaded = steps
+    if BLOCKED:
+        loaded = gl.cdiv(steps, GROUP_K) * GROUP_K
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_M, 32])
@@ -515,29 +533,49 @@ def _int8_skinny_gemm_sm90_kernel(
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
+    if BLOCKED:
+        # the split's scale products x_s[m, kb] * w_s[n // SCALE_N, kb], staged in shared memory below. Loaded per
+        # step from global memory, their latency sat on every step's path; loaded after the ring's first TMA loads,
+        # they queued behind them (4096x4096 at M = 64 on H100, session 15: 14.0 us per step, 11.5 us staged after
+        # the ring's loads, 10.9 us staged before them, 10.3 us with no scale loads at all)
+        last = k_tiles - 1
+        staging: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
+                                                 warps_per_cta=[1, 4], order=[0, 1])
+        kb = gl.minimum(first + gl.arange(0, SCALE_STEPS, layout=gl.SliceLayout(1, staging)), last)
+        tokens = gl.minimum(off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, staging)), M - 1)  # never stored
+        xs = gl.load(xs_ptr + tokens.to(gl.int64)[None, :] * stride_xsm + kb[:, None] * stride_xsk)
+        ws = gl.load(ws_ptr + (off_n // SCALE_N) * stride_wsn + kb * stride_wsk)
     for s in gl.static_range(STAGES):
-        _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, s, steps, first, off_n, off_m, BLOCK_K, STAGES)
+        _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, s, steps, loaded, first, k_tiles, off_n, off_m,
+                     BLOCK_K, STAGES)
 
     if BLOCKED:
-        # each step's exact int32 dot, promoted: acc += dot * (x_s[m, kb] * w_s[n // SCALE_N, kb]), as the Triton
-        # kernel. The wgmma is waited for before its promotion; the ring keeps STAGES steps of loads in flight.
-        tokens = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-        xs_ptrs = xs_ptr + gl.minimum(tokens, M - 1).to(gl.int64) * stride_xsm  # tokens past M: never stored
-        ws_ptr_tile = ws_ptr + (off_n // SCALE_N) * stride_wsn
-        last = k_tiles - 1
+        # each step's exact int32 dot, promoted: acc += dot * scales[step], as the Triton kernel. As the prefill
+        # block kernel's consumers (_block_mma_partition), steps go in groups of GROUP_K: each wgmma is issued before
+        # the previous step's is waited for, its slot refilled and its dot promoted; the group drains at its end.
+        # The products: row-major, unswizzled, viewed as SCALE_STEPS rows of a rank-1 layout to index a step's row.
+        scales = gl.allocate_shared_memory(gl.float32, [SCALE_STEPS, BLOCK_M],
+                                           gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]), xs * ws[:, None])
+        scales = scales._reinterpret(gl.float32, [SCALE_STEPS, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        gl.thread_barrier()
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
-        zero = gl.zeros((BLOCK_N, BLOCK_M), gl.int32, layout=mma)
-        for j in range(steps):
-            slot = j % STAGES
-            kb = gl.minimum(first + j, last)  # a step past K (dot = 0) takes the last block's scales
-            scale = gl.load(xs_ptrs + kb * stride_xsk) * gl.load(ws_ptr_tile + kb * stride_wsk)
-            mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
-            dot = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), zero, use_acc=False,
-                                is_async=True)
-            dot = warpgroup_mma_wait(num_outstanding=0, deps=(dot,))
-            _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, j + STAGES, steps, first, off_n, off_m,
-                         BLOCK_K, STAGES)
-            acc += dot.to(gl.float32) * scale[None, :]  # |dot| <= 128 * 2^14 = 2^21: exact in fp32
+        for g in range(0, loaded, GROUP_K):
+            # a step past the split's range is a zero tile (_skinny_load) and has some block's scales: adds 0
+            prev = _block_issue(a_bufs, b_bufs, ready, acc, g, 0, BLOCK_N, STAGES)
+            prev_scale = scales.index(g).load(gl.SliceLayout(0, mma))
+            for i in gl.static_range(1, GROUP_K):
+                tok = _block_issue(a_bufs, b_bufs, ready, acc, g + i, 0, BLOCK_N, STAGES)
+                scale = scales.index(g + i).load(gl.SliceLayout(0, mma))
+                done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
+                _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, g + i - 1 + STAGES, steps, loaded, first,
+                             k_tiles, off_n, off_m, BLOCK_K, STAGES)
+                acc += done.to(gl.float32) * prev_scale[None, :]  # |done| <= 128 * 2^14 = 2^21: exact in fp32
+                prev = tok
+                prev_scale = scale
+            done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+            _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, g + GROUP_K - 1 + STAGES, steps, loaded, first,
+                         k_tiles, off_n, off_m, BLOCK_K, STAGES)
+            acc += done.to(gl.float32) * prev_scale[None, :]
     else:
         # one int32 sum over the split's K range; each wgmma adds to the one before, which stays in flight until
         # the next is issued; the slot of the step just retired is refilled
@@ -550,8 +588,8 @@ def _int8_skinny_gemm_sm90_kernel(
             mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
             acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, j - 1 + STAGES, steps, first, off_n, off_m,
-                         BLOCK_K, STAGES)
+            _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, j - 1 + STAGES, steps, loaded, first, k_tiles,
+                         off_n, off_m, BLOCK_K, STAGES)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
@@ -569,7 +607,7 @@ def _int8_skinny_gemm_sm90_kernel(
         # as int8_gemm._split_k_sum: every split stores its partial, then bumps the tile's counter (acq_rel, GPU
         # scope, after a barrier); the last to arrive sums the partials in split order and resets the counter
         num_tiles = gl.cdiv(N, BLOCK_N) * num_pid_m
-        offs = n_offs[:, None] * BLOCK_M + m_offs[None, :]
+        offs = m_offs[None, :] * BLOCK_N + n_offs[:, None]  # a thread's 8 weight rows: 32 contiguous bytes
         gl.store(part_ptr + (pid_k * num_tiles + tile).to(gl.int64) * (BLOCK_N * BLOCK_M) + offs, acc,
                  cache_modifier=".cg")
         gl.thread_barrier()
@@ -617,5 +655,5 @@ def int8_skinny_gemm_sm90(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tenso
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), y.stride(0), y.stride(1),
             BLOCKED=blocked, SCALE_N=128, HAS_BIAS=bias is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=config.num_stages, SPLIT_K=config.split_k,
-            num_warps=4,
+            GROUP_K=skinny_group_k(config), SCALE_STEPS=sm90_decode_scale_steps(config, k), num_warps=4,
         )

@@ -222,21 +222,41 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int, sm90: bool = False
 def _sm90_decode_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
     """The swap-AB decode kernel (kernel "sm90") at M <= 64: 64 or 128 weight rows x the token bucket per program,
     K steps of 128 or 256 (block: 128, its scale block), a 4-deep ring and the deepest that fits ~200 KB of shared
-    memory, split-K while the programs stay within two per SM (more waves of these short programs lost on the H100,
-    session 14: 4096x4096 at M = 64, 64 x 256 steps, 4 stages: 13.0 / 21.2 / 31.6 us at split 2 / 4 / 8)."""
+    memory beside the block op's staged scales (``sm90_decode_smem``), split-K while the programs stay within two per
+    SM (more waves of these short programs lost on the H100, session 14: 4096x4096 at M = 64, 64 x 256 steps,
+    4 stages: 13.0 / 21.2 / 31.6 us at split 2 / 4 / 8)."""
     out = []
+    blocked = op == "int8_gemm_block"
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     for bn in (64, 128):
         tiles = -(-m // bm) * -(-n // bn)
-        for bk in (128,) if op == "int8_gemm_block" else (128, 256):
+        for bk in (128,) if blocked else (128, 256):
             k_tiles = -(-k // bk)
-            for stages in sorted({4, min(8, (200 * 1024) // ((bn + bm) * bk))}):
-                for split in (1, 2, 4):
-                    if split > 1 and (tiles * split > 2 * num_sms or k_tiles < 2 * split):
-                        continue
-                    out.append(GemmConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=stages, split_k=split,
-                                          kernel="sm90"))
+            for split in (1, 2, 4):
+                if split > 1 and (tiles * split > 2 * num_sms or k_tiles < 2 * split):
+                    continue
+                cfg = GemmConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=4, split_k=split, kernel="sm90")
+                scales = sm90_decode_smem(cfg, k, blocked) - sm90_decode_smem(cfg, k, False)
+                deepest = min(8, (200 * 1024 - scales) // ((bn + bm) * bk))
+                for stages in sorted({4, deepest}):
+                    if stages >= 4:
+                        out.append(GemmConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=stages, split_k=split,
+                                              kernel="sm90"))
     return out
+
+
+def sm90_decode_scale_steps(config: GemmConfig, k: int) -> int:
+    """The K steps of one split whose scales the block-scaled decode kernel stages in shared memory: a power of two
+    (its arange), at least 4 (its largest GROUP_K; a split's steps are rounded up to whole groups)."""
+    steps = -(-(-(-k // config.block_k)) // config.split_k)
+    return max(4, 1 << (steps - 1).bit_length())
+
+
+def sm90_decode_smem(config: GemmConfig, k: int, blocked: bool) -> int:
+    """Shared memory of the decode kernel's ring (int8 weight and x boxes per stage) and, block-scaled, its staged
+    fp32 scales (``sm90_decode_scale_steps`` x the token tile)."""
+    ring = config.num_stages * (config.block_n + config.block_m) * config.block_k
+    return ring + (sm90_decode_scale_steps(config, k) * config.block_m * 4 if blocked else 0)
 
 
 def _int8_gemv_candidates(op: str, n: int, k: int, num_sms: int) -> list[GemmConfig]:
