@@ -481,6 +481,8 @@ def test_refuses_block_scale_shapes():
     [
         (GemmConfig(16, 64, 64), r"config.block_k = 64 must equal the K quantization block 128"),
         (GemmConfig(16, 64, 256), r"config.block_k = 256 must equal the K quantization block 128"),
+        # the sm90 decode kernel's K steps may hold several blocks (promoted one by one), not part of one
+        (GemmConfig(16, 64, 64, kernel="sm90"), r"config.block_k = 64 must be a multiple of the K quantization block"),
     ],
 )
 def test_block_refuses_k_tile_other_than_k_block(cfg, match):
@@ -822,12 +824,20 @@ SM90_DECODE_TILES = [GemmConfig(16, 64, 256, group_m=1, num_stages=8, kernel="sm
                      GemmConfig(64, 64, 256, group_m=1, num_stages=6, split_k=2, kernel="sm90")]
 
 
+def _sm90_block_tile(cfg: GemmConfig) -> GemmConfig:
+    """The block op's form of a decode tile: K steps of 256 (two 128-K scale blocks) where the tile's GROUP_K holds
+    both, else of 128."""
+    from ingot.kernels.tuning import skinny_group_k
+
+    return cfg if skinny_group_k(cfg) % (cfg.block_k // 128) == 0 else replace(cfg, block_k=128)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU (wgmma, TMA)")
 @pytest.mark.parametrize("m,n,k", SM90_DECODE_CASES)
 def test_gpu_sm90_decode_kernel(m, n, k):
-    """The swap-AB decode kernel at several tiles (one token tile or several, split-K 1 / 2 / 3 / 4): per-channel the
-    same bits as the Triton kernel (exact int32 sums, the same epilogue), block-scaled within fp32 rounding of the
+    """The swap-AB decode kernel at several tiles (one token tile or several, split-K 1 / 2 / 3 / 4; block-scaled K
+    steps of 128 and of 256, two scale blocks each): per-channel the same bits as the Triton kernel (exact int32 sums, the same epilogue), block-scaled within fp32 rounding of the
     reference (its split partials sum in another order); every output dtype, bias or none, NaN-poisoned outputs,
     three launches on fresh inputs."""
     for launch in range(3):
@@ -845,7 +855,7 @@ def test_gpu_sm90_decode_kernel(m, n, k):
                 assert not y.isnan().any(), f"unwritten elements: {what}"
                 assert torch.equal(y, expected), f"{what}: max |diff| {(y.float() - expected.float()).abs().max()}"
                 y = torch.full((m, n), float("nan"), dtype=out_dtype, device="cuda")
-                int8_gemm_block(*block, bias=bias, out_dtype=out_dtype, out=y, config=replace(cfg, block_k=128))
+                int8_gemm_block(*block, bias=bias, out_dtype=out_dtype, out=y, config=_sm90_block_tile(cfg))
                 torch.cuda.synchronize()
                 assert not y.isnan().any(), f"unwritten elements (block): {what}"
                 tol = FP32_TOL if out_dtype == torch.float32 else 1e-2

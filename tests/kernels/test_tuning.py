@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ingot.kernels import tuning
-from ingot.kernels.tuning import GemmConfig, TuneOptions, candidates, config_path, select, write_table
+from ingot.kernels.tuning import (GemmConfig, TuneOptions, candidates, config_path, select, skinny_group_k,
+                                  sm90_decode_smem, write_table)
 
 
 def _table(tmp_path, configs: dict) -> tuple:
@@ -74,7 +75,8 @@ def test_candidates_respect_kernel_ties():
 
 def test_sm90_decode_candidates_only_where_asked():
     """The Hopper swap-AB decode tiles (kernel "sm90") join the int8 W8A8 ops' candidates at M <= 64 when the sweep's
-    device runs them, never elsewhere; their split-K keeps the programs within two per SM; block keeps 128-K steps."""
+    device runs them, never elsewhere; their split-K keeps the programs within two per SM; block takes 256-K steps
+    only on tiles whose GROUP_K holds both scale blocks; the ring and block's staged scales fit the shared memory."""
     for op in ("int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block", "w8a16_gemm"):
         for m in (1, 16, 64, 128):
             plain = candidates(op, m, 4096, 4096, 132)
@@ -84,8 +86,14 @@ def test_sm90_decode_candidates_only_where_asked():
             for c in sm90:
                 assert c.block_m == (16 if m <= 16 else 64) and c.block_n in (64, 128)
                 assert (4096 // c.block_n) * c.split_k <= 2 * 132 or c.split_k == 1
-                assert c.block_k == 128 if op == "int8_gemm_block" else c.block_k in (128, 256)
-                assert (c.block_n + c.block_m) * c.block_k * c.num_stages <= 200 * 1024 or c.num_stages == 4
+                assert c.block_k in (128, 256)
+                if op == "int8_gemm_block":
+                    assert skinny_group_k(c) % (c.block_k // 128) == 0, c
+                smem = sm90_decode_smem(c, 4096, op == "int8_gemm_block")
+                assert smem <= 200 * 1024 or c.num_stages == 4, c
+            if op == "int8_gemm_block" and sm90:  # both step sizes offered, 256 never on 128 x 64 tiles
+                assert {c.block_k for c in sm90} == {128, 256}
+                assert all(c.block_k == 128 for c in sm90 if c.block_n * c.block_m > 4096)
 
 
 def test_gemm_config_kernel_field():

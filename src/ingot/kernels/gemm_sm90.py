@@ -50,7 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ingot.kernels.checks import cdiv
-from ingot.kernels.tuning import GemmConfig, num_sms, sm90_decode_scale_steps
+from ingot.kernels.tuning import GemmConfig, num_sms, skinny_group_k, sm90_decode_scale_steps
 
 # int8-block (H100, session 13, `ws-block-*-715faf8.json`, 9 bench shapes at M 256-4096): 128x128x128 tiles, two
 # consumer warpgroups of 64 rows (num_warps 4 is the default partition's one; the worker adds 4 + 1 warps), 5 stages
@@ -79,18 +79,6 @@ BLOCK_MIN_M = 256
 CHANNEL_TILES = ((GemmConfig(128, 256, 128, group_m=8, num_warps=8, num_stages=4), 1.76),
                  (GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4), 1.0))
 CHANNEL_MIN_M = 512
-
-# The decode kernel's block-scaled steps per drain of its wgmma pipeline (``_int8_skinny_gemm_sm90_kernel``), for
-# tiles of up to SKINNY_GROUP_K_TILE int32 elements: two int32 dots in flight beside the fp32 accumulator take 3 x 64
-# registers a thread at 128 x 64, which spilled (476 bytes), so that tile waits for each step alone.
-SKINNY_GROUP_K = 4
-SKINNY_GROUP_K_TILE = 128 * 32
-
-
-def skinny_group_k(config: GemmConfig) -> int:
-    """GROUP_K of the decode kernel's block-scaled path for this tile."""
-    return SKINNY_GROUP_K if config.block_n * config.block_m <= SKINNY_GROUP_K_TILE else 1
-
 
 @gluon.jit
 def _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
@@ -493,6 +481,22 @@ def _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, j, steps, loaded, first,
 
 
 @gluon.jit
+def _skinny_block_issue(a_bufs, b_bufs, ready, acc, sub, HALF: gl.constexpr, HALVES: gl.constexpr,
+                        STAGES: gl.constexpr):
+    """Waits for the ring slot of the decode kernel's 128-K sub-step ``sub`` (step sub // HALVES, of HALVES
+    sub-steps) and issues its int32 wgmma on K columns HALF * 128 .. of the slot; ``acc`` as in _block_issue."""
+    step = sub // HALVES
+    slot = step % STAGES
+    mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+    a = a_bufs.index(slot)
+    b = b_bufs.index(slot)
+    if HALVES > 1:
+        a = a.slice(HALF * 128, 128, dim=1)
+        b = b.slice(HALF * 128, 128, dim=1)
+    return warpgroup_mma(a, b.permute((1, 0)), acc.to(gl.int32, bitcast=True), use_acc=False, is_async=True)
+
+
+@gluon.jit
 def _int8_skinny_gemm_sm90_kernel(
     w_desc, x_desc,  # TMA descriptors: int8 w [N, K] in [BLOCK_N, BLOCK_K] boxes, int8 x [M, K] in [BLOCK_M, BLOCK_K]
     xs_ptr, ws_ptr, bias_ptr, y_ptr,  # channel: fp32 [M, 1], fp32 [N, 1]; block: fp32 [M, KB], fp32 [NB, KB]
@@ -524,7 +528,9 @@ def _int8_skinny_gemm_sm90_kernel(
     first = pid_k * steps
     loaded = steps
     if BLOCKED:
-        loaded = gl.cdiv(steps, GROUP_K) * GROUP_K
+        HALVES: gl.constexpr = BLOCK_K // 128  # 128-K sub-steps (one scale block each) per step
+        gl.static_assert(BLOCK_K % 128 == 0 and GROUP_K % HALVES == 0, "K steps of whole scale blocks")
+        loaded = gl.cdiv(steps, GROUP_K // HALVES) * (GROUP_K // HALVES)
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_M, 32])
@@ -538,10 +544,10 @@ def _int8_skinny_gemm_sm90_kernel(
         # step from global memory, their latency sat on every step's path; loaded after the ring's first TMA loads,
         # they queued behind them (4096x4096 at M = 64 on H100, session 15: 14.0 us per step, 11.5 us staged after
         # the ring's loads, 10.9 us staged before them, 10.3 us with no scale loads at all)
-        last = k_tiles - 1
+        last = gl.cdiv(K, 128) - 1
         staging: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
                                                  warps_per_cta=[1, 4], order=[0, 1])
-        kb = gl.minimum(first + gl.arange(0, SCALE_STEPS, layout=gl.SliceLayout(1, staging)), last)
+        kb = gl.minimum(first * HALVES + gl.arange(0, SCALE_STEPS, layout=gl.SliceLayout(1, staging)), last)
         tokens = gl.minimum(off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, staging)), M - 1)  # never stored
         xs = gl.load(xs_ptr + tokens.to(gl.int64)[None, :] * stride_xsm + kb[:, None] * stride_xsk)
         ws = gl.load(ws_ptr + (off_n // SCALE_N) * stride_wsn + kb * stride_wsk)
@@ -559,22 +565,24 @@ def _int8_skinny_gemm_sm90_kernel(
         scales = scales._reinterpret(gl.float32, [SCALE_STEPS, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         gl.thread_barrier()
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma)
-        for g in range(0, loaded, GROUP_K):
-            # a step past the split's range is a zero tile (_skinny_load) and has some block's scales: adds 0
-            prev = _block_issue(a_bufs, b_bufs, ready, acc, g, 0, BLOCK_N, STAGES)
+        for g in range(0, loaded * HALVES, GROUP_K):
+            # sub-steps g .. g + GROUP_K - 1; a step past the split's range is a zero tile (_skinny_load) and has
+            # some block's scales: adds 0. A slot is refilled once its last sub-step's wgmma has retired.
+            prev = _skinny_block_issue(a_bufs, b_bufs, ready, acc, g, 0, HALVES, STAGES)
             prev_scale = scales.index(g).load(gl.SliceLayout(0, mma))
             for i in gl.static_range(1, GROUP_K):
-                tok = _block_issue(a_bufs, b_bufs, ready, acc, g + i, 0, BLOCK_N, STAGES)
+                tok = _skinny_block_issue(a_bufs, b_bufs, ready, acc, g + i, i % HALVES, HALVES, STAGES)
                 scale = scales.index(g + i).load(gl.SliceLayout(0, mma))
                 done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
-                _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, g + i - 1 + STAGES, steps, loaded, first,
-                             k_tiles, off_n, off_m, BLOCK_K, STAGES)
+                if (i - 1) % HALVES == HALVES - 1:
+                    _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, (g + i - 1) // HALVES + STAGES, steps, loaded,
+                                 first, k_tiles, off_n, off_m, BLOCK_K, STAGES)
                 acc += done.to(gl.float32) * prev_scale[None, :]  # |done| <= 128 * 2^14 = 2^21: exact in fp32
                 prev = tok
                 prev_scale = scale
             done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
-            _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, g + GROUP_K - 1 + STAGES, steps, loaded, first,
-                         k_tiles, off_n, off_m, BLOCK_K, STAGES)
+            _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, (g + GROUP_K - 1) // HALVES + STAGES, steps, loaded,
+                         first, k_tiles, off_n, off_m, BLOCK_K, STAGES)
             acc += done.to(gl.float32) * prev_scale[None, :]
     else:
         # one int32 sum over the split's K range; each wgmma adds to the one before, which stays in flight until
@@ -644,6 +652,9 @@ def int8_skinny_gemm_sm90(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tenso
     m, k = x_q.shape
     n = w_q.shape[0]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
+    if blocked and (bk % 128 or skinny_group_k(config) % (bk // 128)):
+        raise ValueError(f"block-scaled decode tiles take K steps of whole 128-K scale blocks that one GROUP_K "
+                         f"({skinny_group_k(config)} sub-steps) holds: got {bm}x{bn}x{bk}")
     w_desc = TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk], _smem_layout(bn, bk))
     x_desc = TensorDescriptor(x_q, [m, k], [x_q.stride(0), 1], [bm, bk], _smem_layout(bm, bk))
     tiles = cdiv(n, bn) * cdiv(m, bm)

@@ -671,9 +671,11 @@ def launch_block_gemm(
     caller_config = config
     if config is None:  # tuned or default tiles, bent to the K block (a no-op for 128x128)
         config = resolve_config(op, None, m, n, k, x_q.device)
-        config = replace(config, block_k=bk) if config.block_k != bk else config
+        config = replace(config, block_k=bk) if config.block_k != bk and config.kernel != "sm90" else config
     config = resolve_config(op, config, m, n, k, x_q.device)  # checks a caller's config
-    if config.block_k != bk:
+    if config.kernel == "sm90" and config.block_k % bk:  # promotes per 128-K sub-step of its K steps
+        raise ValueError(f"config.block_k = {config.block_k} must be a multiple of the K quantization block {bk}")
+    if config.kernel != "sm90" and config.block_k != bk:
         raise ValueError(
             f"config.block_k = {config.block_k} must equal the K quantization block {bk}: one scale per K step"
         )
@@ -722,8 +724,9 @@ def int8_gemm_block(
     per_token_group_quant makes), w_q int8 [N, K], w_s float32 [cdiv(N, bn), cdiv(K, bk)] (per bn x bk block),
     block_size (bn, bk) = (128, 128) by default, bias [N] or None. Ragged N and K are fine (the last K block is
     zero-padded, as the quantizers treat it). Returns y [M, N] in ``out_dtype`` (bf16, fp16 or fp32), written into
-    ``out`` when given. The K tile must be the K block: config.block_k == bk (one scale column per K step); N tiles
-    may span block rows (each column reads its own block row's scale).
+    ``out`` when given. The K tile must be the K block: config.block_k == bk (one scale column per K step; the sm90
+    decode kernel's K steps may be whole multiples, each block promoted on its own); N tiles may span block rows
+    (each column reads its own block row's scale).
 
     ``backend``: "auto" (the Hopper kernel ``ingot.kernels.gemm_sm90.int8_block_gemm_sm90`` where its
     ``block_wanted`` says so for M and N, ``sm90_unsupported`` is None and no ``config`` is given, else Triton; a
