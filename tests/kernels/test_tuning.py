@@ -84,13 +84,15 @@ def test_sm90_decode_candidates_only_where_asked():
             sm90 = [c for c in candidates(op, m, 4096, 4096, 132, sm90=True) if c.kernel == "sm90"]
             assert bool(sm90) == (m <= 64 and op in ("int8_gemm_channel", "int8_gemm_block")), (op, m)
             for c in sm90:
-                assert c.block_m == (16 if m <= 16 else 64) and c.block_n in (64, 128)
+                assert c.block_m in ((16,) if m <= 16 else (64, 32)) and c.block_n in (64, 128)
                 assert (4096 // c.block_n) * c.split_k <= 2 * 132 or c.split_k == 1
                 assert c.block_k in (128, 256)
                 if op == "int8_gemm_block":
                     assert skinny_group_k(c) % (c.block_k // 128) == 0, c
                 smem = sm90_decode_smem(c, 4096, op == "int8_gemm_block")
                 assert smem <= 200 * 1024 or c.num_stages == 4, c
+            if sm90 and m == 64:  # the token bucket and half of it
+                assert {c.block_m for c in sm90} == {64, 32}
             if op == "int8_gemm_block" and sm90:  # both step sizes offered, 256 never on 128 x 64 tiles
                 assert {c.block_k for c in sm90} == {128, 256}
                 assert all(c.block_k == 128 for c in sm90 if c.block_n * c.block_m > 4096)

@@ -16,6 +16,7 @@ is no autotuning at serve time (a first request must not wait for a sweep, and C
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import tempfile
@@ -220,15 +221,16 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int, sm90: bool = False
 
 
 def _sm90_decode_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
-    """The swap-AB decode kernel (kernel "sm90") at M <= 64: 64 or 128 weight rows x the token bucket per program,
+    """The swap-AB decode kernel (kernel "sm90") at M <= 64: 64 or 128 weight rows x the token bucket (or half of
+    it: twice the programs, without split-K's partial sums) per program,
     K steps of 128 or 256 (block: 256 as two 128-K scale blocks, on tiles whose GROUP_K holds both), a 4-deep ring
     and the deepest that fits ~200 KB of shared memory beside the block op's staged scales (``sm90_decode_smem``),
     split-K while the programs stay within two per SM (more waves of these short programs lost on the H100, session
     14: 4096x4096 at M = 64, 64 x 256 steps, 4 stages: 13.0 / 21.2 / 31.6 us at split 2 / 4 / 8)."""
     out = []
     blocked = op == "int8_gemm_block"
-    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    for bn in (64, 128):
+    bucket = 16 if m <= 16 else (32 if m <= 32 else 64)
+    for bm, bn in itertools.product((bucket,) if bucket == 16 else (bucket, bucket // 2), (64, 128)):
         tiles = -(-m // bm) * -(-n // bn)
         for bk in (128, 256):
             if blocked and skinny_group_k(GemmConfig(bm, bn, bk)) % (bk // 128):
@@ -247,9 +249,10 @@ def _sm90_decode_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> li
     return out
 
 
-# The sm90 decode kernel's block-scaled 128-K sub-steps per drain of its wgmma pipeline (``_int8_skinny_gemm_sm90_kernel``), for
-# tiles of up to SKINNY_GROUP_K_TILE int32 elements: two int32 dots in flight beside the fp32 accumulator take 3 x 64
-# registers a thread at 128 x 64, which spilled (476 bytes), so that tile waits for each step alone.
+# The sm90 decode kernel's block-scaled 128-K sub-steps per drain of its wgmma pipeline
+# (``_int8_skinny_gemm_sm90_kernel``), for tiles of up to SKINNY_GROUP_K_TILE int32 elements: two int32 dots in flight
+# beside the fp32 accumulator take 3 x 64 registers a thread at 128 x 64, which spilled (476 bytes), so that tile
+# waits for each sub-step alone.
 SKINNY_GROUP_K = 4
 SKINNY_GROUP_K_TILE = 128 * 32
 
