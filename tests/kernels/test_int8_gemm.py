@@ -837,9 +837,9 @@ def _sm90_block_tile(cfg: GemmConfig) -> GemmConfig:
 @pytest.mark.parametrize("m,n,k", SM90_DECODE_CASES)
 def test_gpu_sm90_decode_kernel(m, n, k):
     """The swap-AB decode kernel at several tiles (one token tile or several, split-K 1 / 2 / 3 / 4; block-scaled K
-    steps of 128 and of 256, two scale blocks each): per-channel the same bits as the Triton kernel (exact int32 sums, the same epilogue), block-scaled within fp32 rounding of the
-    reference (its split partials sum in another order); every output dtype, bias or none, NaN-poisoned outputs,
-    three launches on fresh inputs."""
+    steps of 128 and of 256, two scale blocks each): per-channel the same bits as the Triton kernel (exact int32
+    sums, the same epilogue), block-scaled within fp32 rounding of the reference (its split partials sum in another
+    order); every output dtype, bias or none, NaN-poisoned outputs, three launches on fresh inputs."""
     for launch in range(3):
         seed = int.from_bytes(os.urandom(4), "little")
         channel, block = _channel_operands(m, n, k, seed), _block_operands(m, n, k, seed)

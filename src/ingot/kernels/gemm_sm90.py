@@ -31,8 +31,10 @@ tiles over the SMs). At M = 1024 / 4096 it ran 1.05-1.31x faster than the Triton
 
 Decode (M <= 64): the weight rows take the wgmma's 64-row side and the tokens its narrow side (16-64), a TMA ring
 streams the K steps, and split-K reuses the Triton kernels' partial tiles and counters. It runs where a tuned table
-entry says so (``GemmConfig.kernel`` "sm90": ``ingot tune`` sweeps it beside the Triton tiles on sm_90). On the H100
-it won 14 of 18 int8-channel rows at M 16 / 64 and 7 of 27 int8-block rows at M 1 / 16 / 64 (session 14,
+entry says so (``GemmConfig.kernel`` "sm90": ``ingot tune`` sweeps it beside the Triton tiles on sm_90). Block-scaled,
+it stages the split's scale products in shared memory before the first MMA, takes K steps of one or two 128-K blocks
+(each dot promoted on its own) and keeps one wgmma in flight within groups of SKINNY_GROUP_K blocks. On the H100 it
+holds 16 of 18 int8-channel rows at M 16 / 64 and 24 of 27 int8-block rows at M 1 / 16 / 64 (session 15,
 kernels/NOTES.md); the per-channel sums are exact, so it gives the Triton kernel's bits.
 
 Compiled only for CUDA sm_90 (wgmma and TMA); ``supported`` says when the wrappers may use them. Everything else -
@@ -540,10 +542,11 @@ def _int8_skinny_gemm_sm90_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
     if BLOCKED:
-        # the split's scale products x_s[m, kb] * w_s[n // SCALE_N, kb], staged in shared memory below. Loaded per
-        # step from global memory, their latency sat on every step's path; loaded after the ring's first TMA loads,
-        # they queued behind them (4096x4096 at M = 64 on H100, session 15: 14.0 us per step, 11.5 us staged after
-        # the ring's loads, 10.9 us staged before them, 10.3 us with no scale loads at all)
+        # the split's scale products x_s[m, kb] * w_s[n // SCALE_N, kb] for its 128-K blocks, staged in shared
+        # memory below. Loaded per step from global memory, their latency sat on every step's path (session 14: the
+        # block op's M = 64 rows stayed on Triton); loaded after the ring's first TMA loads, they queued behind them
+        # (4096x4096 at M = 64 on the H100, session 15: 11.5 us staged after the ring's loads, 10.9 us before them,
+        # 10.3 us with no scale loads at all)
         last = gl.cdiv(K, 128) - 1
         staging: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
                                                  warps_per_cta=[1, 4], order=[0, 1])
