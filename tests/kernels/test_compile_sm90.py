@@ -108,7 +108,7 @@ elif op == "channel":
     cfg = g.CHANNEL_TILES[tile][0]
 else:
     cfg = SKINNY_TILES[tile]
-    if op == "skinny-block" and g.skinny_group_k(cfg) % (cfg.block_k // 128):  # K steps of 256 need a group
+    if op == "skinny-block" and not g.skinny_block_steps_ok(cfg):  # K steps of 256 need a group
         cfg = GemmConfig(cfg.block_m, cfg.block_n, 128, num_stages=cfg.num_stages, split_k=cfg.split_k)
 x = torch.zeros(1024, 1024, dtype=torch.int8)
 x_desc = mangle_type(g.TensorDescriptor(x, [1024, 1024], [1024, 1], [cfg.block_m, cfg.block_k],

@@ -827,9 +827,9 @@ SM90_DECODE_TILES = [GemmConfig(16, 64, 256, group_m=1, num_stages=8, kernel="sm
 def _sm90_block_tile(cfg: GemmConfig) -> GemmConfig:
     """The block op's form of a decode tile: K steps of 256 (two 128-K scale blocks) where the tile's GROUP_K holds
     both, else of 128."""
-    from ingot.kernels.tuning import skinny_group_k
+    from ingot.kernels.tuning import skinny_block_steps_ok
 
-    return cfg if skinny_group_k(cfg) % (cfg.block_k // 128) == 0 else replace(cfg, block_k=128)
+    return cfg if skinny_block_steps_ok(cfg) else replace(cfg, block_k=128)
 
 
 @pytest.mark.gpu

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ingot.kernels import tuning
-from ingot.kernels.tuning import (GemmConfig, TuneOptions, candidates, config_path, select, skinny_group_k,
+from ingot.kernels.tuning import (GemmConfig, TuneOptions, candidates, config_path, select, skinny_block_steps_ok,
                                   sm90_decode_smem, write_table)
 
 
@@ -88,7 +88,7 @@ def test_sm90_decode_candidates_only_where_asked():
                 assert (4096 // c.block_n) * c.split_k <= 2 * 132 or c.split_k == 1
                 assert c.block_k in (128, 256)
                 if op == "int8_gemm_block":
-                    assert skinny_group_k(c) % (c.block_k // 128) == 0, c
+                    assert skinny_block_steps_ok(c), c
                 smem = sm90_decode_smem(c, 4096, op == "int8_gemm_block")
                 assert smem <= 200 * 1024 or c.num_stages == 4, c
             if sm90 and m == 64:  # the token bucket and half of it

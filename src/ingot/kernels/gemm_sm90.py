@@ -52,7 +52,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ingot.kernels.checks import cdiv
-from ingot.kernels.tuning import GemmConfig, num_sms, skinny_group_k, sm90_decode_scale_steps
+from ingot.kernels.tuning import GemmConfig, num_sms, skinny_block_steps_ok, skinny_group_k, sm90_decode_scale_steps
 
 # int8-block (H100, session 13, `ws-block-*-715faf8.json`, 9 bench shapes at M 256-4096): 128x128x128 tiles, two
 # consumer warpgroups of 64 rows (num_warps 4 is the default partition's one; the worker adds 4 + 1 warps), 5 stages
@@ -81,6 +81,7 @@ BLOCK_MIN_M = 256
 CHANNEL_TILES = ((GemmConfig(128, 256, 128, group_m=8, num_warps=8, num_stages=4), 1.76),
                  (GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4), 1.0))
 CHANNEL_MIN_M = 512
+
 
 @gluon.jit
 def _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
@@ -510,8 +511,8 @@ def _int8_skinny_gemm_sm90_kernel(
     HAS_BIAS: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
-    GROUP_K: gl.constexpr,  # BLOCKED: K steps per drain of the wgmma pipeline (1: each step waited for alone)
-    SCALE_STEPS: gl.constexpr,  # BLOCKED: a power of two >= the split's steps rounded up to whole groups
+    GROUP_K: gl.constexpr,  # BLOCKED: 128-K sub-steps per drain of the wgmma pipeline (1: each waited for alone)
+    SCALE_STEPS: gl.constexpr,  # BLOCKED: a power of two >= the split's sub-steps rounded up to whole groups
     num_warps: gl.constexpr,  # 4: one warpgroup
 ):
     # Swap-AB: y^T [N, M] = w [N, K] @ x^T, so the weight rows fill the wgmma's 64-row side and the few tokens its
@@ -655,7 +656,7 @@ def int8_skinny_gemm_sm90(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tenso
     m, k = x_q.shape
     n = w_q.shape[0]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
-    if blocked and (bk % 128 or skinny_group_k(config) % (bk // 128)):
+    if blocked and not skinny_block_steps_ok(config):
         raise ValueError(f"block-scaled decode tiles take K steps of whole 128-K scale blocks that one GROUP_K "
                          f"({skinny_group_k(config)} sub-steps) holds: got {bm}x{bn}x{bk}")
     w_desc = TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk], _smem_layout(bn, bk))

@@ -673,9 +673,10 @@ def launch_block_gemm(
         config = resolve_config(op, None, m, n, k, x_q.device)
         config = replace(config, block_k=bk) if config.block_k != bk and config.kernel != "sm90" else config
     config = resolve_config(op, config, m, n, k, x_q.device)  # checks a caller's config
-    if config.kernel == "sm90" and config.block_k % bk:  # promotes per 128-K sub-step of its K steps
-        raise ValueError(f"config.block_k = {config.block_k} must be a multiple of the K quantization block {bk}")
-    if config.kernel != "sm90" and config.block_k != bk:
+    if config.kernel == "sm90":  # promotes each K block of its K steps on its own
+        if config.block_k % bk:
+            raise ValueError(f"config.block_k = {config.block_k} must be a multiple of the K quantization block {bk}")
+    elif config.block_k != bk:
         raise ValueError(
             f"config.block_k = {config.block_k} must equal the K quantization block {bk}: one scale per K step"
         )

@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -222,30 +222,26 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int, sm90: bool = False
 
 def _sm90_decode_candidates(op: str, m: int, n: int, k: int, num_sms: int) -> list[GemmConfig]:
     """The swap-AB decode kernel (kernel "sm90") at M <= 64: 64 or 128 weight rows x the token bucket (or half of
-    it: twice the programs, without split-K's partial sums) per program,
-    K steps of 128 or 256 (block: 256 as two 128-K scale blocks, on tiles whose GROUP_K holds both), a 4-deep ring
-    and the deepest that fits ~200 KB of shared memory beside the block op's staged scales (``sm90_decode_smem``),
-    split-K while the programs stay within two per SM (more waves of these short programs lost on the H100, session
-    14: 4096x4096 at M = 64, 64 x 256 steps, 4 stages: 13.0 / 21.2 / 31.6 us at split 2 / 4 / 8)."""
+    it: twice the programs, without split-K's partial sums) per program, K steps of 128 or 256 (block: 256 only where
+    ``skinny_block_steps_ok``), a 4-deep ring and the deepest that fits ~200 KB of shared memory beside the block
+    op's staged scales, split-K while the programs stay within two per SM (more waves of these short programs lost on
+    the H100, session 14: 4096x4096 at M = 64, 64 x 256 steps, 4 stages: 13.0 / 21.2 / 31.6 us at split 2 / 4 / 8)."""
     out = []
     blocked = op == "int8_gemm_block"
     bucket = 16 if m <= 16 else (32 if m <= 32 else 64)
     for bm, bn in itertools.product((bucket,) if bucket == 16 else (bucket, bucket // 2), (64, 128)):
         tiles = -(-m // bm) * -(-n // bn)
         for bk in (128, 256):
-            if blocked and skinny_group_k(GemmConfig(bm, bn, bk)) % (bk // 128):
+            if blocked and not skinny_block_steps_ok(GemmConfig(bm, bn, bk)):
                 continue
             k_tiles = -(-k // bk)
             for split in (1, 2, 4):
                 if split > 1 and (tiles * split > 2 * num_sms or k_tiles < 2 * split):
                     continue
                 cfg = GemmConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=4, split_k=split, kernel="sm90")
-                scales = sm90_decode_smem(cfg, k, blocked) - sm90_decode_smem(cfg, k, False)
+                scales = sm90_decode_scale_bytes(cfg, k) if blocked else 0
                 deepest = min(8, (200 * 1024 - scales) // ((bn + bm) * bk))
-                for stages in sorted({4, deepest}):
-                    if stages >= 4:
-                        out.append(GemmConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=stages, split_k=split,
-                                              kernel="sm90"))
+                out += [replace(cfg, num_stages=stages) for stages in sorted({4, deepest}) if stages >= 4]
     return out
 
 
@@ -258,23 +254,35 @@ SKINNY_GROUP_K_TILE = 128 * 32
 
 
 def skinny_group_k(config: GemmConfig) -> int:
-    """GROUP_K of the decode kernel's block-scaled path for this tile (a multiple of its sub-steps per K step,
-    block_k // 128, where the tile allows a group)."""
+    """GROUP_K of the decode kernel's block-scaled path for this tile."""
     return SKINNY_GROUP_K if config.block_n * config.block_m <= SKINNY_GROUP_K_TILE else 1
 
 
+def skinny_block_steps_ok(config: GemmConfig) -> bool:
+    """Whether the decode kernel's block-scaled path takes this tile's K step: whole 128-K scale blocks (sub-steps,
+    each promoted on its own) that one GROUP_K holds."""
+    return config.block_k % 128 == 0 and skinny_group_k(config) % (config.block_k // 128) == 0
+
+
 def sm90_decode_scale_steps(config: GemmConfig, k: int) -> int:
-    """The K steps of one split whose scales the block-scaled decode kernel stages in shared memory: a power of two
-    (its arange), at least 4 (its largest GROUP_K; a split's steps are rounded up to whole groups)."""
-    steps = -(-(-(-k // config.block_k)) // config.split_k) * (config.block_k // 128)  # of 128-K blocks
-    return max(4, 1 << (steps - 1).bit_length())
+    """The 128-K blocks of one split whose scales the block-scaled decode kernel stages in shared memory: a power of
+    two (its arange), at least 4 (its largest GROUP_K; a split's blocks are rounded up to whole groups)."""
+    k_tiles = -(-k // config.block_k)
+    blocks = -(-k_tiles // config.split_k) * (config.block_k // 128)
+    return max(4, 1 << (blocks - 1).bit_length())
+
+
+def sm90_decode_scale_bytes(config: GemmConfig, k: int) -> int:
+    """Shared memory of the block-scaled decode kernel's staged fp32 scales: ``sm90_decode_scale_steps`` rows of the
+    token tile."""
+    return sm90_decode_scale_steps(config, k) * config.block_m * 4
 
 
 def sm90_decode_smem(config: GemmConfig, k: int, blocked: bool) -> int:
-    """Shared memory of the decode kernel's ring (int8 weight and x boxes per stage) and, block-scaled, its staged
-    fp32 scales (``sm90_decode_scale_steps`` x the token tile)."""
+    """Shared memory of the decode kernel: its ring (int8 weight and x boxes per stage) and, block-scaled, the staged
+    scales."""
     ring = config.num_stages * (config.block_n + config.block_m) * config.block_k
-    return ring + (sm90_decode_scale_steps(config, k) * config.block_m * 4 if blocked else 0)
+    return ring + (sm90_decode_scale_bytes(config, k) if blocked else 0)
 
 
 def _int8_gemv_candidates(op: str, n: int, k: int, num_sms: int) -> list[GemmConfig]:
