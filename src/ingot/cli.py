@@ -318,6 +318,7 @@ def _engine(args):
         max_num_seqs=args.max_num_seqs,
         cuda_graphs=not args.eager,
         prefill_graph_tokens=args.prefill_graphs,
+        weight_prefetch_mb=args.weight_prefetch_mb,
         async_steps=not args.no_overlap,
         fp8_fallback=args.fp8_fallback,
     )
@@ -362,6 +363,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--prefill-graphs", type=int, default=None, metavar="TOKENS",
                    help="CUDA graphs for a lone prompt of up to TOKENS tokens (its TTFT); 0: off "
                         "(default: 512 on CUDA)")
+    p.add_argument("--weight-prefetch-mb", type=int, default=None, metavar="MB",
+                   help="decode graphs of up to 16 rows pull the next quantized linear's first MB of weight into L2 "
+                        "while the kernels before it run (sm_90+); 0: off (default: 24)")
     p.add_argument("--no-overlap", action="store_true",
                    help="read each step's tokens before queueing the next (default: overlap host and GPU work)")
     p.add_argument("--fp8-fallback", default="int8-block", choices=["int8-block", "bf16"],
@@ -395,6 +399,7 @@ def cmd_bench_e2e(args) -> int:
         git_sha=args.git_sha,
         repeats=args.repeats,
         prefill_graph_tokens=args.prefill_graphs,
+        weight_prefetch_mb=args.weight_prefetch_mb,
     )
     run_bench_e2e(options)
     return 0
@@ -518,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefill-graphs", type=int, default=None, metavar="TOKENS",
                    help="CUDA graphs for lone prompts of up to TOKENS tokens (the batch-1 TTFT); 0: off "
                         "(default: the engine's, 512 on CUDA)")
+    b.add_argument("--weight-prefetch-mb", type=int, default=None, metavar="MB",
+                   help="decode graphs of up to 16 rows pull the next quantized linear's first MB of weight into L2 "
+                        "while the kernels before it run (sm_90+); 0: off (default: 24)")
     b.add_argument("--eager", action="store_true", help="no CUDA graphs (decode, and prefill graphs)")
     b.add_argument("--no-overlap", action="store_true",
                    help="read each step's tokens before queueing the next (the engine's default overlaps them)")

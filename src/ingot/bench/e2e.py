@@ -108,6 +108,7 @@ class BenchE2EOptions:
     seed: int = 0
     repeats: int = 3  # timed runs per batch size; the median one is reported
     prefill_graph_tokens: int | None = None  # EngineConfig.prefill_graph_tokens (None: the engine's default, 0: off)
+    weight_prefetch_mb: int | None = None  # EngineConfig.weight_prefetch_mb (None: the engine's default, 0: off)
 
     def __post_init__(self) -> None:
         from ingot.quant.schemes import PRESETS as SCHEMES
@@ -277,7 +278,8 @@ def bench_scheme(scheme: str, config: dict, options: BenchE2EOptions, device: to
     t0 = time.perf_counter()
     llm = LLM.from_model(model, None, eos_ids=(), max_num_seqs=max_b, max_model_len=max_len, num_kv_blocks=blocks,
                          block_size=options.block_size, cuda_graphs=options.cuda_graphs,
-                         async_steps=options.async_steps, prefill_graph_tokens=options.prefill_graph_tokens)
+                         async_steps=options.async_steps, prefill_graph_tokens=options.prefill_graph_tokens,
+                         weight_prefetch_mb=options.weight_prefetch_mb)
     setup_s = time.perf_counter() - t0
     per_token_kv = kv_bytes_per_token(model.kv_cache_spec(), llm.kv_cache.dtype)
     read = decode_bytes_per_token(model, config)
@@ -295,6 +297,8 @@ def bench_scheme(scheme: str, config: dict, options: BenchE2EOptions, device: to
         "cuda_graphs_error": llm.runner.graphs_error,
         "async_steps": llm.config.async_steps,
         "prefill_graphs": None if llm.runner.prefill is None else sorted(llm.runner.prefill.graphs),
+        "weight_prefetch_bytes": llm.plan.weight_prefetch_bytes,
+        "weight_prefetches_per_step": None if llm.runner.graphs is None else llm.runner.graphs.prefetched,
         "kv_bytes_per_token": per_token_kv,
         "decode_read": {**read, "kv_cache_batch1": kv_read, "total": read["weights"] + kv_read},
         "batches": bench_engine_batches(llm, options, int(config["vocab_size"]), device),

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ingot.engine.kv_cache import cuda_num_blocks, kv_bytes_per_token, reserve_bytes
+from ingot.engine.weight_prefetch import DEFAULT_PREFETCH_MB
 
 # Defaults where the GPU's memory does not decide: CPU runs a handful of sequences of modest length.
 CUDA_MAX_NUM_SEQS = 256
@@ -41,6 +42,10 @@ class EngineConfig:
     # the batch-1 TTFT, host-bound when eager). 0: off; None: CUDA_PREFILL_GRAPH_TOKENS on CUDA, off on CPU (where
     # nothing is captured and a padded prefill would only cost).
     prefill_graph_tokens: int | None = None
+    # Decode graphs of up to PREFETCH_MAX_BATCH rows pull the next quantized linear's first MB of weight into L2 while
+    # the kernels before it run (engine/weight_prefetch.py). 0: off; None: DEFAULT_PREFETCH_MB (it does nothing
+    # without CUDA graphs or on GPUs before sm_90).
+    weight_prefetch_mb: int | None = None
     fp8_fallback: str = "int8-block"
     seed: int = 0  # seeds the generators of sampled requests that bring no seed
 
@@ -51,9 +56,10 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"EngineConfig.{name} must be an int >= 1 or None, got {v!r}")
-        v = self.prefill_graph_tokens
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise ValueError(f"EngineConfig.prefill_graph_tokens must be an int >= 0 or None, got {v!r}")
+        for name in ("prefill_graph_tokens", "weight_prefetch_mb"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"EngineConfig.{name} must be an int >= 0 or None, got {v!r}")
         if self.block_size < 1:
             raise ValueError(f"EngineConfig.block_size must be >= 1, got {self.block_size}")
 
@@ -67,6 +73,7 @@ class EnginePlan:
     num_blocks: int
     cache_dtype: torch.dtype
     prefill_graph_tokens: int  # 0: no prefill graphs
+    weight_prefetch_bytes: int = 0  # per linear in small-batch decode graphs (0: none)
 
 
 def cache_dtype(model) -> torch.dtype:
@@ -126,7 +133,9 @@ def plan_engine(model, config: EngineConfig, device: torch.device) -> EnginePlan
             f"hold one sequence of max_model_len {max_model_len}: lower max_model_len or raise mem_fraction"
         )
     prefill_graphs = min(prefill_graphs, max_model_len)
-    return EnginePlan(max_num_seqs, batched, max_model_len, bs, num_blocks, dtype, prefill_graphs)
+    prefetch_mb = DEFAULT_PREFETCH_MB if config.weight_prefetch_mb is None else config.weight_prefetch_mb
+    prefetch = prefetch_mb * 2**20 if cuda and config.cuda_graphs else 0
+    return EnginePlan(max_num_seqs, batched, max_model_len, bs, num_blocks, dtype, prefill_graphs, prefetch)
 
 
 def eos_token_ids(model_dir: Path, tokenizer) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ padded rows get slot -1 and seq_len 0 (they write no cache and produce zeros, pe
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 from ingot.engine.sampling import host_to_device
 from ingot.engine.scheduler import ScheduledSeq
 from ingot.engine.sequence import Sequence
+from ingot.engine.weight_prefetch import PREFETCH_MAX_BATCH, WeightPrefetch
 from ingot.layers.attention import AttnMetadata
 
 
@@ -153,13 +155,18 @@ class DecodeBuffers:
 
 
 class DecodeGraphs:
-    """One captured graph per bucket over the decode buffers (views of them)."""
+    """One captured graph per bucket over the decode buffers (views of them). Buckets up to PREFETCH_MAX_BATCH are
+    captured with weight prefetches (engine/weight_prefetch.py) when ``prefetch_bytes`` > 0 and the GPU has them."""
 
-    def __init__(self, model, buffers: DecodeBuffers, max_num_seqs: int):
+    def __init__(self, model, buffers: DecodeBuffers, max_num_seqs: int, prefetch_bytes: int = 0):
         self.model, self.buffers = model, buffers
         self.buckets = graph_buckets(max_num_seqs)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        device = buffers.input_ids.device
+        self.prefetch = (WeightPrefetch(model, prefetch_bytes, device)
+                         if WeightPrefetch.active(device, prefetch_bytes) else None)
+        self.prefetched: dict[int, int] = {}  # bucket -> prefetches its graph launches per step
 
     def _run(self, b: int) -> torch.Tensor:
         """The forward of bucket b over the static buffers: hidden [b, hidden_size]."""
@@ -174,11 +181,16 @@ class DecodeGraphs:
         sum(buckets) x hidden x 2 B (18 MB for Llama-3-8B up to 256), where logits would take 1.1 GB; the lm_head
         GEMM runs after the replay."""
         for b in reversed(self.buckets):
-            self._run(b)  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
+            pf = self.prefetch if self.prefetch is not None and b <= PREFETCH_MAX_BATCH else None
+            with pf.recording() if pf else contextlib.nullcontext():
+                self._run(b)  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                hidden = self._run(b)
+                with pf.prefetching() if pf else contextlib.nullcontext():
+                    hidden = self._run(b)
+            if pf:
+                self.prefetched[b] = pf.prefetches
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[b] = (graph, hidden)

@@ -122,7 +122,8 @@ class LLM:
         self.kv_cache = KVCache(model.kv_cache_spec(), plan.num_blocks, bs, plan.cache_dtype, self.device)
         sched = SchedulerConfig(plan.max_num_seqs, plan.max_num_batched_tokens, max_model_len, bs)
         self.scheduler = Scheduler(sched, self.kv_cache.allocator)
-        runner = RunnerConfig(plan.max_num_seqs, max_model_len, config.cuda_graphs, plan.prefill_graph_tokens)
+        runner = RunnerConfig(plan.max_num_seqs, max_model_len, config.cuda_graphs, plan.prefill_graph_tokens,
+                              plan.weight_prefetch_bytes)
         self.runner = ModelRunner(model, self.kv_cache, runner)
         self.sampler = Sampler(config.seed)
         self._next_id = 0

@@ -46,6 +46,7 @@ class RunnerConfig:
     max_model_len: int
     cuda_graphs: bool = True
     prefill_graph_tokens: int = 0  # PrefillGraphs up to this many tokens (0: none)
+    weight_prefetch_bytes: int = 0  # per linear, in small-batch decode graphs (engine/weight_prefetch.py; 0: none)
 
 
 @dataclass
@@ -132,7 +133,7 @@ class ModelRunner:
             self.graphs_error = "the model's decode step syncs with the host (model.supports_cuda_graphs is False)"
             logging.getLogger("ingot").warning("CUDA graphs off, decode runs eagerly: %s", self.graphs_error)
         elif config.cuda_graphs and self.device.type == "cuda":
-            graphs = DecodeGraphs(model, self.decode, config.max_num_seqs)
+            graphs = DecodeGraphs(model, self.decode, config.max_num_seqs, config.weight_prefetch_bytes)
             try:
                 graphs.capture()
                 self.graphs = graphs
