@@ -111,7 +111,8 @@ def test_prefetched_graphs_equal_plain_graphs(scheme):
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (20, 5, 12, 1, 8, 30, 2, 17, 9)]
     outs = {}
     for mb in (0, 1):
-        llm = LLM.from_model(model, max_model_len=256, max_num_seqs=32, weight_prefetch_mb=mb)
+        # a fixed pool: the first engine's cache stays bound to the model, so the second cannot size one from free memory
+        llm = LLM.from_model(model, max_model_len=256, max_num_seqs=32, num_kv_blocks=256, weight_prefetch_mb=mb)
         graphs = llm.runner.graphs
         assert graphs is not None, llm.runner.graphs_error
         if mb:
