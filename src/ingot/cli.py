@@ -365,7 +365,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
                         "(default: 512 on CUDA)")
     p.add_argument("--weight-prefetch-mb", type=int, default=None, metavar="MB",
                    help="decode graphs of up to 16 rows pull the next quantized linear's first MB of weight into L2 "
-                        "while the kernels before it run (sm_90+); 0: off (default: 24)")
+                        "while the kernels before it run (sm_90+); 0: off (default: 16)")
     p.add_argument("--no-overlap", action="store_true",
                    help="read each step's tokens before queueing the next (default: overlap host and GPU work)")
     p.add_argument("--fp8-fallback", default="int8-block", choices=["int8-block", "bf16"],
@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the engine's, 512 on CUDA)")
     b.add_argument("--weight-prefetch-mb", type=int, default=None, metavar="MB",
                    help="decode graphs of up to 16 rows pull the next quantized linear's first MB of weight into L2 "
-                        "while the kernels before it run (sm_90+); 0: off (default: 24)")
+                        "while the kernels before it run (sm_90+); 0: off (default: 16)")
     b.add_argument("--eager", action="store_true", help="no CUDA graphs (decode, and prefill graphs)")
     b.add_argument("--no-overlap", action="store_true",
                    help="read each step's tokens before queueing the next (the engine's default overlaps them)")
