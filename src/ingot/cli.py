@@ -364,7 +364,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
                    help="CUDA graphs for a lone prompt of up to TOKENS tokens (its TTFT); 0: off "
                         "(default: 512 on CUDA)")
     p.add_argument("--weight-prefetch-mb", type=int, default=None, metavar="MB",
-                   help="decode graphs of up to 16 rows pull the next quantized linear's first MB of weight into L2 "
+                   help="decode graphs of up to 16 rows pull the next int8 W8A8 linear's first MB of weight into L2 "
                         "while the kernels before it run (sm_90+); 0: off (default: 16)")
     p.add_argument("--no-overlap", action="store_true",
                    help="read each step's tokens before queueing the next (default: overlap host and GPU work)")
@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA graphs for lone prompts of up to TOKENS tokens (the batch-1 TTFT); 0: off "
                         "(default: the engine's, 512 on CUDA)")
     b.add_argument("--weight-prefetch-mb", type=int, default=None, metavar="MB",
-                   help="decode graphs of up to 16 rows pull the next quantized linear's first MB of weight into L2 "
+                   help="decode graphs of up to 16 rows pull the next int8 W8A8 linear's first MB of weight into L2 "
                         "while the kernels before it run (sm_90+); 0: off (default: 16)")
     b.add_argument("--eager", action="store_true", help="no CUDA graphs (decode, and prefill graphs)")
     b.add_argument("--no-overlap", action="store_true",

@@ -30,19 +30,23 @@ def test_streamed_weight_is_the_largest_parameter():
     assert streamed_weight(_linear("bf16")).shape == (64, 128)
 
 
-def test_plan_prefetches_the_next_quantized_linear():
+def test_plan_prefetches_the_next_w8a8_int8_linear():
     a, b, c, d = _linear("int8-channel"), _linear("bf16"), _linear("int8-block"), _linear("int4-group")
-    plan = prefetch_plan([a, b, c, d, a])
-    assert len(plan) == 5
+    plan = prefetch_plan([a, b, c, d, a, _linear("int8-weight"), c])
+    assert len(plan) == 7
     assert plan[0] is None  # b is bf16
-    assert plan[1] is c.weight and plan[2] is d.weight_packed and plan[3] is a.weight
-    assert plan[4] is None  # the last call
+    assert plan[1] is c.weight
+    assert plan[2] is None  # d is weight-only (measured slower with prefetches)
+    assert plan[3] is a.weight
+    assert plan[4] is None and plan[5] is c.weight
+    assert plan[6] is None  # the last call
     assert prefetch_plan([]) == []
 
 
 def test_recording_follows_the_forward_order():
     """The plan follows call order, not module order, and hooks are gone afterwards."""
-    first, second, third = _linear("int8-channel", 128, 128), _linear("int8-channel", 128, 128), _linear("bf16", 128, 128)
+    first, second = _linear("int8-channel", 128, 128), _linear("int8-channel", 128, 128)
+    third = _linear("bf16", 128, 128)
     model = torch.nn.ModuleDict({"first": first, "second": second, "third": third})
     pf = WeightPrefetch(model, 1 << 20, torch.device("cpu"))
     x = torch.ones(1, 128)
@@ -95,7 +99,7 @@ def test_l2_prefetch_leaves_data_alone_and_takes_any_size():
 @pytest.mark.parametrize("scheme", ["int8-channel", "int8-block", "int4-group"])
 def test_prefetched_graphs_equal_plain_graphs(scheme):
     """Same random Llama, engines with and without prefetch: identical greedy tokens, and the graphs of buckets up to
-    PREFETCH_MAX_BATCH (only) launch one prefetch per quantized linear but the last."""
+    PREFETCH_MAX_BATCH (only) launch one prefetch per W8A8 linear but the last (none for weight-only int4)."""
     from ingot.engine import LLM, SamplingParams
     from ingot.engine.weight_prefetch import PREFETCH_MAX_BATCH
     from ingot.kernels.l2_prefetch import supported
@@ -111,14 +115,16 @@ def test_prefetched_graphs_equal_plain_graphs(scheme):
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (20, 5, 12, 1, 8, 30, 2, 17, 9)]
     outs = {}
     for mb in (0, 1):
-        # a fixed pool: the first engine's cache stays bound to the model, so the second cannot size one from free memory
+        # a fixed pool: the first engine's cache stays bound to the model, so the second cannot size one from free
+        # memory
         llm = LLM.from_model(model, max_model_len=256, max_num_seqs=32, num_kv_blocks=256, weight_prefetch_mb=mb)
         graphs = llm.runner.graphs
         assert graphs is not None, llm.runner.graphs_error
         if mb:
             # one per linear of the decoder layers (after fusion: qkv, o, gate_up, down; int8-block keeps q / k / v
             # apart here, k and v being 64 rows) but the last; the lm_head runs after the graph
-            want = sum(isinstance(m, Linear) for m in model.model.layers.modules()) - 1
+            linears = sum(isinstance(m, Linear) for m in model.model.layers.modules())
+            want = 0 if scheme == "int4-group" else linears - 1
             assert graphs.prefetched == {b: want for b in graphs.buckets if b <= PREFETCH_MAX_BATCH}
         else:
             assert graphs.prefetch is None and graphs.prefetched == {}

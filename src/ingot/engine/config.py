@@ -42,7 +42,7 @@ class EngineConfig:
     # the batch-1 TTFT, host-bound when eager). 0: off; None: CUDA_PREFILL_GRAPH_TOKENS on CUDA, off on CPU (where
     # nothing is captured and a padded prefill would only cost).
     prefill_graph_tokens: int | None = None
-    # Decode graphs of up to PREFETCH_MAX_BATCH rows pull the next quantized linear's first MB of weight into L2 while
+    # Decode graphs of up to PREFETCH_MAX_BATCH rows pull the next int8 W8A8 linear's first MB of weight into L2 while
     # the kernels before it run (engine/weight_prefetch.py). 0: off; None: DEFAULT_PREFETCH_MB (it does nothing
     # without CUDA graphs or on GPUs before sm_90).
     weight_prefetch_mb: int | None = None

@@ -8,9 +8,12 @@ capture stream there) prefetches the first ``nbytes`` of linear i + 1's weight, 
 called them; the side stream joins back at the end of the forward, so the graph holds the prefetches as branches that
 nothing waits on until the step ends. Prefetches are hints: outputs are the same bits with and without them.
 
-Only quantized linears' weights are prefetched: on the decode-like chain that chose the defaults (kernels NOTES,
-session 16) int8 went 101.3 -> 97.3 us per layer at batch 1, while bf16 went 177.0 -> 180.8 (its weights are twice as
-large, and prefetching them evicted lines its own GEMMs were about to read).
+Only W8A8 int8 linears' weights are prefetched (PREFETCH_KINDS), the kinds it was measured to speed up (engine
+NOTES, session 16; Llama-3-8B on the H100, batch-1 TPOT): int8-channel 3.80 -> 3.66 ms, int8-block 3.77 -> 3.70 ms.
+On the decode-like chain that chose the defaults bf16 went 177.0 -> 180.8 us per layer (its weights are twice as
+large, and prefetching them evicted lines its own GEMMs were about to read), and end to end the weight-only kinds got
+slower (int4-group 3.006 -> 3.049 ms, int8-weight 3.995 -> 4.111 ms). fp8-block runs the int8 block kernel's
+structure on e4m3 but was not measured, so it is not in the list.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ingot.kernels.l2_prefetch import l2_prefetch, supported
 from ingot.layers.linear import Linear
 
 DEFAULT_PREFETCH_MB = 16  # per linear (L2 is 50 MB on the H100); engine NOTES session 16: 16 ~ 24 > 32 end to end
+PREFETCH_KINDS = ("int8-channel", "int8-block")  # linears whose weights are prefetched
 PREFETCH_MAX_BATCH = 16  # decode buckets up to this size get prefetches (at 64: int8-channel -1.1%, int8-block +2.6%)
 
 
@@ -32,11 +36,11 @@ def streamed_weight(linear: Linear) -> torch.Tensor:
 
 
 def prefetch_plan(order: list[Linear]) -> list[torch.Tensor | None]:
-    """For the k-th linear call of a forward, the weight to prefetch after it: the (k + 1)-th call's, when that linear is
-    quantized (kind other than bf16); None after the last call and before bf16 linears."""
+    """For the k-th linear call of a forward, the weight to prefetch after it: the (k + 1)-th call's, when that linear
+    is of a PREFETCH_KINDS kind; None after the last call and before linears of other kinds."""
     plan: list[torch.Tensor | None] = []
     for nxt in order[1:]:
-        plan.append(None if nxt.kind == "bf16" else streamed_weight(nxt))
+        plan.append(streamed_weight(nxt) if nxt.kind in PREFETCH_KINDS else None)
     return plan + [None] if order else []
 
 
