@@ -9,5 +9,6 @@ reference with the same math in ``ingot.quant.ref``.
 Modules: ``act_quant`` (dynamic activation quantization), ``int8_gemm`` (W8A8 int8 GEMMs), ``weight_only`` (W8A16
 and W4A16 GEMMs for decode), ``dequant`` (block dequantization of fp8-block / int8-block weights), ``norm_rope``
 (RMSNorm - also with the residual add and the output's quantization fused - and rotary), ``silu_mul`` (the gated
-MLP's silu(gate) * up, optionally quantized for down_proj).
+MLP's silu(gate) * up, optionally quantized for down_proj), ``l2_prefetch`` (pull a weight's first bytes into L2 on
+sm_90+, for the engine's decode step).
 """
