@@ -308,3 +308,40 @@ def test_fresh_prompts_attend_over_their_own_rows(shared, window):
         out = paged_attention(q2, kc2, vc2, m2, _scale(16), 12, new_kv=(torch.randn(q2.shape[0], 2, 16), None))
         assert m2.prefill_plan.dense is None
         assert (out.double() - _naive(q2, kf2, vf2, n, _scale(16), pad_rows=pad)).abs().max().item() < 1e-5
+
+
+def test_out_quant_is_ignored_off_the_decode_kernel():
+    """Prefill steps and CPU decodes return the plain output whatever out_quant says (the linear quantizes)."""
+    from ingot.layers.linear import ActQuant
+
+    quant = ActQuant("int8", 16)
+    for q_lens in ([1, 1], [3, 1]):
+        q, kc, vc, meta, _, _ = _batch([6, 9], q_lens, 4, 2, 16, 16)
+        out = paged_attention(q, kc, vc, meta, _scale(16), 16, out_quant=quant)
+        assert isinstance(out, torch.Tensor) and out.shape == (sum(q_lens), 4, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [128, 64])
+def test_cuda_decode_emits_o_projs_int8_input(group):
+    """On CUDA a decode step whose out_quant is int8 with one group per head comes back quantized, bit for bit what
+    the linear would have made of the plain output; any other quantization (a group of two heads, per token) gets
+    the plain output."""
+    from ingot.kernels.act_quant import per_token_group_quant
+    from ingot.layers.linear import ActQuant, QuantizedActivation
+
+    q, kc, vc, meta, _, _ = _batch([30, 7, 130], [1, 1, 1], 32, 8, 128, 128, dtype=torch.bfloat16, pad_rows=1)
+    q, kc, vc = q.cuda(), kc.cuda(), vc.cuda()
+    meta = AttnMetadata(**{f: getattr(meta, f).cuda() if isinstance(getattr(meta, f), torch.Tensor)
+                           else getattr(meta, f) for f in ("cu_query_lens", "seq_lens", "slot_mapping",
+                                                           "block_tables", "max_query_len", "max_seq_len")})
+    plain = paged_attention(q, kc, vc, meta, _scale(128), 128)
+    quant = ActQuant("int8", group)
+    out = paged_attention(q, kc, vc, meta, _scale(128), 128, out_quant=quant)
+    if group == 128:
+        assert isinstance(out, QuantizedActivation) and out.quant == quant and out.dtype == torch.bfloat16
+        want_q, want_s = per_token_group_quant(plain.flatten(1), "int8", group_size=128)
+        assert torch.equal(out.x_q, want_q) and torch.equal(out.x_s, want_s)
+    else:
+        assert isinstance(out, torch.Tensor) and torch.equal(out, plain)
+    assert torch.equal(paged_attention(q, kc, vc, meta, _scale(128), 128, out_quant=ActQuant("int8")), plain)

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ingot.kernels.act_quant import _cast_rn, _quantize
 from ingot.kernels.checks import cdiv, next_pow2
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -64,9 +65,26 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _store_head_groups_int8(out, dv, head_ok, dv_ok, xq_row_ptr, xs_row_ptr, heads64, DV, dtype: tl.constexpr,
+                            COMPILED: tl.constexpr):
+    """The epilogue of a decode whose output feeds an int8 linear quantizing per token per group of DV channels (one
+    group per head): out (BLOCK_H, BLOCK_DV) fp32 rounded to the model ``dtype`` (what the plain path stores), then
+    per row amax, scale div_rn(amax, 127) and ``act_quant._quantize`` - the steps of ``per_token_group_quant``, so
+    x_q / x_s are bit-identical to quantizing the stored output with it. x_q row at xq_row_ptr (channel h * DV + d),
+    one scale per head at xs_row_ptr + h."""
+    v = _cast_rn(out, dtype, COMPILED).to(tl.float32)
+    v = tl.where(head_ok[:, None] & dv_ok[None, :], v, 0.0)
+    s = tl.math.div_rn(tl.max(tl.abs(v), axis=1), 127.0)
+    q = _quantize(v, s, 127.0, False, COMPILED)
+    tl.store(xq_row_ptr + heads64[:, None] * DV + dv[None, :], q, mask=head_ok[:, None] & dv_ok[None, :])
+    tl.store(xs_row_ptr + heads64, s, mask=head_ok)
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr,  # q [B, H, Dk], caches [NB, PS, Hkv, D], block_tables [B, MB], seq_lens [B]
     o_ptr, m_ptr, l_ptr,  # out [B, H, Dv] (NUM_SPLITS == 1) or partials: acc fp32 [B, H, S, Dv], m/l fp32 [B, H, S]
+    xq_ptr, xs_ptr,  # QUANT and NUM_SPLITS == 1: x_q int8 [B, H * Dv], x_s fp32 [B, H] instead of out
     scale,
     H, GROUP, DK, DV,  # GROUP = H // Hkv query heads per kv head
     stride_qb, stride_qh, stride_qd,
@@ -75,6 +93,7 @@ def _decode_partial_kernel(
     stride_btb, stride_btn,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_mb, stride_mh, stride_ms,
+    stride_xqb, stride_xsb,
     PAGE_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     HEAD_BLOCKS: tl.constexpr,  # cdiv(GROUP, BLOCK_H) programs per kv head
@@ -86,6 +105,8 @@ def _decode_partial_kernel(
     V_FROM_K: tl.constexpr,  # shared KV and BLOCK_DV == BLOCK_D1: values are the first key tile, already loaded
     UPCAST: tl.constexpr,  # interpreter: fp32 dots (see _dot)
     IEEE: tl.constexpr,  # fp32 operands: IEEE fp32 dots, not TF32 (see _dot)
+    QUANT: tl.constexpr = False,  # the output quantized to int8 per head (_store_head_groups_int8), not stored
+    COMPILED: tl.constexpr = True,  # not the interpreter (bf16 rounding, see act_quant._cast_rn)
 ):
     b = tl.program_id(0)
     pid_h = tl.program_id(1)  # kv head * HEAD_BLOCKS + head block
@@ -152,8 +173,12 @@ def _decode_partial_kernel(
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0: an empty row (seq_len 0), acc is 0
-        o_ptrs = o_ptr + b64 * stride_ob + heads64[:, None] * stride_oh + dv[None, :] * stride_od
-        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=head_ok[:, None] & dv_ok[None, :])
+        if QUANT:
+            _store_head_groups_int8(out, dv, head_ok, dv_ok, xq_ptr + b64 * stride_xqb, xs_ptr + b64 * stride_xsb,
+                                    heads64, DV, q_ptr.dtype.element_ty, COMPILED)
+        else:
+            o_ptrs = o_ptr + b64 * stride_ob + heads64[:, None] * stride_oh + dv[None, :] * stride_od
+            tl.store(o_ptrs, _cast_rn(out, o_ptr.dtype.element_ty, COMPILED), mask=head_ok[:, None] & dv_ok[None, :])
     else:
         o_ptrs = o_ptr + b64 * stride_ob + heads64[:, None] * stride_oh + split * stride_os + dv[None, :] * stride_od
         tl.store(o_ptrs, acc, mask=head_ok[:, None] & dv_ok[None, :])
@@ -165,13 +190,17 @@ def _decode_partial_kernel(
 @triton.jit
 def _decode_combine_kernel(
     acc_ptr, m_ptr, l_ptr, o_ptr,  # acc fp32 [B, H, S, Dv], m/l fp32 [B, H, S], out [B, H, Dv]
+    xq_ptr, xs_ptr,  # QUANT: x_q int8 [B, H * Dv], x_s fp32 [B, H] instead of out
     DV,
     stride_ab, stride_ah, stride_as, stride_ad,
     stride_mb, stride_mh, stride_ms,
     stride_ob, stride_oh, stride_od,
+    stride_xqb, stride_xsb,
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,  # next_pow2(NUM_SPLITS)
     BLOCK_DV: tl.constexpr,
+    QUANT: tl.constexpr = False,
+    COMPILED: tl.constexpr = True,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -188,7 +217,13 @@ def _decode_combine_kernel(
     a_ptrs = acc_ptr + b * stride_ab + h * stride_ah + s[:, None] * stride_as + dv[None, :] * stride_ad
     acc = tl.load(a_ptrs, mask=s_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_DV)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + dv * stride_od, out.to(o_ptr.dtype.element_ty), mask=dv_ok)
+    if QUANT:  # this program's head as a (1, BLOCK_DV) tile
+        one = tl.arange(0, 1)
+        _store_head_groups_int8(out[None, :], dv, one < 1, dv_ok, xq_ptr + b * stride_xqb, xs_ptr + b * stride_xsb,
+                                h + one.to(tl.int64), DV, o_ptr.dtype.element_ty, COMPILED)
+    else:
+        tl.store(o_ptr + b * stride_ob + h * stride_oh + dv * stride_od, _cast_rn(out, o_ptr.dtype.element_ty, COMPILED),
+                 mask=dv_ok)
 
 
 # Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
@@ -287,6 +322,38 @@ def paged_decode_attention(
     num_splits: KV splits per sequence (default: ``default_num_splits``); block_n: KV tokens per step (default
     64 for Dk <= 128, else 32). Returns [B, H, head_dim_v] in q's dtype. No host syncs: CUDA-graph capturable.
     """
+    out, _, _ = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, False)
+    return out
+
+
+def paged_decode_attention_int8(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    head_dim_v: int,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``paged_decode_attention`` with its output quantized for an int8 linear that takes its input per token per
+    group of head_dim_v channels (an int8-block o_proj whose K block equals the head dim: Llama's 128), in the same
+    launches: returns x_q int8 [B, H * head_dim_v] and x_s float32 [B, H], bit for bit
+    ``per_token_group_quant(paged_decode_attention(...).flatten(1), "int8", group_size=head_dim_v)``.
+    head_dim_v must be a power of two (one tile per head) and q bf16/fp16/fp32.
+
+    Why: at batch 1 the separate quantization was one more launch per layer (~2.4 us on the H100, 32 per step of
+    Llama-3-8B) in a step of latency-bound kernels."""
+    if isinstance(head_dim_v, int) and not isinstance(head_dim_v, bool) and head_dim_v & (head_dim_v - 1):
+        raise ValueError(f"paged_decode_attention_int8: head_dim_v {head_dim_v} is not a power of two (one group a head)")
+    _, x_q, x_s = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, True)
+    return x_q, x_s
+
+
+def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, quant):
+    """Launch the partial (and, with splits, the combine) kernel; (out, None, None), or (None, x_q, x_s) if quant."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, head_dim_v)
     b, h, dk = q.shape
     _, page_size, hkv, _ = k_cache.shape
@@ -305,8 +372,13 @@ def paged_decode_attention(
     v = k_cache if v_cache is None else v_cache  # shared KV: the first head_dim_v channels of each key
 
     out = torch.empty((b, h, head_dim_v), dtype=q.dtype, device=q.device)
+    x_q = x_s = None
+    if quant:
+        x_q = torch.empty((b, h * head_dim_v), dtype=torch.int8, device=q.device)
+        x_s = torch.empty((b, h), dtype=torch.float32, device=q.device)
     if b == 0 or h == 0:
-        return out
+        return (None, x_q, x_s) if quant else (out, None, None)
+    xq, xs = (x_q, x_s) if quant else (out, out)  # pointers the plain launch never touches
     if num_splits == 1:
         partial = out
         strides_o = (out.stride(0), out.stride(1), 0, out.stride(2))
@@ -324,6 +396,7 @@ def paged_decode_attention(
         _decode_partial_kernel[(b, hkv * head_blocks, num_splits)](
             q, k_cache, v, block_tables, seq_lens,
             partial, m, lse_l,
+            xq, xs,
             float(scale),
             h, group, dk, head_dim_v,
             *q.stride(),
@@ -332,6 +405,7 @@ def paged_decode_attention(
             *block_tables.stride(),
             *strides_o,
             *strides_m,
+            xq.stride(0), xs.stride(0),
             PAGE_SIZE=page_size,
             NUM_SPLITS=num_splits,
             HEAD_BLOCKS=head_blocks,
@@ -343,20 +417,26 @@ def paged_decode_attention(
             V_FROM_K=v_cache is None and block_dv == block_d1,
             UPCAST=INTERPRETED,
             IEEE=q.dtype == torch.float32,
+            QUANT=quant,
+            COMPILED=not INTERPRETED,
             num_warps=4 if block_dv <= 128 else 8,
             num_stages=2,
         )
         if num_splits > 1:
             _decode_combine_kernel[(b, h)](
                 partial, m, lse_l, out,
+                xq, xs,
                 head_dim_v,
                 *partial.stride(),
                 *m.stride(),
                 *out.stride(),
+                xq.stride(0), xs.stride(0),
                 NUM_SPLITS=num_splits,
                 BLOCK_S=next_pow2(num_splits),
                 BLOCK_DV=block_dv,
+                QUANT=quant,
+                COMPILED=not INTERPRETED,
                 num_warps=4,
             )
-    return out
+    return (None, x_q, x_s) if quant else (out, None, None)
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ingot.layers.linear import ActQuant, QuantizedActivation
 from ingot.layers.rotary import apply_rotary
 
 
@@ -136,7 +137,8 @@ def paged_attention(
     head_dim_v: int,
     window: int | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-) -> torch.Tensor:
+    out_quant: ActQuant | None = None,
+) -> torch.Tensor | QuantizedActivation:
     """Attention of the new tokens q [T, H, Dk] over the paged cache -> [T, H, Dv] in q.dtype.
 
     The cache must already hold this step's keys/values (``store_kv``); ``new_kv`` = those keys/values (k [T, Hkv,
@@ -144,16 +146,31 @@ def paged_attention(
     k_cache[..., :head_dim_v] (MLA). GQA/MQA: query head h reads kv head h // (H / Hkv). window: sliding-window
     attention (Mistral): a token at position p sees keys at positions > p - window. Rows of padded sequences
     (seq_len 0) come out as zeros.
+
+    out_quant: the next linear's input quantization (its ``input_quant``). A decode step on CUDA whose quantization
+    is int8 per token per group of exactly Dv channels (int8-block's o_proj where the K block is the head dim) gets
+    the output already quantized, as a ``QuantizedActivation`` of [T, H * Dv] (``paged_decode_attention_int8``:
+    the same bits as quantizing the output, one launch fewer); anything else returns the plain output.
     """
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"paged_attention: {q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} kv heads")
     if meta.max_query_len == 1:
         if q.is_cuda and window is None:  # the Triton split-KV kernel, tested against this reference
-            from ingot.kernels.attention import paged_decode_attention
+            from ingot.kernels.attention import paged_decode_attention, paged_decode_attention_int8
 
-            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, head_dim_v)
+            args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, head_dim_v)
+            if _fused_int8_output(out_quant, head_dim_v):
+                x_q, x_s = paged_decode_attention_int8(*args)
+                return QuantizedActivation(x_q, x_s, out_quant, q.dtype)
+            return paged_decode_attention(*args)
         return _decode_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window)
     return _prefill_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window, *(new_kv or ()))
+
+
+def _fused_int8_output(quant: ActQuant | None, head_dim_v: int) -> bool:
+    """Whether the decode kernel can emit ``quant``'s int8 input itself: int8, float scales, one group per head."""
+    return (quant is not None and quant.dtype == "int8" and quant.scale_fmt == "float"
+            and quant.group_size == head_dim_v and head_dim_v & (head_dim_v - 1) == 0)
 
 
 def _values(k: torch.Tensor, v: torch.Tensor | None, head_dim_v: int) -> torch.Tensor:
@@ -429,9 +446,12 @@ class Attention(nn.Module):
         self.k_cache, self.v_cache = k_cache, v_cache
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, meta: AttnMetadata | None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                out_quant: ActQuant | None = None) -> torch.Tensor | QuantizedActivation:
         """rope: (cos, sin) to rotate q and k by first (``apply_rotary``, channel i with i + dim / 2); on the engine's
-        CUDA path the rotation and the cache write are one launch (``kernels.kv_store.rope_store_kv``)."""
+        CUDA path the rotation and the cache write are one launch (``kernels.kv_store.rope_store_kv``). out_quant:
+        the output linear's input quantization, which a CUDA decode step may return already applied
+        (``paged_attention``): the caller passes either result to that linear."""
         dv = self.spec.head_dim_v
         if meta is None:
             if rope is not None:
@@ -447,7 +467,7 @@ class Attention(nn.Module):
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, dv, self.window, (k, v))
+        return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, dv, self.window, (k, v), out_quant)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, {self.spec}, scale={self.scale:.4g}, window={self.window}"

@@ -201,7 +201,9 @@ class LlamaAttention(nn.Module):
         v = v.unflatten(-1, (-1, self.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(q, k, v, meta, rope).flatten(-2))  # the layer rotates q and k
+        out = self.attn(q, k, v, meta, rope, self.o_proj.input_quant(q))  # the layer rotates q and k
+        # a CUDA decode step may hand o_proj its input already quantized ([T, H * D]); else [T, H, D]
+        return self.o_proj(out if isinstance(out, QuantizedActivation) else out.flatten(-2))
 
 
 # ----------------------------------------------------------------------------------------------------------- block
