@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.kernels.act_quant import _cast_rn, _quantize, per_token_group_quant
+from ingot.kernels.act_quant import _cast_rn, _quantize, per_token_group_quant, per_token_quant_int8
 from ingot.kernels.checks import cdiv, next_pow2
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -46,6 +46,8 @@ BLOCK_H = 16  # query heads per program: a whole GQA group (4 for Llama-3-8B, 3 
 PROGRAMS_PER_SM = 2
 MIN_SPLIT_TOKENS = 64
 MAX_SPLITS = 32
+MAX_TOKEN_HEADS = 128  # a per-token quantizing combine holds a token's heads x Dv values in one program
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -219,6 +221,51 @@ def _decode_combine_kernel(
                  mask=dv_ok)
 
 
+@triton.jit
+def _decode_combine_token_int8_kernel(
+    acc_ptr, m_ptr, l_ptr, xq_ptr, xs_ptr,  # partials as _decode_combine_kernel; x_q int8 [B, H * Dv], x_s fp32 [B, 1]
+    H, DV,
+    stride_ab, stride_ah, stride_as, stride_ad,
+    stride_mb, stride_mh, stride_ms,
+    stride_xqb, stride_xsb,
+    DTYPE: tl.constexpr,  # the model dtype the output is rounded to before it is quantized
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_HH: tl.constexpr,  # next_pow2(H): every head of the token in one program
+    BLOCK_S: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    COMPILED: tl.constexpr,
+):
+    """The combine for an output quantized per token (int8-channel's o_proj input): one program per token combines
+    all its heads, rounds to DTYPE, and quantizes the row with one scale (the steps of per_token_quant_int8). The
+    splits are summed in order 0..S-1, where _decode_combine_kernel sums a tile: the same value up to fp32 rounding."""
+    b = tl.program_id(0).to(tl.int64)
+    hh = tl.arange(0, BLOCK_HH)
+    h_ok = hh < H
+    s = tl.arange(0, BLOCK_S)
+    hs_mask = h_ok[:, None] & (s < NUM_SPLITS)[None, :]
+    ml = b * stride_mb + hh[:, None] * stride_mh + s[None, :] * stride_ms
+    m = tl.load(m_ptr + ml, mask=hs_mask, other=float("-inf"))  # (BLOCK_HH, BLOCK_S)
+    l = tl.load(l_ptr + ml, mask=hs_mask, other=0.0)
+    m_max = tl.max(m, axis=1)
+    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # every split empty (seq_len 0): weights e^-inf = 0
+    w = tl.exp(m - m_max[:, None])
+    denom = tl.sum(w * l, axis=1)  # (BLOCK_HH,)
+    dv = tl.arange(0, BLOCK_DV)
+    mask = h_ok[:, None] & (dv < DV)[None, :]
+    out = tl.zeros((BLOCK_HH, BLOCK_DV), dtype=tl.float32)
+    for j in tl.static_range(NUM_SPLITS):
+        wj = tl.sum(tl.where(s[None, :] == j, w, 0.0), axis=1)  # (BLOCK_HH,) split j's weight per head
+        a = tl.load(acc_ptr + b * stride_ab + hh[:, None] * stride_ah + j * stride_as + dv[None, :] * stride_ad,
+                    mask=mask, other=0.0)
+        out += a * wj[:, None]
+    out = out / tl.where(denom > 0, denom, 1.0)[:, None]
+    v = tl.where(mask, _cast_rn(out, DTYPE, COMPILED).to(tl.float32), 0.0)
+    scale = tl.math.div_rn(tl.max(tl.max(tl.abs(v), axis=1), axis=0), 127.0)
+    q = _quantize(v, tl.zeros((BLOCK_HH,), dtype=tl.float32) + scale, 127.0, False, COMPILED)
+    tl.store(xq_ptr + b * stride_xqb + hh[:, None] * DV + dv[None, :], q, mask=mask)
+    tl.store(xs_ptr + b * stride_xsb, scale)
+
+
 # Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
 # functions that run on any device (numpy); compiled ones need CUDA tensors.
 INTERPRETED = not isinstance(_decode_partial_kernel, triton.runtime.JITFunction)
@@ -315,7 +362,7 @@ def paged_decode_attention(
     num_splits: KV splits per sequence (default: ``default_num_splits``); block_n: KV tokens per step (default
     64 for Dk <= 128, else 32). Returns [B, H, head_dim_v] in q's dtype. No host syncs: CUDA-graph capturable.
     """
-    out, _, _ = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, False)
+    out, _, _ = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, None)
     return out
 
 
@@ -327,30 +374,42 @@ def paged_decode_attention_int8(
     seq_lens: torch.Tensor,
     scale: float,
     head_dim_v: int,
+    group_size: int | None,
     *,
     num_splits: int | None = None,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``paged_decode_attention`` with its output quantized for an int8 linear that takes its input per token per
-    group of head_dim_v channels (an int8-block o_proj whose K block equals the head dim: Llama's 128), inside the
-    combine kernel when there are KV splits (with one split, by a separate launch after the partial kernel): returns
-    x_q int8 [B, H * head_dim_v] and x_s float32 [B, H], bit for bit
-    ``per_token_group_quant(paged_decode_attention(...).flatten(1), "int8", group_size=head_dim_v)``.
-    head_dim_v must be a power of two (one tile per head) and q bf16/fp16/fp32.
+    """``paged_decode_attention`` with its output quantized to int8 for the linear that reads it (o_proj), where the
+    KV splits are combined (with one split there is no combine: the plain kernel, then the quantization launch).
+
+    group_size None: one scale per token (int8-channel), x_s [B, 1]; one combine program per token takes all its
+    heads (at most MAX_TOKEN_HEADS), so the result equals ``per_token_quant_int8`` of the plain output up to the
+    fp32 order of the sum over splits. group_size == head_dim_v: one scale per head (int8-block's o_proj where the K
+    block is the head dim, Llama's 128), x_s [B, H], bit for bit ``per_token_group_quant(out, "int8", group_size)``.
+    Returns x_q int8 [B, H * head_dim_v] and x_s float32. head_dim_v must be a power of two.
 
     Why: at batch 1 the separate quantization was one more launch per layer (~2.4 us on the H100, 32 per step of
     Llama-3-8B) in a step of latency-bound kernels."""
     if isinstance(head_dim_v, int) and not isinstance(head_dim_v, bool) and head_dim_v & (head_dim_v - 1):
-        raise ValueError(f"paged_decode_attention_int8: head_dim_v {head_dim_v} is not a power of two (one group a head)")
-    _, x_q, x_s = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, True)
+        raise ValueError(f"paged_decode_attention_int8: head_dim_v {head_dim_v} is not a power of two")
+    if group_size not in (None, head_dim_v):
+        raise ValueError(f"paged_decode_attention_int8: group_size {group_size}; None (per token) or head_dim_v "
+                         f"{head_dim_v} (per head)")
+    if group_size is None and q.shape[1] > MAX_TOKEN_HEADS:
+        raise ValueError(f"paged_decode_attention_int8: {q.shape[1]} heads; a per-token combine takes at most "
+                         f"{MAX_TOKEN_HEADS}")
+    quant = "token" if group_size is None else "head"
+    _, x_q, x_s = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, quant)
     return x_q, x_s
 
 
 def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, quant, out=None):
-    """Launch the partial (and, with splits, the combine) kernel; (out, None, None), or (None, x_q, x_s) if quant.
-    The combine quantizes each head's output as it writes it (``_store_head_groups_int8``); with one split there is
-    no combine, and the output is quantized by ``per_token_group_quant`` after it (quantizing in the partial kernel's
-    epilogue, over its 16-row head tiles of a 4-head GQA group, made Llama-3-8B batch-64 decode 1.4% slower)."""
+    """Launch the partial kernel and, with splits, a combine kernel; (out, None, None), or with quant ("head" /
+    "token") (None, x_q, x_s). Quantized per head, the combine quantizes each head's output as it writes it
+    (``_store_head_groups_int8``); per token, ``_decode_combine_token_int8_kernel`` combines a token's heads in one
+    program. With one split there is no combine, and the output is quantized by its own launch after the partial
+    kernel (quantizing in the partial kernel's epilogue instead, over its 16-row head tiles of a 4-head GQA group,
+    made Llama-3-8B int8-block batch-64 decode 1.4% slower)."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, head_dim_v)
     b, h, dk = q.shape
     _, page_size, hkv, _ = k_cache.shape
@@ -371,13 +430,15 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
     if out is None:
         out = torch.empty((b, h, head_dim_v), dtype=q.dtype, device=q.device)
     if quant and num_splits == 1:  # no combine to fuse into: the plain output, then its own quantization launch
-        _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, 1, block_n, False, out)
-        x_q, x_s = per_token_group_quant(out.view(b, h * head_dim_v), "int8", group_size=head_dim_v)
+        _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, 1, block_n, None, out)
+        flat = out.view(b, h * head_dim_v)
+        x_q, x_s = (per_token_quant_int8(flat) if quant == "token"
+                    else per_token_group_quant(flat, "int8", group_size=head_dim_v))
         return None, x_q, x_s
     x_q = x_s = None
     if quant:
         x_q = torch.empty((b, h * head_dim_v), dtype=torch.int8, device=q.device)
-        x_s = torch.empty((b, h), dtype=torch.float32, device=q.device)
+        x_s = torch.empty((b, 1 if quant == "token" else h), dtype=torch.float32, device=q.device)
     if b == 0 or h == 0:
         return (None, x_q, x_s) if quant else (out, None, None)
     xq, xs = (x_q, x_s) if quant else (out, out)  # pointers the plain launch never touches
@@ -421,7 +482,22 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
             num_warps=4 if block_dv <= 128 else 8,
             num_stages=2,
         )
-        if num_splits > 1:
+        if num_splits > 1 and quant == "token":
+            _decode_combine_token_int8_kernel[(b,)](
+                partial, m, lse_l, x_q, x_s,
+                h, head_dim_v,
+                *partial.stride(),
+                *m.stride(),
+                x_q.stride(0), x_s.stride(0),
+                DTYPE=_TL_DTYPES[q.dtype],
+                NUM_SPLITS=num_splits,
+                BLOCK_HH=next_pow2(h),
+                BLOCK_S=next_pow2(num_splits),
+                BLOCK_DV=block_dv,
+                COMPILED=not INTERPRETED,
+                num_warps=8,
+            )
+        elif num_splits > 1:
             _decode_combine_kernel[(b, h)](
                 partial, m, lse_l, out,
                 xq, xs,
@@ -433,7 +509,7 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
                 NUM_SPLITS=num_splits,
                 BLOCK_S=next_pow2(num_splits),
                 BLOCK_DV=block_dv,
-                QUANT=quant,
+                QUANT=quant == "head",
                 COMPILED=not INTERPRETED,
                 num_warps=4,
             )

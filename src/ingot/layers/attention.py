@@ -148,9 +148,10 @@ def paged_attention(
     (seq_len 0) come out as zeros.
 
     out_quant: the next linear's input quantization (its ``input_quant``). A decode step on CUDA whose quantization
-    is int8 per token per group of exactly Dv channels (int8-block's o_proj where the K block is the head dim) gets
-    the output already quantized, as a ``QuantizedActivation`` of [T, H * Dv] (``paged_decode_attention_int8``:
-    the same bits as quantizing the output, one launch fewer); anything else returns the plain output.
+    is int8 per token (int8-channel's o_proj) or per token per group of exactly Dv channels (int8-block's o_proj
+    where the K block is the head dim) gets the output already quantized, as a ``QuantizedActivation`` of
+    [T, H * Dv] (``paged_decode_attention_int8``: one launch fewer where KV splits are combined); anything else
+    returns the plain output.
     """
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"paged_attention: {q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} kv heads")
@@ -159,18 +160,22 @@ def paged_attention(
             from ingot.kernels.attention import paged_decode_attention, paged_decode_attention_int8
 
             args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, head_dim_v)
-            if _fused_int8_output(out_quant, head_dim_v):
-                x_q, x_s = paged_decode_attention_int8(*args)
+            if _fused_int8_output(out_quant, head_dim_v, q.shape[1]):
+                x_q, x_s = paged_decode_attention_int8(*args, out_quant.group_size)
                 return QuantizedActivation(x_q, x_s, out_quant, q.dtype)
             return paged_decode_attention(*args)
         return _decode_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window)
     return _prefill_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window, *(new_kv or ()))
 
 
-def _fused_int8_output(quant: ActQuant | None, head_dim_v: int) -> bool:
-    """Whether the decode kernel can emit ``quant``'s int8 input itself: int8, float scales, one group per head."""
-    return (quant is not None and quant.dtype == "int8" and quant.scale_fmt == "float"
-            and quant.group_size == head_dim_v and head_dim_v & (head_dim_v - 1) == 0)
+def _fused_int8_output(quant: ActQuant | None, head_dim_v: int, num_heads: int) -> bool:
+    """Whether the decode kernels can emit ``quant``'s int8 input themselves (``paged_decode_attention_int8``): int8
+    with float scales, per token (at most MAX_TOKEN_HEADS heads) or one group per head, a power-of-two head."""
+    from ingot.kernels.attention import MAX_TOKEN_HEADS
+
+    if quant is None or quant.dtype != "int8" or quant.scale_fmt != "float" or head_dim_v & (head_dim_v - 1):
+        return False
+    return quant.group_size == head_dim_v or (quant.group_size is None and num_heads <= MAX_TOKEN_HEADS)
 
 
 def _values(k: torch.Tensor, v: torch.Tensor | None, head_dim_v: int) -> torch.Tensor:
