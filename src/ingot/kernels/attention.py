@@ -19,6 +19,8 @@
   from memory once per token, not twice.
 - fp32 scores, softmax and accumulation; p is cast to the cache dtype for the p @ v dot (as FlashAttention does).
 - seq_len 0 rows (padding of a CUDA-graph batch) write zeros, and touch neither block table nor cache.
+- ``paged_decode_attention_int8``: the same, with the output quantized to int8 for the linear that reads it
+  (o_proj of an int8-channel / int8-block layer) where the splits are combined, instead of a quantization launch.
 
 Reference: ingot.layers.attention.paged_attention (the torch version every model runs on CPU).
 """
@@ -217,8 +219,8 @@ def _decode_combine_kernel(
         _store_head_groups_int8(out[None, :], dv, one < 1, dv_ok, xq_ptr + b * stride_xqb, xs_ptr + b * stride_xsb,
                                 h + one.to(tl.int64), DV, o_ptr.dtype.element_ty, COMPILED)
     else:
-        tl.store(o_ptr + b * stride_ob + h * stride_oh + dv * stride_od, _cast_rn(out, o_ptr.dtype.element_ty, COMPILED),
-                 mask=dv_ok)
+        out = _cast_rn(out, o_ptr.dtype.element_ty, COMPILED)
+        tl.store(o_ptr + b * stride_ob + h * stride_oh + dv * stride_od, out, mask=dv_ok)
 
 
 @triton.jit
