@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ingot.kernels.act_quant import per_token_group_quant, per_token_quant_int8
-from ingot.kernels.attention import _d_tiles, default_num_splits, paged_decode_attention, paged_decode_attention_int8
+from ingot.kernels.attention import (_d_tiles, default_num_splits, int8_output_supported, paged_decode_attention,
+                                    paged_decode_attention_int8)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -119,6 +120,10 @@ def test_int8_output_checks_its_arguments():
     q, kc, vc, bt, seq, _, _ = make_case(2, 4, 2, 32, 32, [3, 5], page=8)
     with pytest.raises(ValueError, match="group_size 64"):
         paged_decode_attention_int8(q, kc, vc, bt, seq, 0.1, 32, 64)
+    assert int8_output_supported(128, 32, 128) and int8_output_supported(128, 128, None)
+    assert not int8_output_supported(128, 129, None)  # a per-token combine holds at most MAX_TOKEN_HEADS heads
+    assert not int8_output_supported(8, 4, 8)  # below one tile: BLOCK_DV would not be the head
+    assert not int8_output_supported(96, 4, 96)
 
 
 @pytest.mark.parametrize("dk,dv", [(576, 512), (100, 40), (48, 40)])

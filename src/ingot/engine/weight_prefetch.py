@@ -38,10 +38,8 @@ def streamed_weight(linear: Linear) -> torch.Tensor:
 def prefetch_plan(order: list[Linear]) -> list[torch.Tensor | None]:
     """For the k-th linear call of a forward, the weight to prefetch after it: the (k + 1)-th call's, when that linear
     is of a PREFETCH_KINDS kind; None after the last call and before linears of other kinds."""
-    plan: list[torch.Tensor | None] = []
-    for nxt in order[1:]:
-        plan.append(streamed_weight(nxt) if nxt.kind in PREFETCH_KINDS else None)
-    return plan + [None] if order else []
+    nexts = [streamed_weight(nxt) if nxt.kind in PREFETCH_KINDS else None for nxt in order[1:]]
+    return nexts + [None] if order else []
 
 
 class WeightPrefetch:

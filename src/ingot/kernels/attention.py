@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.kernels.act_quant import _cast_rn, _quantize, per_token_group_quant, per_token_quant_int8
+from ingot.kernels.act_quant import _cast_rn, _quantize, _quantize_store, per_token_group_quant, per_token_quant_int8
 from ingot.kernels.checks import cdiv, next_pow2
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -69,22 +69,6 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _store_head_groups_int8(out, dv, head_ok, dv_ok, xq_row_ptr, xs_row_ptr, heads64, DV, dtype: tl.constexpr,
-                            COMPILED: tl.constexpr):
-    """The combine's epilogue when its output feeds an int8 linear quantizing per token per group of DV channels (one
-    group per head): out (heads, BLOCK_DV) fp32 rounded to the model ``dtype`` (what the plain path stores), then
-    per row amax, scale div_rn(amax, 127) and ``act_quant._quantize`` - the steps of ``per_token_group_quant``, so
-    x_q / x_s are bit-identical to quantizing the stored output with it. x_q row at xq_row_ptr (channel h * DV + d),
-    one scale per head at xs_row_ptr + h."""
-    v = _cast_rn(out, dtype, COMPILED).to(tl.float32)
-    v = tl.where(head_ok[:, None] & dv_ok[None, :], v, 0.0)
-    s = tl.math.div_rn(tl.max(tl.abs(v), axis=1), 127.0)
-    q = _quantize(v, s, 127.0, False, COMPILED)
-    tl.store(xq_row_ptr + heads64[:, None] * DV + dv[None, :], q, mask=head_ok[:, None] & dv_ok[None, :])
-    tl.store(xs_row_ptr + heads64, s, mask=head_ok)
-
-
-@triton.jit
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr,  # q [B, H, Dk], caches [NB, PS, Hkv, D], block_tables [B, MB], seq_lens [B]
     o_ptr, m_ptr, l_ptr,  # out [B, H, Dv] (NUM_SPLITS == 1) or partials: acc fp32 [B, H, S, Dv], m/l fp32 [B, H, S]
@@ -107,7 +91,7 @@ def _decode_partial_kernel(
     V_FROM_K: tl.constexpr,  # shared KV and BLOCK_DV == BLOCK_D1: values are the first key tile, already loaded
     UPCAST: tl.constexpr,  # interpreter: fp32 dots (see _dot)
     IEEE: tl.constexpr,  # fp32 operands: IEEE fp32 dots, not TF32 (see _dot)
-    COMPILED: tl.constexpr = True,  # not the interpreter (bf16 rounding, see act_quant._cast_rn)
+    COMPILED: tl.constexpr,  # not the interpreter (bf16 rounding, see act_quant._cast_rn)
 ):
     b = tl.program_id(0)
     pid_h = tl.program_id(1)  # kv head * HEAD_BLOCKS + head block
@@ -187,7 +171,7 @@ def _decode_partial_kernel(
 @triton.jit
 def _decode_combine_kernel(
     acc_ptr, m_ptr, l_ptr, o_ptr,  # acc fp32 [B, H, S, Dv], m/l fp32 [B, H, S], out [B, H, Dv]
-    xq_ptr, xs_ptr,  # QUANT: x_q int8 [B, H * Dv], x_s fp32 [B, H] instead of out
+    xq_ptr, xs_ptr,  # QUANT: x_q int8 [B, H * Dv], x_s fp32 [B, H] (act_quant._quantize_store) instead of out
     DV,
     stride_ab, stride_ah, stride_as, stride_ad,
     stride_mb, stride_mh, stride_ms,
@@ -196,8 +180,8 @@ def _decode_combine_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,  # next_pow2(NUM_SPLITS)
     BLOCK_DV: tl.constexpr,
-    QUANT: tl.constexpr = False,
-    COMPILED: tl.constexpr = True,
+    QUANT: tl.constexpr,
+    COMPILED: tl.constexpr,  # not the interpreter (bf16 rounding, see act_quant._cast_rn)
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -214,12 +198,11 @@ def _decode_combine_kernel(
     a_ptrs = acc_ptr + b * stride_ab + h * stride_ah + s[:, None] * stride_as + dv[None, :] * stride_ad
     acc = tl.load(a_ptrs, mask=s_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_DV)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
-    if QUANT:  # this program's head as a (1, BLOCK_DV) tile
-        one = tl.arange(0, 1)
-        _store_head_groups_int8(out[None, :], dv, one < 1, dv_ok, xq_ptr + b * stride_xqb, xs_ptr + b * stride_xsb,
-                                h + one.to(tl.int64), DV, o_ptr.dtype.element_ty, COMPILED)
+    out = _cast_rn(out, o_ptr.dtype.element_ty, COMPILED)  # what the plain path stores
+    if QUANT:  # the head is one group of DV == BLOCK_DV channels h * DV + d of the token's o_proj input
+        _quantize_store(out.to(tl.float32), h * DV, (h + 1) * DV, xq_ptr + b * stride_xqb, xs_ptr + b * stride_xsb,
+                        BLOCK_DV, 127.0, False, False, COMPILED, BLOCK_DV)
     else:
-        out = _cast_rn(out, o_ptr.dtype.element_ty, COMPILED)
         tl.store(o_ptr + b * stride_ob + h * stride_oh + dv * stride_od, out, mask=dv_ok)
 
 
@@ -368,6 +351,16 @@ def paged_decode_attention(
     return out
 
 
+def int8_output_supported(head_dim_v: int, num_heads: int, group_size: int | None) -> bool:
+    """Whether ``paged_decode_attention_int8`` takes these: a power-of-two head of at least MIN_DOT channels (one
+    tile, BLOCK_DV == Dv), quantized per head (group_size == head_dim_v) or per token over <= MAX_TOKEN_HEADS heads."""
+    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, int) or head_dim_v < MIN_DOT:
+        return False
+    if head_dim_v & (head_dim_v - 1):
+        return False
+    return group_size == head_dim_v or (group_size is None and num_heads <= MAX_TOKEN_HEADS)
+
+
 def paged_decode_attention_int8(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -388,62 +381,66 @@ def paged_decode_attention_int8(
     heads (at most MAX_TOKEN_HEADS), so the result equals ``per_token_quant_int8`` of the plain output up to the
     fp32 order of the sum over splits. group_size == head_dim_v: one scale per head (int8-block's o_proj where the K
     block is the head dim, Llama's 128), x_s [B, H], bit for bit ``per_token_group_quant(out, "int8", group_size)``.
-    Returns x_q int8 [B, H * head_dim_v] and x_s float32. head_dim_v must be a power of two.
+    Returns x_q int8 [B, H * head_dim_v] and x_s float32. ``int8_output_supported`` says which shapes it takes.
 
     Why: at batch 1 the separate quantization was one more launch per layer (~2.4 us on the H100, 32 per step of
     Llama-3-8B) in a step of latency-bound kernels."""
-    if isinstance(head_dim_v, int) and not isinstance(head_dim_v, bool) and head_dim_v & (head_dim_v - 1):
-        raise ValueError(f"paged_decode_attention_int8: head_dim_v {head_dim_v} is not a power of two")
-    if group_size not in (None, head_dim_v):
-        raise ValueError(f"paged_decode_attention_int8: group_size {group_size}; None (per token) or head_dim_v "
-                         f"{head_dim_v} (per head)")
-    if group_size is None and q.shape[1] > MAX_TOKEN_HEADS:
-        raise ValueError(f"paged_decode_attention_int8: {q.shape[1]} heads; a per-token combine takes at most "
-                         f"{MAX_TOKEN_HEADS}")
+    if not int8_output_supported(head_dim_v, q.shape[1], group_size):
+        raise ValueError(f"paged_decode_attention_int8: head_dim_v {head_dim_v} must be a power of two >= {MIN_DOT} "
+                         f"(one tile a head) and group_size None (per token, at most {MAX_TOKEN_HEADS} heads) or "
+                         f"head_dim_v (per head); got group_size {group_size} with {q.shape[1]} heads")
     quant = "token" if group_size is None else "head"
     _, x_q, x_s = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, quant)
     return x_q, x_s
 
 
-def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, quant, out=None):
-    """Launch the partial kernel and, with splits, a combine kernel; (out, None, None), or with quant ("head" /
-    "token") (None, x_q, x_s). Quantized per head, the combine quantizes each head's output as it writes it
-    (``_store_head_groups_int8``); per token, ``_decode_combine_token_int8_kernel`` combines a token's heads in one
-    program. With one split there is no combine, and the output is quantized by its own launch after the partial
-    kernel (quantizing in the partial kernel's epilogue instead, over its 16-row head tiles of a 4-head GQA group,
-    made Llama-3-8B int8-block batch-64 decode 1.4% slower)."""
+def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, quant):
+    """Check, resolve the splits and tiles, launch; (out, None, None), or with quant ("head" / "token") (None, x_q,
+    x_s). With splits the combine kernel quantizes (per head: each head's output as it writes it; per token:
+    ``_decode_combine_token_int8_kernel``, a token's heads in one program). With one split there is no combine, and
+    the plain output is quantized by its own launch after the partial kernel (quantizing in the partial kernel's
+    epilogue instead, over its 16-row head tiles of a 4-head GQA group, made Llama-3-8B int8-block batch-64 decode
+    1.4% slower)."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, head_dim_v)
+    b, h, dk = q.shape
+    _, page_size, hkv, _ = k_cache.shape
+    if block_n is None:
+        block_n = 64 if dk <= 128 else 32  # MLA: a 32 x 576 bf16 K tile is already 36 KB
+    if block_n < MIN_DOT or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= {MIN_DOT}, got {block_n}")
+    if num_splits is None:
+        programs = b * hkv * cdiv(h // hkv, BLOCK_H)
+        num_splits = default_num_splits(programs, block_tables.shape[1] * page_size, q.device)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+
+    out = torch.empty((b, h, head_dim_v), dtype=q.dtype, device=q.device)
+    fused = quant if num_splits > 1 else None  # quantized by the combine; with one split, after the plain output
+    x_q = x_s = None
+    if fused:
+        x_q = torch.empty((b, h * head_dim_v), dtype=torch.int8, device=q.device)
+        x_s = torch.empty((b, 1 if fused == "token" else h), dtype=torch.float32, device=q.device)
+    if b and h:
+        _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, fused, out,
+                x_q, x_s)
+    if quant and not fused:
+        flat = out.view(b, h * head_dim_v)
+        x_q, x_s = (per_token_quant_int8(flat) if quant == "token"
+                    else per_token_group_quant(flat, "int8", group_size=head_dim_v))
+    return (None, x_q, x_s) if quant else (out, None, None)
+
+
+def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, fused, out, x_q, x_s):
+    """The kernels of one decode, with its checked shapes and tiles: the partial kernel, then with splits the plain
+    combine (into out), the per-head quantizing combine (fused "head") or the per-token one (fused "token")."""
     b, h, dk = q.shape
     _, page_size, hkv, _ = k_cache.shape
     group = h // hkv
     head_blocks = cdiv(group, BLOCK_H)
     block_d1, block_d2 = _d_tiles(dk)
     block_dv = max(MIN_DOT, next_pow2(head_dim_v))
-    if block_n is None:
-        block_n = 64 if dk <= 128 else 32  # MLA: a 32 x 576 bf16 K tile is already 36 KB
-    if block_n < MIN_DOT or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= {MIN_DOT}, got {block_n}")
-    if num_splits is None:
-        num_splits = default_num_splits(b * hkv * head_blocks, block_tables.shape[1] * page_size, q.device)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     v = k_cache if v_cache is None else v_cache  # shared KV: the first head_dim_v channels of each key
-
-    if out is None:
-        out = torch.empty((b, h, head_dim_v), dtype=q.dtype, device=q.device)
-    if quant and num_splits == 1:  # no combine to fuse into: the plain output, then its own quantization launch
-        _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, 1, block_n, None, out)
-        flat = out.view(b, h * head_dim_v)
-        x_q, x_s = (per_token_quant_int8(flat) if quant == "token"
-                    else per_token_group_quant(flat, "int8", group_size=head_dim_v))
-        return None, x_q, x_s
-    x_q = x_s = None
-    if quant:
-        x_q = torch.empty((b, h * head_dim_v), dtype=torch.int8, device=q.device)
-        x_s = torch.empty((b, 1 if quant == "token" else h), dtype=torch.float32, device=q.device)
-    if b == 0 or h == 0:
-        return (None, x_q, x_s) if quant else (out, None, None)
-    xq, xs = (x_q, x_s) if quant else (out, out)  # pointers the plain launch never touches
+    xq, xs = (x_q, x_s) if fused else (out, out)  # pointers the plain combine never touches
     if num_splits == 1:
         partial = out
         strides_o = (out.stride(0), out.stride(1), 0, out.stride(2))
@@ -484,7 +481,7 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
             num_warps=4 if block_dv <= 128 else 8,
             num_stages=2,
         )
-        if num_splits > 1 and quant == "token":
+        if fused == "token":
             _decode_combine_token_int8_kernel[(b,)](
                 partial, m, lse_l, x_q, x_s,
                 h, head_dim_v,
@@ -511,9 +508,8 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
                 NUM_SPLITS=num_splits,
                 BLOCK_S=next_pow2(num_splits),
                 BLOCK_DV=block_dv,
-                QUANT=quant == "head",
+                QUANT=fused == "head",
                 COMPILED=not INTERPRETED,
                 num_warps=4,
             )
-    return (None, x_q, x_s) if quant else (out, None, None)
 

@@ -169,13 +169,12 @@ def paged_attention(
 
 
 def _fused_int8_output(quant: ActQuant | None, head_dim_v: int, num_heads: int) -> bool:
-    """Whether the decode kernels can emit ``quant``'s int8 input themselves (``paged_decode_attention_int8``): int8
-    with float scales, per token (at most MAX_TOKEN_HEADS heads) or one group per head, a power-of-two head."""
-    from ingot.kernels.attention import MAX_TOKEN_HEADS
+    """Whether the decode kernels can emit ``quant``'s int8 input themselves: int8 with float scales, in the shapes
+    ``kernels.attention.int8_output_supported`` takes (per token or one group per head)."""
+    from ingot.kernels.attention import int8_output_supported
 
-    if quant is None or quant.dtype != "int8" or quant.scale_fmt != "float" or head_dim_v & (head_dim_v - 1):
-        return False
-    return quant.group_size == head_dim_v or (quant.group_size is None and num_heads <= MAX_TOKEN_HEADS)
+    return (quant is not None and quant.dtype == "int8" and quant.scale_fmt == "float"
+            and int8_output_supported(head_dim_v, num_heads, quant.group_size))
 
 
 def _values(k: torch.Tensor, v: torch.Tensor | None, head_dim_v: int) -> torch.Tensor:
