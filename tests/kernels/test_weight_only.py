@@ -800,3 +800,96 @@ def test_gpu_smollm2_shapes_finite(op, m, n, k):
     assert bad == 0, f"{op} M={m} N={n} K={k}: {bad} non-finite outputs"
     rel = ((y.float() - expected).norm() / expected.norm()).item()
     assert rel < 1e-2, f"{op} M={m} N={n} K={k}: relative error {rel:.3g}"
+
+
+# ------------------------------------------------------------------------- the Gluon W4A16 GEMV (kernel "gluon")
+
+
+def test_gluon_config_rules():
+    """kernel "gluon" is the M = 1 GEMV: block_m 1 only; it may take 4-8 row tiles (2 rows per thread x 4 warps
+    with 32 lanes along a row), which the Triton kernels' configs refuse."""
+    GemmConfig(1, 8, 1024, num_warps=4, kernel="gluon")
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        GemmConfig(1, 8, 1024, num_warps=4)
+    with pytest.raises(ValueError, match="kernel 'gluon' is the W4A16 GEMV"):
+        GemmConfig(16, 64, 128, kernel="gluon")
+
+
+def test_gluon_candidates_are_launchable_tiles():
+    """Every tile the tuner sweeps for the Gluon GEMV is one its launcher accepts: K a multiple of the step, block_n
+    = rows per thread x lanes x warps with 2 / 4 / 8 rows per thread."""
+    from ingot.kernels import gemv_gluon, tuning
+
+    for n, k in [(4096, 4096), (2048, 7168), (24576, 1536), (576, 1536)]:
+        cands = [c for c in tuning.candidates("w4a16_gemm", 1, n, k, 132, gluon=True) if c.kernel == "gluon"]
+        assert cands, (n, k)
+        assert not [c for c in tuning.candidates("w4a16_gemm", 1, n, k, 132) if c.kernel == "gluon"]
+        for c in cands:
+            rows, lanes = gemv_gluon.tile_shape(c)
+            assert rows in (2, 4, 8) and c.block_n == rows * (32 // lanes) * c.num_warps, c
+            assert k % c.block_k == 0 and c.block_k in gemv_gluon.BLOCK_KS, c
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's fallback")
+def test_gluon_config_falls_back_or_refuses_in_the_interpreter():
+    """A table's "gluon" entry runs the Triton GEMV where Gluon cannot (the interpreter); a caller's own "gluon"
+    config there is refused with the reason."""
+    n, k = 64, 512
+    x, w_p, w_s, _ = _w4_operands(1, n, k, 3)
+    cfg = GemmConfig(1, 16, 512, group_m=1, num_warps=4, num_stages=1, kernel="gluon")
+    y = torch.full((1, n), float("nan"), dtype=torch.bfloat16)
+    fallback = weight_only._run_gluon_gemv(None, cfg, x, w_p, w_s, k, 128, None, y)
+    assert fallback is not None and fallback.kernel == "triton" and fallback.block_m == 1
+    assert torch.isnan(y).all()  # nothing launched
+    with pytest.raises(ValueError, match="kernel 'gluon' cannot run here: the Triton interpreter"):
+        w4a16_gemm(x, w_p, w_s, k, config=cfg)
+
+
+# the tile extremes of the tuner's space, split-K, ragged N (not a multiple of the row tile), K of one step
+GLUON_CASES = [((4096, 4096), (2, 32, 4, 1)), ((4096, 4096), (8, 8, 8, 4)), ((2048, 7168), (2, 32, 4, 7)),
+               ((1000, 2048), (4, 16, 4, 2)), ((24576, 1536), (4, 8, 4, 1)), ((576, 1536), (8, 16, 8, 3)),
+               ((7168, 1024), (4, 32, 8, 1))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nk,tile", GLUON_CASES)
+def test_gpu_gluon_gemv(nk, tile, x_dtype):
+    """The Gluon GEMV at explicit configs against the reference: fresh random inputs, NaN-poisoned outputs, fp32
+    and x-dtype outputs, with and without bias; split-K twice gives the same bits."""
+    from ingot.kernels import gemv_gluon
+
+    (n, k), (rows, lanes, warps, split) = nk, tile
+    cfg = GemmConfig(1, rows * (32 // lanes) * warps, lanes * 32, group_m=1, num_warps=warps, num_stages=1,
+                     split_k=split, kernel="gluon")
+    seed = int.from_bytes(os.urandom(4), "little")
+    x, w_p, w_s, _ = _w4_operands(1, n, k, seed, x_dtype=x_dtype, s_dtype=torch.bfloat16)
+    assert gemv_gluon.unsupported(x, w_p, w_s, k, 128, cfg) is None
+    bias = torch.randn(n, generator=_gen(seed + 1), device="cuda").to(x_dtype)
+    for b in (None, bias):
+        exact = ref.w4a16_gemm_ref(x, w_p, w_s, k, 128, b, out_dtype=torch.float32)
+        out32 = torch.full((1, n), float("nan"), device="cuda")
+        out16 = torch.full((1, n), float("nan"), dtype=x_dtype, device="cuda")
+        w4a16_gemm(x, w_p, w_s, k, 128, b, config=cfg, out=out32, out_dtype=torch.float32)
+        w4a16_gemm(x, w_p, w_s, k, 128, b, config=cfg, out=out16)
+        torch.cuda.synchronize()
+        what = f"gluon {cfg} N={n} K={k} {x_dtype} bias={b is not None} seed={seed}"
+        assert_close_rel(out32, exact, GPU_FP32_TOL, what)
+        assert_rounded(out16, exact, BF16_TOL if x_dtype == torch.bfloat16 else FP16_TOL, what, floor=GPU_FP32_TOL)
+        assert torch.equal(w4a16_gemm(x, w_p, w_s, k, 128, b, config=cfg, out_dtype=torch.float32), out32), what
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_gemv_refuses_what_it_cannot_take():
+    """A caller's "gluon" config on operands the kernel cannot read is refused with the reason; the same entry
+    from a table would run the Triton GEMV (the default path stays correct on SmolLM2's K = 576)."""
+    n, k = 576, 576
+    x, w_p, w_s, _ = _w4_operands(1, n, k, 5, s_dtype=torch.bfloat16)
+    cfg = GemmConfig(1, 16, 512, group_m=1, num_warps=4, num_stages=1, kernel="gluon")
+    with pytest.raises(ValueError, match="K = 576 is not a multiple of the K step 512"):
+        w4a16_gemm(x, w_p, w_s, k, config=cfg)
+    y = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    fallback = weight_only._run_gluon_gemv(None, cfg, x, w_p, w_s, k, 128, None, y)
+    assert fallback.kernel == "triton"
+    exact = ref.w4a16_gemm_ref(x, w_p, w_s, k, 128, None, out_dtype=torch.float32)
+    assert_rounded(w4a16_gemm(x, w_p, w_s, k, config=fallback), exact, BF16_TOL, "fallback", floor=GPU_FP32_TOL)

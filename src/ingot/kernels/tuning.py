@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-KERNELS = ("triton", "sm90")
+KERNELS = ("triton", "sm90", "gluon")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ class GemmConfig:
     HBM busy); kernels that do not split K require 1.
     kernel: "triton" (the op's Triton kernels) or "sm90" (W8A8 int8 ops only: the Hopper swap-AB decode kernel
     ``gemm_sm90._int8_skinny_gemm_sm90_kernel``, block_n weight rows x block_m tokens per program; group_m and
-    num_warps unused).
+    num_warps unused) or "gluon" (w4a16_gemm at M = 1 only: the Gluon GEMV ``gemv_gluon._w4a16_gemv_kernel``,
+    block_k one of 256 / 512 / 1024, block_n = rows per thread x 1024 / block_k lanes x num_warps; num_stages unused).
     """
 
     block_m: int
@@ -59,6 +60,8 @@ class GemmConfig:
             v = getattr(self, name)
             if name == "block_m" and v == 1:  # the GEMV kernels (M = 1: weight-only and W8A8)
                 continue
+            if name == "block_n" and self.kernel == "gluon" and v >= 4 and not v & (v - 1):  # a few rows per warp
+                continue
             if v < 16 or v & (v - 1):
                 raise ValueError(f"GemmConfig.{name} must be a power of two >= 16, got {v}")
         for name in ("group_m", "num_warps", "num_stages", "split_k"):
@@ -68,6 +71,8 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.kernel == "sm90" and self.block_m == 1:
             raise ValueError("GemmConfig: block_m 1 (the GEMV kernels) is a Triton kernel, not kernel 'sm90'")
+        if self.kernel == "gluon" and self.block_m != 1:
+            raise ValueError(f"GemmConfig: kernel 'gluon' is the W4A16 GEMV (block_m 1), got block_m {self.block_m}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "GemmConfig":
@@ -173,10 +178,12 @@ WEIGHT_ONLY_OPS = ("w8a16_gemm", "w4a16_gemm")
 DEFAULT_TUNE_M = (1, 16, 64, 128, 256, 1024, 4096)
 
 
-def candidates(op: str, m: int, n: int, k: int, num_sms: int, sm90: bool = False) -> list[GemmConfig]:
+def candidates(op: str, m: int, n: int, k: int, num_sms: int, sm90: bool = False,
+               gluon: bool = False) -> list[GemmConfig]:
     """The configs a sweep tries for ``op`` at an [m, k] x [n, k] launch (kernel ties respected: block ops keep
     block_k 128). ``sm90``: the device runs the Hopper swap-AB decode kernel, whose tiles join the W8A8 int8 ops'
-    candidates at M <= 64 (``_sm90_decode_candidates``).
+    candidates at M <= 64 (``_sm90_decode_candidates``). ``gluon``: the device runs the Gluon W4A16 GEMV, whose tiles
+    join w4a16_gemm's at M = 1 (``_gluon_gemv_candidates``).
 
     Decode (m <= 64) is weight-bandwidth bound: narrow N tiles, deep pipelines, and split-K up to ~8 programs per SM
     so that enough bytes are in flight (~40 KB per SM: 3 TB/s x ~1.5 us / 132 SMs). Prefill is tensor-core bound:
@@ -184,7 +191,10 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int, sm90: bool = False
     memory; Hopper gives a program up to 227 KB).
     """
     if op in WEIGHT_ONLY_OPS:
-        return _weight_only_candidates(op, m, n, k, num_sms)
+        out = _weight_only_candidates(op, m, n, k, num_sms)
+        if m == 1 and gluon and op == "w4a16_gemm":
+            out += _gluon_gemv_candidates(n, k, num_sms)
+        return out
     block_ks = (128,) if op in ("int8_gemm_block", "fp8_gemm_block") else (128, 256)
     out: list[GemmConfig] = []
     if m == 1 and op in ("int8_gemm_channel", "int8_gemm_block"):
@@ -300,6 +310,31 @@ def _int8_gemv_candidates(op: str, n: int, k: int, num_sms: int) -> list[GemmCon
                         continue
                     for stages in (1, 3):
                         out.append(GemmConfig(1, bn, bk, group_m=1, num_warps=warps, num_stages=stages, split_k=split))
+    return out
+
+
+def _gluon_gemv_candidates(n: int, k: int, num_sms: int) -> list[GemmConfig]:
+    """The Gluon W4A16 GEMV (kernel "gluon"): 2 / 4 / 8 rows per thread, K steps of 256 / 512 / 1024 (8 / 16 / 32
+    lanes along a row, 16 bytes each), 4 or 8 warps, split-K up to 8 where the row tiles leave SMs idle. The session
+    17 sweep's winners on the 9 bench shapes all lie in this space (kernels/NOTES.md)."""
+    out = []
+    for bk in (256, 512, 1024):
+        if k % bk:
+            continue
+        lanes = bk // 32
+        for rows in (2, 4, 8):
+            for warps in (4, 8):
+                bn = rows * (32 // lanes) * warps
+                if bn > 256:
+                    continue
+                tiles, k_tiles = -(-n // bn), k // bk
+                for split in (1, 2, 3, 4, 6, 8):
+                    per = -(-k_tiles // split)
+                    if split > 1 and (-(-k_tiles // per) != split or tiles * split > 8 * num_sms
+                                      or tiles >= 2 * num_sms):
+                        continue
+                    out.append(GemmConfig(1, bn, bk, group_m=1, num_warps=warps, num_stages=1, split_k=split,
+                                          kernel="gluon"))
     return out
 
 
@@ -426,6 +461,15 @@ def _sm90_decode_available(device: torch.device) -> bool:
     return int8_gemm._sm90_module() is not None
 
 
+def _gluon_gemv_available(device: torch.device) -> bool:
+    """Whether the Gluon W4A16 GEMV can run on ``device`` (CUDA, triton with Gluon)."""
+    if torch.version.hip is not None:
+        return False
+    from ingot.kernels import weight_only
+
+    return weight_only._gluon_module() is not None
+
+
 def tune(options: TuneOptions, log=print) -> list[Path]:
     """Sweep ``candidates`` for every (op, shape, M) on the current CUDA device; write one table per (op, shape).
 
@@ -444,6 +488,7 @@ def tune(options: TuneOptions, log=print) -> list[Path]:
     props = torch.cuda.get_device_properties(device)
     name, num_sms = props.name, props.multi_processor_count
     sm90 = _sm90_decode_available(device)
+    gluon = _gluon_gemv_available(device)
     l2 = getattr(props, "L2_cache_size", 0) or 50 * 2**20
     written = []
     for op in options.ops:
@@ -469,7 +514,7 @@ def tune(options: TuneOptions, log=print) -> list[Path]:
 
                 default = default_config(m, n, k, num_sms)
                 results = []
-                for cfg in candidates(op, m, n, k, num_sms, sm90):
+                for cfg in candidates(op, m, n, k, num_sms, sm90, gluon):
                     try:
                         results.append((timed(cfg), cfg))
                     except Exception as e:  # out of shared memory / registers for this tile: not a candidate

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ingot.kernels import tuning
-from ingot.kernels.checks import cdiv, check_device, check_epilogue, check_tensor
+from ingot.kernels.checks import backend_failed, cdiv, check_device, check_epilogue, check_tensor
 from ingot.kernels.int8_gemm import MAX_SPLIT_K_TILES, NOMINAL_SMS, _split_k_locks, _split_k_sum, _tile_ids
 from ingot.kernels.tuning import GemmConfig
 
@@ -630,6 +630,54 @@ def _whole_groups(config: GemmConfig, group_size: int) -> bool:
     return config.block_m == 1 and config.block_k > group_size and config.block_k % group_size == 0
 
 
+# The Gluon W4A16 GEMV (gemv_gluon.py) where a tuned table or the caller picks it (kernel "gluon", M = 1). Devices
+# where its launch failed (a triton whose Gluon cannot build it): the error, and the Triton GEMV from then on.
+_gluon_failed: dict = {}
+
+
+def _gluon_module():
+    """ingot.kernels.gemv_gluon, imported on first use (it needs triton's Gluon); None where that import fails."""
+    try:
+        from ingot.kernels import gemv_gluon
+    except ImportError:
+        return None
+    return gemv_gluon
+
+
+def _run_gluon_gemv(caller_config: GemmConfig | None, config: GemmConfig, x: torch.Tensor, w_packed: torch.Tensor,
+                    w_s: torch.Tensor, k: int, group_size: int, bias: torch.Tensor | None,
+                    y: torch.Tensor) -> GemmConfig | None:
+    """For a config of kernel "gluon": y from the Gluon GEMV, and None. Where it cannot run (the interpreter, no
+    Gluon, a device where it failed, operands ``gemv_gluon.unsupported`` refuses) or its launch fails (logged once),
+    the Triton GEMV's default config to launch instead; a caller's own "gluon" config that cannot run raises."""
+    n = w_packed.shape[0]
+    module = None if INTERPRETED else _gluon_module()
+    if INTERPRETED or module is None:
+        why = "the Triton interpreter" if INTERPRETED else "triton without Gluon"
+    else:
+        why = _gluon_failed.get(x.device) or module.unsupported(x, w_packed, w_s, k, group_size, config)
+    if why is None:
+        tiles = cdiv(n, config.block_n)
+        k_tiles = k // config.block_k
+        split = cdiv(k_tiles, cdiv(k_tiles, config.split_k)) if tiles <= MAX_SPLIT_K_TILES else 1
+        config = replace(config, split_k=split)
+        if split > 1:
+            part = torch.empty(split * tiles * config.block_n, dtype=torch.float32, device=x.device)
+            locks = _split_k_locks(x.device)
+        else:
+            part = locks = y  # unused
+        try:
+            module.w4a16_gemv(x, w_packed, w_s, k, group_size, bias, y, config, part, locks)
+            return None
+        except Exception as e:
+            if caller_config is not None:
+                raise
+            backend_failed(_gluon_failed, x.device, "w4a16_gemm: the Gluon GEMV failed", e)
+    elif caller_config is not None:
+        raise ValueError(f"w4a16_gemm: config.kernel 'gluon' cannot run here: {why}")
+    return default_config("w4a16_gemm", 1, n, k, tuning.num_sms(x.device))
+
+
 def w8a16_gemm(
     x: torch.Tensor,
     w_q: torch.Tensor,
@@ -724,12 +772,17 @@ def w4a16_gemm(
         return y
     if choose_backend("w4a16_gemm", backend, m, n, config, x.dtype, out_dtype, x.device) == "dequant":
         return _dequant_matmul(x, dequantize_w4(w_packed, w_s, k, group_size, x.dtype), bias, y)
+    caller_config = config
     if config is None:
         config = resolve_config("w4a16_gemm", None, m, n, k, x.device)
-        if not _whole_groups(config, group_size):
-            config = replace(config, block_k=_k_tile_in_group(config.block_k, group_size))
     elif not isinstance(config, GemmConfig):
         raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
+    if config.kernel == "gluon":
+        config = _run_gluon_gemv(caller_config, config, x, w_packed, w_s, k, group_size, bias, y)
+        if config is None:
+            return y
+    if caller_config is None and not _whole_groups(config, group_size):
+        config = replace(config, block_k=_k_tile_in_group(config.block_k, group_size))
     if group_size % config.block_k and not _whole_groups(config, group_size):
         raise ValueError(
             f"config.block_k = {config.block_k} must divide group_size = {group_size}: a K step must lie in one group "
