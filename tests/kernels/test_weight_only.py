@@ -863,7 +863,7 @@ def test_gpu_gluon_gemv(nk, tile, x_dtype):
     cfg = GemmConfig(1, rows * (32 // lanes) * warps, lanes * 32, group_m=1, num_warps=warps, num_stages=1,
                      split_k=split, kernel="gluon")
     seed = int.from_bytes(os.urandom(4), "little")
-    x, w_p, w_s, _ = _w4_operands(1, n, k, seed, x_dtype=x_dtype, s_dtype=torch.bfloat16)
+    x, w_p, w_s, _ = _w4_operands(1, n, k, seed, x_dtype=x_dtype, s_dtype=x_dtype)
     assert gemv_gluon.unsupported(x, w_p, w_s, k, 128, cfg) is None
     bias = torch.randn(n, generator=_gen(seed + 1), device="cuda").to(x_dtype)
     for b in (None, bias):

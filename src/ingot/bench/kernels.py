@@ -327,7 +327,7 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
     from ingot.kernels.act_quant import per_token_group_quant
     from ingot.kernels.fp8_gemm import auto_backend
     from ingot.kernels.int8_gemm import auto_backend as int8_auto_backend
-    from ingot.kernels.weight_only import choose_backend
+    from ingot.kernels.weight_only import choose_backend, resolve_config
 
     torch.manual_seed(options.seed)
     started = timestamp()
@@ -359,6 +359,8 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
                 if op in WEIGHT_ONLY_OPS:  # "triton" kernels, or "dequant" (to bf16, then cuBLAS) at prefill sizes
                     extra["backend"] = choose_backend(op + "_gemm", "auto", m, n, None, torch.bfloat16, torch.bfloat16,
                                                       pairs[0][0]["x"].device)
+                    if extra["backend"] == "triton":  # the tuned table's kernel: "triton", or "gluon" (W4A16 GEMV)
+                        extra["kernel"] = resolve_config(op + "_gemm", None, m, n, k, pairs[0][0]["x"].device).kernel
                 if op == "scaled_mm_fp8":
                     extra["scale_mode"] = mode[0]
                     if mode[1]:
