@@ -14,7 +14,8 @@ under the exponent of 1.0, giving f = 1 + u / 16 for the stored u = q + 8 (a shi
 kernel argument, so it sits in a register), and f . x accumulates with FFMA in the thread; then q . x = 16 (f . x) -
 24 sum(x) per thread and step, scaled by the row's group scale (a thread's 4 words = 32 weights lie in one group of
 >= 32). Lanes are reduced once, after the K loop. The next step's weight words, x and scales are loaded before the
-current step's math (registers double-buffered). SASS: 3.9-4.6 instructions per weight in the loop (R 8 / 4).
+current step's math (registers double-buffered). SASS: 3.9 / 4.4 / 5.4 instructions per weight in the
+loop at R 8 / 4 / 2; the tables' tiles ran 2.04-3.12x BF16 on the 9 bench shapes (kernels/NOTES.md, session 17).
 
 Split-K as the Triton kernels (one launch: each split stores an fp32 partial row block, bumps the tile's counter,
 the last split sums the partials in split order), so results are deterministic. Precision: the same f = 1 + u / 16

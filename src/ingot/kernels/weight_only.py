@@ -26,6 +26,10 @@ the weight's bytes over HBM bandwidth (16.8 MB int8 / 8.4 MB int4 for 4096 x 409
    clock per SM on an H100 (1.83 GHz, 132 SMs), while I2F converts 16 per clock per SM. A nibble u becomes the fp32
    2^23 + u by OR-ing in the exponent bits (0x4B000000) and one fp32 subtraction of 2^23 + 8 gives q = u - 8 exactly.
 
+At M = 1 on CUDA, W4A16 runs the Gluon GEMV of ``gemv_gluon`` where a tuned table (or the caller) says kernel
+"gluon": the same math with pinned register layouts, ~4 instead of ~9 instructions per weight (``_run_gluon_gemv``
+falls back to the Triton GEMV below where it cannot run).
+
 References with the same signatures: ``ingot.quant.ref.w8a16_gemm_ref`` / ``w4a16_gemm_ref``.
 """
 
