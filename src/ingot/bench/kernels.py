@@ -17,7 +17,9 @@ For each (N, K) of the chosen model shapes and each M (tokens), times in the sam
 - ``w8a16`` / ``w4a16``: ``ingot.kernels.weight_only`` (bf16 activations; int8 per-channel / int4 group-128 packed
   weights, dequantized in the kernel; backend "auto": at prefill sizes, weight_only.DEQUANT_MIN_M, dequantized to
   bf16 and multiplied by cuBLAS; each row's ``backend`` says which);
-- ``quant_int8`` / ``quant_fp8``: ``ingot.kernels.per_token_group_quant`` (group 128) on the activation [M, K].
+- ``quant_int8`` / ``quant_fp8``: ``ingot.kernels.per_token_group_quant`` (group 128) on the activation [M, K];
+  beside it (``same_traffic_cast_*``) torch's elementwise cast of the same [M, K] to int8 / fp8, the same bytes
+  less the scales with no reduction: how close to the 1 GiB copy rate a pass of this size gets at all.
 
 Timing: ``triton.testing.do_bench_cudagraph`` (``do_bench`` with a note where graph capture fails), median of its
 replays. Each timed call takes the next of several input sets (fresh random weights and activations), enough of
@@ -387,6 +389,14 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
                 extra = {"input_sets": len(xs), "inputs_fit_in_l2": len(xs) * xbytes < l2, "group_size": 128}
                 try:
                     us, timer = _time_us(_rotating(xs, lambda x, d=dtype: per_token_group_quant(x, d)), options.rep_ms)
+                    # the same traffic with no reduction: torch's elementwise cast of x to the 1-byte dtype (reads
+                    # 2 M K, writes M K; the quantizer writes 4 M K / 128 more scale bytes) - what a kernel of this
+                    # size can reach against the 1 GiB copy the target is measured by
+                    cast_dtype = torch.int8 if dtype == "int8" else torch.float8_e4m3fn
+                    cast_us, _ = _time_us(_rotating(xs, lambda x, t=cast_dtype: x.to(t)), options.rep_ms)
+                    extra["same_traffic_cast_us"] = round(cast_us, 2)
+                    extra["same_traffic_cast_frac_of_copy_peak"] = round(
+                        3 * m * k / cast_us / 1e3 / peaks["copy"]["gbps"], 3)
                     rows.append(_row(op, m, n, k, us, peaks, status="ok", timer=timer, **extra))
                 except Exception as e:
                     torch.cuda.synchronize()
