@@ -118,7 +118,9 @@ def _quantize(x, s, QMAX: tl.constexpr, IS_FP8: tl.constexpr, USE_LIBDEVICE: tl.
     divisor = tl.where(s > 0, s, 1.0)  # an all-zero group: scale 0, q = x / 1 = 0
     y = tl.math.div_rn(x, divisor[:, None])
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-    if IS_FP8:
+    if IS_FP8 and USE_LIBDEVICE:  # compiled: cvt.rn.satfinite.e4m3x2.f32 rounds half to even itself
+        q = y.to(tl.float8e4nv)
+    elif IS_FP8:  # the interpreter's cast: round onto the e4m3 grid first, then the cast is exact
         q = _round_to_e4m3(y, USE_LIBDEVICE).to(tl.float8e4nv)
     else:
         q = _rint(y, USE_LIBDEVICE).to(tl.int8)
