@@ -160,17 +160,15 @@ def w4a16_gemv(x: torch.Tensor, w_packed: torch.Tensor, w_s: torch.Tensor, k: in
                bias: torch.Tensor | None, y: torch.Tensor, config: GemmConfig, part: torch.Tensor,
                locks: torch.Tensor) -> None:
     """y [1, N] = x [1, K] @ dequant(w_packed).T (+ bias), operands as ``weight_only.w4a16_gemm`` takes them and
-    ``unsupported`` passed; split-K config.split_k with ``part`` (fp32, >= split x tiles x block_n) and ``locks``
-    (int32 counters, >= tiles, zero)."""
+    ``unsupported`` passed; split-K config.split_k K ranges, none empty (``weight_only.effective_split_k``), with
+    ``part`` (fp32, >= split x tiles x block_n) and ``locks`` (int32 counters, >= tiles, zero)."""
     n = w_packed.shape[0]
     r, c = tile_shape(config)
     k_tiles = k // config.block_k
-    per_split = cdiv(k_tiles, config.split_k)
-    split = cdiv(k_tiles, per_split)  # no empty split
     with torch.cuda.device(x.device):
-        _w4a16_gemv_kernel[(cdiv(n, config.block_n), split)](
+        _w4a16_gemv_kernel[(cdiv(n, config.block_n), config.split_k)](
             x, w_packed, w_s, w_s if bias is None else bias, y, part, locks,
-            n, per_split, k_tiles, w_packed.stride(0), w_s.stride(0), EXP_ONE,
-            GROUP_SIZE=group_size, HAS_BIAS=bias is not None, SPLIT_K=split, R=r, C=c, VEC=VEC,
+            n, cdiv(k_tiles, config.split_k), k_tiles, w_packed.stride(0), w_s.stride(0), EXP_ONE,
+            GROUP_SIZE=group_size, HAS_BIAS=bias is not None, SPLIT_K=config.split_k, R=r, C=c, VEC=VEC,
             num_warps=config.num_warps,
         )

@@ -462,8 +462,8 @@ def _sm90_decode_available(device: torch.device) -> bool:
 
 
 def _gluon_gemv_available(device: torch.device) -> bool:
-    """Whether the Gluon W4A16 GEMV can run on ``device`` (CUDA, triton with Gluon)."""
-    if torch.version.hip is not None:
+    """Whether the Gluon W4A16 GEMV can run on ``device`` (NVIDIA sm_80+, triton with Gluon)."""
+    if torch.version.hip is not None or torch.cuda.get_device_capability(device) < (8, 0):
         return False
     from ingot.kernels import weight_only
 

@@ -44,7 +44,14 @@ import triton.language as tl
 
 from ingot.kernels import tuning
 from ingot.kernels.checks import backend_failed, cdiv, check_device, check_epilogue, check_tensor
-from ingot.kernels.int8_gemm import MAX_SPLIT_K_TILES, NOMINAL_SMS, _split_k_locks, _split_k_sum, _tile_ids
+from ingot.kernels.int8_gemm import (
+    MAX_SPLIT_K_TILES,
+    NOMINAL_SMS,
+    _split_k_locks,
+    _split_k_scratch,
+    _split_k_sum,
+    _tile_ids,
+)
 from ingot.kernels.tuning import GemmConfig
 
 X_DTYPES = (torch.bfloat16, torch.float16)
@@ -661,15 +668,9 @@ def _run_gluon_gemv(caller_config: GemmConfig | None, config: GemmConfig, x: tor
     else:
         why = _gluon_failed.get(x.device) or module.unsupported(x, w_packed, w_s, k, group_size, config)
     if why is None:
-        tiles = cdiv(n, config.block_n)
-        k_tiles = k // config.block_k
-        split = cdiv(k_tiles, cdiv(k_tiles, config.split_k)) if tiles <= MAX_SPLIT_K_TILES else 1
+        config = replace(config, split_k=effective_split_k(k, config)[0])  # no empty K range
+        _, split, part, locks = _split_k_scratch(config, 1, n, torch.float32, x.device, y)
         config = replace(config, split_k=split)
-        if split > 1:
-            part = torch.empty(split * tiles * config.block_n, dtype=torch.float32, device=x.device)
-            locks = _split_k_locks(x.device)
-        else:
-            part = locks = y  # unused
         try:
             module.w4a16_gemv(x, w_packed, w_s, k, group_size, bias, y, config, part, locks)
             return None
