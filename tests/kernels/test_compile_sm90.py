@@ -179,13 +179,14 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.experimental.gluon._runtime import GluonASTSource
 from ingot.kernels import gemv_gluon as g
-r, c, warps, split, has_bias = map(int, sys.argv[1:6])
+r, c, wk, s, warps, split, has_bias = map(int, sys.argv[1:8])
 kernel = g._w4a16_gemv_kernel
-constexprs = dict(GROUP_SIZE=128, HAS_BIAS=bool(has_bias), SPLIT_K=split, R=r, C=c, VEC=g.VEC)
+constexprs = dict(GROUP_SIZE=128, HAS_BIAS=bool(has_bias), SPLIT_K=split, R=r, C=c, WK=wk, KC=s * c * wk, VEC=g.VEC,
+                  EVEN_K=True)
 params = [p for p in kernel.arg_names if p not in constexprs]
 types = ["*bf16", "*i32", "*bf16", "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * (len(params) - 7)
 signature = dict(zip(params, types), **{name: "constexpr" for name in constexprs})
-aligned = ["x_ptr", "w_ptr", "ws_ptr", "bias_ptr", "y_ptr", "part_ptr", "lock_ptr", "stride_wn"]  # as the JIT sees them
+aligned = ["x_ptr", "w_ptr", "ws_ptr", "bias_ptr", "y_ptr", "part_ptr", "lock_ptr", "K", "stride_wn"]  # as the JIT sees them
 src = GluonASTSource(fn=kernel, signature=signature,
                      constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
                      attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
@@ -202,22 +203,24 @@ loops = [(int(m.group(1), 16), a) for a, t in ins for m in [re.search(r"BRA\\s+(
          if m and int(m.group(1), 16) < a]
 start, end = max(loops, key=lambda se: se[1] - se[0])  # the K loop: the longest backward branch
 body = [t for a, t in ins if start <= a <= end]
-print(json.dumps({"ptxas": ptxas, "loop": len(body), "weights": r * g.VEC * 8,
+print(json.dumps({"ptxas": ptxas, "loop": len(body), "weights": r * s * g.VEC * 8,
                   "wide_loads": sum("LDG.E.128" in t for t in body)}))
 """
 
 
-@pytest.mark.parametrize("r,c,warps,split,has_bias", [(2, 32, 4, 1, 0), (8, 8, 4, 1, 1), (4, 16, 8, 4, 0),
-                                                      (8, 32, 4, 2, 1)])
-def test_gluon_w4a16_gemv_compiles_lean(r, c, warps, split, has_bias):
+@pytest.mark.parametrize("r,c,wk,s,warps,split,has_bias", [(2, 32, 1, 1, 4, 1, 0), (8, 8, 1, 1, 4, 1, 1),
+                                                             (4, 16, 1, 1, 8, 4, 0), (8, 32, 1, 1, 4, 2, 1),
+                                                             (2, 16, 4, 2, 8, 1, 0), (4, 8, 2, 1, 8, 1, 1)])
+def test_gluon_w4a16_gemv_compiles_lean(r, c, wk, s, warps, split, has_bias):
     pytest.importorskip("triton.experimental.gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _GEMV_SCRIPT, str(r), str(c), str(warps), str(split), str(has_bias)],
-                         env=env, capture_output=True, text=True, timeout=300)
+    args = [str(v) for v in (r, c, wk, s, warps, split, has_bias)]
+    run = subprocess.run([sys.executable, "-c", _GEMV_SCRIPT, *args], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, f"compile for sm_90 failed (rc {run.returncode}):\n{run.stderr[-3000:]}"
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert " 0 bytes spill stores, 0 bytes spill loads" in result["ptxas"], f"the kernel spills:\n{result['ptxas']}"
-    # per thread and step: R 16-byte weight loads + 4 of x (its 32 bf16)
-    assert result["wide_loads"] >= r + 4, result
+    # per thread and step: R x S 16-byte weight loads + 4 x S of x (32 bf16 per chunk)
+    assert result["wide_loads"] >= (r + 4) * s, result
     per_weight = result["loop"] / result["weights"]
     assert per_weight < 6.0, f"{per_weight:.2f} SASS instructions per weight in the K loop ({result})"

@@ -816,18 +816,37 @@ def test_gluon_config_rules():
 
 
 def test_gluon_candidates_are_launchable_tiles():
-    """Every tile the tuner sweeps for the Gluon GEMV is one its launcher accepts: K a multiple of the step, block_n
-    = rows per thread x lanes x warps with 2 / 4 / 8 rows per thread."""
+    """Every tile the tuner sweeps for the Gluon GEMV is one its launcher accepts: block_k = 32 x chunks x lanes x
+    warps along K, block_n = rows x row lanes x warps along N, a ragged last K step wasting at most 1/8 of its loads,
+    split-K only with one warp along K."""
     from ingot.kernels import gemv_gluon, tuning
 
     for n, k in [(4096, 4096), (2048, 7168), (24576, 1536), (576, 1536)]:
         cands = [c for c in tuning.candidates("w4a16_gemm", 1, n, k, 132, gluon=True) if c.kernel == "gluon"]
         assert cands, (n, k)
         assert not [c for c in tuning.candidates("w4a16_gemm", 1, n, k, 132) if c.kernel == "gluon"]
+        assert any(c.warps_k > 1 for c in cands) and (n >= 2048 or any(c.split_k > 1 for c in cands)), (n, k)
         for c in cands:
-            rows, lanes = gemv_gluon.tile_shape(c)
-            assert rows in (2, 4, 8) and c.block_n == rows * (32 // lanes) * c.num_warps, c
-            assert k % c.block_k == 0 and c.block_k in gemv_gluon.BLOCK_KS, c
+            rows, lanes, wk, chunks = gemv_gluon.tile_shape(c)
+            assert rows in (2, 4, 8) and lanes in (8, 16, 32) and wk in (1, 2, 4, 8) and chunks in (1, 2), c
+            assert c.block_k == 32 * chunks * lanes * wk and c.block_n == rows * (32 // lanes) * (c.num_warps // wk), c
+            steps = -(-k // c.block_k)
+            assert (steps * c.block_k - k) * 8 <= steps * c.block_k, c
+            assert c.split_k == 1 or (wk == 1 and chunks == 1), c
+
+
+def test_gluon_tile_shape_reads_the_config_fields():
+    """tile_shape splits block_k / block_n as the kernel's layout does; a config that does not split is flagged
+    (C = 0), and GemmConfig keeps warps_k for kernel "gluon" only."""
+    from ingot.kernels import gemv_gluon
+
+    cfg = GemmConfig(1, 8, 8192, group_m=1, num_warps=8, num_stages=2, kernel="gluon", warps_k=4)
+    assert gemv_gluon.tile_shape(cfg) == (4, 32, 4, 2)  # 4 rows x 1 row lane x 2 warps along N
+    cfg = GemmConfig(1, 16, 1024, group_m=1, num_warps=4, num_stages=1, kernel="gluon")
+    assert gemv_gluon.tile_shape(cfg) == (4, 32, 1, 1)  # session 17's tiles read as before
+    assert gemv_gluon.tile_shape(GemmConfig(1, 16, 64, num_warps=4, num_stages=1, kernel="gluon", warps_k=4))[1] == 0
+    with pytest.raises(ValueError, match="warps_k 2 is for kernel 'gluon' only"):
+        GemmConfig(1, 16, 256, warps_k=2)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's fallback")
@@ -845,10 +864,15 @@ def test_gluon_config_falls_back_or_refuses_in_the_interpreter():
         w4a16_gemm(x, w_p, w_s, k, config=cfg)
 
 
-# the tile extremes of the tuner's space, split-K, ragged N (not a multiple of the row tile), K of one step
-GLUON_CASES = [((4096, 4096), (2, 32, 4, 1)), ((4096, 4096), (8, 8, 8, 4)), ((2048, 7168), (2, 32, 4, 7)),
-               ((1000, 2048), (4, 16, 4, 2)), ((24576, 1536), (4, 8, 4, 1)), ((576, 1536), (8, 16, 8, 3)),
-               ((7168, 1024), (4, 32, 8, 1))]
+# (rows, lanes, warps, split, warps along K, chunks): the tile extremes of the tuner's space, split-K (7 splits of
+# one step each: the one-step path), ragged N (not a multiple of the row tile), K of one step, warps along K with
+# one or two chunks, ragged K (a last step past K: 7168 in 8192, SmolLM2's 576 in 512-steps, 1536 in 2048)
+GLUON_CASES = [((4096, 4096), (2, 32, 4, 1, 1, 1)), ((4096, 4096), (8, 8, 8, 4, 1, 1)),
+               ((2048, 7168), (2, 32, 4, 7, 1, 1)), ((1000, 2048), (4, 16, 4, 2, 1, 1)),
+               ((24576, 1536), (4, 8, 4, 1, 1, 1)), ((576, 1536), (8, 16, 8, 3, 1, 1)),
+               ((7168, 1024), (4, 32, 8, 1, 1, 1)), ((4096, 4096), (4, 16, 8, 1, 4, 2)),
+               ((2048, 7168), (4, 32, 8, 1, 4, 2)), ((576, 576), (2, 16, 8, 1, 2, 1)),
+               ((1000, 1536), (4, 8, 8, 1, 8, 1)), ((6144, 4096), (2, 32, 4, 1, 2, 2))]
 
 
 @pytest.mark.gpu
@@ -859,9 +883,9 @@ def test_gpu_gluon_gemv(nk, tile, x_dtype):
     and x-dtype outputs, with and without bias; split-K twice gives the same bits."""
     from ingot.kernels import gemv_gluon
 
-    (n, k), (rows, lanes, warps, split) = nk, tile
-    cfg = GemmConfig(1, rows * (32 // lanes) * warps, lanes * 32, group_m=1, num_warps=warps, num_stages=1,
-                     split_k=split, kernel="gluon")
+    (n, k), (rows, lanes, warps, split, wk, chunks) = nk, tile
+    cfg = GemmConfig(1, rows * (32 // lanes) * warps // wk, 32 * chunks * lanes * wk, group_m=1, num_warps=warps,
+                     num_stages=chunks, split_k=split, kernel="gluon", warps_k=wk)
     seed = int.from_bytes(os.urandom(4), "little")
     x, w_p, w_s, _ = _w4_operands(1, n, k, seed, x_dtype=x_dtype, s_dtype=x_dtype)
     assert gemv_gluon.unsupported(x, w_p, w_s, k, 128, cfg) is None
@@ -882,11 +906,11 @@ def test_gpu_gluon_gemv(nk, tile, x_dtype):
 @pytest.mark.gpu
 def test_gpu_gluon_gemv_refuses_what_it_cannot_take():
     """A caller's "gluon" config on operands the kernel cannot read is refused with the reason; the same entry
-    from a table would run the Triton GEMV (the default path stays correct on SmolLM2's K = 576)."""
-    n, k = 576, 576
+    from a table would run the Triton GEMV (the default path stays correct on a K of 65 packed words)."""
+    n, k = 576, 520
     x, w_p, w_s, _ = _w4_operands(1, n, k, 5, s_dtype=torch.bfloat16)
     cfg = GemmConfig(1, 16, 512, group_m=1, num_warps=4, num_stages=1, kernel="gluon")
-    with pytest.raises(ValueError, match="K = 576 is not a multiple of the K step 512"):
+    with pytest.raises(ValueError, match="K = 520, group_size 128: both must be multiples of 32"):
         w4a16_gemm(x, w_p, w_s, k, config=cfg)
     y = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device="cuda")
     fallback = weight_only._run_gluon_gemv(None, cfg, x, w_p, w_s, k, 128, None, y)

@@ -36,15 +36,17 @@ from ingot.kernels.tuning import GemmConfig
 
 VEC = 4  # packed words per thread and row: one 16-byte load
 EXP_ONE = 0x3F800000  # fp32 1.0's bits; passed as an argument so ptxas keeps it in a register (one LOP3 per weight)
-BLOCK_KS = (256, 512, 1024)  # K steps: C = block_k / 32 lanes along a row, 8, 16 or 32
 
 
-def tile_shape(config: GemmConfig) -> tuple[int, int]:
-    """(R, C) of a "gluon" GEMV config: rows per thread, lanes along a row. block_k = C x VEC x 8; block_n = R x
-    (32 / C) lanes x num_warps."""
-    c = config.block_k // (VEC * 8)
-    rows_per_pass = (32 // c) * config.num_warps
-    return config.block_n // rows_per_pass, c
+def tile_shape(config: GemmConfig) -> tuple[int, int, int, int]:
+    """(R, C, WK, S) of a "gluon" GEMV config: rows per thread, lanes along a row in a warp, warps along K (the
+    other num_warps / WK take more rows), 32-weight chunks per thread and row in a K step (config.num_stages).
+    block_k = 32 x S x C x WK; block_n = R x (32 / C) row lanes x num_warps / WK. C is 0 where block_k does not
+    split that way (``unsupported`` says why)."""
+    wk, s = config.warps_k, config.num_stages
+    c = config.block_k // (32 * s * wk) if config.block_k % (32 * s * wk) == 0 else 0
+    rows_per_pass = (32 // c) * (config.num_warps // wk) if c and 32 % c == 0 and config.num_warps % wk == 0 else 0
+    return (config.block_n // rows_per_pass if rows_per_pass else 0), c, wk, s
 
 
 def unsupported(x: torch.Tensor, w_packed: torch.Tensor, w_s: torch.Tensor, k: int, group_size: int,
@@ -54,86 +56,112 @@ def unsupported(x: torch.Tensor, w_packed: torch.Tensor, w_s: torch.Tensor, k: i
         return "not a CUDA device"
     if x.shape[0] != 1:
         return f"M = {x.shape[0]} (the GEMV takes M = 1)"
-    if config.block_k not in BLOCK_KS:
-        return f"block_k {config.block_k} (one of {BLOCK_KS})"
-    r, c = tile_shape(config)
-    if r < 1 or config.block_n != r * (32 // c) * config.num_warps:
-        return f"block_n {config.block_n} is not R x {32 // c} lanes x {config.num_warps} warps"
-    if k % config.block_k:
-        return f"K = {k} is not a multiple of the K step {config.block_k}"
-    if group_size % (VEC * 8) or config.block_k % group_size:
-        return f"group_size {group_size}: a thread's {VEC * 8} weights must lie in one group, a step in whole groups"
+    r, c, wk, s = tile_shape(config)
+    if config.num_warps % wk:
+        return f"warps_k {wk} does not divide num_warps {config.num_warps}"
+    if not c or 32 % c or s not in (1, 2):
+        return (f"block_k {config.block_k} is not 32 x num_stages {s} (1 or 2) x C x warps_k {wk} for C lanes "
+                f"dividing 32")
+    if r < 1 or config.block_n != r * (32 // c) * (config.num_warps // wk):
+        return f"block_n {config.block_n} is not R x {32 // c} lanes x {config.num_warps // wk} warps"
+    if k % 32 or group_size % 32:
+        return f"K = {k}, group_size {group_size}: both must be multiples of 32 (a thread's chunk, in one group)"
     if not (x.is_contiguous() and w_packed.is_contiguous() and w_s.stride(1) == 1):
         return "non-contiguous operands"
-    if x.data_ptr() % 16 or w_packed.data_ptr() % 16 or (k // 8) % VEC:
+    if x.data_ptr() % 16 or w_packed.data_ptr() % 16:
         return "operands not 16-byte aligned"
     return None
 
 
 @gluon.jit
+def _load_step(w_rows, x_ptr, x_in, ws_rows, kw, kx, ks, last_chunk, VEC: gl.constexpr, GROUP_SIZE: gl.constexpr,
+               EVEN_K: gl.constexpr):
+    """One K step's packed words (BLOCK_N, KC, VEC), x (KC, VEC, 8) and scales (BLOCK_N, KC), for the chunk indices
+    kw / kx / ks (the same chunks in each operand's layout). Past K (EVEN_K false) the weight and scale loads read
+    the last chunk again and x reads 0, so those chunks add nothing."""
+    if EVEN_K:
+        p = gl.load(w_rows + (kw * VEC)[None, :, None])
+        a = gl.load(x_ptr + (kx * 32)[:, None, None] + x_in)
+        s = gl.load(ws_rows + ((ks * 32) // GROUP_SIZE)[None, :])
+    else:
+        p = gl.load(w_rows + (gl.minimum(kw, last_chunk) * VEC)[None, :, None])
+        a = gl.load(x_ptr + (kx * 32)[:, None, None] + x_in, mask=(kx <= last_chunk)[:, None, None], other=0.0)
+        s = gl.load(ws_rows + ((gl.minimum(ks, last_chunk) * 32) // GROUP_SIZE)[None, :])
+    return p, a, s
+
+
+@gluon.jit
+def _dot_step(p, a, s, rot_l, rot_r, exp_one, DL: gl.constexpr):
+    """(q . x) x scale per thread, row and chunk (BLOCK_N, KC) of one K step: nibble -> 1 + u / 16 by a shift and one
+    LOP3, f . x with FFMA, then q . x = 16 (f . x) - 24 sum(x) for q = u - 8."""
+    p4 = p.to(gl.uint32, bitcast=True)[:, :, :, None]
+    a = a.to(gl.float32)
+    f = ((((p4 << rot_l) | (p4 >> rot_r)) & 0x780000) | exp_one).to(gl.float32, bitcast=True)  # 1 + u / 16
+    dots = gl.sum(gl.sum(f * a[None, :, :, :], axis=3), axis=2)
+    xs = gl.convert_layout(gl.sum(gl.sum(a, axis=2), axis=1), gl.SliceLayout(0, DL))
+    return (dots * 16.0 - (xs * 24.0)[None, :]) * s.to(gl.float32)
+
+
+@gluon.jit
 def _w4a16_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr,  # x [1, K], w int32 [N, K / 8], w_s [N, groups], ...
-    N, K_TILES_PER_SPLIT, K_TILES,
+    N, K, K_TILES_PER_SPLIT, K_TILES,
     stride_wn, stride_wsn,
     exp_one,  # EXP_ONE
     GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
-    R: gl.constexpr, C: gl.constexpr, VEC: gl.constexpr,
+    R: gl.constexpr, C: gl.constexpr, WK: gl.constexpr, KC: gl.constexpr, VEC: gl.constexpr, EVEN_K: gl.constexpr,
 ):
     W: gl.constexpr = gl.num_warps()
-    BLOCK_N: gl.constexpr = R * (32 // C) * W
-    BLOCK_P: gl.constexpr = C * VEC  # packed words per row per step
+    BLOCK_N: gl.constexpr = R * (32 // C) * (W // WK)
+    BLOCK_P: gl.constexpr = KC * VEC  # packed words per row per step
     BLOCK_K: gl.constexpr = BLOCK_P * 8
-    # (rows, lanes along a row, VEC words, 8 nibbles): a thread owns R rows x VEC words x 8 nibbles
+    # (rows, 32-weight chunks along K, VEC words, 8 nibbles): a thread owns R rows x VEC words x 8 nibbles of
+    # KC / (C x WK) chunks; a row's chunks lie across C lanes and WK warps
     L4: gl.constexpr = gl.BlockedLayout(size_per_thread=[R, 1, VEC, 8], threads_per_warp=[32 // C, C, 1, 1],
-                                        warps_per_cta=[W, 1, 1, 1], order=[3, 2, 1, 0])
-    PL: gl.constexpr = gl.SliceLayout(3, L4)  # (BLOCK_N, C, VEC) packed words
-    XL: gl.constexpr = gl.SliceLayout(0, L4)  # (C, VEC, 8) x
-    DL: gl.constexpr = gl.SliceLayout(2, PL)  # (BLOCK_N, C) one sum per thread and row
+                                        warps_per_cta=[W // WK, WK, 1, 1], order=[3, 2, 1, 0])
+    PL: gl.constexpr = gl.SliceLayout(3, L4)  # (BLOCK_N, KC, VEC) packed words
+    XL: gl.constexpr = gl.SliceLayout(0, L4)  # (KC, VEC, 8) x
+    DL: gl.constexpr = gl.SliceLayout(2, PL)  # (BLOCK_N, KC) one sum per thread, row and chunk
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     kt0 = pid_k * K_TILES_PER_SPLIT
     kt1 = gl.minimum(kt0 + K_TILES_PER_SPLIT, K_TILES)  # > kt0: the host launches no empty split
+    last_chunk = K // 32 - 1
 
-    # rows past N read row N - 1 (never stored)
+    # rows past N read row N - 1 (never stored); chunks past K (EVEN_K false) read the last chunk against x = 0
     rows = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, PL))), N - 1)
-    pc = gl.arange(0, C, layout=gl.SliceLayout(0, gl.SliceLayout(2, PL)))
+    pc = gl.arange(0, KC, layout=gl.SliceLayout(0, gl.SliceLayout(2, PL)))
     pv = gl.arange(0, VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, PL)))
-    w_ptrs = (w_ptr + rows.to(gl.int64)[:, None, None] * stride_wn + kt0 * BLOCK_P
-              + (pc * VEC)[None, :, None] + pv[None, None, :])
-    xc = gl.arange(0, C, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))
+    w_rows = w_ptr + rows.to(gl.int64)[:, None, None] * stride_wn + pv[None, None, :]
+    xc = gl.arange(0, KC, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))
     xv = gl.arange(0, VEC, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
     xi = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
-    x_ptrs = x_ptr + kt0 * BLOCK_K + (xc * (VEC * 8))[:, None, None] + (xv * 8)[None, :, None] + xi[None, None, :]
-    dc = gl.arange(0, C, layout=gl.SliceLayout(0, DL))
+    x_in = (xv * 8)[None, :, None] + xi[None, None, :]
+    dc = gl.arange(0, KC, layout=gl.SliceLayout(0, DL))
     drows = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, DL)), N - 1)
-    ws_ptrs = (ws_ptr + drows.to(gl.int64)[:, None] * stride_wsn + kt0 * (BLOCK_K // GROUP_SIZE)
-               + (dc * (VEC * 8) // GROUP_SIZE)[None, :])
+    ws_rows = ws_ptr + drows.to(gl.int64)[:, None] * stride_wsn
     # nibble i (bits 4i .. 4i + 3) rotated to mantissa bits 19-22: by (19 - 4i) mod 32, as a left and a right shift
     nib = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
     rot_l = ((51 - 4 * nib) % 32).to(gl.uint32)[None, None, None, :]
     rot_r = (32 - rot_l) % 32
 
-    acc = gl.zeros((BLOCK_N, C), gl.float32, layout=DL)
-    p_next = gl.load(w_ptrs)
-    a_next = gl.load(x_ptrs)
-    s_next = gl.load(ws_ptrs)
+    kw = kt0 * KC + pc  # this step's chunks, as weight / x / scale indices
+    kx = kt0 * KC + xc
+    ks = kt0 * KC + dc
+    p, a, s = _load_step(w_rows, x_ptr, x_in, ws_rows, kw, kx, ks, last_chunk, VEC, GROUP_SIZE, EVEN_K)
+    acc = gl.zeros((BLOCK_N, KC), gl.float32, layout=DL)
     for kt in range(kt0, kt1):
-        p = p_next.to(gl.uint32, bitcast=True)
-        a = a_next.to(gl.float32)
-        s = s_next.to(gl.float32)
-        # the next step's loads before this step's math; the last step reloads its own tile (an L2 hit), no masks
-        more = (kt + 1 < kt1).to(gl.int32)
-        w_ptrs += BLOCK_P * more
-        x_ptrs += BLOCK_K * more
-        ws_ptrs += (BLOCK_K // GROUP_SIZE) * more
-        p_next = gl.load(w_ptrs)
-        a_next = gl.load(x_ptrs)
-        s_next = gl.load(ws_ptrs)
-        p4 = p[:, :, :, None]
-        f = ((((p4 << rot_l) | (p4 >> rot_r)) & 0x780000) | exp_one).to(gl.float32, bitcast=True)  # 1 + u / 16
-        dots = gl.sum(gl.sum(f * a[None, :, :, :], axis=3), axis=2)  # (BLOCK_N, C): f . x per thread and row
-        xs = gl.convert_layout(gl.sum(gl.sum(a, axis=2), axis=1), gl.SliceLayout(0, DL))
-        acc += (dots * 16.0 - (xs * 24.0)[None, :]) * s  # (q . x) * scale, q = u - 8
+        # the next step's loads before this step's math; the last step reloads its own tile (an L2 hit), no masks.
+        # A split of one step reloads too: without the loop-carried reload ptxas sank x loads below the math (one
+        # L2 round trip each, in series), 5.9 -> 7.1 us on 7168x2048 (kernels/NOTES.md, session 18)
+        more = (kt + 1 < kt1).to(gl.int32) * KC
+        kw += more
+        kx += more
+        ks += more
+        p_next, a_next, s_next = _load_step(w_rows, x_ptr, x_in, ws_rows, kw, kx, ks, last_chunk, VEC, GROUP_SIZE,
+                                            EVEN_K)
+        acc += _dot_step(p, a, s, rot_l, rot_r, exp_one, DL)
+        p, a, s = p_next, a_next, s_next
     out = gl.sum(acc, axis=1)
 
     offs = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, DL))
@@ -163,12 +191,14 @@ def w4a16_gemv(x: torch.Tensor, w_packed: torch.Tensor, w_s: torch.Tensor, k: in
     ``unsupported`` passed; split-K config.split_k K ranges, none empty (``weight_only.effective_split_k``), with
     ``part`` (fp32, >= split x tiles x block_n) and ``locks`` (int32 counters, >= tiles, zero)."""
     n = w_packed.shape[0]
-    r, c = tile_shape(config)
-    k_tiles = k // config.block_k
+    r, c, wk, _ = tile_shape(config)
+    k_tiles = cdiv(k, config.block_k)
+    per_split = cdiv(k_tiles, config.split_k)
     with torch.cuda.device(x.device):
         _w4a16_gemv_kernel[(cdiv(n, config.block_n), config.split_k)](
             x, w_packed, w_s, w_s if bias is None else bias, y, part, locks,
-            n, cdiv(k_tiles, config.split_k), k_tiles, w_packed.stride(0), w_s.stride(0), EXP_ONE,
-            GROUP_SIZE=group_size, HAS_BIAS=bias is not None, SPLIT_K=config.split_k, R=r, C=c, VEC=VEC,
+            n, k, per_split, k_tiles, w_packed.stride(0), w_s.stride(0), EXP_ONE,
+            GROUP_SIZE=group_size, HAS_BIAS=bias is not None, SPLIT_K=config.split_k, R=r, C=c, WK=wk,
+            KC=config.block_k // 32, VEC=VEC, EVEN_K=k % config.block_k == 0,
             num_warps=config.num_warps,
         )

@@ -42,8 +42,10 @@ class GemmConfig:
     HBM busy); kernels that do not split K require 1.
     kernel: "triton" (the op's Triton kernels) or "sm90" (W8A8 int8 ops only: the Hopper swap-AB decode kernel
     ``gemm_sm90._int8_skinny_gemm_sm90_kernel``, block_n weight rows x block_m tokens per program; group_m and
-    num_warps unused) or "gluon" (w4a16_gemm at M = 1 only: the Gluon GEMV ``gemv_gluon._w4a16_gemv_kernel``,
-    block_k one of 256 / 512 / 1024, block_n = rows per thread x 1024 / block_k lanes x num_warps; num_stages unused).
+    num_warps unused) or "gluon" (w4a16_gemm at M = 1 only: the Gluon GEMV ``gemv_gluon._w4a16_gemv_kernel``;
+    ``gemv_gluon.tile_shape`` reads its tile: block_k = 32 x num_stages x lanes x warps_k, block_n = rows per thread
+    x 32 / lanes x num_warps / warps_k; num_stages is there the 32-weight chunks a thread loads per row and step).
+    warps_k: "gluon" only, the warps that share one row block's K step (1 elsewhere).
     """
 
     block_m: int
@@ -54,6 +56,7 @@ class GemmConfig:
     num_stages: int = 3
     split_k: int = 1
     kernel: str = "triton"
+    warps_k: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -64,7 +67,7 @@ class GemmConfig:
                 continue
             if v < 16 or v & (v - 1):
                 raise ValueError(f"GemmConfig.{name} must be a power of two >= 16, got {v}")
-        for name in ("group_m", "num_warps", "num_stages", "split_k"):
+        for name in ("group_m", "num_warps", "num_stages", "split_k", "warps_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GemmConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.kernel not in KERNELS:
@@ -73,6 +76,8 @@ class GemmConfig:
             raise ValueError("GemmConfig: block_m 1 (the GEMV kernels) is a Triton kernel, not kernel 'sm90'")
         if self.kernel == "gluon" and self.block_m != 1:
             raise ValueError(f"GemmConfig: kernel 'gluon' is the W4A16 GEMV (block_m 1), got block_m {self.block_m}")
+        if self.kernel != "gluon" and self.warps_k != 1:
+            raise ValueError(f"GemmConfig: warps_k {self.warps_k} is for kernel 'gluon' only")
 
     @classmethod
     def from_dict(cls, d: dict) -> "GemmConfig":
@@ -314,27 +319,29 @@ def _int8_gemv_candidates(op: str, n: int, k: int, num_sms: int) -> list[GemmCon
 
 
 def _gluon_gemv_candidates(n: int, k: int, num_sms: int) -> list[GemmConfig]:
-    """The Gluon W4A16 GEMV (kernel "gluon"): 2 / 4 / 8 rows per thread, K steps of 256 / 512 / 1024 (8 / 16 / 32
-    lanes along a row, 16 bytes each), 4 or 8 warps, split-K up to 8 where the row tiles leave SMs idle. The session
-    17 sweep's winners on the 9 bench shapes all lie in this space (kernels/NOTES.md)."""
+    """The Gluon W4A16 GEMV (kernel "gluon"): 2 / 4 / 8 rows per thread, 8 / 16 / 32 lanes along a row, 1-8 warps
+    along K (``warps_k``), one or (with warps along K) two 32-weight chunks per thread and row in a step, 4 or 8 warps;
+    K steps up to the whole K, a ragged last step wasting at most 1/8 of its loads; split-K up to 8 (one warp along
+    K, one chunk) where the row tiles leave SMs idle. Session 18's sweeps (kernels/NOTES.md) found their winners here:
+    whole-K steps with warps along K on the small shapes, the session 17 tiles on the large."""
     out = []
-    for bk in (256, 512, 1024):
-        if k % bk:
-            continue
-        lanes = bk // 32
-        for rows in (2, 4, 8):
-            for warps in (4, 8):
-                bn = rows * (32 // lanes) * warps
-                if bn > 256:
-                    continue
-                tiles, k_tiles = -(-n // bn), k // bk
-                for split in (1, 2, 3, 4, 6, 8):
-                    per = -(-k_tiles // split)
-                    if split > 1 and (-(-k_tiles // per) != split or tiles * split > 8 * num_sms
-                                      or tiles >= 2 * num_sms):
-                        continue
-                    out.append(GemmConfig(1, bn, bk, group_m=1, num_warps=warps, num_stages=1, split_k=split,
-                                          kernel="gluon"))
+    for warps in (4, 8):
+        for wk in (1, 2, 4, 8):
+            for lanes in (8, 16, 32):
+                for chunks in (1, 2) if wk > 1 else (1,):
+                    for rows in (2, 4, 8):
+                        bk, bn = 32 * chunks * lanes * wk, rows * (32 // lanes) * (warps // wk)
+                        k_tiles = -(-k // bk)
+                        if wk > warps or rows * chunks > 8 or not 4 <= bn <= 256 or (k_tiles * bk - k) * 8 > k_tiles * bk:
+                            continue
+                        tiles = -(-n // bn)
+                        for split in (1, 2, 3, 4, 6, 8) if wk == 1 else (1,):
+                            per = -(-k_tiles // split)
+                            if split > 1 and (-(-k_tiles // per) != split or tiles * split > 8 * num_sms
+                                              or tiles >= 2 * num_sms):
+                                continue
+                            out.append(GemmConfig(1, bn, bk, group_m=1, num_warps=warps, num_stages=chunks,
+                                                  split_k=split, kernel="gluon", warps_k=wk))
     return out
 
 
