@@ -168,10 +168,10 @@ def test_sm90_gemm_compiles_with_async_wgmma(op, tile, has_bias):
         assert result["num_warps"] == 12, result["num_warps"]
 
 
-# The Gluon W4A16 GEMV (ingot.kernels.gemv_gluon) exists to cut the K loop's instructions per weight: it must keep
-# 16-byte weight loads and stay under 6 SASS instructions per weight in its loop (3.9-5.4 by rows per thread; the
-# Triton GEMV took 8.8, session 17), with no spills, at the tile extremes its tuner tries (2 / 8 rows per thread,
-# 8 / 32 lanes per row, split-K).
+# The Gluon GEMVs (ingot.kernels.gemv_gluon) exist to cut the K loop's instructions per weight: they must keep
+# 16-byte weight loads and stay under 6 SASS instructions per weight in the loop (W4A16 3.9-5.4 by rows per thread;
+# the Triton GEMV took 8.8, session 17), with no spills, at the tile extremes the tuner tries (2 / 8 rows per thread,
+# 8 / 32 lanes per row, warps along K, two chunks, split-K), for int4 and int8 weights.
 _GEMV_SCRIPT = """
 import json, os, re, subprocess, sys, tempfile
 import triton
@@ -179,10 +179,10 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.experimental.gluon._runtime import GluonASTSource
 from ingot.kernels import gemv_gluon as g
-r, c, wk, s, warps, split, has_bias = map(int, sys.argv[1:8])
-kernel = g._w4a16_gemv_kernel
-constexprs = dict(GROUP_SIZE=128, HAS_BIAS=bool(has_bias), SPLIT_K=split, R=r, C=c, WK=wk, KC=s * c * wk, VEC=g.VEC,
-                  EVEN_K=True)
+r, c, wk, s, warps, split, has_bias, bits = map(int, sys.argv[1:9])
+kernel = g._gemv_kernel
+constexprs = dict(BITS=bits, GROUP_SIZE=128 if bits == 4 else 0, HAS_BIAS=bool(has_bias), SPLIT_K=split, R=r, C=c,
+                  WK=wk, KC=s * c * wk, VEC=g.VEC, EVEN_K=True)
 params = [p for p in kernel.arg_names if p not in constexprs]
 types = ["*bf16", "*i32", "*bf16", "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * (len(params) - 7)
 signature = dict(zip(params, types), **{name: "constexpr" for name in constexprs})
@@ -203,24 +203,26 @@ loops = [(int(m.group(1), 16), a) for a, t in ins for m in [re.search(r"BRA\\s+(
          if m and int(m.group(1), 16) < a]
 start, end = max(loops, key=lambda se: se[1] - se[0])  # the K loop: the longest backward branch
 body = [t for a, t in ins if start <= a <= end]
-print(json.dumps({"ptxas": ptxas, "loop": len(body), "weights": r * s * g.VEC * 8,
+print(json.dumps({"ptxas": ptxas, "loop": len(body), "weights": r * s * g.chunk(bits),
                   "wide_loads": sum("LDG.E.128" in t for t in body)}))
 """
 
 
-@pytest.mark.parametrize("r,c,wk,s,warps,split,has_bias", [(2, 32, 1, 1, 4, 1, 0), (8, 8, 1, 1, 4, 1, 1),
-                                                             (4, 16, 1, 1, 8, 4, 0), (8, 32, 1, 1, 4, 2, 1),
-                                                             (2, 16, 4, 2, 8, 1, 0), (4, 8, 2, 1, 8, 1, 1)])
-def test_gluon_w4a16_gemv_compiles_lean(r, c, wk, s, warps, split, has_bias):
+@pytest.mark.parametrize("r,c,wk,s,warps,split,has_bias,bits", [
+    (2, 32, 1, 1, 4, 1, 0, 4), (8, 8, 1, 1, 4, 1, 1, 4), (4, 16, 1, 1, 8, 4, 0, 4), (8, 32, 1, 1, 4, 2, 1, 4),
+    (2, 16, 4, 2, 8, 1, 0, 4), (4, 8, 2, 1, 8, 1, 1, 4), (4, 32, 1, 1, 4, 1, 0, 8), (8, 16, 2, 1, 8, 2, 1, 8),
+])
+def test_gluon_gemv_compiles_lean(r, c, wk, s, warps, split, has_bias, bits):
     pytest.importorskip("triton.experimental.gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [str(v) for v in (r, c, wk, s, warps, split, has_bias)]
+    args = [str(v) for v in (r, c, wk, s, warps, split, has_bias, bits)]
     run = subprocess.run([sys.executable, "-c", _GEMV_SCRIPT, *args], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, f"compile for sm_90 failed (rc {run.returncode}):\n{run.stderr[-3000:]}"
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert " 0 bytes spill stores, 0 bytes spill loads" in result["ptxas"], f"the kernel spills:\n{result['ptxas']}"
-    # per thread and step: R x S 16-byte weight loads + 4 x S of x (32 bf16 per chunk)
-    assert result["wide_loads"] >= (r + 4) * s, result
+    # per thread and step: R x S 16-byte weight loads (+ 4 x S of x for int4: 32 bf16 per chunk; int8's 16 bf16 of x
+    # per chunk come as four 8-byte loads, the layout's innermost dimension being one word's 4 values)
+    assert result["wide_loads"] >= (r + (4 if bits == 4 else 0)) * s, result
     per_weight = result["loop"] / result["weights"]
     assert per_weight < 6.0, f"{per_weight:.2f} SASS instructions per weight in the K loop ({result})"

@@ -811,25 +811,27 @@ def test_gluon_config_rules():
     GemmConfig(1, 8, 1024, num_warps=4, kernel="gluon")
     with pytest.raises(ValueError, match="power of two >= 16"):
         GemmConfig(1, 8, 1024, num_warps=4)
-    with pytest.raises(ValueError, match="kernel 'gluon' is the W4A16 GEMV"):
+    with pytest.raises(ValueError, match="kernel 'gluon' is the weight-only GEMV"):
         GemmConfig(16, 64, 128, kernel="gluon")
 
 
-def test_gluon_candidates_are_launchable_tiles():
-    """Every tile the tuner sweeps for the Gluon GEMV is one its launcher accepts: block_k = 32 x chunks x lanes x
-    warps along K, block_n = rows x row lanes x warps along N, a ragged last K step wasting at most 1/8 of its loads,
-    split-K only with one warp along K."""
+@pytest.mark.parametrize("op,bits", [("w4a16_gemm", 4), ("w8a16_gemm", 8)])
+def test_gluon_candidates_are_launchable_tiles(op, bits):
+    """Every tile the tuner sweeps for the Gluon GEMV is one its launcher accepts: block_k = chunk (32 int4 / 16
+    int8 weights) x chunks x lanes x warps along K, block_n = rows x row lanes x warps along N, a ragged last K step
+    wasting at most 1/8 of its loads, split-K only with one warp along K."""
     from ingot.kernels import gemv_gluon, tuning
 
     for n, k in [(4096, 4096), (2048, 7168), (24576, 1536), (576, 1536)]:
-        cands = [c for c in tuning.candidates("w4a16_gemm", 1, n, k, 132, gluon=True) if c.kernel == "gluon"]
+        cands = [c for c in tuning.candidates(op, 1, n, k, 132, gluon=True) if c.kernel == "gluon"]
         assert cands, (n, k)
-        assert not [c for c in tuning.candidates("w4a16_gemm", 1, n, k, 132) if c.kernel == "gluon"]
+        assert not [c for c in tuning.candidates(op, 1, n, k, 132) if c.kernel == "gluon"]
         assert any(c.warps_k > 1 for c in cands) and (n >= 2048 or any(c.split_k > 1 for c in cands)), (n, k)
         for c in cands:
-            rows, lanes, wk, chunks = gemv_gluon.tile_shape(c)
+            rows, lanes, wk, chunks = gemv_gluon.tile_shape(c, bits)
             assert rows in (2, 4, 8) and lanes in (8, 16, 32) and wk in (1, 2, 4, 8) and chunks in (1, 2), c
-            assert c.block_k == 32 * chunks * lanes * wk and c.block_n == rows * (32 // lanes) * (c.num_warps // wk), c
+            assert c.block_k == gemv_gluon.chunk(bits) * chunks * lanes * wk, c
+            assert c.block_n == rows * (32 // lanes) * (c.num_warps // wk), c
             steps = -(-k // c.block_k)
             assert (steps * c.block_k - k) * 8 <= steps * c.block_k, c
             assert c.split_k == 1 or (wk == 1 and chunks == 1), c
@@ -845,6 +847,9 @@ def test_gluon_tile_shape_reads_the_config_fields():
     cfg = GemmConfig(1, 16, 1024, group_m=1, num_warps=4, num_stages=1, kernel="gluon")
     assert gemv_gluon.tile_shape(cfg) == (4, 32, 1, 1)  # session 17's tiles read as before
     assert gemv_gluon.tile_shape(GemmConfig(1, 16, 64, num_warps=4, num_stages=1, kernel="gluon", warps_k=4))[1] == 0
+    # int8: chunks of 16 weights, so the same block_k spans twice the lanes
+    cfg = GemmConfig(1, 16, 512, group_m=1, num_warps=4, num_stages=1, kernel="gluon")
+    assert gemv_gluon.tile_shape(cfg, 8) == (4, 32, 1, 1) and gemv_gluon.tile_shape(cfg, 4) == (2, 16, 1, 1)
     with pytest.raises(ValueError, match="warps_k 2 is for kernel 'gluon' only"):
         GemmConfig(1, 16, 256, warps_k=2)
 
@@ -857,7 +862,7 @@ def test_gluon_config_falls_back_or_refuses_in_the_interpreter():
     x, w_p, w_s, _ = _w4_operands(1, n, k, 3)
     cfg = GemmConfig(1, 16, 512, group_m=1, num_warps=4, num_stages=1, kernel="gluon")
     y = torch.full((1, n), float("nan"), dtype=torch.bfloat16)
-    fallback = weight_only._run_gluon_gemv(None, cfg, x, w_p, w_s, k, 128, None, y)
+    fallback = weight_only._run_gluon_gemv("w4a16_gemm", None, cfg, x, w_p, w_s, k, 128, None, y)
     assert fallback is not None and fallback.kernel == "triton" and fallback.block_m == 1
     assert torch.isnan(y).all()  # nothing launched
     with pytest.raises(ValueError, match="kernel 'gluon' cannot run here: the Triton interpreter"):
@@ -913,7 +918,62 @@ def test_gpu_gluon_gemv_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="K = 520, group_size 128: both must be multiples of 32"):
         w4a16_gemm(x, w_p, w_s, k, config=cfg)
     y = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    fallback = weight_only._run_gluon_gemv(None, cfg, x, w_p, w_s, k, 128, None, y)
+    fallback = weight_only._run_gluon_gemv("w4a16_gemm", None, cfg, x, w_p, w_s, k, 128, None, y)
     assert fallback.kernel == "triton"
     exact = ref.w4a16_gemm_ref(x, w_p, w_s, k, 128, None, out_dtype=torch.float32)
     assert_rounded(w4a16_gemm(x, w_p, w_s, k, config=fallback), exact, BF16_TOL, "fallback", floor=GPU_FP32_TOL)
+
+
+# W8A16 (int8 weights, per-channel scales) on the same kernel: (rows, lanes, warps, split, warps along K, chunks of 16)
+W8_GLUON_CASES = [((4096, 4096), (4, 32, 4, 1, 1, 1)), ((4096, 4096), (8, 16, 8, 4, 1, 1)),
+                  ((2048, 7168), (4, 32, 8, 1, 8, 1)), ((1000, 2048), (2, 16, 4, 2, 1, 1)),
+                  ((576, 576), (2, 16, 8, 1, 2, 1)), ((7168, 2048), (4, 16, 8, 1, 2, 2)),
+                  ((6144, 4096), (2, 32, 4, 1, 2, 2))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nk,tile", W8_GLUON_CASES)
+def test_gpu_gluon_w8a16_gemv(nk, tile, x_dtype):
+    """The Gluon GEMV on int8 weights (all 256 values, -128 included) against the reference: fresh random inputs,
+    NaN-poisoned outputs, fp32 and x-dtype outputs, with and without bias, scales in fp32 and in x's dtype; the same
+    bits twice."""
+    from ingot.kernels import gemv_gluon
+
+    (n, k), (rows, lanes, warps, split, wk, chunks) = nk, tile
+    cfg = GemmConfig(1, rows * (32 // lanes) * warps // wk, 16 * chunks * lanes * wk, group_m=1, num_warps=warps,
+                     num_stages=chunks, split_k=split, kernel="gluon", warps_k=wk)
+    seed = int.from_bytes(os.urandom(4), "little")
+    for s_dtype in (torch.float32, x_dtype):
+        x, _, w_s = _w8_operands(1, n, k, seed, x_dtype=x_dtype, s_dtype=s_dtype)
+        w_q = torch.randint(-128, 128, (n, k), generator=_gen(seed + 2), device="cuda", dtype=torch.int8)
+        assert gemv_gluon.unsupported(x, w_q, w_s, k, None, cfg, 8) is None
+        bias = torch.randn(n, generator=_gen(seed + 1), device="cuda").to(x_dtype)
+        for b in (None, bias):
+            exact = ref.w8a16_gemm_ref(x, w_q, w_s, b, out_dtype=torch.float32)
+            out32 = torch.full((1, n), float("nan"), device="cuda")
+            out16 = torch.full((1, n), float("nan"), dtype=x_dtype, device="cuda")
+            w8a16_gemm(x, w_q, w_s, b, config=cfg, out=out32, out_dtype=torch.float32)
+            w8a16_gemm(x, w_q, w_s, b, config=cfg, out=out16)
+            torch.cuda.synchronize()
+            what = f"gluon w8a16 {cfg} N={n} K={k} {x_dtype} scales {s_dtype} bias={b is not None} seed={seed}"
+            assert_close_rel(out32, exact, GPU_FP32_TOL, what)
+            assert_rounded(out16, exact, BF16_TOL if x_dtype == torch.bfloat16 else FP16_TOL, what,
+                           floor=GPU_FP32_TOL)
+            assert torch.equal(w8a16_gemm(x, w_q, w_s, b, config=cfg, out_dtype=torch.float32), out32), what
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_w8a16_gemv_refuses_what_it_cannot_take():
+    """K not a multiple of the int8 chunk (16): a caller's "gluon" config is refused with the reason, a table's
+    entry falls back to the Triton GEMV, which is right."""
+    n, k = 576, 520
+    x, w_q, w_s = _w8_operands(1, n, k, 7)
+    cfg = GemmConfig(1, 16, 512, group_m=1, num_warps=4, num_stages=1, kernel="gluon")
+    with pytest.raises(ValueError, match="K = 520, group_size None: both must be multiples of 16"):
+        w8a16_gemm(x, w_q, w_s, config=cfg)
+    y = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    fallback = weight_only._run_gluon_gemv("w8a16_gemm", None, cfg, x, w_q, w_s, k, None, None, y)
+    assert fallback.kernel == "triton"
+    exact = ref.w8a16_gemm_ref(x, w_q, w_s, None, out_dtype=torch.float32)
+    assert_rounded(w8a16_gemm(x, w_q, w_s, config=fallback), exact, BF16_TOL, "fallback", floor=GPU_FP32_TOL)

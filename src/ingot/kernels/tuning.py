@@ -42,9 +42,10 @@ class GemmConfig:
     HBM busy); kernels that do not split K require 1.
     kernel: "triton" (the op's Triton kernels) or "sm90" (W8A8 int8 ops only: the Hopper swap-AB decode kernel
     ``gemm_sm90._int8_skinny_gemm_sm90_kernel``, block_n weight rows x block_m tokens per program; group_m and
-    num_warps unused) or "gluon" (w4a16_gemm at M = 1 only: the Gluon GEMV ``gemv_gluon._w4a16_gemv_kernel``;
-    ``gemv_gluon.tile_shape`` reads its tile: block_k = 32 x num_stages x lanes x warps_k, block_n = rows per thread
-    x 32 / lanes x num_warps / warps_k; num_stages is there the 32-weight chunks a thread loads per row and step).
+    num_warps unused) or "gluon" (w4a16_gemm / w8a16_gemm at M = 1 only: the Gluon GEMV ``gemv_gluon._gemv_kernel``;
+    ``gemv_gluon.tile_shape`` reads its tile: block_k = chunk x num_stages x lanes x warps_k, block_n = rows per
+    thread x 32 / lanes x num_warps / warps_k, a chunk being 32 int4 / 16 int8 weights; num_stages is there the chunks
+    a thread loads per row and step).
     warps_k: "gluon" only, the warps that share one row block's K step (1 elsewhere).
     """
 
@@ -75,7 +76,7 @@ class GemmConfig:
         if self.kernel == "sm90" and self.block_m == 1:
             raise ValueError("GemmConfig: block_m 1 (the GEMV kernels) is a Triton kernel, not kernel 'sm90'")
         if self.kernel == "gluon" and self.block_m != 1:
-            raise ValueError(f"GemmConfig: kernel 'gluon' is the W4A16 GEMV (block_m 1), got block_m {self.block_m}")
+            raise ValueError(f"GemmConfig: kernel 'gluon' is the weight-only GEMV (block_m 1), got block_m {self.block_m}")
         if self.kernel != "gluon" and self.warps_k != 1:
             raise ValueError(f"GemmConfig: warps_k {self.warps_k} is for kernel 'gluon' only")
 
@@ -187,8 +188,8 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int, sm90: bool = False
                gluon: bool = False) -> list[GemmConfig]:
     """The configs a sweep tries for ``op`` at an [m, k] x [n, k] launch (kernel ties respected: block ops keep
     block_k 128). ``sm90``: the device runs the Hopper swap-AB decode kernel, whose tiles join the W8A8 int8 ops'
-    candidates at M <= 64 (``_sm90_decode_candidates``). ``gluon``: the device runs the Gluon W4A16 GEMV, whose tiles
-    join w4a16_gemm's at M = 1 (``_gluon_gemv_candidates``).
+    candidates at M <= 64 (``_sm90_decode_candidates``). ``gluon``: the device runs the Gluon weight-only GEMV, whose
+    tiles join w4a16_gemm's and w8a16_gemm's at M = 1 (``_gluon_gemv_candidates``).
 
     Decode (m <= 64) is weight-bandwidth bound: narrow N tiles, deep pipelines, and split-K up to ~8 programs per SM
     so that enough bytes are in flight (~40 KB per SM: 3 TB/s x ~1.5 us / 132 SMs). Prefill is tensor-core bound:
@@ -197,8 +198,8 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int, sm90: bool = False
     """
     if op in WEIGHT_ONLY_OPS:
         out = _weight_only_candidates(op, m, n, k, num_sms)
-        if m == 1 and gluon and op == "w4a16_gemm":
-            out += _gluon_gemv_candidates(n, k, num_sms)
+        if m == 1 and gluon and op in WEIGHT_ONLY_OPS:
+            out += _gluon_gemv_candidates(n, k, num_sms, bits=4 if op == "w4a16_gemm" else 8)
         return out
     block_ks = (128,) if op in ("int8_gemm_block", "fp8_gemm_block") else (128, 256)
     out: list[GemmConfig] = []
@@ -318,9 +319,10 @@ def _int8_gemv_candidates(op: str, n: int, k: int, num_sms: int) -> list[GemmCon
     return out
 
 
-def _gluon_gemv_candidates(n: int, k: int, num_sms: int) -> list[GemmConfig]:
-    """The Gluon W4A16 GEMV (kernel "gluon"): 2 / 4 / 8 rows per thread, 8 / 16 / 32 lanes along a row, 1-8 warps
-    along K (``warps_k``), one or (with warps along K) two 32-weight chunks per thread and row in a step, 4 or 8 warps;
+def _gluon_gemv_candidates(n: int, k: int, num_sms: int, bits: int = 4) -> list[GemmConfig]:
+    """The Gluon weight-only GEMV (kernel "gluon") over ``bits``-bit weights: 2 / 4 / 8 rows per thread, 8 / 16 / 32
+    lanes along a row, 1-8 warps along K (``warps_k``), one or (with warps along K) two chunks (32 int4 / 16 int8
+    weights) per thread and row in a step, 4 or 8 warps;
     K steps up to the whole K, a ragged last step wasting at most 1/8 of its loads; split-K up to 8 (one warp along
     K, one chunk) where the row tiles leave SMs idle. Session 18's sweeps (kernels/NOTES.md) found their winners here:
     whole-K steps with warps along K on the small shapes, the session 17 tiles on the large."""
@@ -330,7 +332,7 @@ def _gluon_gemv_candidates(n: int, k: int, num_sms: int) -> list[GemmConfig]:
             for lanes in (8, 16, 32):
                 for chunks in (1, 2) if wk > 1 else (1,):
                     for rows in (2, 4, 8):
-                        bk, bn = 32 * chunks * lanes * wk, rows * (32 // lanes) * (warps // wk)
+                        bk, bn = 128 // bits * chunks * lanes * wk, rows * (32 // lanes) * (warps // wk)
                         k_tiles = -(-k // bk)
                         if wk > warps or rows * chunks > 8 or not 4 <= bn <= 256 or (k_tiles * bk - k) * 8 > k_tiles * bk:
                             continue
@@ -469,7 +471,7 @@ def _sm90_decode_available(device: torch.device) -> bool:
 
 
 def _gluon_gemv_available(device: torch.device) -> bool:
-    """Whether the Gluon W4A16 GEMV can run on ``device`` (NVIDIA sm_80+, triton with Gluon)."""
+    """Whether the Gluon weight-only GEMV can run on ``device`` (NVIDIA sm_80+, triton with Gluon)."""
     if torch.version.hip is not None or torch.cuda.get_device_capability(device) < (8, 0):
         return False
     from ingot.kernels import weight_only

@@ -26,9 +26,9 @@ the weight's bytes over HBM bandwidth (16.8 MB int8 / 8.4 MB int4 for 4096 x 409
    clock per SM on an H100 (1.83 GHz, 132 SMs), while I2F converts 16 per clock per SM. A nibble u becomes the fp32
    2^23 + u by OR-ing in the exponent bits (0x4B000000) and one fp32 subtraction of 2^23 + 8 gives q = u - 8 exactly.
 
-At M = 1 on CUDA, W4A16 runs the Gluon GEMV of ``gemv_gluon`` where a tuned table (or the caller) says kernel
-"gluon": the same math with pinned register layouts, ~4 instead of ~9 instructions per weight (``_run_gluon_gemv``
-falls back to the Triton GEMV below where it cannot run).
+At M = 1 on CUDA, W4A16 and W8A16 run the Gluon GEMV of ``gemv_gluon`` where a tuned table (or the caller) says
+kernel "gluon": pinned register layouts, 16-byte loads, ~4 instead of ~9 instructions per weight (W4A16), warps
+along K on small weights (``_run_gluon_gemv`` falls back to the Triton GEMVs below where it cannot run).
 
 References with the same signatures: ``ingot.quant.ref.w8a16_gemm_ref`` / ``w4a16_gemm_ref``.
 """
@@ -641,7 +641,7 @@ def _whole_groups(config: GemmConfig, group_size: int) -> bool:
     return config.block_m == 1 and config.block_k > group_size and config.block_k % group_size == 0
 
 
-# The Gluon W4A16 GEMV (gemv_gluon.py) where a tuned table or the caller picks it (kernel "gluon", M = 1). Devices
+# The Gluon GEMVs (gemv_gluon.py) where a tuned table or the caller picks them (kernel "gluon", M = 1). Devices
 # where its launch failed (a triton whose Gluon cannot build it): the error, and the Triton GEMV from then on.
 _gluon_failed: dict = {}
 
@@ -655,32 +655,38 @@ def _gluon_module():
     return gemv_gluon
 
 
-def _run_gluon_gemv(caller_config: GemmConfig | None, config: GemmConfig, x: torch.Tensor, w_packed: torch.Tensor,
-                    w_s: torch.Tensor, k: int, group_size: int, bias: torch.Tensor | None,
+def _run_gluon_gemv(op: str, caller_config: GemmConfig | None, config: GemmConfig, x: torch.Tensor, w: torch.Tensor,
+                    w_s: torch.Tensor, k: int, group_size: int | None, bias: torch.Tensor | None,
                     y: torch.Tensor) -> GemmConfig | None:
-    """For a config of kernel "gluon": y from the Gluon GEMV, and None. Where it cannot run (the interpreter, no
-    Gluon, a device where it failed, operands ``gemv_gluon.unsupported`` refuses) or its launch fails (logged once),
-    the Triton GEMV's default config to launch instead; a caller's own "gluon" config that cannot run raises."""
-    n = w_packed.shape[0]
+    """For a config of kernel "gluon": y from the Gluon GEMV of ``op`` (w4a16_gemm: int4 words and group scales;
+    w8a16_gemm: int8 weights and per-channel scales, group_size None), and None. Where it cannot run (the
+    interpreter, no Gluon, a device where it failed, operands ``gemv_gluon.unsupported`` refuses) or its launch fails
+    (logged once), the Triton GEMV's default config to launch instead; a caller's own "gluon" config that cannot run
+    raises."""
+    n = w.shape[0]
+    bits = 4 if op == "w4a16_gemm" else 8
     module = None if INTERPRETED else _gluon_module()
     if INTERPRETED or module is None:
         why = "the Triton interpreter" if INTERPRETED else "triton without Gluon"
     else:
-        why = _gluon_failed.get(x.device) or module.unsupported(x, w_packed, w_s, k, group_size, config)
+        why = _gluon_failed.get(x.device) or module.unsupported(x, w, w_s, k, group_size, config, bits)
     if why is None:
         config = replace(config, split_k=effective_split_k(k, config)[0])  # no empty K range
         _, split, part, locks = _split_k_scratch(config, 1, n, torch.float32, x.device, y)
         config = replace(config, split_k=split)
         try:
-            module.w4a16_gemv(x, w_packed, w_s, k, group_size, bias, y, config, part, locks)
+            if bits == 4:
+                module.w4a16_gemv(x, w, w_s, k, group_size, bias, y, config, part, locks)
+            else:
+                module.w8a16_gemv(x, w, w_s, bias, y, config, part, locks)
             return None
         except Exception as e:
             if caller_config is not None:
                 raise
-            backend_failed(_gluon_failed, x.device, "w4a16_gemm: the Gluon GEMV failed", e)
+            backend_failed(_gluon_failed, x.device, f"{op}: the Gluon GEMV failed", e)
     elif caller_config is not None:
-        raise ValueError(f"w4a16_gemm: config.kernel 'gluon' cannot run here: {why}")
-    return default_config("w4a16_gemm", 1, n, k, tuning.num_sms(x.device))
+        raise ValueError(f"{op}: config.kernel 'gluon' cannot run here: {why}")
+    return default_config(op, 1, n, k, tuning.num_sms(x.device))
 
 
 def w8a16_gemm(
@@ -718,7 +724,12 @@ def w8a16_gemm(
         return y
     if choose_backend("w8a16_gemm", backend, m, n, config, x.dtype, out_dtype, x.device) == "dequant":
         return _dequant_matmul(x, dequantize_w8(w_q, w_s, x.dtype), bias, y)
+    caller_config = config
     config = resolve_config("w8a16_gemm", config, m, n, k, x.device)
+    if config.kernel == "gluon":
+        config = _run_gluon_gemv("w8a16_gemm", caller_config, config, x, w_q, w_s, k, None, bias, y)
+        if config is None:
+            return y
     _launch(
         (_w8a16_gemm_kernel, _w8a16_gemv_kernel), x, w_q, w_s, bias, y, (m, n, k), (w_q.stride(0), w_q.stride(1)),
         (w_s.stride(0),), config,
@@ -783,7 +794,7 @@ def w4a16_gemm(
     elif not isinstance(config, GemmConfig):
         raise TypeError(f"config must be a GemmConfig, got {type(config).__name__}")
     if config.kernel == "gluon":
-        config = _run_gluon_gemv(caller_config, config, x, w_packed, w_s, k, group_size, bias, y)
+        config = _run_gluon_gemv("w4a16_gemm", caller_config, config, x, w_packed, w_s, k, group_size, bias, y)
         if config is None:
             return y
     if caller_config is None and not _whole_groups(config, group_size):
