@@ -867,6 +867,14 @@ def test_gluon_config_falls_back_or_refuses_in_the_interpreter():
     assert torch.isnan(y).all()  # nothing launched
     with pytest.raises(ValueError, match="kernel 'gluon' cannot run here: the Triton interpreter"):
         w4a16_gemm(x, w_p, w_s, k, config=cfg)
+    # W8A16 the same way: the fallback is w8a16_gemm's own GEMV default, and it computes the right thing
+    x, w_q, w_s = _w8_operands(1, n, k, 4)
+    fallback = weight_only._run_gluon_gemv("w8a16_gemm", None, cfg, x, w_q, w_s, k, None, None, y)
+    assert fallback == weight_only.default_config("w8a16_gemm", 1, n, k, None) and torch.isnan(y).all()
+    with pytest.raises(ValueError, match="w8a16_gemm: config.kernel 'gluon' cannot run here: the Triton interpreter"):
+        w8a16_gemm(x, w_q, w_s, config=cfg)
+    exact = ref.w8a16_gemm_ref(x, w_q, w_s, None, out_dtype=torch.float32)
+    assert_rounded(w8a16_gemm(x, w_q, w_s, config=fallback), exact, BF16_TOL, "w8a16 fallback")
 
 
 # (rows, lanes, warps, split, warps along K, chunks): the tile extremes of the tuner's space, split-K (7 splits of
