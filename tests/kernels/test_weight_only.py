@@ -854,6 +854,31 @@ def test_gluon_tile_shape_reads_the_config_fields():
         GemmConfig(1, 16, 256, warps_k=2)
 
 
+@pytest.mark.parametrize("op,bits", [("w4a16_gemm", 4), ("w8a16_gemm", 8)])
+def test_gluon_default_tile(op, bits):
+    """The untuned Gluon tile: 4 rows x 32 lanes x 4 warps, 2 along K where the last K step wastes at most 1/8, else
+    1, else none (the Triton GEMV keeps that K); a tile the launcher accepts. Off sm_90 (here: the CPU) untuned
+    launches keep the Triton defaults."""
+    from ingot.kernels import gemv_gluon
+
+    chunk = gemv_gluon.chunk(bits)
+
+    def waste(k, step):  # the share of the last K step's loads past K
+        padded = -(-k // step) * step
+        return (padded - k) / padded
+
+    for k in (4096, 2048, 7168, 14336, 16384, 1536, 3584, 18944, 576, 520):
+        cfg = weight_only.gluon_default(op, k)
+        fits = [wk for wk in (2, 1) if k % chunk == 0 and waste(k, chunk * 32 * wk) <= 1 / 8]
+        if not fits:
+            assert cfg is None, (op, k)
+            continue
+        assert cfg.kernel == "gluon" and cfg.warps_k == fits[0] and cfg.block_k == chunk * 32 * fits[0], (op, k)
+        assert gemv_gluon.tile_shape(cfg, bits) == (4, 32, fits[0], 1), (op, k)
+    assert weight_only.gluon_default(op, 576) is None
+    assert weight_only.resolve_config(op, None, 1, 4096, 4096, torch.device("cpu")).kernel == "triton"
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's fallback")
 def test_gluon_config_falls_back_or_refuses_in_the_interpreter():
     """A table's "gluon" entry runs the Triton GEMV where Gluon cannot (the interpreter); a caller's own "gluon"

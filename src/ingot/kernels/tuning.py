@@ -452,12 +452,12 @@ def _op_fn(op: str):
             "w4a16_gemm": weight_only.w4a16_gemm}[op]
 
 
-def _default_fn(op: str):
-    """(m, n, k, num_sms) -> the untuned config of ``op``."""
+def _default_fn(op: str, device: torch.device):
+    """(m, n, k, num_sms) -> the config ``op`` launches with on ``device`` where no table has the shape."""
     from ingot.kernels import int8_gemm, weight_only
 
     if op in WEIGHT_ONLY_OPS:
-        return lambda m, n, k, sms: weight_only.default_config(op, m, n, k, sms)
+        return lambda m, n, k, sms: weight_only.untuned_config(op, m, n, k, device, sms)
     return lambda m, n, k, sms: int8_gemm.default_config(m, n, k, sms, op)
 
 
@@ -502,7 +502,7 @@ def tune(options: TuneOptions, log=print) -> list[Path]:
     written = []
     for op in options.ops:
         fn = _op_fn(op)
-        default_config = _default_fn(op)
+        default_config = _default_fn(op, device)
         for n, k in options.shapes:
             entries = {}
             for m in options.m_sizes:

@@ -36,6 +36,7 @@ References with the same signatures: ``ingot.quant.ref.w8a16_gemm_ref`` / ``w4a1
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import replace
 
 import torch
@@ -523,10 +524,50 @@ def _check_common(
 
 
 def resolve_config(op: str, config: GemmConfig | None, m: int, n: int, k: int, device: torch.device) -> GemmConfig:
-    """The config a launch uses: the caller's, else the tuned table's (ingot.kernels.tuning), else the default (with
-    its automatic split-K; the interpreter sizes splits for NOMINAL_SMS)."""
-    return tuning.resolve_config(op, config, m, n, k, device,
-                                 lambda sms: default_config(op, m, n, k, sms or NOMINAL_SMS))
+    """The config a launch uses: the caller's, else the tuned table's (ingot.kernels.tuning), else the default: at
+    M = 1 on an sm_90 GPU with Gluon the Gluon GEMV's (``gluon_default``, where K suits it), else the Triton tiles
+    (with their automatic split-K; the interpreter sizes splits for NOMINAL_SMS)."""
+    return tuning.resolve_config(op, config, m, n, k, device, lambda sms: untuned_config(op, m, n, k, device, sms))
+
+
+def untuned_config(op: str, m: int, n: int, k: int, device: torch.device, num_sms: int | None) -> GemmConfig:
+    """The config of a launch no tuned table covers: at M = 1 on an sm_90 GPU with Gluon the Gluon GEMV's
+    (``gluon_default``) where K suits it, else the Triton tiles of ``default_config``."""
+    if m == 1 and _gluon_default_device(device):
+        gluon = gluon_default(op, k)
+        if gluon is not None:
+            return gluon
+    return default_config(op, m, n, k, num_sms or NOMINAL_SMS)
+
+
+# The untuned Gluon GEMV tile: 4 rows per thread, a warp's 32 lanes along K, 4 warps, 2 of them along K - chunks of
+# 32 int4 / 16 int8 weights, so K steps of 2048 / 1024. Session 18's sweeps (kernels/NOTES.md) put this tile within
+# 3% of each shape's best for int8 (geometric mean over the 8 of 9 bench shapes it fits) and 11% for int4, where the
+# Triton GEMV's tables ran 1.1-1.4x slower than the best. One warp along K (steps of 1024 / 512) where 2 would waste
+# over 1/8 of the last step; K fitting neither keeps the Triton GEMV.
+GLUON_DEFAULT_ROWS, GLUON_DEFAULT_WARPS = 4, 4
+
+
+def gluon_default(op: str, k: int) -> GemmConfig | None:
+    """The Gluon GEMV's untuned config for ``op`` at M = 1 and this K, or None (K suits no default tile)."""
+    chunk = 32 if op == "w4a16_gemm" else 16
+    if k % chunk:
+        return None
+    for wk in (2, 1):
+        bk = chunk * 32 * wk
+        steps = cdiv(k, bk)
+        if (steps * bk - k) * 8 <= steps * bk:
+            return GemmConfig(1, GLUON_DEFAULT_ROWS * GLUON_DEFAULT_WARPS // wk, bk, group_m=1,
+                              num_warps=GLUON_DEFAULT_WARPS, num_stages=1, kernel="gluon", warps_k=wk)
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _gluon_default_device(device: torch.device) -> bool:
+    """Whether untuned M = 1 launches on ``device`` take the Gluon GEMV: an sm_90 GPU (where it was measured; other
+    GPUs keep the Triton GEMV until measured there), compiled kernels, triton with Gluon."""
+    return (device.type == "cuda" and not INTERPRETED and torch.version.hip is None
+            and torch.cuda.get_device_capability(device) == (9, 0) and _gluon_module() is not None)
 
 
 def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, **constexprs) -> None:
