@@ -30,15 +30,17 @@ def test_streamed_weight_is_the_largest_parameter():
     assert streamed_weight(_linear("bf16")).shape == (64, 128)
 
 
-def test_plan_prefetches_the_next_w8a8_int8_linear():
+def test_plan_prefetches_the_next_int8_linear():
     a, b, c, d = _linear("int8-channel"), _linear("bf16"), _linear("int8-block"), _linear("int4-group")
-    plan = prefetch_plan([a, b, c, d, a, _linear("int8-weight"), c])
+    e = _linear("int8-weight")
+    plan = prefetch_plan([a, b, c, d, a, e, c])
     assert len(plan) == 7
     assert plan[0] is None  # b is bf16
     assert plan[1] is c.weight
-    assert plan[2] is None  # d is weight-only (measured slower with prefetches)
+    assert plan[2] is None  # d is int4-group (measured slower with prefetches)
     assert plan[3] is a.weight
-    assert plan[4] is None and plan[5] is c.weight
+    assert plan[4] is e.weight  # int8-weight: measured faster once its GEMV was the Gluon kernel
+    assert plan[5] is c.weight
     assert plan[6] is None  # the last call
     assert prefetch_plan([]) == []
 
@@ -96,10 +98,10 @@ def test_l2_prefetch_leaves_data_alone_and_takes_any_size():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scheme", ["int8-channel", "int8-block", "int4-group"])
+@pytest.mark.parametrize("scheme", ["int8-channel", "int8-block", "int8-weight", "int4-group"])
 def test_prefetched_graphs_equal_plain_graphs(scheme):
     """Same random Llama, engines with and without prefetch: identical greedy tokens, and the graphs of buckets up to
-    PREFETCH_MAX_BATCH (only) launch one prefetch per W8A8 linear but the last (none for weight-only int4)."""
+    PREFETCH_MAX_BATCH (only) launch one prefetch per int8 linear but the last (none for weight-only int4)."""
     from ingot.engine import LLM, SamplingParams
     from ingot.engine.weight_prefetch import PREFETCH_MAX_BATCH
     from ingot.kernels.l2_prefetch import supported

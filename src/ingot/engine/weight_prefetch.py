@@ -8,12 +8,13 @@ capture stream there) prefetches the first ``nbytes`` of linear i + 1's weight, 
 called them; the side stream joins back at the end of the forward, so the graph holds the prefetches as branches that
 nothing waits on until the step ends. Prefetches are hints: outputs are the same bits with and without them.
 
-Only W8A8 int8 linears' weights are prefetched (PREFETCH_KINDS), the kinds it was measured to speed up (engine
-NOTES, session 16; Llama-3-8B on the H100, batch-1 TPOT): int8-channel 3.80 -> 3.66 ms, int8-block 3.77 -> 3.70 ms.
-On the decode-like chain that chose the defaults bf16 went 177.0 -> 180.8 us per layer (its weights are twice as
-large, and prefetching them evicted lines its own GEMMs were about to read), and end to end the weight-only kinds got
-slower (int4-group 3.006 -> 3.049 ms, int8-weight 3.995 -> 4.111 ms). fp8-block runs the int8 block kernel's
-structure on e4m3 but was not measured, so it is not in the list.
+Only the kinds it was measured to speed up are prefetched (PREFETCH_KINDS; engine NOTES; Llama-3-8B on the H100,
+batch-1 TPOT): int8-channel 3.80 -> 3.66 ms, int8-block 3.77 -> 3.70 ms (session 16), int8-weight 3.657 -> 3.604 /
+3.607 ms once its M = 1 GEMV was the Gluon kernel (session 18, runs off / on / off / on in one call; batch 16 5.160 /
+5.135 -> 5.184 / 5.153). On the decode-like chain that chose the defaults bf16 went 177.0 -> 180.8 us per layer (its
+weights are twice as large, and prefetching them evicted lines its own GEMMs were about to read), and int4-group got
+slower with it in both sessions (3.006 -> 3.049 ms; with the Gluon GEMV 2.743 -> 2.797 / 2.752). fp8-block runs the
+int8 block kernel's structure on e4m3 but was not measured, so it is not in the list.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ingot.kernels.l2_prefetch import l2_prefetch, supported
 from ingot.layers.linear import Linear
 
 DEFAULT_PREFETCH_MB = 16  # per linear (L2 is 50 MB on the H100); engine NOTES session 16: 16 ~ 24 > 32 end to end
-PREFETCH_KINDS = ("int8-channel", "int8-block")  # linears whose weights are prefetched
+PREFETCH_KINDS = ("int8-channel", "int8-block", "int8-weight")  # linears whose weights are prefetched
 PREFETCH_MAX_BATCH = 16  # decode buckets up to this size get prefetches (at 64: int8-channel -1.1%, int8-block +2.6%)
 
 
