@@ -361,7 +361,7 @@ def run_bench_kernels(options: BenchKernelsOptions) -> dict:
                 if op in WEIGHT_ONLY_OPS:  # "triton" kernels, or "dequant" (to bf16, then cuBLAS) at prefill sizes
                     extra["backend"] = choose_backend(op + "_gemm", "auto", m, n, None, torch.bfloat16, torch.bfloat16,
                                                       pairs[0][0]["x"].device)
-                    if extra["backend"] == "triton":  # the tuned table's kernel: "triton", or "gluon" (W4A16 GEMV)
+                    if extra["backend"] == "triton":  # the launch's kernel: "triton", or "gluon" (the M = 1 GEMV)
                         extra["kernel"] = resolve_config(op + "_gemm", None, m, n, k, pairs[0][0]["x"].device).kernel
                 if op == "scaled_mm_fp8":
                     extra["scale_mode"] = mode[0]

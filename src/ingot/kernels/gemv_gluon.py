@@ -22,7 +22,7 @@ current step's math (registers double-buffered).
 Tiles (``tile_shape``): rows per thread R, lanes along a row C, warps along K WK (``GemmConfig.warps_k``; the other
 num_warps / WK take more rows), chunks per thread and row per step S (``num_stages``). On small weights a step
 covering the whole K with warps along it keeps the whole weight in flight at once (session 18: 2048x7168 W4A16 8.0 ->
-5.9 us). A last step may pass K: its chunks past K read the last chunk again against x = 0. SASS: 3.9 / 4.2 / 5.2
+5.9 us). A last step may pass K: its chunks past K read the last chunk again against x = 0. SASS: 3.9 / 4.2 / 5.3
 instructions per weight in the W4A16 loop at R 8 / 4 / 2.
 
 Split-K as the Triton kernels (one launch: each split stores an fp32 partial row block, bumps the tile's counter,
@@ -41,15 +41,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from ingot.kernels.checks import cdiv
-from ingot.kernels.tuning import GemmConfig
+from ingot.kernels.tuning import GLUON_VEC as VEC, GemmConfig, gluon_chunk as chunk
 
-VEC = 4  # packed words per thread and row: one 16-byte load
 EXP_ONE = 0x3F800000  # fp32 1.0's bits; passed as an argument so ptxas keeps it in a register (one LOP3 per weight)
-
-
-def chunk(bits: int) -> int:
-    """Weights per thread-chunk: VEC 32-bit words of 32 / bits values."""
-    return VEC * 32 // bits
 
 
 def tile_shape(config: GemmConfig, bits: int = 4) -> tuple[int, int, int, int]:

@@ -181,6 +181,19 @@ def write_table(path: Path, data: dict) -> None:
 
 TUNABLE_OPS = ("int8_gemm_channel", "int8_gemm_block", "fp8_gemm_block", "w8a16_gemm", "w4a16_gemm")
 WEIGHT_ONLY_OPS = ("w8a16_gemm", "w4a16_gemm")
+WEIGHT_BITS = {"w8a16_gemm": 8, "w4a16_gemm": 4}  # the weight-only ops' weight widths
+GLUON_VEC = 4  # the Gluon GEMV's 32-bit words per thread, row and chunk: one 16-byte load
+
+
+def gluon_chunk(bits: int) -> int:
+    """The Gluon GEMV's unit of K: a thread-chunk of GLUON_VEC words, 32 int4 or 16 int8 weights."""
+    return GLUON_VEC * 32 // bits
+
+
+def gluon_step_fits(k: int, block_k: int) -> bool:
+    """Whether K steps of block_k suit a K: the ragged last step wastes at most 1/8 of its loads."""
+    padded = -(-k // block_k) * block_k
+    return (padded - k) * 8 <= padded
 DEFAULT_TUNE_M = (1, 16, 64, 128, 256, 1024, 4096)
 
 
@@ -198,8 +211,8 @@ def candidates(op: str, m: int, n: int, k: int, num_sms: int, sm90: bool = False
     """
     if op in WEIGHT_ONLY_OPS:
         out = _weight_only_candidates(op, m, n, k, num_sms)
-        if m == 1 and gluon and op in WEIGHT_ONLY_OPS:
-            out += _gluon_gemv_candidates(n, k, num_sms, bits=4 if op == "w4a16_gemm" else 8)
+        if m == 1 and gluon:
+            out += _gluon_gemv_candidates(n, k, num_sms, bits=WEIGHT_BITS[op])
         return out
     block_ks = (128,) if op in ("int8_gemm_block", "fp8_gemm_block") else (128, 256)
     out: list[GemmConfig] = []
@@ -332,11 +345,10 @@ def _gluon_gemv_candidates(n: int, k: int, num_sms: int, bits: int = 4) -> list[
             for lanes in (8, 16, 32):
                 for chunks in (1, 2) if wk > 1 else (1,):
                     for rows in (2, 4, 8):
-                        bk, bn = 128 // bits * chunks * lanes * wk, rows * (32 // lanes) * (warps // wk)
-                        k_tiles = -(-k // bk)
-                        if wk > warps or rows * chunks > 8 or not 4 <= bn <= 256 or (k_tiles * bk - k) * 8 > k_tiles * bk:
+                        bk, bn = gluon_chunk(bits) * chunks * lanes * wk, rows * (32 // lanes) * (warps // wk)
+                        if wk > warps or rows * chunks > 8 or not 4 <= bn <= 256 or not gluon_step_fits(k, bk):
                             continue
-                        tiles = -(-n // bn)
+                        tiles, k_tiles = -(-n // bn), -(-k // bk)
                         for split in (1, 2, 3, 4, 6, 8) if wk == 1 else (1,):
                             per = -(-k_tiles // split)
                             if split > 1 and (-(-k_tiles // per) != split or tiles * split > 8 * num_sms

@@ -541,33 +541,31 @@ def untuned_config(op: str, m: int, n: int, k: int, device: torch.device, num_sm
 
 
 # The untuned Gluon GEMV tile: 4 rows per thread, a warp's 32 lanes along K, 4 warps, 2 of them along K - chunks of
-# 32 int4 / 16 int8 weights, so K steps of 2048 / 1024. Session 18's sweeps (kernels/NOTES.md) put this tile within
-# 3% of each shape's best for int8 (geometric mean over the 8 of 9 bench shapes it fits) and 11% for int4, where the
-# Triton GEMV's tables ran 1.1-1.4x slower than the best. One warp along K (steps of 1024 / 512) where 2 would waste
-# over 1/8 of the last step; K fitting neither keeps the Triton GEMV.
+# 32 int4 / 16 int8 weights, so K steps of 2048 / 1024. In session 18's sweeps (kernels/NOTES.md) it ran at 0.97 (int8)
+# and 0.89 (int4) of each shape's best tile in geometric mean over the 8 of 9 bench shapes it fits (worst 0.91 / 0.76,
+# both 2048x7168); the int8 sweep's Triton GEMV tables were 1.12-1.40x slower than the best. One warp along K (steps
+# of 1024 / 512) where 2 would waste over 1/8 of the last step; K fitting neither keeps the Triton GEMV.
 GLUON_DEFAULT_ROWS, GLUON_DEFAULT_WARPS = 4, 4
 
 
 def gluon_default(op: str, k: int) -> GemmConfig | None:
     """The Gluon GEMV's untuned config for ``op`` at M = 1 and this K, or None (K suits no default tile)."""
-    chunk = 32 if op == "w4a16_gemm" else 16
+    chunk = tuning.gluon_chunk(tuning.WEIGHT_BITS[op])
     if k % chunk:
         return None
     for wk in (2, 1):
-        bk = chunk * 32 * wk
-        steps = cdiv(k, bk)
-        if (steps * bk - k) * 8 <= steps * bk:
-            return GemmConfig(1, GLUON_DEFAULT_ROWS * GLUON_DEFAULT_WARPS // wk, bk, group_m=1,
+        if tuning.gluon_step_fits(k, chunk * 32 * wk):
+            return GemmConfig(1, GLUON_DEFAULT_ROWS * GLUON_DEFAULT_WARPS // wk, chunk * 32 * wk, group_m=1,
                               num_warps=GLUON_DEFAULT_WARPS, num_stages=1, kernel="gluon", warps_k=wk)
     return None
 
 
 @functools.lru_cache(maxsize=16)
 def _gluon_default_device(device: torch.device) -> bool:
-    """Whether untuned M = 1 launches on ``device`` take the Gluon GEMV: an sm_90 GPU (where it was measured; other
-    GPUs keep the Triton GEMV until measured there), compiled kernels, triton with Gluon."""
-    return (device.type == "cuda" and not INTERPRETED and torch.version.hip is None
-            and torch.cuda.get_device_capability(device) == (9, 0) and _gluon_module() is not None)
+    """Whether untuned M = 1 launches on ``device`` take the Gluon GEMV: compiled kernels on an sm_90 GPU (where it
+    was measured; other GPUs keep the Triton GEMV until measured there) that can run it."""
+    return (device.type == "cuda" and not INTERPRETED and torch.cuda.get_device_capability(device) == (9, 0)
+            and tuning._gluon_gemv_available(device))
 
 
 def _launch(kernels, x, w, w_s, bias, y, sizes, w_strides, ws_strides, config, **constexprs) -> None:
@@ -705,7 +703,7 @@ def _run_gluon_gemv(op: str, caller_config: GemmConfig | None, config: GemmConfi
     (logged once), the Triton GEMV's default config to launch instead; a caller's own "gluon" config that cannot run
     raises."""
     n = w.shape[0]
-    bits = 4 if op == "w4a16_gemm" else 8
+    bits = tuning.WEIGHT_BITS[op]
     module = None if INTERPRETED else _gluon_module()
     if INTERPRETED or module is None:
         why = "the Triton interpreter" if INTERPRETED else "triton without Gluon"
