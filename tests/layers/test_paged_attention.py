@@ -324,9 +324,8 @@ def test_out_quant_is_ignored_off_the_decode_kernel():
 @pytest.mark.gpu
 @pytest.mark.parametrize("group", [128, None, 64], ids=["per-head", "per-token", "two-heads"])
 def test_cuda_decode_emits_o_projs_int8_input(group):
-    """On CUDA a decode step whose out_quant is int8 per head (bit for bit) or per token (up to the combine's fp32
-    summation order) comes back quantized, as the linear would have quantized the plain output; a group that spans
-    two heads gets the plain output."""
+    """On CUDA a decode step whose out_quant is int8 per head or per token comes back quantized, bit for bit as the
+    linear would have quantized the plain output; a group that spans two heads gets the plain output."""
     from ingot.kernels.act_quant import per_token_group_quant, per_token_quant_int8
     from ingot.layers.linear import ActQuant, QuantizedActivation
 
@@ -343,10 +342,38 @@ def test_cuda_decode_emits_o_projs_int8_input(group):
         return
     assert isinstance(out, QuantizedActivation) and out.quant == quant and out.dtype == torch.bfloat16
     flat = plain.flatten(1)
-    if group == 128:
-        want_q, want_s = per_token_group_quant(flat, "int8", group_size=128)
-        assert torch.equal(out.x_q, want_q) and torch.equal(out.x_s, want_s)
-    else:
-        want_q, want_s = per_token_quant_int8(flat)
-        torch.testing.assert_close(out.x_s, want_s, rtol=1e-6, atol=0)
-        assert (out.x_q.int() - want_q.int()).abs().max() <= 1
+    want_q, want_s = per_token_group_quant(flat, "int8", group_size=128) if group == 128 else per_token_quant_int8(flat)
+    assert torch.equal(out.x_q, want_q) and torch.equal(out.x_s, want_s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [None, 128, "plain"], ids=["per-token", "per-head", "plain"])
+def test_cuda_decode_rotates_and_stores_in_the_attention_kernel(group, monkeypatch):
+    """Attention.forward of a CUDA decode step with rope: the decode kernel's own rotary and cache write give the
+    bits of rope_store_kv's launch then the kernel (the path the module took before), output and caches alike."""
+    import ingot.layers.attention as layer
+    from ingot.layers.linear import ActQuant, QuantizedActivation
+    from ingot.layers.rotary import RopeScaling, RotaryEmbedding
+
+    q, kc, vc, meta, _, _ = _batch([30, 7, 130], [1, 1, 1], 32, 8, 128, 128, dtype=torch.bfloat16, pad_rows=1)
+    q, kc, vc = q.cuda(), kc.cuda(), vc.cuda()
+    meta = AttnMetadata(**{f: getattr(meta, f).cuda() if isinstance(getattr(meta, f), torch.Tensor)
+                           else getattr(meta, f) for f in ("cu_query_lens", "seq_lens", "slot_mapping",
+                                                           "block_tables", "max_query_len", "max_seq_len")})
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(q.shape[0], 8, 128, generator=g).to(torch.bfloat16).cuda()
+    v = torch.randn(q.shape[0], 8, 128, generator=g).to(torch.bfloat16).cuda()
+    rotary = RotaryEmbedding(128, RopeScaling.from_hf_config({"rope_theta": 500000.0}))
+    rope = rotary((meta.seq_lens.long() - 1).clamp(min=0))
+    quant = None if group == "plain" else ActQuant("int8", group)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(layer, "_rope_in_decode_kernel", lambda q, v_cache, fused=fused: fused)
+        attn = Attention(32, 8, 128, 128, _scale(128))
+        attn.bind_cache(kc.clone(), vc.clone())
+        out = attn(q, k, v, meta, rope, quant)
+        assert isinstance(out, QuantizedActivation) == (quant is not None)
+        results.append(((out.x_q, out.x_s) if quant else (out,), attn.k_cache, attn.v_cache))
+    (outs, kc1, vc1), (want, kc2, vc2) = results
+    assert all(torch.equal(a, b) for a, b in zip(outs, want))
+    assert torch.equal(kc1.nan_to_num(), kc2.nan_to_num()) and torch.equal(vc1.nan_to_num(), vc2.nan_to_num())

@@ -11,16 +11,23 @@
   512 + 64 loads 576 channels, where a 1024-wide tile would waste 44% of the registers and dot work. Dk = 128 and
   64 are a single tile; Dv is one tile of next_pow2(Dv) lanes (512, 128, 64) masked past Dv.
 - Split-KV: each (sequence, kv head, head block) is cut into ``num_splits`` ranges of the sequence, each program
-  computes a partial softmax (running max m, sum l, fp32 accumulator) over its range, and a second kernel combines
-  them: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. The ranges are split on the device from each row's
-  own seq_len (cdiv(seq_len, num_splits) rounded up to the KV tile), so the launch depends only on host-known
-  shapes: no host sync, CUDA-graph capturable. With one split the kernel normalizes and writes the output itself.
+  computes a partial softmax (running max m, sum l, fp32 accumulator) over its range, and the program that finishes
+  a head group last (an arrival counter per group, as split-K GEMMs count their splits) combines them in the same
+  launch: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits that hold tokens. The ranges are
+  split on the device from each row's own seq_len (cdiv(seq_len, num_splits) rounded up to the KV tile), so the
+  launch depends only on host-known shapes: no host sync, CUDA-graph capturable. With one split the kernel
+  normalizes and writes the output itself. (A second combine kernel cost a launch per layer: Llama-3-8B batch-1
+  decode on the H100 spent 49 us per step in it, 117 us in its per-token quantizing form, session-18 profile.)
 - Shared KV (MLA) whose values fit the first key tile (512 of 576) takes them from that tile: the latent is read
   from memory once per token, not twice.
 - fp32 scores, softmax and accumulation; p is cast to the cache dtype for the p @ v dot (as FlashAttention does).
 - seq_len 0 rows (padding of a CUDA-graph batch) write zeros, and touch neither block table nor cache.
 - ``paged_decode_attention_int8``: the same, with the output quantized to int8 for the linear that reads it
-  (o_proj of an int8-channel / int8-block layer) where the splits are combined, instead of a quantization launch.
+  (o_proj of an int8-channel / int8-block layer): per head where the splits are combined, per token by the head
+  group that finishes the row last (a second counter per row), instead of a quantization launch.
+- ``new_kv`` (``NewKV``): a Llama decode step's rotary embedding of q and of the new key, and the cache write of
+  that key and value, done by the kernel (the split holding the new token writes it before it reads the cache)
+  instead of ``kv_store.rope_store_kv``'s launch before it (93 us of the same profile).
 
 Reference: ingot.layers.attention.paged_attention (the torch version every model runs on CPU).
 """
@@ -28,12 +35,14 @@ Reference: ingot.layers.attention.paged_attention (the torch version every model
 from __future__ import annotations
 
 import contextlib
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ingot.kernels.act_quant import _cast_rn, _quantize, _quantize_store, per_token_group_quant, per_token_quant_int8
+from ingot.kernels.act_quant import _cast_rn, _quantize, per_token_group_quant
 from ingot.kernels.checks import cdiv, next_pow2
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -48,7 +57,6 @@ BLOCK_H = 16  # query heads per program: a whole GQA group (4 for Llama-3-8B, 3 
 PROGRAMS_PER_SM = 2
 MIN_SPLIT_TOKENS = 64
 MAX_SPLITS = 32
-MAX_TOKEN_HEADS = 128  # a per-token quantizing combine holds a token's heads x Dv values in one program
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -69,17 +77,34 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _decode_partial_kernel(
+def _rotate_half(x, row_ptr, d, stride_d, mask, c, s, HALF):
+    """x (R, BLOCK_D) = channels d of the rows at row_ptr (R, 1), rotated: channel d < HALF pairs with d + HALF (read
+    again here, mask ``mask``), c / s (1, BLOCK_D) the token's cos / sin of channel d % HALF in x's dtype (as fp32).
+    Rounded as kernels.norm_rope._rotate (each product to x's dtype, then the sum): the same bits as rope_store_kv."""
+    first = d < HALF
+    partner = tl.where(first, d + HALF, d - HALF)
+    xp = tl.load(row_ptr + partner[None, :] * stride_d, mask=mask, other=0.0)
+    dt = x.dtype
+    a = (x.to(tl.float32) * c).to(dt).to(tl.float32)
+    b = (xp.to(tl.float32) * s).to(dt).to(tl.float32)
+    return tl.where(first[None, :], a - b, a + b).to(dt)
+
+
+@triton.jit
+def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr,  # q [B, H, Dk], caches [NB, PS, Hkv, D], block_tables [B, MB], seq_lens [B]
-    o_ptr, m_ptr, l_ptr,  # out [B, H, Dv] (NUM_SPLITS == 1) or partials: acc fp32 [B, H, S, Dv], m/l fp32 [B, H, S]
+    kn_ptr, vn_ptr, cos_ptr, sin_ptr, slot_ptr,  # ROPE: new k [B, Hkv, Dk] / v [B, Hkv, Dv], cos/sin fp32 [B, Dk/2]
+    acc_ptr, m_ptr, l_ptr,  # NUM_SPLITS > 1, contiguous partials: acc fp32 [B, H, S, Dv], m / l fp32 [B, H, S]
+    o_ptr, xq_ptr, xs_ptr,  # contiguous: out [B, H, Dv]; QUANT: x_q int8 [B, H * Dv], x_s fp32 [B, H] / [B, 1]
+    cnt_ptr,  # int32 arrival counters, 0 between launches: [B * P] per (row, head group), then [B] per row
     scale,
-    H, GROUP, DK, DV,  # GROUP = H // Hkv query heads per kv head
+    B, H, GROUP, DK, DV,  # GROUP = H // Hkv query heads per kv head
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_btb, stride_btn,
-    stride_ob, stride_oh, stride_os, stride_od,
-    stride_mb, stride_mh, stride_ms,
+    stride_knb, stride_knh, stride_knd, stride_vnb, stride_vnh, stride_vnd,
+    stride_cb, stride_cp, stride_sb, stride_sp,
     PAGE_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     HEAD_BLOCKS: tl.constexpr,  # cdiv(GROUP, BLOCK_H) programs per kv head
@@ -88,7 +113,10 @@ def _decode_partial_kernel(
     BLOCK_D1: tl.constexpr,  # first Dk tile (a power of two <= Dk)
     BLOCK_D2: tl.constexpr,  # second Dk tile covering Dk - BLOCK_D1 (0: none)
     BLOCK_DV: tl.constexpr,  # next_pow2(Dv)
+    BLOCK_S: tl.constexpr,  # next_pow2(NUM_SPLITS)
     V_FROM_K: tl.constexpr,  # shared KV and BLOCK_DV == BLOCK_D1: values are the first key tile, already loaded
+    ROPE: tl.constexpr,  # rotate q and the new key (Dk == BLOCK_D1), and write the new k / v into the caches first
+    QUANT: tl.constexpr,  # 0: out; 1: x_q / x_s, one scale per head; 2: one scale per row (over all its heads)
     UPCAST: tl.constexpr,  # interpreter: fp32 dots (see _dot)
     IEEE: tl.constexpr,  # fp32 operands: IEEE fp32 dots, not TF32 (see _dot)
     COMPILED: tl.constexpr,  # not the interpreter (bf16 rounding, see act_quant._cast_rn)
@@ -96,6 +124,7 @@ def _decode_partial_kernel(
     b = tl.program_id(0)
     pid_h = tl.program_id(1)  # kv head * HEAD_BLOCKS + head block
     split = tl.program_id(2)
+    groups = tl.num_programs(1)  # P = Hkv * HEAD_BLOCKS head groups per row
     kvh = pid_h // HEAD_BLOCKS
     hb = pid_h % HEAD_BLOCKS
     g = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # index inside the GQA group
@@ -115,18 +144,37 @@ def _decode_partial_kernel(
     d1_ok = d1 < DK
     dv_ok = dv < DV
     q_row = q_ptr + b64 * stride_qb + heads64[:, None] * stride_qh  # (BLOCK_H, 1)
-    q1 = tl.load(q_row + d1[None, :] * stride_qd, mask=head_ok[:, None] & d1_ok[None, :], other=0.0)
+    q_mask = head_ok[:, None] & d1_ok[None, :]
+    q1 = tl.load(q_row + d1[None, :] * stride_qd, mask=q_mask, other=0.0)
     if BLOCK_D2 > 0:
         d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
         d2_ok = d2 < DK
         q2 = tl.load(q_row + d2[None, :] * stride_qd, mask=head_ok[:, None] & d2_ok[None, :], other=0.0)
+    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+
+    if ROPE:  # rope_store_kv's work: the split holding the new token (position seq_len - 1) writes its k and v
+        half = DK // 2
+        c = tl.load(cos_ptr + b64 * stride_cb + (d1 % half) * stride_cp).to(q1.dtype).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + b64 * stride_sb + (d1 % half) * stride_sp).to(q1.dtype).to(tl.float32)[None, :]
+        q1 = _rotate_half(q1, q_row, d1, stride_qd, q_mask, c, s, half)
+        pos = seq_len - 1
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        if (pos >= start) & (pos < end) & (slot >= 0):
+            kn_row = kn_ptr + b64 * stride_knb + kvh.to(tl.int64) * stride_knh + tl.zeros((1, 1), tl.int64)
+            kn = tl.load(kn_row + d1[None, :] * stride_knd)
+            kn = _rotate_half(kn, kn_row, d1, stride_knd, d1[None, :] < DK, c, s, half)
+            page_row = (slot // PAGE_SIZE) * stride_kb + (slot % PAGE_SIZE) * stride_kt
+            tl.store(k_head + page_row + d1[None, :] * stride_kd, kn.to(k_ptr.dtype.element_ty))
+            vn = tl.load(vn_ptr + b64 * stride_vnb + kvh.to(tl.int64) * stride_vnh + dv * stride_vnd, mask=dv_ok)
+            page_row = (slot // PAGE_SIZE) * stride_vb + (slot % PAGE_SIZE) * stride_vt
+            tl.store(v_head + page_row + dv * stride_vd, vn.to(v_ptr.dtype.element_ty), mask=dv_ok)
+        tl.debug_barrier()  # the block's stores before its loads of the cache below
 
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
-    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
 
     # A for over range (software-pipelined by triton) with bounds read on the device from seq_len.
     for t0 in range(start, end, BLOCK_N):
@@ -136,16 +184,16 @@ def _decode_partial_kernel(
         # (BLOCK_N,) offset of each token's row in the cache: its page, then its slot in the page
         row = page.to(tl.int64) * stride_kb + (t % PAGE_SIZE).to(tl.int64) * stride_kt
         k1 = tl.load(k_head + row[:, None] + d1[None, :] * stride_kd, mask=t_ok[:, None] & d1_ok[None, :], other=0.0)
-        s = _dot(q1, tl.trans(k1), tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)  # (BLOCK_H, BLOCK_N)
+        sc = _dot(q1, tl.trans(k1), tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
         if BLOCK_D2 > 0:
             k2_mask = t_ok[:, None] & d2_ok[None, :]
             k2 = tl.load(k_head + row[:, None] + d2[None, :] * stride_kd, mask=k2_mask, other=0.0)
-            s = _dot(q2, tl.trans(k2), s, UPCAST, IEEE)
-        s = tl.where(t_ok[None, :], s * scale, float("-inf"))
+            sc = _dot(q2, tl.trans(k2), sc, UPCAST, IEEE)
+        sc = tl.where(t_ok[None, :], sc * scale, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has at least one valid token
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))  # finite: every tile has at least one valid token
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if V_FROM_K:  # MLA: the 512 latent channels are both keys and values; read them from memory once
             v = tl.where(dv_ok[None, :], k1, 0.0).to(k1.dtype)
@@ -156,104 +204,85 @@ def _decode_partial_kernel(
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
         m_i = m_new
 
+    hd_mask = head_ok[:, None] & dv_ok[None, :]
+    bh = b64 * H + heads64  # (BLOCK_H,) the heads' rows of [B * H, ...]
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0: an empty row (seq_len 0), acc is 0
-        o_ptrs = o_ptr + b64 * stride_ob + heads64[:, None] * stride_oh + dv[None, :] * stride_od
-        tl.store(o_ptrs, _cast_rn(out, o_ptr.dtype.element_ty, COMPILED), mask=head_ok[:, None] & dv_ok[None, :])
+        done = True
     else:
-        o_ptrs = o_ptr + b64 * stride_ob + heads64[:, None] * stride_oh + split * stride_os + dv[None, :] * stride_od
-        tl.store(o_ptrs, acc, mask=head_ok[:, None] & dv_ok[None, :])
-        ml = b64 * stride_mb + heads64 * stride_mh + split * stride_ms
-        tl.store(m_ptr + ml, m_i, mask=head_ok)
-        tl.store(l_ptr + ml, l_i, mask=head_ok)
+        # Split-KV in one launch (the semaphore of int8_gemm._split_k_sum): every split stores its partial softmax,
+        # then bumps its head group's counter; the split that arrives last combines them all and resets the counter:
+        # out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, over the splits that hold tokens.
+        ml = bh * NUM_SPLITS + split
+        tl.store(acc_ptr + ml[:, None] * DV + dv[None, :], acc, mask=hd_mask, cache_modifier=".cg")
+        tl.store(m_ptr + ml, m_i, mask=head_ok, cache_modifier=".cg")
+        tl.store(l_ptr + ml, l_i, mask=head_ok, cache_modifier=".cg")
+        tl.debug_barrier()
+        counter = cnt_ptr + b64 * groups + pid_h
+        done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1
+        out = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
+        if done:
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            used = tl.cdiv(seq_len, tl.maximum(per_split, 1))  # splits past it are empty (weight e^-inf = 0)
+            si = tl.arange(0, BLOCK_S)
+            hs_mask = head_ok[:, None] & (si < used)[None, :]
+            ml_all = bh[:, None] * NUM_SPLITS + si[None, :]
+            m_s = tl.load(m_ptr + ml_all, mask=hs_mask, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(l_ptr + ml_all, mask=hs_mask, other=0.0, cache_modifier=".cg")
+            m_max = tl.max(m_s, axis=1)
+            m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # no split holds tokens (seq_len 0): weights 0
+            w = tl.exp(m_s - m_max[:, None])
+            denom = tl.sum(w * l_s, axis=1)  # (BLOCK_H,)
+            for j in range(0, used):  # in split order
+                wj = tl.sum(tl.where(si[None, :] == j, w, 0.0), axis=1)
+                a = tl.load(acc_ptr + (bh * NUM_SPLITS + j)[:, None] * DV + dv[None, :], mask=hd_mask, other=0.0,
+                            cache_modifier=".cg")
+                out += a * wj[:, None]
+            out = out / tl.where(denom > 0, denom, 1.0)[:, None]
+
+    if done:
+        rounded = _cast_rn(out, o_ptr.dtype.element_ty, COMPILED)  # what the plain output holds
+        o_ptrs = o_ptr + bh[:, None] * DV + dv[None, :]
+        if QUANT == 1:  # each head one group of Dv channels (BLOCK_DV == Dv): per_token_group_quant's steps
+            vals = rounded.to(tl.float32)
+            head_scale = tl.math.div_rn(tl.max(tl.abs(vals), axis=1), 127.0)
+            tl.store(xq_ptr + bh[:, None] * DV + dv[None, :], _quantize(vals, head_scale, 127.0, False, COMPILED),
+                     mask=hd_mask)
+            tl.store(xs_ptr + bh, head_scale, mask=head_ok)
+        elif QUANT == 2:  # one scale for the row: the head group that finishes last quantizes all of it
+            tl.store(o_ptrs, rounded, mask=hd_mask, cache_modifier=".cg")
+            tl.debug_barrier()
+            row_counter = cnt_ptr + B * groups + b64
+            if tl.atomic_add(row_counter, 1, sem="acq_rel", scope="gpu") == groups - 1:
+                tl.atomic_xchg(row_counter, 0, sem="relaxed", scope="gpu")
+                _quantize_row(o_ptr, xq_ptr, xs_ptr, b64, H, DV, dv, dv_ok, BLOCK_H, COMPILED)
+        else:
+            tl.store(o_ptrs, rounded, mask=hd_mask)
 
 
 @triton.jit
-def _decode_combine_kernel(
-    acc_ptr, m_ptr, l_ptr, o_ptr,  # acc fp32 [B, H, S, Dv], m/l fp32 [B, H, S], out [B, H, Dv]
-    xq_ptr, xs_ptr,  # QUANT: x_q int8 [B, H * Dv], x_s fp32 [B, H] (act_quant._quantize_store) instead of out
-    DV,
-    stride_ab, stride_ah, stride_as, stride_ad,
-    stride_mb, stride_mh, stride_ms,
-    stride_ob, stride_oh, stride_od,
-    stride_xqb, stride_xsb,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # next_pow2(NUM_SPLITS)
-    BLOCK_DV: tl.constexpr,
-    QUANT: tl.constexpr,
-    COMPILED: tl.constexpr,  # not the interpreter (bf16 rounding, see act_quant._cast_rn)
-):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    s = tl.arange(0, BLOCK_S)
-    s_ok = s < NUM_SPLITS
-    dv = tl.arange(0, BLOCK_DV)
-    dv_ok = dv < DV
-    m = tl.load(m_ptr + b * stride_mb + h * stride_mh + s * stride_ms, mask=s_ok, other=float("-inf"))
-    l = tl.load(l_ptr + b * stride_mb + h * stride_mh + s * stride_ms, mask=s_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # every split empty (seq_len 0): weights e^-inf = 0
-    w = tl.exp(m - m_max)  # (BLOCK_S,); empty splits have m = -inf: weight 0
-    denom = tl.sum(w * l, axis=0)
-    a_ptrs = acc_ptr + b * stride_ab + h * stride_ah + s[:, None] * stride_as + dv[None, :] * stride_ad
-    acc = tl.load(a_ptrs, mask=s_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_DV)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
-    out = _cast_rn(out, o_ptr.dtype.element_ty, COMPILED)  # what the plain path stores
-    if QUANT:  # the head is one group of DV == BLOCK_DV channels h * DV + d of the token's o_proj input
-        _quantize_store(out.to(tl.float32), h * DV, (h + 1) * DV, xq_ptr + b * stride_xqb, xs_ptr + b * stride_xsb,
-                        BLOCK_DV, 127.0, False, False, COMPILED, BLOCK_DV)
-    else:
-        tl.store(o_ptr + b * stride_ob + h * stride_oh + dv * stride_od, out, mask=dv_ok)
-
-
-@triton.jit
-def _decode_combine_token_int8_kernel(
-    acc_ptr, m_ptr, l_ptr, xq_ptr, xs_ptr,  # partials as _decode_combine_kernel; x_q int8 [B, H * Dv], x_s fp32 [B, 1]
-    H, DV,
-    stride_ab, stride_ah, stride_as, stride_ad,
-    stride_mb, stride_mh, stride_ms,
-    stride_xqb, stride_xsb,
-    DTYPE: tl.constexpr,  # the model dtype the output is rounded to before it is quantized
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_HH: tl.constexpr,  # next_pow2(H): every head of the token in one program
-    BLOCK_S: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    COMPILED: tl.constexpr,
-):
-    """The combine for an output quantized per token (int8-channel's o_proj input): one program per token combines
-    all its heads, rounds to DTYPE, and quantizes the row with one scale (the steps of per_token_quant_int8). The
-    splits are summed in order 0..S-1, where _decode_combine_kernel sums a tile: the same value up to fp32 rounding."""
-    b = tl.program_id(0).to(tl.int64)
-    hh = tl.arange(0, BLOCK_HH)
-    h_ok = hh < H
-    s = tl.arange(0, BLOCK_S)
-    hs_mask = h_ok[:, None] & (s < NUM_SPLITS)[None, :]
-    ml = b * stride_mb + hh[:, None] * stride_mh + s[None, :] * stride_ms
-    m = tl.load(m_ptr + ml, mask=hs_mask, other=float("-inf"))  # (BLOCK_HH, BLOCK_S)
-    l = tl.load(l_ptr + ml, mask=hs_mask, other=0.0)
-    m_max = tl.max(m, axis=1)
-    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # every split empty (seq_len 0): weights e^-inf = 0
-    w = tl.exp(m - m_max[:, None])
-    denom = tl.sum(w * l, axis=1)  # (BLOCK_HH,)
-    dv = tl.arange(0, BLOCK_DV)
-    mask = h_ok[:, None] & (dv < DV)[None, :]
-    out = tl.zeros((BLOCK_HH, BLOCK_DV), dtype=tl.float32)
-    for j in tl.static_range(NUM_SPLITS):
-        wj = tl.sum(tl.where(s[None, :] == j, w, 0.0), axis=1)  # (BLOCK_HH,) split j's weight per head
-        a = tl.load(acc_ptr + b * stride_ab + hh[:, None] * stride_ah + j * stride_as + dv[None, :] * stride_ad,
-                    mask=mask, other=0.0)
-        out += a * wj[:, None]
-    out = out / tl.where(denom > 0, denom, 1.0)[:, None]
-    v = tl.where(mask, _cast_rn(out, DTYPE, COMPILED).to(tl.float32), 0.0)
-    scale = tl.math.div_rn(tl.max(tl.max(tl.abs(v), axis=1), axis=0), 127.0)
-    q = _quantize(v, tl.zeros((BLOCK_HH,), dtype=tl.float32) + scale, 127.0, False, COMPILED)
-    tl.store(xq_ptr + b * stride_xqb + hh[:, None] * DV + dv[None, :], q, mask=mask)
-    tl.store(xs_ptr + b * stride_xsb, scale)
+def _quantize_row(o_ptr, xq_ptr, xs_ptr, b64, H, DV, dv, dv_ok, BLOCK_H: tl.constexpr, COMPILED: tl.constexpr):
+    """per_token_quant_int8 of row b64 of out [B, H * Dv] (every head group's stores visible): the amax over all its
+    heads, then each value / (amax / 127), BLOCK_H heads at a time (two passes over the row, from L2)."""
+    amax = 0.0
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        mask = (hh < H)[:, None] & dv_ok[None, :]
+        vals = tl.load(o_ptr + (b64 * H + hh)[:, None] * DV + dv[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        amax = tl.maximum(amax, tl.max(tl.max(tl.abs(vals.to(tl.float32)), axis=1), axis=0))
+    row_scale = tl.math.div_rn(amax, 127.0)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        mask = (hh < H)[:, None] & dv_ok[None, :]
+        vals = tl.load(o_ptr + (b64 * H + hh)[:, None] * DV + dv[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        q = _quantize(vals.to(tl.float32), tl.zeros((BLOCK_H,), dtype=tl.float32) + row_scale, 127.0, False, COMPILED)
+        tl.store(xq_ptr + b64 * H * DV + hh[:, None] * DV + dv[None, :], q, mask=mask)
+    tl.store(xs_ptr + b64, row_scale)
 
 
 # Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
 # functions that run on any device (numpy); compiled ones need CUDA tensors.
-INTERPRETED = not isinstance(_decode_partial_kernel, triton.runtime.JITFunction)
+INTERPRETED = not isinstance(_decode_kernel, triton.runtime.JITFunction)
 
 
 # -------------------------------------------------------------------------------------------------- wrappers
@@ -326,6 +355,53 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, head_dim_v) -> None:
         raise ValueError(f"q must be on a CUDA device (any device under TRITON_INTERPRET=1), got {q.device}")
 
 
+class NewKV(NamedTuple):
+    """A decode step's new token per row, for the attention kernel to rotate and store itself (the work of
+    ``kv_store.rope_store_kv``, without its launch): k [B, Hkv, Dk] and v [B, Hkv, Dv] as the projections give them
+    (k not yet rotated; any strides), cos / sin float32 [B, Dk / 2] (the token's angles, rotate-half layout: channel
+    i pairs with i + Dk / 2), slot_mapping [B] (where the token's k / v go in the cache; -1 writes nothing)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+def rope_supported(q: torch.Tensor, v_cache: torch.Tensor | None) -> bool:
+    """Whether the kernel takes a ``NewKV`` for this q: bf16/fp16, separate values, and a head dim that is one
+    power-of-two tile (Llama's 128 / 64)."""
+    dk = q.shape[-1]
+    return (v_cache is not None and q.dtype in (torch.bfloat16, torch.float16) and dk >= MIN_DOT
+            and dk & (dk - 1) == 0)
+
+
+def _check_new_kv(new_kv: NewKV, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
+                  head_dim_v: int) -> None:
+    if not isinstance(new_kv, NewKV):
+        raise TypeError(f"new_kv must be a NewKV, got {type(new_kv).__name__}")
+    if not rope_supported(q, v_cache):
+        raise ValueError(f"new_kv (rotate and store in the kernel) needs bf16/fp16 q, a v_cache and a power-of-two "
+                         f"head dim >= {MIN_DOT}; got {q.dtype}, v_cache {'None' if v_cache is None else 'given'}, "
+                         f"Dk {q.shape[-1]}")
+    b, _, dk = q.shape
+    hkv = k_cache.shape[2]
+    k, v, cos, sin, slots = new_kv
+    if tuple(k.shape) != (b, hkv, dk) or tuple(v.shape) != (b, hkv, head_dim_v):
+        raise ValueError(f"new_kv: k must be [{b}, {hkv}, {dk}] and v [{b}, {hkv}, {head_dim_v}], got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"new_kv: k and v must be {q.dtype} as q, got {k.dtype} and {v.dtype}")
+    if tuple(cos.shape) != (b, dk // 2) or tuple(sin.shape) != (b, dk // 2) or cos.dtype != torch.float32 or \
+            sin.dtype != torch.float32:
+        raise ValueError(f"new_kv: cos / sin must be float32 [{b}, {dk // 2}], got {cos.dtype} {tuple(cos.shape)} and "
+                         f"{sin.dtype} {tuple(sin.shape)}")
+    if slots.dim() != 1 or slots.shape[0] != b or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"new_kv: slot_mapping must be int32/int64 [{b}], got {slots.dtype} {tuple(slots.shape)}")
+    if len({t.device for t in (q, k, v, cos, sin, slots)}) != 1:
+        raise ValueError("new_kv: k, v, cos, sin and slot_mapping must be on q's device")
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -337,28 +413,34 @@ def paged_decode_attention(
     *,
     num_splits: int | None = None,
     block_n: int | None = None,
+    new_kv: NewKV | None = None,
 ) -> torch.Tensor:
-    """Attention of one new token per sequence over its paged KV cache (the token's own K/V already stored).
+    """Attention of one new token per sequence over its paged KV cache.
 
     q: [B, H, Dk] bf16/fp16/fp32 (any strides). k_cache: [num_blocks, block_size, Hkv, Dk], v_cache:
     [num_blocks, block_size, Hkv, head_dim_v] or None (shared KV: values = k_cache[..., :head_dim_v]), q's dtype.
     block_tables: int32 [B, max_blocks] (cache block ids of each sequence, in order). seq_lens: int32 [B] (context
     length including the new token; 0 = padding row, output zeros). scale: softmax scale (1 / sqrt(Dk) usually).
     num_splits: KV splits per sequence (default: ``default_num_splits``); block_n: KV tokens per step (default
-    64 for Dk <= 128, else 32). Returns [B, H, head_dim_v] in q's dtype. No host syncs: CUDA-graph capturable.
+    64 for Dk <= 128, else 32). new_kv None: the cache already holds the new token's k / v (and q is rotated);
+    a ``NewKV`` (``rope_supported`` shapes): q and k are rotated here and k / v written into the cache at its
+    slots before they are read - bit for bit ``rope_store_kv`` and then this call without it.
+    Returns [B, H, head_dim_v] in q's dtype. No host syncs: CUDA-graph capturable (the first call on a device must
+    not be inside a capture: it makes the device's arrival counters).
     """
-    out, _, _ = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, None)
+    out, _, _ = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, None,
+                        new_kv)
     return out
 
 
-def int8_output_supported(head_dim_v: int, num_heads: int, group_size: int | None) -> bool:
+def int8_output_supported(head_dim_v: int, group_size: int | None) -> bool:
     """Whether ``paged_decode_attention_int8`` takes these: a power-of-two head of at least MIN_DOT channels (one
-    tile, BLOCK_DV == Dv), quantized per head (group_size == head_dim_v) or per token over <= MAX_TOKEN_HEADS heads."""
+    tile, BLOCK_DV == Dv), quantized per head (group_size == head_dim_v) or per token (group_size None)."""
     if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, int) or head_dim_v < MIN_DOT:
         return False
     if head_dim_v & (head_dim_v - 1):
         return False
-    return group_size == head_dim_v or (group_size is None and num_heads <= MAX_TOKEN_HEADS)
+    return group_size == head_dim_v or group_size is None
 
 
 def paged_decode_attention_int8(
@@ -373,35 +455,55 @@ def paged_decode_attention_int8(
     *,
     num_splits: int | None = None,
     block_n: int | None = None,
+    new_kv: NewKV | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``paged_decode_attention`` with its output quantized to int8 for the linear that reads it (o_proj), where the
-    KV splits are combined (with one split there is no combine: the plain kernel, then the quantization launch).
+    """``paged_decode_attention`` with its output quantized to int8 for the linear that reads it (o_proj), in the
+    same launch.
 
-    group_size None: one scale per token (int8-channel), x_s [B, 1]; one combine program per token takes all its
-    heads (at most MAX_TOKEN_HEADS), so the result equals ``per_token_quant_int8`` of the plain output up to the
-    fp32 order of the sum over splits. group_size == head_dim_v: one scale per head (int8-block's o_proj where the K
-    block is the head dim, Llama's 128), x_s [B, H], bit for bit ``per_token_group_quant(out, "int8", group_size)``.
-    Returns x_q int8 [B, H * head_dim_v] and x_s float32. ``int8_output_supported`` says which shapes it takes.
+    group_size None: one scale per token (int8-channel), x_s [B, 1]: the head group that finishes a row last
+    quantizes the whole row. group_size == head_dim_v: one scale per head (int8-block's o_proj where the K block is
+    the head dim, Llama's 128), x_s [B, H], quantized where the KV splits are combined (with one split there is no
+    combine: the plain output, then the quantization launch). Either way bit for bit ``per_token_quant_int8`` /
+    ``per_token_group_quant(out, "int8", group_size)`` of the plain output. Returns x_q int8 [B, H * head_dim_v]
+    and x_s float32. ``int8_output_supported`` says which shapes it takes.
 
     Why: at batch 1 the separate quantization was one more launch per layer (~2.4 us on the H100, 32 per step of
     Llama-3-8B) in a step of latency-bound kernels."""
-    if not int8_output_supported(head_dim_v, q.shape[1], group_size):
+    if not int8_output_supported(head_dim_v, group_size):
         raise ValueError(f"paged_decode_attention_int8: head_dim_v {head_dim_v} must be a power of two >= {MIN_DOT} "
-                         f"(one tile a head) and group_size None (per token, at most {MAX_TOKEN_HEADS} heads) or "
-                         f"head_dim_v (per head); got group_size {group_size} with {q.shape[1]} heads")
+                         f"(one tile a head) and group_size None (per token) or head_dim_v (per head); got "
+                         f"group_size {group_size}")
     quant = "token" if group_size is None else "head"
-    _, x_q, x_s = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, quant)
+    _, x_q, x_s = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, quant,
+                          new_kv)
     return x_q, x_s
 
 
-def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, quant):
+# One buffer of int32 arrival counters per device, made before first use (zeros; every launch leaves them zero);
+# launches that share it must not overlap (one stream per device, as ingot's engine runs). A launch takes
+# B * (P + 1) of them (P head groups per row): larger batches run in several launches.
+MAX_COUNTERS = 65536
+
+
+@functools.lru_cache(maxsize=16)
+def _counters(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "paged decode attention first called during CUDA graph capture: run it once eagerly before capturing "
+            "(its arrival counters must not live in the graph's memory pool)"
+        )
+    return torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
+
+
+def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, quant, new_kv):
     """Check, resolve the splits and tiles, launch; (out, None, None), or with quant ("head" / "token") (None, x_q,
-    x_s). With splits the combine kernel quantizes (per head: each head's output as it writes it; per token:
-    ``_decode_combine_token_int8_kernel``, a token's heads in one program). With one split there is no combine, and
-    the plain output is quantized by its own launch after the partial kernel (quantizing in the partial kernel's
-    epilogue instead, over its 16-row head tiles of a 4-head GQA group, made Llama-3-8B int8-block batch-64 decode
-    1.4% slower)."""
+    x_s). One kernel does it all (``_decode_kernel``): the splits' combine, and the quantization per token, or per
+    head where splits are combined. Per head with one split the plain output is quantized by its own launch after
+    it (quantizing in that kernel's epilogue, over its 16-row head tiles of a 4-head GQA group, made Llama-3-8B
+    int8-block batch-64 decode 1.4% slower, session 5)."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, head_dim_v)
+    if new_kv is not None:
+        _check_new_kv(new_kv, q, k_cache, v_cache, head_dim_v)
     b, h, dk = q.shape
     _, page_size, hkv, _ = k_cache.shape
     if block_n is None:
@@ -415,24 +517,27 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
         raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
 
     out = torch.empty((b, h, head_dim_v), dtype=q.dtype, device=q.device)
-    fused = quant if num_splits > 1 else None  # quantized by the combine; with one split, after the plain output
+    fused = quant if quant == "token" or num_splits > 1 else None  # quantized in the kernel
     x_q = x_s = None
     if fused:
         x_q = torch.empty((b, h * head_dim_v), dtype=torch.int8, device=q.device)
         x_s = torch.empty((b, 1 if fused == "token" else h), dtype=torch.float32, device=q.device)
     if b and h:
-        _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, fused, out,
-                x_q, x_s)
+        groups = hkv * cdiv(h // hkv, BLOCK_H)
+        rows = MAX_COUNTERS // (groups + 1)
+        for r0 in range(0, b, rows):
+            r = slice(r0, r0 + rows)
+            _launch(q[r], k_cache, v_cache, block_tables[r], seq_lens[r], scale, head_dim_v, num_splits, block_n,
+                    fused, out[r], None if x_q is None else x_q[r], None if x_s is None else x_s[r],
+                    None if new_kv is None else NewKV(*(t[r] for t in new_kv)))
     if quant and not fused:
-        flat = out.view(b, h * head_dim_v)
-        x_q, x_s = (per_token_quant_int8(flat) if quant == "token"
-                    else per_token_group_quant(flat, "int8", group_size=head_dim_v))
+        x_q, x_s = per_token_group_quant(out.view(b, h * head_dim_v), "int8", group_size=head_dim_v)
     return (None, x_q, x_s) if quant else (out, None, None)
 
 
-def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, fused, out, x_q, x_s):
-    """The kernels of one decode, with its checked shapes and tiles: the partial kernel, then with splits the plain
-    combine (into out), the per-head quantizing combine (fused "head") or the per-token one (fused "token")."""
+def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, fused, out, x_q, x_s,
+            new_kv):
+    """One launch of _decode_kernel over these rows, with their checked shapes and tiles."""
     b, h, dk = q.shape
     _, page_size, hkv, _ = k_cache.shape
     group = h // hkv
@@ -440,32 +545,35 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
     block_d1, block_d2 = _d_tiles(dk)
     block_dv = max(MIN_DOT, next_pow2(head_dim_v))
     v = k_cache if v_cache is None else v_cache  # shared KV: the first head_dim_v channels of each key
-    xq, xs = (x_q, x_s) if fused else (out, out)  # pointers the plain combine never touches
     if num_splits == 1:
-        partial = out
-        strides_o = (out.stride(0), out.stride(1), 0, out.stride(2))
-        m = lse_l = out  # unused (NUM_SPLITS == 1 stores straight to out)
-        strides_m = (0, 0, 0)
+        partial = m = lse_l = out  # unused: the one split normalizes in place
     else:
         partial = torch.empty((b, h, num_splits, head_dim_v), dtype=torch.float32, device=q.device)
         m = torch.empty((b, h, num_splits), dtype=torch.float32, device=q.device)
         lse_l = torch.empty_like(m)
-        strides_o = partial.stride()
-        strides_m = m.stride()
+    counters = _counters(q.device)
+    if new_kv is None:
+        kn, vn, cos, sin, slots = q, q, partial, partial, seq_lens  # never read (ROPE off)
+        new_strides = (0,) * 10
+    else:
+        kn, vn, cos, sin, slots = new_kv
+        new_strides = (*kn.stride(), *vn.stride(), *cos.stride(), *sin.stride())
 
     ctx = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with ctx:
-        _decode_partial_kernel[(b, hkv * head_blocks, num_splits)](
+        _decode_kernel[(b, hkv * head_blocks, num_splits)](
             q, k_cache, v, block_tables, seq_lens,
+            kn, vn, cos, sin, slots,
             partial, m, lse_l,
+            out, out if x_q is None else x_q, out if x_s is None else x_s,
+            counters,
             float(scale),
-            h, group, dk, head_dim_v,
+            b, h, group, dk, head_dim_v,
             *q.stride(),
             *k_cache.stride(),
             *v.stride(),
             *block_tables.stride(),
-            *strides_o,
-            *strides_m,
+            *new_strides,
             PAGE_SIZE=page_size,
             NUM_SPLITS=num_splits,
             HEAD_BLOCKS=head_blocks,
@@ -474,42 +582,13 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
             BLOCK_D1=block_d1,
             BLOCK_D2=block_d2,
             BLOCK_DV=block_dv,
+            BLOCK_S=max(2, next_pow2(num_splits)),
             V_FROM_K=v_cache is None and block_dv == block_d1,
+            ROPE=new_kv is not None,
+            QUANT={None: 0, "head": 1, "token": 2}[fused],
             UPCAST=INTERPRETED,
             IEEE=q.dtype == torch.float32,
             COMPILED=not INTERPRETED,
             num_warps=4 if block_dv <= 128 else 8,
             num_stages=2,
         )
-        if fused == "token":
-            _decode_combine_token_int8_kernel[(b,)](
-                partial, m, lse_l, x_q, x_s,
-                h, head_dim_v,
-                *partial.stride(),
-                *m.stride(),
-                x_q.stride(0), x_s.stride(0),
-                DTYPE=_TL_DTYPES[q.dtype],
-                NUM_SPLITS=num_splits,
-                BLOCK_HH=next_pow2(h),
-                BLOCK_S=next_pow2(num_splits),
-                BLOCK_DV=block_dv,
-                COMPILED=not INTERPRETED,
-                num_warps=8,
-            )
-        elif num_splits > 1:
-            _decode_combine_kernel[(b, h)](
-                partial, m, lse_l, out,
-                xq, xs,
-                head_dim_v,
-                *partial.stride(),
-                *m.stride(),
-                *out.stride(),
-                xq.stride(0), xs.stride(0),
-                NUM_SPLITS=num_splits,
-                BLOCK_S=next_pow2(num_splits),
-                BLOCK_DV=block_dv,
-                QUANT=fused == "head",
-                COMPILED=not INTERPRETED,
-                num_warps=4,
-            )
-

@@ -87,6 +87,13 @@ def _fused_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, 
             and cos.dim() == 2)
 
 
+def _rope_in_decode_kernel(q: torch.Tensor, v_cache: torch.Tensor | None) -> bool:
+    """Whether the CUDA decode kernel rotates q / k and writes the cache itself (``kernels.attention.NewKV``)."""
+    from ingot.kernels.attention import rope_supported
+
+    return rope_supported(q, v_cache)
+
+
 def store_kv(
     k: torch.Tensor,
     v: torch.Tensor | None,
@@ -157,24 +164,30 @@ def paged_attention(
         raise ValueError(f"paged_attention: {q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} kv heads")
     if meta.max_query_len == 1:
         if q.is_cuda and window is None:  # the Triton split-KV kernel, tested against this reference
-            from ingot.kernels.attention import paged_decode_attention, paged_decode_attention_int8
-
-            args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, head_dim_v)
-            if _fused_int8_output(out_quant, head_dim_v, q.shape[1]):
-                x_q, x_s = paged_decode_attention_int8(*args, out_quant.group_size)
-                return QuantizedActivation(x_q, x_s, out_quant, q.dtype)
-            return paged_decode_attention(*args)
+            return _cuda_decode(q, k_cache, v_cache, meta, scale, head_dim_v, out_quant)
         return _decode_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window)
     return _prefill_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window, *(new_kv or ()))
 
 
-def _fused_int8_output(quant: ActQuant | None, head_dim_v: int, num_heads: int) -> bool:
+def _cuda_decode(q, k_cache, v_cache, meta, scale, head_dim_v, out_quant, new_kv=None):
+    """The CUDA decode kernel (``kernels.attention``), its output quantized for o_proj where it can be; new_kv: a
+    ``NewKV`` for the kernel to rotate and store (``Attention.forward``)."""
+    from ingot.kernels.attention import paged_decode_attention, paged_decode_attention_int8
+
+    args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, head_dim_v)
+    if _fused_int8_output(out_quant, head_dim_v):
+        x_q, x_s = paged_decode_attention_int8(*args, out_quant.group_size, new_kv=new_kv)
+        return QuantizedActivation(x_q, x_s, out_quant, q.dtype)
+    return paged_decode_attention(*args, new_kv=new_kv)
+
+
+def _fused_int8_output(quant: ActQuant | None, head_dim_v: int) -> bool:
     """Whether the decode kernels can emit ``quant``'s int8 input themselves: int8 with float scales, in the shapes
     ``kernels.attention.int8_output_supported`` takes (per token or one group per head)."""
     from ingot.kernels.attention import int8_output_supported
 
     return (quant is not None and quant.dtype == "int8" and quant.scale_fmt == "float"
-            and int8_output_supported(head_dim_v, num_heads, quant.group_size))
+            and int8_output_supported(head_dim_v, quant.group_size))
 
 
 def _values(k: torch.Tensor, v: torch.Tensor | None, head_dim_v: int) -> torch.Tensor:
@@ -463,6 +476,12 @@ class Attention(nn.Module):
             return causal_attention(q, k, _values(k, v, dv), self.scale, self.window)
         if self.k_cache is None:
             raise RuntimeError("Attention: no KV cache bound; call model.bind_kv_cache(...) before a paged forward")
+        if (rope is not None and meta.max_query_len == 1 and self.window is None and _fused_rope_store(q, k, v, rope[0])
+                and _rope_in_decode_kernel(q, self.v_cache)):
+            from ingot.kernels.attention import NewKV
+
+            new = NewKV(k, v, *rope, meta.slot_mapping)
+            return _cuda_decode(q, self.k_cache, self.v_cache, meta, self.scale, dv, out_quant, new)
         if rope is not None and _fused_rope_store(q, k, v, rope[0]):
             from ingot.kernels.kv_store import rope_store_kv
 
