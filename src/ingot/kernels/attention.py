@@ -57,6 +57,9 @@ BLOCK_H = 16  # query heads per program: a whole GQA group (4 for Llama-3-8B, 3 
 PROGRAMS_PER_SM = 2
 MIN_SPLIT_TOKENS = 64
 MAX_SPLITS = 32
+# The epilogue's tiles: at most this many fp32 values in flight per load (the combine's SPLIT_CHUNK splits of a head
+# group, a per-token quantization's ROW_H heads): a Llama-3 row of 32 x 128 channels in one step, 16 per thread.
+COMBINE_ELEMS = 4096
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -97,6 +100,7 @@ def _decode_kernel(
     acc_ptr, m_ptr, l_ptr,  # NUM_SPLITS > 1, contiguous partials: acc fp32 [B, H, S, Dv], m / l fp32 [B, H, S]
     o_ptr, xq_ptr, xs_ptr,  # contiguous: out [B, H, Dv]; QUANT: x_q int8 [B, H * Dv], x_s fp32 [B, H] / [B, 1]
     cnt_ptr,  # int32 arrival counters, 0 between launches: [B * P] per (row, head group), then [B] per row
+    amax_ptr,  # QUANT 2: fp32 [B, P], each head group's max |output|
     scale,
     B, H, GROUP, DK, DV,  # GROUP = H // Hkv query heads per kv head
     stride_qb, stride_qh, stride_qd,
@@ -114,6 +118,10 @@ def _decode_kernel(
     BLOCK_D2: tl.constexpr,  # second Dk tile covering Dk - BLOCK_D1 (0: none)
     BLOCK_DV: tl.constexpr,  # next_pow2(Dv)
     BLOCK_S: tl.constexpr,  # next_pow2(NUM_SPLITS)
+    SPLIT_CHUNK: tl.constexpr,  # splits whose accumulators the combine loads at once
+    COMBINE_H: tl.constexpr,  # min(BLOCK_H, next_pow2(GROUP)): the head rows the combine holds
+    ROW_H: tl.constexpr,  # QUANT 2: heads of a row quantized at once
+    BLOCK_P: tl.constexpr,  # QUANT 2: next_pow2(P)
     V_FROM_K: tl.constexpr,  # shared KV and BLOCK_DV == BLOCK_D1: values are the first key tile, already loaded
     ROPE: tl.constexpr,  # rotate q and the new key (Dk == BLOCK_D1), and write the new k / v into the caches first
     QUANT: tl.constexpr,  # 0: out; 1: x_q / x_s, one scale per head; 2: one scale per row (over all its heads)
@@ -204,80 +212,99 @@ def _decode_kernel(
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
         m_i = m_new
 
-    hd_mask = head_ok[:, None] & dv_ok[None, :]
-    bh = b64 * H + heads64  # (BLOCK_H,) the heads' rows of [B * H, ...]
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0: an empty row (seq_len 0), acc is 0
-        done = True
+        _finish(out, b64 * H + heads64, head_ok, b64, pid_h, groups, B, o_ptr, xq_ptr, xs_ptr, amax_ptr, cnt_ptr,
+                H, DV, dv, dv_ok, QUANT, ROW_H, BLOCK_P, COMPILED)
     else:
         # Split-KV in one launch (the semaphore of int8_gemm._split_k_sum): every split stores its partial softmax,
-        # then bumps its head group's counter; the split that arrives last combines them all and resets the counter:
-        # out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, over the splits that hold tokens.
-        ml = bh * NUM_SPLITS + split
-        tl.store(acc_ptr + ml[:, None] * DV + dv[None, :], acc, mask=hd_mask, cache_modifier=".cg")
+        # then bumps its head group's counter; the split that arrives last combines them all and resets the counter.
+        ml = (b64 * H + heads64) * NUM_SPLITS + split
+        tl.store(acc_ptr + ml[:, None] * DV + dv[None, :], acc, mask=head_ok[:, None] & dv_ok[None, :],
+                 cache_modifier=".cg")
         tl.store(m_ptr + ml, m_i, mask=head_ok, cache_modifier=".cg")
         tl.store(l_ptr + ml, l_i, mask=head_ok, cache_modifier=".cg")
         tl.debug_barrier()
         counter = cnt_ptr + b64 * groups + pid_h
-        done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1
-        out = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
-        if done:
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            # the group's real heads only (COMBINE_H rows, not the 16 of the dot tiles)
+            gc = hb * BLOCK_H + tl.arange(0, COMBINE_H)
+            c_ok = gc < GROUP
+            bh = b64 * H + tl.where(c_ok, kvh * GROUP + gc, 0).to(tl.int64)
             used = tl.cdiv(seq_len, tl.maximum(per_split, 1))  # splits past it are empty (weight e^-inf = 0)
-            si = tl.arange(0, BLOCK_S)
-            hs_mask = head_ok[:, None] & (si < used)[None, :]
-            ml_all = bh[:, None] * NUM_SPLITS + si[None, :]
-            m_s = tl.load(m_ptr + ml_all, mask=hs_mask, other=float("-inf"), cache_modifier=".cg")
-            l_s = tl.load(l_ptr + ml_all, mask=hs_mask, other=0.0, cache_modifier=".cg")
-            m_max = tl.max(m_s, axis=1)
-            m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # no split holds tokens (seq_len 0): weights 0
-            w = tl.exp(m_s - m_max[:, None])
-            denom = tl.sum(w * l_s, axis=1)  # (BLOCK_H,)
-            for j in range(0, used):  # in split order
-                wj = tl.sum(tl.where(si[None, :] == j, w, 0.0), axis=1)
-                a = tl.load(acc_ptr + (bh * NUM_SPLITS + j)[:, None] * DV + dv[None, :], mask=hd_mask, other=0.0,
-                            cache_modifier=".cg")
-                out += a * wj[:, None]
-            out = out / tl.where(denom > 0, denom, 1.0)[:, None]
-
-    if done:
-        rounded = _cast_rn(out, o_ptr.dtype.element_ty, COMPILED)  # what the plain output holds
-        o_ptrs = o_ptr + bh[:, None] * DV + dv[None, :]
-        if QUANT == 1:  # each head one group of Dv channels (BLOCK_DV == Dv): per_token_group_quant's steps
-            vals = rounded.to(tl.float32)
-            head_scale = tl.math.div_rn(tl.max(tl.abs(vals), axis=1), 127.0)
-            tl.store(xq_ptr + bh[:, None] * DV + dv[None, :], _quantize(vals, head_scale, 127.0, False, COMPILED),
-                     mask=hd_mask)
-            tl.store(xs_ptr + bh, head_scale, mask=head_ok)
-        elif QUANT == 2:  # one scale for the row: the head group that finishes last quantizes all of it
-            tl.store(o_ptrs, rounded, mask=hd_mask, cache_modifier=".cg")
-            tl.debug_barrier()
-            row_counter = cnt_ptr + B * groups + b64
-            if tl.atomic_add(row_counter, 1, sem="acq_rel", scope="gpu") == groups - 1:
-                tl.atomic_xchg(row_counter, 0, sem="relaxed", scope="gpu")
-                _quantize_row(o_ptr, xq_ptr, xs_ptr, b64, H, DV, dv, dv_ok, BLOCK_H, COMPILED)
-        else:
-            tl.store(o_ptrs, rounded, mask=hd_mask)
+            out = _combine(acc_ptr, m_ptr, l_ptr, bh, c_ok, used, DV, dv, dv_ok, NUM_SPLITS, BLOCK_S, SPLIT_CHUNK,
+                           COMBINE_H, BLOCK_DV)
+            _finish(out, bh, c_ok, b64, pid_h, groups, B, o_ptr, xq_ptr, xs_ptr, amax_ptr, cnt_ptr,
+                    H, DV, dv, dv_ok, QUANT, ROW_H, BLOCK_P, COMPILED)
 
 
 @triton.jit
-def _quantize_row(o_ptr, xq_ptr, xs_ptr, b64, H, DV, dv, dv_ok, BLOCK_H: tl.constexpr, COMPILED: tl.constexpr):
-    """per_token_quant_int8 of row b64 of out [B, H * Dv] (every head group's stores visible): the amax over all its
-    heads, then each value / (amax / 127), BLOCK_H heads at a time (two passes over the row, from L2)."""
-    amax = 0.0
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + tl.arange(0, BLOCK_H)
-        mask = (hh < H)[:, None] & dv_ok[None, :]
-        vals = tl.load(o_ptr + (b64 * H + hh)[:, None] * DV + dv[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-        amax = tl.maximum(amax, tl.max(tl.max(tl.abs(vals.to(tl.float32)), axis=1), axis=0))
-    row_scale = tl.math.div_rn(amax, 127.0)
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + tl.arange(0, BLOCK_H)
-        mask = (hh < H)[:, None] & dv_ok[None, :]
-        vals = tl.load(o_ptr + (b64 * H + hh)[:, None] * DV + dv[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-        q = _quantize(vals.to(tl.float32), tl.zeros((BLOCK_H,), dtype=tl.float32) + row_scale, 127.0, False, COMPILED)
-        tl.store(xq_ptr + b64 * H * DV + hh[:, None] * DV + dv[None, :], q, mask=mask)
-    tl.store(xs_ptr + b64, row_scale)
+def _combine(acc_ptr, m_ptr, l_ptr, bh, ok, used, DV, dv, dv_ok, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+             SPLIT_CHUNK: tl.constexpr, R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """out (R, BLOCK_DV) = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s for the heads at rows bh (R,) of the
+    partials, over the ``used`` splits that hold tokens. The accumulators are read SPLIT_CHUNK splits at a time, each
+    chunk's loads independent of the sums before it (a split-at-a-time loop waited on memory once per split)."""
+    si = tl.arange(0, BLOCK_S)
+    hs_mask = ok[:, None] & (si < used)[None, :]
+    m_s = tl.load(m_ptr + bh[:, None] * NUM_SPLITS + si[None, :], mask=hs_mask, other=float("-inf"),
+                  cache_modifier=".cg")
+    l_s = tl.load(l_ptr + bh[:, None] * NUM_SPLITS + si[None, :], mask=hs_mask, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m_s, axis=1)
+    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # no split holds tokens (seq_len 0): weights 0
+    denom = tl.sum(tl.exp(m_s - m_max[:, None]) * l_s, axis=1)  # (R,)
+    out = tl.zeros((R, BLOCK_DV), dtype=tl.float32)
+    for c0 in tl.static_range(0, BLOCK_S, SPLIT_CHUNK):
+        sj = c0 + tl.arange(0, SPLIT_CHUNK)
+        mask = ok[:, None] & (sj < used)[None, :]
+        m_c = tl.load(m_ptr + bh[:, None] * NUM_SPLITS + sj[None, :], mask=mask, other=float("-inf"),
+                      cache_modifier=".cg")
+        w_c = tl.exp(m_c - m_max[:, None])  # (R, SPLIT_CHUNK)
+        rows = bh[:, None, None] * NUM_SPLITS + sj[None, :, None]
+        a = tl.load(acc_ptr + rows * DV + dv[None, None, :], mask=mask[:, :, None] & dv_ok[None, None, :], other=0.0,
+                    cache_modifier=".cg")
+        out += tl.sum(a * w_c[:, :, None], axis=1)
+    return out / tl.where(denom > 0, denom, 1.0)[:, None]
+
+
+@triton.jit
+def _finish(out, bh, ok, b64, pid_h, groups, B, o_ptr, xq_ptr, xs_ptr, amax_ptr, cnt_ptr, H, DV, dv, dv_ok,
+            QUANT: tl.constexpr, ROW_H: tl.constexpr, BLOCK_P: tl.constexpr, COMPILED: tl.constexpr):
+    """Store a head group's normalized output out (R, BLOCK_DV) fp32 (heads at rows bh (R,) of [B * H, Dv], valid
+    where ok): rounded to the model dtype (what the plain output holds), or quantized from those bits - per head
+    (QUANT 1: each head one group of Dv == BLOCK_DV channels, per_token_group_quant's steps), or per row (QUANT 2:
+    the group stores its bits and their amax, and the group that finishes the row last quantizes all of it with the
+    row's scale, per_token_quant_int8's steps, ROW_H heads at a time)."""
+    rounded = _cast_rn(out, o_ptr.dtype.element_ty, COMPILED)
+    mask = ok[:, None] & dv_ok[None, :]
+    o_ptrs = o_ptr + bh[:, None] * DV + dv[None, :]
+    if QUANT == 1:
+        vals = rounded.to(tl.float32)
+        head_scale = tl.math.div_rn(tl.max(tl.abs(vals), axis=1), 127.0)
+        tl.store(xq_ptr + bh[:, None] * DV + dv[None, :], _quantize(vals, head_scale, 127.0, False, COMPILED), mask=mask)
+        tl.store(xs_ptr + bh, head_scale, mask=ok)
+    elif QUANT == 2:
+        tl.store(o_ptrs, rounded, mask=mask, cache_modifier=".cg")
+        group_amax = tl.max(tl.max(tl.where(mask, tl.abs(rounded.to(tl.float32)), 0.0), axis=1), axis=0)
+        tl.store(amax_ptr + b64 * groups + pid_h, group_amax, cache_modifier=".cg")
+        tl.debug_barrier()
+        row_counter = cnt_ptr + B * groups + b64
+        if tl.atomic_add(row_counter, 1, sem="acq_rel", scope="gpu") == groups - 1:
+            tl.atomic_xchg(row_counter, 0, sem="relaxed", scope="gpu")
+            gi = tl.arange(0, BLOCK_P)
+            amax = tl.max(tl.load(amax_ptr + b64 * groups + gi, mask=gi < groups, other=0.0, cache_modifier=".cg"),
+                          axis=0)
+            row_scale = tl.math.div_rn(amax, 127.0)
+            for h0 in range(0, H, ROW_H):
+                hh = h0 + tl.arange(0, ROW_H)
+                row_mask = (hh < H)[:, None] & dv_ok[None, :]
+                vals = tl.load(o_ptr + (b64 * H + hh)[:, None] * DV + dv[None, :], mask=row_mask, other=0.0,
+                               cache_modifier=".cg").to(tl.float32)
+                q = _quantize(vals, tl.zeros((ROW_H,), dtype=tl.float32) + row_scale, 127.0, False, COMPILED)
+                tl.store(xq_ptr + b64 * H * DV + hh[:, None] * DV + dv[None, :], q, mask=row_mask)
+            tl.store(xs_ptr + b64, row_scale)
+    else:
+        tl.store(o_ptrs, rounded, mask=mask)
 
 
 # Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
@@ -552,6 +579,10 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
         m = torch.empty((b, h, num_splits), dtype=torch.float32, device=q.device)
         lse_l = torch.empty_like(m)
     counters = _counters(q.device)
+    groups = hkv * head_blocks
+    amax = torch.empty((b, groups), dtype=torch.float32, device=q.device) if fused == "token" else partial
+    combine_h = min(BLOCK_H, max(2, next_pow2(group)))
+    block_s = max(2, next_pow2(num_splits))
     if new_kv is None:
         kn, vn, cos, sin, slots = q, q, partial, partial, seq_lens  # never read (ROPE off)
         new_strides = (0,) * 10
@@ -561,12 +592,12 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
 
     ctx = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with ctx:
-        _decode_kernel[(b, hkv * head_blocks, num_splits)](
+        _decode_kernel[(b, groups, num_splits)](
             q, k_cache, v, block_tables, seq_lens,
             kn, vn, cos, sin, slots,
             partial, m, lse_l,
             out, out if x_q is None else x_q, out if x_s is None else x_s,
-            counters,
+            counters, amax,
             float(scale),
             b, h, group, dk, head_dim_v,
             *q.stride(),
@@ -582,7 +613,11 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
             BLOCK_D1=block_d1,
             BLOCK_D2=block_d2,
             BLOCK_DV=block_dv,
-            BLOCK_S=max(2, next_pow2(num_splits)),
+            BLOCK_S=block_s,
+            SPLIT_CHUNK=max(1, min(block_s, COMBINE_ELEMS // (combine_h * block_dv))),
+            COMBINE_H=combine_h,
+            ROW_H=max(1, min(next_pow2(h), COMBINE_ELEMS // block_dv)),
+            BLOCK_P=max(2, next_pow2(groups)),
             V_FROM_K=v_cache is None and block_dv == block_d1,
             ROPE=new_kv is not None,
             QUANT={None: 0, "head": 1, "token": 2}[fused],
