@@ -56,9 +56,9 @@ def test_rotary_matches_apply_rotary(interleaved, heads, dim):
         want = apply_rotary(x.to(DEV)[None], cos.to(DEV)[None], sin.to(DEV)[None], interleaved)[0].cpu()
         got = rotary(x.to(DEV), cos.to(DEV), sin.to(DEV), interleaved).cpu()
         assert got.dtype == dtype and got.shape == (t, heads, dim)
-        if dtype == torch.float16 and DEV != "cuda":
-            assert torch.equal(got, want)  # compiled on the H100, some elements differ from torch's by one rounding
-        else:
+        if dtype == torch.float16 or DEV == "cuda":
+            assert torch.equal(got, want)  # compiled without fp fusion: torch's roundings (norm_rope's docstring)
+        else:  # the interpreter truncates fp32 -> bf16 casts
             bound = 4 * torch.finfo(dtype).eps * x.float().abs().max().item()
             assert (got.float() - want.float()).abs().max().item() <= bound
 

@@ -174,5 +174,6 @@ def rope_store_kv(
                 *k_cache.stride(), *v_cache.stride(),
                 PAGE=k_cache.shape[1], INTERLEAVED=interleaved,
                 BLOCK_H=next_pow2(h), BLOCK_HKV=next_pow2(hkv), BLOCK_P=next_pow2(d // 2), BLOCK_DV=next_pow2(dv),
+                enable_fp_fusion=False,  # torch's roundings (norm_rope's docstring)
             )
     return q_out, k_out
