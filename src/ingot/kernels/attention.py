@@ -35,7 +35,6 @@ Reference: ingot.layers.attention.paged_attention (the torch version every model
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import NamedTuple
 
 import torch
@@ -43,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ingot.kernels.act_quant import _cast_rn, _quantize, per_token_group_quant
-from ingot.kernels.checks import cdiv, next_pow2
+from ingot.kernels.checks import arrival_counters, cdiv, next_pow2
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MIN_DOT = 16  # tl.dot's smallest M, N and K on NVIDIA tensor cores
@@ -506,20 +505,14 @@ def paged_decode_attention_int8(
     return x_q, x_s
 
 
-# One buffer of int32 arrival counters per device, made before first use (zeros; every launch leaves them zero);
-# launches that share it must not overlap (one stream per device, as ingot's engine runs). A launch takes
-# B * (P + 1) of them (P head groups per row): larger batches run in several launches.
+# The arrival counters of the split combine and the per-row quantization (checks.arrival_counters: one buffer per
+# device, zero between launches). A launch takes B * (P + 1) of them (P head groups per row): larger batches run in
+# several launches.
 MAX_COUNTERS = 65536
 
 
-@functools.lru_cache(maxsize=16)
 def _counters(device: torch.device) -> torch.Tensor:
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "paged decode attention first called during CUDA graph capture: run it once eagerly before capturing "
-            "(its arrival counters must not live in the graph's memory pool)"
-        )
-    return torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
+    return arrival_counters(device, MAX_COUNTERS, "paged decode attention")
 
 
 def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, quant, new_kv):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -74,3 +75,15 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n for n >= 1 (0 for 0), as triton.next_power_of_2."""
     return 0 if n == 0 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=32)
+def arrival_counters(device: torch.device, size: int, user: str) -> torch.Tensor:
+    """int32 zeros on ``device``: one kernel family's arrival counters (split-K tiles, the decode attention's head
+    groups), made once per device and user, before any CUDA graph capture (they must not live in a graph's memory
+    pool). Every launch leaves the counters it used at zero; launches that share them must not overlap (one stream
+    per device, as ingot's engine runs)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{user} first called during CUDA graph capture: run it once eagerly before capturing (its "
+                           f"arrival counters must not live in the graph's memory pool)")
+    return torch.zeros(size, dtype=torch.int32, device=device)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.kernels.checks import backend_failed, cdiv, check_device, check_epilogue, check_tensor
+from ingot.kernels.checks import arrival_counters, backend_failed, cdiv, check_device, check_epilogue, check_tensor
 from ingot.kernels import tuning
 from ingot.kernels.tuning import GemmConfig
 
@@ -457,14 +457,8 @@ def resolve_config(op: str, config: GemmConfig | None, m: int, n: int, k: int, d
 MAX_SPLIT_K_TILES = 65536
 
 
-@functools.lru_cache(maxsize=16)
 def _split_k_locks(device: torch.device) -> torch.Tensor:
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "split-K GEMM first called during CUDA graph capture: run it once eagerly before capturing "
-            "(its tile counters must not live in the graph's memory pool)"
-        )
-    return torch.zeros(MAX_SPLIT_K_TILES, dtype=torch.int32, device=device)
+    return arrival_counters(device, MAX_SPLIT_K_TILES, "split-K GEMM")
 
 
 def _split_k_scratch(config: GemmConfig, m: int, n: int, part_dtype: torch.dtype, device: torch.device,
