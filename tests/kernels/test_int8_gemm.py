@@ -546,8 +546,11 @@ def test_gemv_channel_is_int32_exact(n, k, cfg):
     dot = int8_gemm_channel(*args, bias=bias, out_dtype=torch.float32, config=GemmConfig(16, 32, 128, group_m=1))
     for _ in range(2):
         y = int8_gemm_channel(*args, bias=bias, out_dtype=torch.float32, config=cfg)
-        assert torch.equal(y, expected)
         assert torch.equal(y, dot)
+        if DEVICE == "cpu":
+            assert torch.equal(y, expected)
+        else:  # compiled, the fp32 epilogue (x_s * w_s, + bias) may contract into an fma: within an ulp or two
+            torch.testing.assert_close(y, expected.to(y.device), rtol=1e-6, atol=1e-5)
     assert int(int8_gemm._split_k_locks(torch.device(DEVICE)).abs().sum()) == 0
 
 
