@@ -137,7 +137,7 @@ def rope_case(h, hkv, d, seq_lens, page=16, dtype=torch.bfloat16, seed=0, device
         if n:
             kc[int(bt[i, (n - 1) // page]), (n - 1) % page] = 7.0  # stale: the kernel must write the new token
             vc[int(bt[i, (n - 1) // page]), (n - 1) % page] = -7.0
-    new = NewKV(k, v[:, :, :d], angles.cos().to(device), angles.sin().to(device), slots.to(device))
+    new = NewKV(k, v, angles.cos().to(device), angles.sin().to(device), slots.to(device))
     return q, kc, vc, bt, seq, new
 
 
@@ -190,7 +190,11 @@ def test_counters_are_left_zero_and_large_batches_take_several_launches(monkeypa
     plain = paged_decode_attention(q, kc, vc, bt, seq, scale, 32, num_splits=3, block_n=16)
     assert not _counters(q.device).any()
     monkeypatch.setattr(attention_kernels, "MAX_COUNTERS", 7)
+    launches = []
+    launch = attention_kernels._launch
+    monkeypatch.setattr(attention_kernels, "_launch", lambda q, *a: launches.append(q.shape[0]) or launch(q, *a))
     chunked = paged_decode_attention_int8(q, kc, vc, bt, seq, scale, 32, None, num_splits=3, block_n=16)
+    assert launches == [2, 2, 1]
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
     assert torch.equal(plain, paged_decode_attention(q, kc, vc, bt, seq, scale, 32, num_splits=3, block_n=16))
     assert not _counters(q.device).any()

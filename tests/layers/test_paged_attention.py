@@ -351,7 +351,7 @@ def test_cuda_decode_emits_o_projs_int8_input(group):
 def test_cuda_decode_rotates_and_stores_in_the_attention_kernel(group, monkeypatch):
     """Attention.forward of a CUDA decode step with rope: the decode kernel's own rotary and cache write give the
     bits of rope_store_kv's launch then the kernel (the path the module took before), output and caches alike."""
-    import ingot.layers.attention as layer
+    import ingot.kernels.attention as kernels
     from ingot.layers.linear import ActQuant, QuantizedActivation
     from ingot.layers.rotary import RopeScaling, RotaryEmbedding
 
@@ -368,7 +368,8 @@ def test_cuda_decode_rotates_and_stores_in_the_attention_kernel(group, monkeypat
     quant = None if group == "plain" else ActQuant("int8", group)
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(layer, "_rope_in_decode_kernel", lambda q, v_cache, fused=fused: fused)
+        if not fused:  # the module's path before: rope_store_kv's launch, then the kernel
+            monkeypatch.setattr(kernels, "rope_supported", lambda q, v_cache: False)
         attn = Attention(32, 8, 128, 128, _scale(128))
         attn.bind_cache(kc.clone(), vc.clone())
         out = attn(q, k, v, meta, rope, quant)

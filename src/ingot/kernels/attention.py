@@ -82,7 +82,9 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 def _rotate_half(x, row_ptr, d, stride_d, mask, c, s, HALF):
     """x (R, BLOCK_D) = channels d of the rows at row_ptr (R, 1), rotated: channel d < HALF pairs with d + HALF (read
     again here, mask ``mask``), c / s (1, BLOCK_D) the token's cos / sin of channel d % HALF in x's dtype (as fp32).
-    Rounded as kernels.norm_rope._rotate (each product to x's dtype, then the sum): the same bits as rope_store_kv."""
+    Rounded as kernels.norm_rope._rotate (each product to x's dtype, then the sum): the same bits as rope_store_kv.
+    The select between the two sums keeps the sum in fp32, so no fma swallows a product's rounding even with fp
+    fusion on (the rotary kernels, written as one expression, launch with it off; norm_rope's docstring)."""
     first = d < HALF
     partner = tl.where(first, d + HALF, d - HALF)
     xp = tl.load(row_ptr + partner[None, :] * stride_d, mask=mask, other=0.0)
@@ -118,7 +120,7 @@ def _decode_kernel(
     BLOCK_DV: tl.constexpr,  # next_pow2(Dv)
     BLOCK_S: tl.constexpr,  # next_pow2(NUM_SPLITS)
     SPLIT_CHUNK: tl.constexpr,  # splits whose accumulators the combine loads at once
-    COMBINE_H: tl.constexpr,  # min(BLOCK_H, next_pow2(GROUP)): the head rows the combine holds
+    COMBINE_H: tl.constexpr,  # next_pow2(GROUP) within [2, BLOCK_H]: the head rows the combine holds
     ROW_H: tl.constexpr,  # QUANT 2: heads of a row quantized at once
     BLOCK_P: tl.constexpr,  # QUANT 2: next_pow2(P)
     V_FROM_K: tl.constexpr,  # shared KV and BLOCK_DV == BLOCK_D1: values are the first key tile, already loaded
@@ -242,8 +244,8 @@ def _decode_kernel(
 def _combine(acc_ptr, m_ptr, l_ptr, bh, ok, used, DV, dv, dv_ok, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
              SPLIT_CHUNK: tl.constexpr, R: tl.constexpr, BLOCK_DV: tl.constexpr):
     """out (R, BLOCK_DV) = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s for the heads at rows bh (R,) of the
-    partials, over the ``used`` splits that hold tokens. The accumulators are read SPLIT_CHUNK splits at a time, each
-    chunk's loads independent of the sums before it (a split-at-a-time loop waited on memory once per split)."""
+    partials, over the ``used`` splits that hold tokens. The accumulators are read SPLIT_CHUNK splits at a time (a
+    split-at-a-time loop waited on memory once per split; Llama-3 at batch 1 takes all its splits in one step)."""
     si = tl.arange(0, BLOCK_S)
     hs_mask = ok[:, None] & (si < used)[None, :]
     m_s = tl.load(m_ptr + bh[:, None] * NUM_SPLITS + si[None, :], mask=hs_mask, other=float("-inf"),
@@ -253,7 +255,7 @@ def _combine(acc_ptr, m_ptr, l_ptr, bh, ok, used, DV, dv, dv_ok, NUM_SPLITS: tl.
     m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # no split holds tokens (seq_len 0): weights 0
     denom = tl.sum(tl.exp(m_s - m_max[:, None]) * l_s, axis=1)  # (R,)
     out = tl.zeros((R, BLOCK_DV), dtype=tl.float32)
-    for c0 in tl.static_range(0, BLOCK_S, SPLIT_CHUNK):
+    for c0 in range(0, used, SPLIT_CHUNK):  # not unrolled: BLOCK_S / SPLIT_CHUNK copies of a tile would spill
         sj = c0 + tl.arange(0, SPLIT_CHUNK)
         mask = ok[:, None] & (sj < used)[None, :]
         m_c = tl.load(m_ptr + bh[:, None] * NUM_SPLITS + sj[None, :], mask=mask, other=float("-inf"),
@@ -520,7 +522,7 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
     x_s). One kernel does it all (``_decode_kernel``): the splits' combine, and the quantization per token, or per
     head where splits are combined. Per head with one split the plain output is quantized by its own launch after
     it (quantizing in that kernel's epilogue, over its 16-row head tiles of a 4-head GQA group, made Llama-3-8B
-    int8-block batch-64 decode 1.4% slower, session 5)."""
+    int8-block batch-64 decode 1.4% slower)."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, head_dim_v)
     if new_kv is not None:
         _check_new_kv(new_kv, q, k_cache, v_cache, head_dim_v)
@@ -530,9 +532,9 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
         block_n = 64 if dk <= 128 else 32  # MLA: a 32 x 576 bf16 K tile is already 36 KB
     if block_n < MIN_DOT or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= {MIN_DOT}, got {block_n}")
+    groups = hkv * cdiv(h // hkv, BLOCK_H)  # programs per row and split
     if num_splits is None:
-        programs = b * hkv * cdiv(h // hkv, BLOCK_H)
-        num_splits = default_num_splits(programs, block_tables.shape[1] * page_size, q.device)
+        num_splits = default_num_splits(b * groups, block_tables.shape[1] * page_size, q.device)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
 
@@ -543,7 +545,6 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
         x_q = torch.empty((b, h * head_dim_v), dtype=torch.int8, device=q.device)
         x_s = torch.empty((b, 1 if fused == "token" else h), dtype=torch.float32, device=q.device)
     if b and h:
-        groups = hkv * cdiv(h // hkv, BLOCK_H)
         rows = MAX_COUNTERS // (groups + 1)
         for r0 in range(0, b, rows):
             r = slice(r0, r0 + rows)

@@ -194,6 +194,8 @@ def gluon_step_fits(k: int, block_k: int) -> bool:
     """Whether K steps of block_k suit a K: the ragged last step wastes at most 1/8 of its loads."""
     padded = -(-k // block_k) * block_k
     return (padded - k) * 8 <= padded
+
+
 DEFAULT_TUNE_M = (1, 16, 64, 128, 256, 1024, 4096)
 
 

@@ -87,13 +87,6 @@ def _fused_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, 
             and cos.dim() == 2)
 
 
-def _rope_in_decode_kernel(q: torch.Tensor, v_cache: torch.Tensor | None) -> bool:
-    """Whether the CUDA decode kernel rotates q / k and writes the cache itself (``kernels.attention.NewKV``)."""
-    from ingot.kernels.attention import rope_supported
-
-    return rope_supported(q, v_cache)
-
-
 def store_kv(
     k: torch.Tensor,
     v: torch.Tensor | None,
@@ -466,7 +459,8 @@ class Attention(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 out_quant: ActQuant | None = None) -> torch.Tensor | QuantizedActivation:
         """rope: (cos, sin) to rotate q and k by first (``apply_rotary``, channel i with i + dim / 2); on the engine's
-        CUDA path the rotation and the cache write are one launch (``kernels.kv_store.rope_store_kv``). out_quant:
+        CUDA path the decode kernel rotates and writes the cache itself (``kernels.attention.NewKV``, where
+        ``rope_supported``), other steps run one launch for both (``kernels.kv_store.rope_store_kv``). out_quant:
         the output linear's input quantization, which a CUDA decode step may return already applied
         (``paged_attention``): the caller passes either result to that linear."""
         dv = self.spec.head_dim_v
@@ -476,15 +470,13 @@ class Attention(nn.Module):
             return causal_attention(q, k, _values(k, v, dv), self.scale, self.window)
         if self.k_cache is None:
             raise RuntimeError("Attention: no KV cache bound; call model.bind_kv_cache(...) before a paged forward")
-        if (rope is not None and meta.max_query_len == 1 and self.window is None and _fused_rope_store(q, k, v, rope[0])
-                and _rope_in_decode_kernel(q, self.v_cache)):
-            from ingot.kernels.attention import NewKV
-
-            new = NewKV(k, v, *rope, meta.slot_mapping)
-            return _cuda_decode(q, self.k_cache, self.v_cache, meta, self.scale, dv, out_quant, new)
         if rope is not None and _fused_rope_store(q, k, v, rope[0]):
+            from ingot.kernels import attention as kernels
             from ingot.kernels.kv_store import rope_store_kv
 
+            if meta.max_query_len == 1 and self.window is None and kernels.rope_supported(q, self.v_cache):
+                new = kernels.NewKV(k, v, *rope, meta.slot_mapping)  # the decode kernel rotates and stores
+                return _cuda_decode(q, self.k_cache, self.v_cache, meta, self.scale, dv, out_quant, new)
             q, k = rope_store_kv(q, k, v, *rope, self.k_cache, self.v_cache, meta.slot_mapping)
         else:
             if rope is not None:
