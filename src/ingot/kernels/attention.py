@@ -172,10 +172,11 @@ def _decode_kernel(
         if (pos >= start) & (pos < end) & (slot >= 0):
             kn_row = kn_ptr + b64 * stride_knb + kvh.to(tl.int64) * stride_knh + tl.zeros((1, 1), tl.int64)
             kn = tl.load(kn_row + d1[None, :] * stride_knd)
+            # v loaded before k's store: after it, the compiler cannot move the load up (it may alias the cache)
+            vn = tl.load(vn_ptr + b64 * stride_vnb + kvh.to(tl.int64) * stride_vnh + dv * stride_vnd, mask=dv_ok)
             kn = _rotate_half(kn, kn_row, d1, stride_knd, d1[None, :] < DK, c, s, half)
             page_row = (slot // PAGE_SIZE) * stride_kb + (slot % PAGE_SIZE) * stride_kt
             tl.store(k_head + page_row + d1[None, :] * stride_kd, kn.to(k_ptr.dtype.element_ty))
-            vn = tl.load(vn_ptr + b64 * stride_vnb + kvh.to(tl.int64) * stride_vnh + dv * stride_vnd, mask=dv_ok)
             page_row = (slot // PAGE_SIZE) * stride_vb + (slot % PAGE_SIZE) * stride_vt
             tl.store(v_head + page_row + dv * stride_vd, vn.to(v_ptr.dtype.element_ty), mask=dv_ok)
         tl.debug_barrier()  # the block's stores before its loads of the cache below

@@ -555,6 +555,23 @@ def _int8_skinny_gemm_sm90_kernel(
         tokens = gl.minimum(off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, staging)), M - 1)  # never stored
         xs = gl.load(xs_ptr + tokens.to(gl.int64)[None, :] * stride_xsm + kb[:, None] * stride_xsk)
         ws = gl.load(ws_ptr + (off_n // SCALE_N) * stride_wsn + kb * stride_wsk)
+
+    # the output tile in a layout whose threads own 8 consecutive weight rows (= 8 consecutive columns of y: 16-byte
+    # bf16 stores); split-K partials go through the same layout. The epilogue's per-channel scales and bias are
+    # loaded here, before the ring: after the K loop their latency (the weight scales come from HBM) came after the
+    # last wgmma in every program, a serial round trip at the end of each launch.
+    THREADS_N: gl.constexpr = BLOCK_N // 8  # BLOCK_N 64 or 128
+    out: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[THREADS_N, 32 // THREADS_N],
+                                         warps_per_cta=[1, 4], order=[0, 1])
+    n_offs = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out))
+    m_offs = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out))
+    rows = off_n + n_offs  # weight rows = columns of y
+    cols = off_m + m_offs  # tokens = rows of y
+    if not BLOCKED:
+        xs_out = gl.load(xs_ptr + gl.minimum(cols, M - 1).to(gl.int64) * stride_xsm)
+        ws_out = gl.load(ws_ptr + gl.minimum(rows, N - 1) * stride_wsn)
+    if HAS_BIAS:
+        bias = gl.load(bias_ptr + gl.minimum(rows, N - 1)).to(gl.float32)
     for s in gl.static_range(STAGES):
         _skinny_load(w_desc, x_desc, a_bufs, b_bufs, ready, s, steps, loaded, first, k_tiles, off_n, off_m,
                      BLOCK_K, STAGES)
@@ -606,14 +623,7 @@ def _int8_skinny_gemm_sm90_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
 
-    # the output tile in a layout whose threads own 8 consecutive weight rows (= 8 consecutive columns of y: 16-byte
-    # bf16 stores); split-K partials go through the same layout
-    THREADS_N: gl.constexpr = BLOCK_N // 8  # BLOCK_N 64 or 128
-    out: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[THREADS_N, 32 // THREADS_N],
-                                         warps_per_cta=[1, 4], order=[0, 1])
     acc = gl.convert_layout(acc, out)
-    n_offs = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out))
-    m_offs = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out))
     is_last = True
     if SPLIT_K > 1:
         # as int8_gemm._split_k_sum: every split stores its partial, then bumps the tile's counter (acq_rel, GPU
@@ -632,16 +642,12 @@ def _int8_skinny_gemm_sm90_kernel(
                                cache_modifier=".cg")
             gl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")
     if is_last:
-        rows = off_n + n_offs  # weight rows = columns of y
-        cols = off_m + m_offs  # tokens = rows of y
         if BLOCKED:
             y = acc
         else:  # (acc * x_s) * w_s, in the reference's order
-            xs = gl.load(xs_ptr + gl.minimum(cols, M - 1).to(gl.int64) * stride_xsm)
-            ws = gl.load(ws_ptr + gl.minimum(rows, N - 1) * stride_wsn)
-            y = acc.to(gl.float32) * xs[None, :] * ws[:, None]
+            y = acc.to(gl.float32) * xs_out[None, :] * ws_out[:, None]
         if HAS_BIAS:
-            y += gl.load(bias_ptr + gl.minimum(rows, N - 1)).to(gl.float32)[:, None]
+            y += bias[:, None]
         y_ptrs = y_ptr + cols.to(gl.int64)[None, :] * stride_ym + rows[:, None] * stride_yn
         gl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < N) & (cols[None, :] < M))
 

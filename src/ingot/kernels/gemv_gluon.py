@@ -175,6 +175,14 @@ def _gemv_kernel(
     kx = kt0 * KC + xc
     ks = kt0 * KC + dc
     p, a, s = _load_step(w_rows, x_ptr, x_in, ws_rows, kw, kx, ks, last_chunk, VEC, CHUNK, GROUP_SIZE, EVEN_K)
+    # the epilogue's row scales and bias, loaded before the K loop (after it, their HBM latency followed the last
+    # step in every program: a serial round trip at the end of each launch)
+    offs = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, DL))
+    cols = pid_n * BLOCK_N + offs
+    if GROUP_SIZE == 0:
+        row_scale = gl.load(ws_ptr + gl.minimum(cols, N - 1).to(gl.int64) * stride_wsn).to(gl.float32)
+    if HAS_BIAS:
+        bias = gl.load(bias_ptr + gl.minimum(cols, N - 1)).to(gl.float32)
     acc = gl.zeros((BLOCK_N, KC), gl.float32, layout=DL)
     for kt in range(kt0, kt1):
         # the next step's loads before this step's math; the last step reloads its own tile (an L2 hit), no masks.
@@ -190,7 +198,6 @@ def _gemv_kernel(
         p, a, s = p_next, a_next, s_next
     out = gl.sum(acc, axis=1)
 
-    offs = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, DL))
     is_last = True
     if SPLIT_K > 1:  # as int8_gemm._split_k_sum, on (BLOCK_N,) fp32 partials
         num_tiles = gl.cdiv(N, BLOCK_N)
@@ -204,11 +211,10 @@ def _gemv_kernel(
                 out += gl.load(part_ptr + (q * num_tiles + pid_n).to(gl.int64) * BLOCK_N + offs, cache_modifier=".cg")
             gl.atomic_xchg(lock_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     if is_last:
-        cols = pid_n * BLOCK_N + offs
         if GROUP_SIZE == 0:  # the row's scale, once
-            out = out * gl.load(ws_ptr + gl.minimum(cols, N - 1).to(gl.int64) * stride_wsn).to(gl.float32)
+            out = out * row_scale
         if HAS_BIAS:
-            out += gl.load(bias_ptr + gl.minimum(cols, N - 1)).to(gl.float32)
+            out += bias
         gl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=cols < N)
 
 

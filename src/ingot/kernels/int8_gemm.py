@@ -346,9 +346,16 @@ def _int8_gemv_channel_kernel(
     """int8_gemm_channel at M = 1 (config.block_m == 1): no tensor cores and no 16-row padding of x. Each program
     streams a (BLOCK_N, BLOCK_K) int8 weight tile per K step as int32 words, dp4a's them against x's words into an
     int32 accumulator of the tile's shape (no cross-thread reduction inside the loop), and sums along K once at the
-    end. The integer sum is exact, so y is bit-identical to the tensor-core kernel's. Split-K as the GEMM kernel."""
+    end. The integer sum is exact, so y is bit-identical to the tensor-core kernel's. Split-K as the GEMM kernel.
+
+    The epilogue's scales (and bias) are loaded before the K loop: issued after it, their latency (the weight scales
+    come from HBM) followed the loop's last step in every program, a serial round trip at the end of each launch."""
     cols, offs_n, offs_w, kt_first, steps, _, x_ptrs, w_ptrs, pid_n, pid_k, tile = _gemv_words(
         x_ptr, w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K)
+    xs = tl.load(xs_ptr)
+    ws = tl.load(ws_ptr + offs_n * stride_wsn)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n).to(tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.int32)
     for i in tl.range(0, steps, num_stages=LOOP_STAGES):  # LOOP_STAGES > 1: the loads pipelined (cp.async)
         acc = _gemv_step(x_ptrs, w_ptrs, acc, offs_w, K, kt_first + i, BLOCK_K, EVEN_K, DP4A)
@@ -360,11 +367,9 @@ def _int8_gemv_channel_kernel(
     if SPLIT_K > 1:
         dot, is_last = _split_k_sum(dot, part_ptr, lock_ptr, tile, pid_k, 1, N, SPLIT_K, 1, BLOCK_N)
     if is_last:
-        xs = tl.load(xs_ptr)
-        ws = tl.load(ws_ptr + offs_n * stride_wsn)
         y = dot.to(tl.float32) * xs * ws[None, :]
         if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+            y += bias[None, :]
         _store_tile(y_ptr, y, tl.arange(0, 1), cols, 1, N, 0, stride_yn)
 
 

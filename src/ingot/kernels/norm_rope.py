@@ -59,6 +59,7 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     ok = cols < N
     x = tl.load(x_ptr + row * s_x + cols, mask=ok, other=0.0)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0)  # issued with x's load: after the reduction it waited alone
     if HAS_RESIDUAL:  # x + residual in the model dtype: float32 sum, one rounding, as torch's bf16 add
         r = tl.load(r_ptr + row * s_r + cols, mask=ok, other=0.0)
         x = _cast_rn(x.to(tl.float32) + r.to(tl.float32), x.dtype, COMPILED)
@@ -66,7 +67,6 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) * inv_n  # torch's mean: sum x (1 / N)
     y = _cast_rn(xf * tl.rsqrt(var + eps), x.dtype, COMPILED)  # rsqrt: the instruction torch's rsqrtf compiles to
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0)
     out = _cast_rn(w.to(tl.float32) * y.to(tl.float32), x.dtype, COMPILED)
     if QUANT:  # what the model dtype output would hold, quantized (lanes past N: w = 0 there, so out = 0)
         _quantize_store(out.to(tl.float32), 0, N, q_ptr + row * s_q, s_ptr + row * s_s,
