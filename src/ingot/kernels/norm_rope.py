@@ -140,6 +140,16 @@ def _rows(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _num_warps(n: int) -> int:
+    """Warps of the one-program-per-row norm, by the row length only (every variant the same: the same reduction).
+    Rows over 2048 take 16 (was 8): the quantizing epilogue divides each element (div_rn, a branchy sequence ptxas does not
+    interleave), so it is bound by the elements per thread. H100, 64 launches of one 4096-channel row in a CUDA graph
+    (``benchmarks/results/normbench-warps-*.json``), us per launch for 4 / 8 / 16 warps: with the per-token int8
+    epilogue 3.34 / 2.81 / 2.56 (64 rows: 4.33 / 3.75 / 3.38), plain 1.73 / 1.73 / 1.80 (64 rows: 2.60 / 2.56 /
+    2.60)."""
+    return 4 if next_pow2(n) <= 2048 else 16
+
+
 def _norm(x, weight, eps, residual=None, quant=None):
     """Launch _rms_norm_kernel. quant: None or (dtype, group_size, scale_fmt), checked by the caller.
     Returns (out or None, new residual or None, x_q or None, x_s or None), each [M, ...]."""
@@ -185,7 +195,7 @@ def _norm(x, weight, eps, residual=None, quant=None):
                 0 if x_s is None else x_s.stride(0), 1.0 / n, float(eps),
                 HAS_RESIDUAL=r2 is not None, QUANT=quant is not None, GROUP=group, QMAX=qmax, IS_FP8=is_fp8,
                 UE8M0=ue8m0, COMPILED=not INTERPRETED, BLOCK=block,
-                num_warps=4 if next_pow2(n) <= 2048 else 8,  # by the row, not the group: same reduction
+                num_warps=_num_warps(n),  # by the row, not the group or the outputs: same reduction
             )
     return out, ro, x_q, x_s
 
