@@ -144,7 +144,7 @@ def _num_warps(n: int) -> int:
     """Warps of the one-program-per-row norm, by the row length only (every variant the same: the same reduction).
     Rows over 2048 take 16 (was 8): the quantizing epilogue divides each element (div_rn, a branchy sequence ptxas does not
     interleave), so it is bound by the elements per thread. H100, 64 launches of one 4096-channel row in a CUDA graph
-    (``benchmarks/results/normbench-warps-*.json``), us per launch for 4 / 8 / 16 warps: with the per-token int8
+    (``benchmarks/results/norm-warps-*.json``), us per launch for 4 / 8 / 16 warps: with the per-token int8
     epilogue 3.34 / 2.81 / 2.56 (64 rows: 4.33 / 3.75 / 3.38), plain 1.73 / 1.73 / 1.80 (64 rows: 2.60 / 2.56 /
     2.60)."""
     return 4 if next_pow2(n) <= 2048 else 16
