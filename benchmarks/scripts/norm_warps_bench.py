@@ -1,5 +1,6 @@
-"""RMSNorm (+ residual add, optionally + per-token int8 quantization) on rows of 4096 channels, by num_warps: 64
-launches back to back in one CUDA graph (the decode step's 65 norms), microseconds per launch.
+"""RMSNorm after the residual add, plain (``fused_add_rms_norm``) and with per-token int8 output
+(``rms_norm_quant``), on rows of 4096 channels, by the launch's num_warps (``norm_rope._num_warps`` patched): 64
+calls back to back in one CUDA graph (a decode step runs 65 norms), microseconds per call.
 
 What it decided: ``norm_rope._num_warps`` (16 warps for rows over 2048 channels; kernels/NOTES.md, session 20).
 
@@ -9,37 +10,37 @@ Usage (GPU): PYTHONPATH=src python3 benchmarks/scripts/norm_warps_bench.py --out
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from unittest import mock
 
 import torch
 from triton.testing import do_bench_cudagraph
 
+from ingot.bench.common import run_stamp, write_results
 from ingot.kernels import norm_rope
 
 N = 4096
-LAUNCHES = 64
+CALLS = 64
+REP_MS = 100
 
 
-def run(m: int, quant: bool, warps: int) -> float:
-    dev = torch.device("cuda")
-    xs = [torch.randn(m, N, device=dev, dtype=torch.bfloat16) for _ in range(LAUNCHES)]
-    rs = [torch.randn(m, N, device=dev, dtype=torch.bfloat16) for _ in range(LAUNCHES)]
-    w = torch.randn(N, device=dev, dtype=torch.bfloat16)
-    ro, out = (torch.empty(m, N, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    x_q = torch.empty(m, N, device=dev, dtype=torch.int8)
-    x_s = torch.empty(m, 1, device=dev, dtype=torch.float32)
+def bench(m: int, quant: bool, warps: int) -> float:
+    """Median microseconds of one call (of CALLS in a graph), at ``warps`` warps."""
+    xs = [torch.randn(m, N, device="cuda", dtype=torch.bfloat16) for _ in range(CALLS)]
+    rs = [torch.randn(m, N, device="cuda", dtype=torch.bfloat16) for _ in range(CALLS)]
+    w = torch.randn(N, device="cuda", dtype=torch.bfloat16)
 
     def chain():
-        for i in range(LAUNCHES):
-            norm_rope._rms_norm_kernel[(m,)](
-                xs[i], rs[i], w, out, ro, x_q, x_s, N, N, N, N, N, N, 1, 1.0 / N, 1e-5,
-                HAS_RESIDUAL=True, QUANT=quant, GROUP=N, QMAX=127.0, IS_FP8=False, UE8M0=False, COMPILED=True,
-                BLOCK=N, num_warps=warps)
+        for x, r in zip(xs, rs):
+            if quant:
+                norm_rope.rms_norm_quant(x, w, 1e-5, residual=r)
+            else:
+                norm_rope.fused_add_rms_norm(x, r, w, 1e-5)
 
-    chain()
-    torch.cuda.synchronize()
-    return round(do_bench_cudagraph(chain, rep=100) * 1000 / LAUNCHES, 3)
+    with mock.patch.object(norm_rope, "_num_warps", lambda n: warps):
+        chain()
+        torch.cuda.synchronize()
+        return round(do_bench_cudagraph(chain, rep=REP_MS) * 1000 / CALLS, 3)
 
 
 def main() -> int:
@@ -47,19 +48,18 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--git-sha")
     args = ap.parse_args()
-    res = {}
+    us = {}
     for m in (1, 64):
         for quant in (False, True):
             for warps in (2, 4, 8, 16):
-                key = f"m{m} quant {quant} warps {warps}"
-                res[key] = run(m, quant, warps)
-                print(key, res[key], flush=True)
-    result = {"bench": "norm_warps", "command": "python3 " + " ".join(sys.argv), "git_sha": args.git_sha,
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "timer": "triton.testing.do_bench_cudagraph(rep=100 ms) over 64 launches, median", "n": N,
-              "results_us_per_launch": res}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+                key = f"m{m} {'int8 per token' if quant else 'plain'} warps {warps}"
+                us[key] = bench(m, quant, warps)
+                print(key, us[key], flush=True)
+    write_results(args.out, {
+        **run_stamp("norm_warps", "python3 " + " ".join(sys.argv), ["cuda"], args.git_sha),
+        "timer": f"triton.testing.do_bench_cudagraph(rep={REP_MS} ms) of {CALLS} calls, median, per call",
+        "n": N, "us_per_call": us,
+    })
     return 0
 
 

@@ -234,6 +234,16 @@ def timestamp() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def run_stamp(bench: str, command: str, devices: tuple[str, ...] | list[str], git_sha: str | None = None) -> dict:
+    """The fields every results JSON opens with: bench, command, timestamp, git (``git_sha`` stands in for a tree
+    copied without .git, as on the GPU machine), device, software and load average."""
+    git = git_info()
+    if git_sha:
+        git = {"sha": git_sha, "dirty": None, "note": "given with --git-sha"}
+    return {"bench": bench, "command": command, "timestamp": timestamp(), "git": git, "device": device_info(devices),
+            "software": software_info(), "load_average": load_average()}
+
+
 def write_results(path: Path, results: dict) -> Path:
     """Write a results JSON atomically (sorted keys, stable bytes), creating its folder."""
     path = Path(path)

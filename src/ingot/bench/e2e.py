@@ -41,16 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ingot.bench.common import (
-    default_results_path,
-    device_info,
-    device_slug,
-    git_info,
-    load_average,
-    software_info,
-    timestamp,
-    write_results,
-)
+from ingot.bench.common import default_results_path, device_slug, run_stamp, write_results
 
 # Llama-3-8B's config.json (meta-llama/Meta-Llama-3-8B), the fields ingot's Llama reads.
 LLAMA3_8B = {
@@ -497,7 +488,6 @@ def run_bench_e2e(options: BenchE2EOptions) -> dict:
         raise ValueError("bench e2e: --device cuda but torch.cuda.is_available() is False (use --device cpu for a "
                          "smoke run)")
     config = model_config(options)
-    info = device_info([options.device])
     bandwidth = measure_bandwidth(device, BANDWIDTH_BYTES if device.type == "cuda" else 64 * 2**20)
     runs, hf = [], {"status": "skipped: --no-hf"}
     for scheme in options.schemes:
@@ -510,17 +500,8 @@ def run_bench_e2e(options: BenchE2EOptions) -> dict:
     if options.hf_peer and "bf16" not in options.schemes:
         hf = bench_hf(config, options, device)
     ratios, targets = ratios_and_targets(runs, hf, bandwidth)
-    git = git_info()
-    if options.git_sha:
-        git = {"sha": options.git_sha, "dirty": None, "note": "given with --git-sha"}
     results = {
-        "bench": "e2e",
-        "command": options.command,
-        "timestamp": timestamp(),
-        "git": git,
-        "device": info,
-        "software": software_info(),
-        "load_average": load_average(),
+        **run_stamp("e2e", options.command, [options.device], options.git_sha),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "model_config": config,
         "bandwidth": bandwidth,
@@ -530,7 +511,7 @@ def run_bench_e2e(options: BenchE2EOptions) -> dict:
         "targets": targets,
         "targets_spec": TARGETS,
     }
-    path = options.out or default_results_path("e2e", device_slug(info))
+    path = options.out or default_results_path("e2e", device_slug(results["device"]))
     write_results(path, results)
     print(format_table(results))
     print(path)

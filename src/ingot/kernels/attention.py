@@ -283,7 +283,8 @@ def _finish(out, bh, ok, b64, pid_h, groups, B, o_ptr, xq_ptr, xs_ptr, amax_ptr,
     if QUANT == 1:
         vals = rounded.to(tl.float32)
         head_scale = tl.math.div_rn(tl.max(tl.abs(vals), axis=1), 127.0)
-        tl.store(xq_ptr + bh[:, None] * DV + dv[None, :], _quantize(vals, head_scale, 127.0, False, COMPILED), mask=mask)
+        q = _quantize(vals, head_scale, 127.0, False, COMPILED)
+        tl.store(xq_ptr + bh[:, None] * DV + dv[None, :], q, mask=mask)
         tl.store(xs_ptr + bh, head_scale, mask=ok)
     elif QUANT == 2:
         tl.store(o_ptrs, rounded, mask=mask, cache_modifier=".cg")
