@@ -142,11 +142,11 @@ def _rows(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
 
 def _num_warps(n: int) -> int:
     """Warps of the one-program-per-row norm, by the row length only (every variant the same: the same reduction).
-    Rows over 2048 take 16 (was 8): the quantizing epilogue divides each element (div_rn, a branchy sequence ptxas does not
-    interleave), so it is bound by the elements per thread. H100, 64 launches of one 4096-channel row in a CUDA graph
-    (``benchmarks/results/norm-warps-*.json``), us per launch for 4 / 8 / 16 warps: with the per-token int8
-    epilogue 3.34 / 2.81 / 2.56 (64 rows: 4.33 / 3.75 / 3.38), plain 1.73 / 1.73 / 1.80 (64 rows: 2.60 / 2.56 /
-    2.60)."""
+    Rows over 2048 take 16: the quantizing epilogue divides each element (div_rn: a guarded sequence in its own
+    branch region per element), so its cost follows the elements per thread. H100, 64 calls on one 4096-channel row
+    in a CUDA graph (``benchmarks/results/norm-warps-*-564cb64.json``), us per call for 4 / 8 / 16 warps: per-token
+    int8 output 3.47 / 2.88 / 2.63 (64 rows: 4.41 / 3.80 / 3.45), plain 1.73 / 1.73 / 1.81 (64 rows: 2.60 / 2.55 /
+    2.62)."""
     return 4 if next_pow2(n) <= 2048 else 16
 
 
