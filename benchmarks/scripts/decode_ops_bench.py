@@ -4,7 +4,7 @@
   ``silu_mul.SPLIT_ROWS_MAX``) against one program per row, M = 1 ... 256, I = 14336 (Llama-3-8B), 18432 (DeepSeek-V3);
 - a Llama layer's rotary of q and k and its KV-cache write: ``rope_store_kv`` (one launch) against ``rotary`` x 2 +
   ``store_kv_cache`` (three launches: keys, then values inside one call), T = 1 and 64;
-- paged decode attention at short and long context: KV splits 1 ... 8 (Llama-3-8B heads, B = 1 and 64).
+- paged decode attention at short and long context: KV splits 1 ... 16 (Llama-3-8B heads, B = 1, 8, 16, 64).
 
 Usage (GPU): PYTHONPATH=src python3 benchmarks/scripts/decode_ops_bench.py --out FILE.json [--git-sha SHA]
 """
@@ -85,7 +85,7 @@ def rope_rows() -> list[dict]:
 def attention_rows() -> list[dict]:
     rows = []
     h, hkv, d, page = 32, 8, 128, 16
-    for b in (1, 64):
+    for b in (1, 8, 16, 64):
         for ctx in (192, 1024, 4096):
             width = (ctx + page - 1) // page
             kc = torch.randn(b * width + 1, page, hkv, d, device=DEV, dtype=torch.bfloat16)
@@ -94,7 +94,7 @@ def attention_rows() -> list[dict]:
             lens = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
             q = torch.randn(b, h, d, device=DEV, dtype=torch.bfloat16)
             row = {"op": "paged_decode_attention", "b": b, "context": ctx, "us_by_splits": {}}
-            for splits in (1, 2, 3, 4, 8, 16):
+            for splits in (1, 2, 3, 4, 5, 6, 8, 16):
                 if splits * 16 > ctx:
                     continue
                 row["us_by_splits"][splits] = bench(

@@ -392,3 +392,56 @@ def test_gpu_refuses_cpu_tensors():
         pytest.skip("the interpreter takes tensors on any device")
     with pytest.raises(ValueError, match="got cpu"):
         per_token_group_quant(torch.randn(4, 128))
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _div_rows_check_kernel(x_ptr, NX, bad_ptr, S_BITS0, R: tl.constexpr, C: tl.constexpr):
+    """Count the (s, x) pairs where act_quant._div_rows differs from div_rn: R consecutive fp32 bit patterns s per
+    program from S_BITS0, against all NX values of x. A pair agrees when the bits are equal, or when both quotients
+    lie below 2^-11 in magnitude with the same sign (_div_rows' contract)."""
+    bits = S_BITS0 + tl.program_id(0) * R + tl.arange(0, R)
+    s = bits.to(tl.float32, bitcast=True)
+    bad = tl.zeros((R, C), dtype=tl.int32)
+    for c0 in range(0, NX, C):
+        cols = c0 + tl.arange(0, C)
+        x = tl.load(x_ptr + cols, mask=cols < NX, other=1.0)[None, :] + tl.zeros((R, C), dtype=tl.float32)
+        fast = act_quant._div_rows(x, s, True)
+        ref = tl.math.div_rn(x, s[:, None])
+        fb, rb = fast.to(tl.int32, bitcast=True), ref.to(tl.int32, bitcast=True)
+        tiny = (tl.abs(fast) < 0.00048828125) & (tl.abs(ref) < 0.00048828125) & ((fb ^ rb) >= 0)
+        bad += ((fb != rb) & ~tiny).to(tl.int32)
+    tl.atomic_add(bad_ptr, tl.sum(tl.sum(bad, axis=1), axis=0))
+
+
+def _mismatches(x: torch.Tensor, s_exp: int) -> int:
+    """_div_rows against div_rn for every fp32 s in [2^s_exp, 2^(s_exp + 1)) (all 2^23 mantissas) and every x."""
+    bad = torch.zeros(1, dtype=torch.int32, device="cuda")
+    s_bits0 = (s_exp + 127) << 23
+    _div_rows_check_kernel[((1 << 23) // 64,)](x, x.numel(), bad, s_bits0, R=64, C=64, num_warps=4)
+    return int(bad.item())
+
+
+@pytest.mark.gpu
+def test_gpu_div_rows_equals_div_rn():
+    """The quantizing division's fast path against div_rn, bit for bit. Its steps scale exactly with powers of two
+    of x and of s while values stay normal, so s in [1, 2) with x over quotient exponents -12 to 9 stands for every
+    normal range; the ends of the fast path's range (s near 2^-90, with x down to fp32 subnormals, and near 2^120)
+    are checked as they are. x: every 11-bit mantissa (all bf16 and fp16 values; the quantized activations are
+    model-dtype values), both signs, and 4096 random 24-bit mantissas (fp32 models); and +-0."""
+    if act_quant.INTERPRETED:
+        pytest.skip("the fast path is compiled-only")
+    mant11 = 1.0 + torch.arange(1024, dtype=torch.float64) / 1024
+    mant24 = 1.0 + torch.randint(0, 1 << 23, (4096,), generator=torch.Generator().manual_seed(0)) / 2.0 ** 23
+
+    def xs(mant, s_exp, exps):
+        x = torch.cat([mant * 2.0 ** (s_exp + e) for e in exps] + [torch.zeros(1, dtype=torch.float64)]).float()
+        return torch.cat([x, -x]).cuda()  # -0.0 too: its sign reaches the fp8 cast
+
+    assert _mismatches(xs(mant11, 0, range(-12, 10)), 0) == 0
+    assert _mismatches(xs(mant24, 0, range(-12, 10)), 0) == 0
+    assert _mismatches(xs(mant11, -90, range(-45, 10)), -90) == 0  # x to 2^-135: fp32 subnormals
+    assert _mismatches(xs(mant11, 119, range(-12, 9)), 119) == 0  # x below fp32's largest binade 2^127

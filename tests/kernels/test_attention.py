@@ -83,6 +83,40 @@ def test_matches_plain_attention(h, hkv, dk, dv, splits):
     check(*case, dv, num_splits=splits, block_n=16)
 
 
+class LaunchSpy:
+    """Stands in for a triton kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def combine_apart(monkeypatch):
+    """Every split combine runs as its own launch (_combine_kernel), as MLA's 16 x 512 head groups do at real size:
+    COMBINE_ELEMS below any head group's partials. Returns the decode kernel's spy."""
+    monkeypatch.setattr(attention_kernels, "COMBINE_ELEMS", 1)
+    spy = LaunchSpy(attention_kernels._decode_kernel)
+    monkeypatch.setattr(attention_kernels, "_decode_kernel", spy)
+    return spy
+
+
+@pytest.mark.parametrize("h,hkv,dk,dv", [(9, 3, 64, 64), (20, 2, 24, 40), (4, 1, 100, 72)])
+def test_combine_launch_matches_plain_attention(h, hkv, dk, dv, combine_apart):
+    case = make_case(3, h, hkv, dk, dv, [1, 37, 0], page=16, seed=h + dk, shared=dk == 100)
+    check(*case, dv, num_splits=3, block_n=16)
+    assert [c["COMBINE"] for c in combine_apart.calls] == [False]
+    q, kc, vc, bt, seq, _, _ = case
+    if vc is not None:  # o_proj's int8 input, quantized by its own launch after the combine
+        for group in (dv, None) if dv & (dv - 1) == 0 else ():
+            check_int8(q, kc, vc, bt, seq, dv, group, num_splits=3, block_n=16)
+
+
 def check_int8(q, k_cache, v_cache, bt, seq, dv, group, **kw):
     """The quantizing decode against the plain decode then the linear's own quantization, per head (group = Dv) or
     per token (group None): bit for bit (one kernel combines the splits either way)."""
@@ -234,7 +268,10 @@ def test_default_splits_and_tiles():
     cpu = torch.device("cpu")
     assert default_num_splits(1000, 4096, cpu) == 1  # enough programs already
     assert default_num_splits(1, 100, cpu) == 1  # context too short to split
-    assert default_num_splits(1, 4096, cpu) == 8  # 2 x 4 "SMs" on CPU, 16 splits allowed by the context
+    assert default_num_splits(1, 4096, cpu) == 12  # 3 x 4 "SMs" on CPU, 64 splits allowed by the context
+    assert default_num_splits(5, 4096, cpu) == 2  # 12 // 5: one wave, not a partial second
+    assert default_num_splits(1, 4096, cpu, num_warps=8, block_n=32) == 4  # MLA: one 8-warp program a SM
+    assert default_num_splits(1, 64, cpu, num_warps=8, block_n=32) == 2  # one 32-token tile a split at least
 
 
 def test_matches_model_reference_paged_attention():

@@ -61,6 +61,7 @@ for stages in (1, 3):
 
 # the decode attention (M = 1 query per row): the in-kernel split combine, the per-row int8 quantization behind a
 # second arrival counter, the rotary + cache write of the new token, and MLA's two-tile keys with values from keys
+# (whose splits a second launch combines)
 _ATTN_ARGS = (["*bf16"] * 3 + ["*i32"] * 2 + ["*bf16"] * 2 + ["*fp32"] * 2 + ["*i64"] + ["*fp32"] * 3
               + ["*bf16", "*i8", "*fp32", "*i32", "*fp32", "fp32"] + ["i32"] * 28)
 for rope, splits, quant, dk, dv in ((True, 4, 2, 128, 128), (True, 1, 0, 128, 128), (False, 4, 1, 128, 128),
@@ -71,7 +72,11 @@ for rope, splits, quant, dk, dv in ((True, 4, 2, 128, 128), (True, 1, 0, 128, 12
         {"PAGE_SIZE": 16, "NUM_SPLITS": splits, "HEAD_BLOCKS": 1, "BLOCK_H": 16, "BLOCK_N": 64 if dk <= 128 else 32,
          "BLOCK_D1": d1, "BLOCK_D2": d2, "BLOCK_DV": dv, "BLOCK_S": max(2, splits), "V_FROM_K": dk == 576,
          "SPLIT_CHUNK": 1 if dk == 576 else 2, "COMBINE_H": 16 if dk == 576 else 4, "ROW_H": 32, "BLOCK_P": 8,
-         "ROPE": rope, "QUANT": quant, "UPCAST": False, "IEEE": False, "COMPILED": True})
+         "ROPE": rope, "COMBINE": dk != 576, "QUANT": quant, "UPCAST": False, "IEEE": False, "COMPILED": True})
+# MLA's split combine, launched apart (acc, m, l, seq_lens, out; H, DV)
+VARIANTS["decode attention combine launch dv 512"] = (
+    "attention._combine_kernel", ["*fp32"] * 3 + ["*i32", "*bf16"] + ["i32"] * 2,
+    {"NUM_SPLITS": 8, "BLOCK_N": 32, "BLOCK_S": 8, "SPLIT_CHUNK": 8, "BLOCK_DV": 512, "COMPILED": True})
 
 _SCRIPT = """
 import importlib, json, sys

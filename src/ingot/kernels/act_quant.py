@@ -9,7 +9,8 @@ them bit for bit (q and scales), on the CPU interpreter and on the GPU:
 
 - s = amax / QMAX with an IEEE round-to-nearest fp32 division. Triton's ``/`` on fp32 lowers to ``div.full.f32`` on
   NVIDIA GPUs (approximate, up to 2 ulp off); ``tl.math.div_rn`` lowers to ``div.rn.f32`` (and to numpy's IEEE
-  division in the interpreter). The same division makes q: x / s, not x * (1 / s), as the reference does.
+  division in the interpreter). The same division makes q: x / s, not x * (1 / s), as the reference does - with
+  div_rn's bits but cheaper, compiled (``_div_rows``: one reciprocal per row and two fma corrections per element).
 - ue8m0 scales are 2^ceil(log2(amax / 448)), made exactly from the bits of the fp32 scale.
 - int8: round half to even, clamp to +-127 (never -128). fp8: clamp to +-448, round half to even onto the e4m3 grid.
   Both round with ``_rint`` (libdevice ``rint`` when compiled; an exact fp32 trick in the interpreter, which cannot
@@ -56,6 +57,11 @@ MAX_GROUP_SIZE = 4096  # one group is one row of the tile: larger groups would s
 ONE_PASS_MAX_K = 32768
 ONE_PASS_ELEMS_PER_WARP = 1024
 MAX_BLOCK_K = 1024
+# _div_rows' fast path takes a tile whose divisors all lie in [FAST_DIV_MIN, FAST_DIV_MAX]: there the reciprocal is
+# a normal number and every residual of a quotient that matters (>= 2^-11, the last one an fp8 e4m3 cast or an int8
+# rounding can tell from zero) is exact. Scales outside (amax below ~2^-83 or above ~2^127) take div_rn.
+FAST_DIV_MIN = tl.constexpr(2.0 ** -90)
+FAST_DIV_MAX = tl.constexpr(2.0 ** 120)
 NUM_WARPS = 4
 
 
@@ -113,10 +119,42 @@ def _ceil_pow2(s):
 
 
 @triton.jit
+def _div_rows(x, s, USE_LIBDEVICE: tl.constexpr):
+    """x fp32 (R, C) / s fp32 (R,) per row, rounded to nearest even: ``tl.math.div_rn``'s bits, wherever the
+    quotient is at least 2^-11 in magnitude (below, where int8 rounding and the e4m3 cast give zero either way, it
+    may differ in its last bits but keeps the sign).
+
+    Compiled, and every s of the tile within [FAST_DIV_MIN, FAST_DIV_MAX]: r = 1 / s correctly rounded (rcp.rn, one
+    per row), q = x r, then twice q += (x - q s) r by fma - the steps div.rn.f32's fast path runs after its
+    reciprocal approximation and a Newton step, here without its per-element range check (FCHK) and the slow-path
+    call each division carries. The quantizing norm gained 0.4 us a call from it (kernels/NOTES.md, session 21).
+    Checked bit for bit against div_rn on the GPU for every 11-bit x mantissa (all bf16 and fp16 values) against
+    every fp32 s mantissa, quotients 2^-12 to 2^9, and on random 24-bit x mantissas (test_act_quant.py,
+    test_gpu_div_rows_equals_div_rn). Otherwise - a scale out of range, or the interpreter, whose fma is an unfused
+    numpy multiply-add - div_rn itself."""
+    if USE_LIBDEVICE:
+        if (tl.min(s, axis=0) >= FAST_DIV_MIN) & (tl.max(s, axis=0) <= FAST_DIV_MAX):
+            r = libdevice.rcp_rn(s)[:, None]
+            minus_s = -s[:, None]
+            q = libdevice.mul_rn(x, r)
+            q = libdevice.fma_rn(libdevice.fma_rn(q, minus_s, x), r, q)
+            y = libdevice.fma_rn(libdevice.fma_rn(q, minus_s, x), r, q)
+            # x's sign, which every quotient has (s > 0): for x = -0 the corrections' exact zeros sum to +0, where
+            # div_rn gives -0 (and the fp8 cast keeps it)
+            sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+            y = ((y.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) | sign).to(tl.float32, bitcast=True)
+        else:
+            y = tl.math.div_rn(x, s[:, None])
+    else:
+        y = tl.math.div_rn(x, s[:, None])
+    return y
+
+
+@triton.jit
 def _quantize(x, s, QMAX: tl.constexpr, IS_FP8: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """x fp32 (BLOCK_M, BLOCK), s fp32 (BLOCK_M,) -> q (BLOCK_M, BLOCK) int8 or float8e4nv."""
     divisor = tl.where(s > 0, s, 1.0)  # an all-zero group: scale 0, q = x / 1 = 0
-    y = tl.math.div_rn(x, divisor[:, None])
+    y = _div_rows(x, divisor, USE_LIBDEVICE)
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
     if IS_FP8 and USE_LIBDEVICE:  # compiled: cvt.rn.satfinite.e4m3x2.f32 rounds half to even itself
         q = y.to(tl.float8e4nv)

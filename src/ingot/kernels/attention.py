@@ -41,24 +41,31 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.kernels.act_quant import _cast_rn, _quantize, per_token_group_quant
+from ingot.kernels.act_quant import _cast_rn, _quantize, per_token_group_quant, per_token_quant_int8
 from ingot.kernels.checks import arrival_counters, cdiv, next_pow2
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MIN_DOT = 16  # tl.dot's smallest M, N and K on NVIDIA tensor cores
 BLOCK_H = 16  # query heads per program: a whole GQA group (4 for Llama-3-8B, 3 for SmolLM2) padded to 16
-# Split-KV: aim for about this many programs per SM (a decode of B = 1, 8 kv heads would otherwise run 8 programs on
-# 132 SMs), but never split below MIN_SPLIT_TOKENS of context per split, where the extra partial-result traffic
-# (Dv fp32 per head per split) starts to rival the K/V bytes a split reads.
-# H100, Llama-3-8B heads, batch 1 (benchmarks/scripts/decode_ops_bench.py): context 192 took 6.6 us in one split
-# and 5.5 in three; context 1024 10.3 us in four splits and 6.2 in sixteen - so 64 tokens, not 256, per split.
-# Batch 64 fills the SMs without splits (want = 1 below), where splits only cost (21.4 us vs 25.7 in two at 192).
-PROGRAMS_PER_SM = 2
-MIN_SPLIT_TOKENS = 64
+# Split-KV: as many programs as one wave of WARPS_PER_SM warps a SM runs (a decode of B = 1, 8 kv heads would
+# otherwise run 8 programs on 132 SMs), rounded down - three 4-warp programs a SM (Dk <= 128), one 8-warp program
+# (MLA's 576) - but never less than one KV tile of context per split (block_n: 64 tokens for Dk <= 128, 32 for MLA).
+# H100 (benchmarks/scripts/decode_ops_bench.py, Llama-3-8B heads): batch 1, context 192 took 6.6 us in one split and
+# 5.5 in three; context 1024 26.2 us in one, 6.4 in sixteen. Batch 16 (128 programs), context 1024 / 4096: 30.6 /
+# 95.2 us in three splits, 32.0 / 99.7 in two. Batch 64 fills the SMs without splits (21.5 us at 192, 26.8 in two).
+# DeepSeek-V3 MLA (128 heads, 8 head blocks; benchmarks/scripts/mla_decode_bench.py): batch 1, context 1024 / 4096,
+# 17.0 / 45.4 us in 16 splits, 20.0 / 48.3 in 32; 11.3 us at context 256 in 8 splits of 32 tokens, 15.8 in 4 of 64;
+# batch 8 (64 programs) 28.3 us in two splits, 32.6 in four.
+WARPS_PER_SM = 12
 MAX_SPLITS = 32
 # The epilogue's tiles: at most this many fp32 values in flight per load (the combine's SPLIT_CHUNK splits of a head
 # group, a per-token quantization's ROW_H heads): a Llama-3 row of 32 x 128 channels in one step, 16 per thread.
+# A head group whose one split holds more (MLA: 16 heads x 512) is combined by its own launch instead, one program
+# per head reading up to COMBINE_KERNEL_ELEMS values at once: the last-arriving program, reading its 16 x 512 fp32
+# split by split, took 14.4 us against 11.3 at batch 1 in 8 splits, 24.6 against 17.0 in 16 (H100, context 256 /
+# 1024, mla_decode_bench.py).
 COMBINE_ELEMS = 4096
+COMBINE_KERNEL_ELEMS = 16384
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -95,6 +102,12 @@ def _rotate_half(x, row_ptr, d, stride_d, mask, c, s, HALF):
 
 
 @triton.jit
+def _per_split(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tokens of a row's split: cdiv(seq_len, NUM_SPLITS) rounded up to whole KV tiles."""
+    return tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr,  # q [B, H, Dk], caches [NB, PS, Hkv, D], block_tables [B, MB], seq_lens [B]
     kn_ptr, vn_ptr, cos_ptr, sin_ptr, slot_ptr,  # ROPE: new k [B, Hkv, Dk] / v [B, Hkv, Dv], cos/sin fp32 [B, Dk/2]
@@ -125,6 +138,7 @@ def _decode_kernel(
     BLOCK_P: tl.constexpr,  # QUANT 2: next_pow2(P)
     V_FROM_K: tl.constexpr,  # shared KV and BLOCK_DV == BLOCK_D1: values are the first key tile, already loaded
     ROPE: tl.constexpr,  # rotate q and the new key (Dk == BLOCK_D1), and write the new k / v into the caches first
+    COMBINE: tl.constexpr,  # NUM_SPLITS > 1: the last-arriving split combines (else _combine_kernel, launched after)
     QUANT: tl.constexpr,  # 0: out; 1: x_q / x_s, one scale per head; 2: one scale per row (over all its heads)
     UPCAST: tl.constexpr,  # interpreter: fp32 dots (see _dot)
     IEEE: tl.constexpr,  # fp32 operands: IEEE fp32 dots, not TF32 (see _dot)
@@ -144,7 +158,7 @@ def _decode_kernel(
 
     seq_len = tl.load(sl_ptr + b)
     # This split's token range, cut from the row's own length: cdiv(seq_len, S) rounded up to whole KV tiles.
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = _per_split(seq_len, NUM_SPLITS, BLOCK_N)
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
@@ -221,24 +235,26 @@ def _decode_kernel(
     else:
         # Split-KV in one launch (the semaphore of int8_gemm._split_k_sum): every split stores its partial softmax,
         # then bumps its head group's counter; the split that arrives last combines them all and resets the counter.
+        # (Not COMBINE: the partials only, for _combine_kernel.)
         ml = (b64 * H + heads64) * NUM_SPLITS + split
         tl.store(acc_ptr + ml[:, None] * DV + dv[None, :], acc, mask=head_ok[:, None] & dv_ok[None, :],
                  cache_modifier=".cg")
         tl.store(m_ptr + ml, m_i, mask=head_ok, cache_modifier=".cg")
         tl.store(l_ptr + ml, l_i, mask=head_ok, cache_modifier=".cg")
-        tl.debug_barrier()
-        counter = cnt_ptr + b64 * groups + pid_h
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-            # the group's real heads only (COMBINE_H rows, not the 16 of the dot tiles)
-            gc = hb * BLOCK_H + tl.arange(0, COMBINE_H)
-            c_ok = gc < GROUP
-            bh = b64 * H + tl.where(c_ok, kvh * GROUP + gc, 0).to(tl.int64)
-            used = tl.cdiv(seq_len, tl.maximum(per_split, 1))  # splits past it are empty (weight e^-inf = 0)
-            out = _combine(acc_ptr, m_ptr, l_ptr, bh, c_ok, used, DV, dv, dv_ok, NUM_SPLITS, BLOCK_S, SPLIT_CHUNK,
-                           COMBINE_H, BLOCK_DV)
-            _finish(out, bh, c_ok, b64, pid_h, groups, B, o_ptr, xq_ptr, xs_ptr, amax_ptr, cnt_ptr,
-                    H, DV, dv, dv_ok, QUANT, ROW_H, BLOCK_P, COMPILED)
+        if COMBINE:
+            tl.debug_barrier()
+            counter = cnt_ptr + b64 * groups + pid_h
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                # the group's real heads only (COMBINE_H rows, not the 16 of the dot tiles)
+                gc = hb * BLOCK_H + tl.arange(0, COMBINE_H)
+                c_ok = gc < GROUP
+                bh = b64 * H + tl.where(c_ok, kvh * GROUP + gc, 0).to(tl.int64)
+                used = tl.cdiv(seq_len, tl.maximum(per_split, 1))  # splits past it are empty (weight e^-inf = 0)
+                out = _combine(acc_ptr, m_ptr, l_ptr, bh, c_ok, used, DV, dv, dv_ok, NUM_SPLITS, BLOCK_S,
+                               SPLIT_CHUNK, COMBINE_H, BLOCK_DV)
+                _finish(out, bh, c_ok, b64, pid_h, groups, B, o_ptr, xq_ptr, xs_ptr, amax_ptr, cnt_ptr,
+                        H, DV, dv, dv_ok, QUANT, ROW_H, BLOCK_P, COMPILED)
 
 
 @triton.jit
@@ -267,6 +283,32 @@ def _combine(acc_ptr, m_ptr, l_ptr, bh, ok, used, DV, dv, dv_ok, NUM_SPLITS: tl.
                     cache_modifier=".cg")
         out += tl.sum(a * w_c[:, :, None], axis=1)
     return out / tl.where(denom > 0, denom, 1.0)[:, None]
+
+
+@triton.jit
+def _combine_kernel(
+    acc_ptr, m_ptr, l_ptr, sl_ptr, o_ptr,  # the partials of _decode_kernel (COMBINE off), seq_lens [B], out [B, H, Dv]
+    H, DV,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # the decode launch's KV tile: its split ranges
+    BLOCK_S: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    COMPILED: tl.constexpr,
+):
+    """The split combine as its own launch, one program per (row, head): for head groups whose partials are too
+    large for one program to combine in the decode launch (MLA's 16 heads x 512 channels)."""
+    b64 = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    seq_len = tl.load(sl_ptr + b64)
+    used = tl.cdiv(seq_len, tl.maximum(_per_split(seq_len, NUM_SPLITS, BLOCK_N), 1))
+    dv = tl.arange(0, BLOCK_DV)
+    dv_ok = dv < DV
+    bh = b64 * H + h + tl.zeros((1,), dtype=tl.int64)  # one head: (1,) rows for _combine
+    out = _combine(acc_ptr, m_ptr, l_ptr, bh, bh >= 0, used, DV, dv, dv_ok, NUM_SPLITS, BLOCK_S, SPLIT_CHUNK, 1,
+                   BLOCK_DV)
+    tl.store(o_ptr + bh[:, None] * DV + dv[None, :], _cast_rn(out, o_ptr.dtype.element_ty, COMPILED),
+             mask=dv_ok[None, :])
 
 
 @triton.jit
@@ -329,15 +371,18 @@ def _d_tiles(dk: int) -> tuple[int, int]:
     return d1, (max(MIN_DOT, next_pow2(rest)) if rest else 0)
 
 
-def default_num_splits(batch_programs: int, max_context: int, device: torch.device) -> int:
-    """How many KV splits a launch of ``batch_programs`` (B x Hkv x head blocks) programs gets.
+def default_num_splits(batch_programs: int, max_context: int, device: torch.device, num_warps: int = 4,
+                       block_n: int = 64) -> int:
+    """How many KV splits a launch of ``batch_programs`` (B x Hkv x head blocks) programs of ``num_warps`` warps
+    gets.
 
-    Enough programs to give every SM PROGRAMS_PER_SM of them, without cutting ``max_context`` (the block table's
-    capacity, host-known) below MIN_SPLIT_TOKENS per split. Depends only on shapes: graph replays keep it.
+    As many programs as one wave of WARPS_PER_SM warps on every SM runs, without cutting ``max_context`` (the block
+    table's capacity, host-known) below one ``block_n``-token KV tile per split. Depends only on shapes: graph replays
+    keep it.
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = cdiv(PROGRAMS_PER_SM * sms, max(1, batch_programs))
-    cap = max(1, max_context // MIN_SPLIT_TOKENS)
+    want = max(1, WARPS_PER_SM // num_warps) * sms // max(1, batch_programs)
+    cap = max(1, max_context // block_n)
     return max(1, min(want, cap, MAX_SPLITS))
 
 
@@ -524,7 +569,8 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
     x_s). One kernel does it all (``_decode_kernel``): the splits' combine, and the quantization per token, or per
     head where splits are combined. Per head with one split the plain output is quantized by its own launch after
     it (quantizing in that kernel's epilogue, over its 16-row head tiles of a 4-head GQA group, made Llama-3-8B
-    int8-block batch-64 decode 1.4% slower)."""
+    int8-block batch-64 decode 1.4% slower). Head groups too large to combine in the decode launch
+    (``_combined_apart``) take ``_combine_kernel`` after it, and a quantization launch after that."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, head_dim_v)
     if new_kv is not None:
         _check_new_kv(new_kv, q, k_cache, v_cache, head_dim_v)
@@ -536,12 +582,14 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
         raise ValueError(f"block_n must be a power of two >= {MIN_DOT}, got {block_n}")
     groups = hkv * cdiv(h // hkv, BLOCK_H)  # programs per row and split
     if num_splits is None:
-        num_splits = default_num_splits(b * groups, block_tables.shape[1] * page_size, q.device)
+        num_splits = default_num_splits(b * groups, block_tables.shape[1] * page_size, q.device,
+                                        _num_warps(head_dim_v), block_n)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
 
     out = torch.empty((b, h, head_dim_v), dtype=q.dtype, device=q.device)
-    fused = quant if quant == "token" or num_splits > 1 else None  # quantized in the kernel
+    apart = _combined_apart(h // hkv, head_dim_v, num_splits)
+    fused = quant if (quant == "token" or num_splits > 1) and not apart else None  # quantized in the kernel
     x_q = x_s = None
     if fused:
         x_q = torch.empty((b, h * head_dim_v), dtype=torch.int8, device=q.device)
@@ -554,8 +602,29 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
                     fused, out[r], None if x_q is None else x_q[r], None if x_s is None else x_s[r],
                     None if new_kv is None else NewKV(*(t[r] for t in new_kv)))
     if quant and not fused:
-        x_q, x_s = per_token_group_quant(out.view(b, h * head_dim_v), "int8", group_size=head_dim_v)
+        flat = out.view(b, h * head_dim_v)
+        x_q, x_s = per_token_quant_int8(flat) if quant == "token" else per_token_group_quant(flat, "int8",
+                                                                                            group_size=head_dim_v)
     return (None, x_q, x_s) if quant else (out, None, None)
+
+
+def _block_dv(head_dim_v: int) -> int:
+    return max(MIN_DOT, next_pow2(head_dim_v))
+
+
+def _num_warps(head_dim_v: int) -> int:
+    return 4 if _block_dv(head_dim_v) <= 128 else 8
+
+
+def _combine_h(group: int) -> int:
+    """The head rows the in-kernel combine holds: next_pow2(GROUP) within [2, BLOCK_H]."""
+    return min(BLOCK_H, max(2, next_pow2(group)))
+
+
+def _combined_apart(group: int, head_dim_v: int, num_splits: int) -> bool:
+    """Whether the splits are combined by ``_combine_kernel`` after the decode launch rather than by the split that
+    arrives last in it: where a head group's partials of one split exceed COMBINE_ELEMS (see there)."""
+    return num_splits > 1 and _combine_h(group) * _block_dv(head_dim_v) > COMBINE_ELEMS
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, fused, out, x_q, x_s,
@@ -566,7 +635,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
     group = h // hkv
     head_blocks = cdiv(group, BLOCK_H)
     block_d1, block_d2 = _d_tiles(dk)
-    block_dv = max(MIN_DOT, next_pow2(head_dim_v))
+    block_dv = _block_dv(head_dim_v)
+    apart = _combined_apart(group, head_dim_v, num_splits)
     v = k_cache if v_cache is None else v_cache  # shared KV: the first head_dim_v channels of each key
     if num_splits == 1:
         partial = m = lse_l = out  # unused: the one split normalizes in place
@@ -577,7 +647,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
     counters = _counters(q.device)
     groups = hkv * head_blocks
     amax = torch.empty((b, groups), dtype=torch.float32, device=q.device) if fused == "token" else partial
-    combine_h = min(BLOCK_H, max(2, next_pow2(group)))
+    combine_h = _combine_h(group)
     block_s = max(2, next_pow2(num_splits))
     if new_kv is None:
         kn, vn, cos, sin, slots = q, q, partial, partial, seq_lens  # never read (ROPE off)
@@ -616,10 +686,23 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
             BLOCK_P=max(2, next_pow2(groups)),
             V_FROM_K=v_cache is None and block_dv == block_d1,
             ROPE=new_kv is not None,
+            COMBINE=not apart,
             QUANT={None: 0, "head": 1, "token": 2}[fused],
             UPCAST=INTERPRETED,
             IEEE=q.dtype == torch.float32,
             COMPILED=not INTERPRETED,
-            num_warps=4 if block_dv <= 128 else 8,
+            num_warps=_num_warps(head_dim_v),
             num_stages=2,
         )
+        if apart:
+            _combine_kernel[(b, h)](
+                partial, m, lse_l, seq_lens, out,
+                h, head_dim_v,
+                NUM_SPLITS=num_splits,
+                BLOCK_N=block_n,
+                BLOCK_S=block_s,
+                SPLIT_CHUNK=max(1, min(block_s, COMBINE_KERNEL_ELEMS // block_dv)),
+                BLOCK_DV=block_dv,
+                COMPILED=not INTERPRETED,
+                num_warps=8,
+            )
