@@ -376,9 +376,10 @@ def default_num_splits(batch_programs: int, max_context: int, device: torch.devi
     """How many KV splits a launch of ``batch_programs`` (B x Hkv x head blocks) programs of ``num_warps`` warps
     gets.
 
-    As many programs as one wave of WARPS_PER_SM warps on every SM runs, without cutting ``max_context`` (the block
-    table's capacity, host-known) below one ``block_n``-token KV tile per split. Depends only on shapes: graph replays
-    keep it.
+    As many programs as one wave of WARPS_PER_SM warps on every SM runs, rounded down (a partial second wave cost MLA
+    at batch 8 37.1 us in 3 splits against 28.3 in 2; kernels/NOTES.md, session 21), without cutting ``max_context``
+    (the block table's capacity, host-known) below one ``block_n``-token KV tile per split. Depends only on shapes:
+    graph replays keep it.
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     want = max(1, WARPS_PER_SM // num_warps) * sms // max(1, batch_programs)
