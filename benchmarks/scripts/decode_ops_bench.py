@@ -11,13 +11,12 @@ Usage (GPU): PYTHONPATH=src python3 benchmarks/scripts/decode_ops_bench.py --out
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
-from triton.testing import do_bench_cudagraph
 
+from ingot.bench.common import gpu_script_args, graph_replay_us
 from ingot.kernels import silu_mul as silu_module
 from ingot.kernels.attention import paged_decode_attention
 from ingot.kernels.kv_store import rope_store_kv, store_kv_cache
@@ -28,10 +27,7 @@ REP_MS = 50
 
 
 def bench(fn) -> float:
-    """Median microseconds of one call, replayed in a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    return round(do_bench_cudagraph(fn, rep=REP_MS) * 1000, 2)
+    return graph_replay_us(fn, REP_MS)
 
 
 def silu_rows() -> list[dict]:
@@ -106,10 +102,7 @@ def attention_rows() -> list[dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--git-sha")
-    args = ap.parse_args()
+    args = gpu_script_args()
     t0 = time.time()
     result = {
         "bench": "decode_ops", "command": "PYTHONPATH=src python3 benchmarks/scripts/decode_ops_bench.py",

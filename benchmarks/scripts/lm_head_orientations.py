@@ -8,24 +8,20 @@ Usage (GPU): PYTHONPATH=src python3 benchmarks/scripts/lm_head_orientations.py -
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
-from ingot.bench.common import run_stamp, write_results
+from ingot.bench.common import gpu_script_args, run_stamp, write_results
 
 N, K = 128256, 4096
 REP_MS = 100
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--git-sha")
-    args = ap.parse_args()
+    args = gpu_script_args()
     torch.manual_seed(0)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
     rows = {}

@@ -13,14 +13,12 @@ Usage (GPU): PYTHONPATH=src python3 benchmarks/scripts/mla_decode_bench.py --out
 
 from __future__ import annotations
 
-import argparse
 import sys
 from unittest import mock
 
 import torch
-from triton.testing import do_bench_cudagraph
 
-from ingot.bench.common import run_stamp, write_results
+from ingot.bench.common import gpu_script_args, graph_replay_us, run_stamp, write_results
 from ingot.kernels import attention
 
 HEADS, DK, DV, PAGE = 128, 576, 512, 16
@@ -35,18 +33,8 @@ def combined_apart(apart: bool):
     return lambda group, head_dim_v, num_splits: apart and num_splits > 1
 
 
-def bench(fn) -> float:
-    """Median microseconds of one call, replayed in a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    return round(do_bench_cudagraph(fn, rep=REP_MS) * 1000, 2)
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--git-sha")
-    args = ap.parse_args()
+    args = gpu_script_args()
     torch.manual_seed(0)
     rows = []
     for b, capacity, contexts in CASES:
@@ -63,8 +51,9 @@ def main() -> int:
                         n = None if splits == "default" else splits
                         if n and n * 32 > capacity:
                             continue
-                        row["us"][f"{where} splits {splits}"] = bench(lambda: attention.paged_decode_attention(
-                            q, cache, None, tables, lens, DK ** -0.5, DV, num_splits=n))
+                        call = lambda: attention.paged_decode_attention(  # noqa: E731
+                            q, cache, None, tables, lens, DK ** -0.5, DV, num_splits=n)
+                        row["us"][f"{where} splits {splits}"] = graph_replay_us(call, REP_MS)
             rows.append(row)
             print(row, flush=True)
     write_results(args.out, {

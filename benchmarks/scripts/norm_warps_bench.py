@@ -9,14 +9,13 @@ Usage (GPU): PYTHONPATH=src python3 benchmarks/scripts/norm_warps_bench.py --out
 
 from __future__ import annotations
 
-import argparse
 import sys
 from unittest import mock
 
 import torch
 from triton.testing import do_bench_cudagraph
 
-from ingot.bench.common import run_stamp, write_results
+from ingot.bench.common import gpu_script_args, run_stamp, write_results
 from ingot.kernels import norm_rope
 
 N = 4096
@@ -44,10 +43,7 @@ def bench(m: int, quant: bool, warps: int) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--git-sha")
-    args = ap.parse_args()
+    args = gpu_script_args()
     us = {}
     for m in (1, 64):
         for quant in (False, True):

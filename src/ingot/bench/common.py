@@ -6,6 +6,7 @@ Only the standard library, torch and ingot.formats: a GPU host without transform
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import mmap
 import os
@@ -250,3 +251,22 @@ def write_results(path: Path, results: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, results)
     return path
+
+
+def gpu_script_args() -> argparse.Namespace:
+    """The command line of the GPU scripts under benchmarks/scripts: --out FILE.json, and --git-sha SHA for the tree's
+    commit where the GPU machine's copy of it has no .git."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--git-sha")
+    return ap.parse_args()
+
+
+def graph_replay_us(fn, rep_ms: int) -> float:
+    """Median microseconds of one ``fn()`` replayed in a CUDA graph (triton's graph timer, after a first call that
+    compiles outside the capture), rounded to 0.01."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()
+    torch.cuda.synchronize()
+    return round(do_bench_cudagraph(fn, rep=rep_ms) * 1000, 2)
