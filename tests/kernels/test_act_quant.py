@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from ingot.kernels import act_quant  # noqa: E402
 from ingot.kernels.act_quant import per_token_group_quant, per_token_quant_int8  # noqa: E402
@@ -392,10 +394,6 @@ def test_gpu_refuses_cpu_tensors():
         pytest.skip("the interpreter takes tensors on any device")
     with pytest.raises(ValueError, match="got cpu"):
         per_token_group_quant(torch.randn(4, 128))
-
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 
 @triton.jit

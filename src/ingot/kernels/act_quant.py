@@ -58,8 +58,9 @@ ONE_PASS_MAX_K = 32768
 ONE_PASS_ELEMS_PER_WARP = 1024
 MAX_BLOCK_K = 1024
 # _div_rows' fast path takes a tile whose divisors all lie in [FAST_DIV_MIN, FAST_DIV_MAX]: there the reciprocal is
-# a normal number and every residual of a quotient that matters (>= 2^-11, the last one an fp8 e4m3 cast or an int8
-# rounding can tell from zero) is exact. Scales outside (amax below ~2^-83 or above ~2^127) take div_rn.
+# a normal number and the residual of every quotient that matters is exact - of every quotient >= 2^-11, a margin
+# below the smallest an int8 rounding (0.5) or the e4m3 cast (2^-10, half its smallest subnormal) can tell from zero.
+# Scales outside (amax below ~2^-83 or above ~2^127) take div_rn.
 FAST_DIV_MIN = tl.constexpr(2.0 ** -90)
 FAST_DIV_MAX = tl.constexpr(2.0 ** 120)
 NUM_WARPS = 4

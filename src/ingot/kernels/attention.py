@@ -66,7 +66,6 @@ MAX_SPLITS = 32
 # 1024, mla_decode_bench.py).
 COMBINE_ELEMS = 4096
 COMBINE_KERNEL_ELEMS = 16384
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -305,8 +304,8 @@ def _combine_kernel(
     dv = tl.arange(0, BLOCK_DV)
     dv_ok = dv < DV
     bh = b64 * H + h + tl.zeros((1,), dtype=tl.int64)  # one head: (1,) rows for _combine
-    out = _combine(acc_ptr, m_ptr, l_ptr, bh, bh >= 0, used, DV, dv, dv_ok, NUM_SPLITS, BLOCK_S, SPLIT_CHUNK, 1,
-                   BLOCK_DV)
+    real = tl.full((1,), True, dtype=tl.int1)  # the head exists (the in-kernel combine masks GQA padding rows)
+    out = _combine(acc_ptr, m_ptr, l_ptr, bh, real, used, DV, dv, dv_ok, NUM_SPLITS, BLOCK_S, SPLIT_CHUNK, 1, BLOCK_DV)
     tl.store(o_ptr + bh[:, None] * DV + dv[None, :], _cast_rn(out, o_ptr.dtype.element_ty, COMPILED),
              mask=dv_ok[None, :])
 
@@ -604,8 +603,8 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
                     None if new_kv is None else NewKV(*(t[r] for t in new_kv)))
     if quant and not fused:
         flat = out.view(b, h * head_dim_v)
-        x_q, x_s = per_token_quant_int8(flat) if quant == "token" else per_token_group_quant(flat, "int8",
-                                                                                            group_size=head_dim_v)
+        x_q, x_s = (per_token_quant_int8(flat) if quant == "token"
+                    else per_token_group_quant(flat, "int8", group_size=head_dim_v))
     return (None, x_q, x_s) if quant else (out, None, None)
 
 

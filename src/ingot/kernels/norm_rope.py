@@ -142,11 +142,12 @@ def _rows(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
 
 def _num_warps(n: int) -> int:
     """Warps of the one-program-per-row norm, by the row length only (every variant the same: the same reduction).
-    Rows over 2048 take 16: the quantizing epilogue divides each element (div_rn: a guarded sequence in its own
-    branch region per element), so its cost follows the elements per thread. H100, 64 calls on one 4096-channel row
-    in a CUDA graph (``benchmarks/results/norm-warps-*-564cb64.json``), us per call for 4 / 8 / 16 warps: per-token
-    int8 output 3.47 / 2.88 / 2.63 (64 rows: 4.41 / 3.80 / 3.45), plain 1.73 / 1.73 / 1.81 (64 rows: 2.60 / 2.55 /
-    2.62)."""
+    Rows over 2048 take 16. H100, 64 calls on one 4096-channel row in a CUDA graph, us per call for 4 / 8 / 16 warps:
+    while each quantizing division was div_rn's guarded sequence (``norm-warps-*-564cb64.json``) per-token int8
+    output 3.47 / 2.88 / 2.63, plain 1.73 / 1.73 / 1.81; with ``act_quant._div_rows``
+    (``norm-warps-fast-div-*-e2e1722.json``) int8 2.31 / 2.33 / 2.34, plain 1.73 / 1.73 / 1.80. 8 warps then looked
+    no worse, but end to end it was not faster (Llama-3-8B int8-channel batch-1 TPOT 3.511-3.519 ms at 8 against
+    3.504-3.506 at 16, bf16 equal; ``e2e-llama3-8b-norm-8-warps-ab-*``), so 16 stays."""
     return 4 if next_pow2(n) <= 2048 else 16
 
 
