@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ingot.kernels.act_quant import per_token_group_quant, per_token_quant_int8
+from ingot.kernels.act_quant import per_token_group_quant, per_token_quant_int8, quantize_row_chunks
 from ingot.kernels import attention as attention_kernels
 from ingot.kernels.attention import (NewKV, _counters, _d_tiles, default_num_splits, int8_output_supported,
-                                    paged_decode_attention, paged_decode_attention_int8)
+                                    paged_decode_attention, paged_decode_attention_int8,
+                                    paged_decode_attention_maxima)
 from ingot.kernels.kv_store import rope_store_kv
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -140,6 +141,39 @@ def test_int8_output_equals_quantizing_the_output(h, hkv, dtype, splits, group):
     q, kc, vc, bt, seq, _, _ = make_case(4, h, hkv, 32, 32, [1, 37, 0, 16], page=16, dtype=dtype, seed=h)
     x_q, x_s = check_int8(q, kc, vc, bt, seq, 32, group, num_splits=splits, block_n=16)
     assert torch.equal(x_s[2], torch.zeros_like(x_s[2])) and x_q[1].abs().sum() > 0
+
+
+def check_maxima(q, k_cache, v_cache, bt, seq, dv, **kw):
+    """The maxima form against the plain decode: the same output bits, flattened, and maxima whose max is each row's
+    max |out| - what per-token quantization needs (quantize_row_chunks from them equals per_token_quant_int8)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    flat, maxima = paged_decode_attention_maxima(q, k_cache, v_cache, bt, seq, scale, dv, **kw)
+    out = paged_decode_attention(q, k_cache, v_cache, bt, seq, scale, dv, **kw)
+    assert torch.equal(flat, out.flatten(1))
+    assert maxima.dtype == torch.float32 and maxima.shape[0] == q.shape[0]
+    assert torch.equal(maxima.amax(-1), out.flatten(1).float().abs().amax(-1))
+    x_q, x_s = quantize_row_chunks(flat, maxima)
+    want_q, want_s = per_token_quant_int8(out.flatten(1))
+    assert torch.equal(x_q, want_q) and torch.equal(x_s, want_s)
+    return maxima
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("h,hkv,dv,dtype", [(9, 3, 32, torch.bfloat16), (4, 4, 32, torch.float16),
+                                            (20, 2, 40, torch.float32)])
+def test_maxima_output_equals_the_plain_output(h, hkv, dv, dtype, splits):
+    """Each head group's maximum in the same launch (one per group: [B, Hkv * head blocks]), GQA groups of 3 and of
+    > 16 heads (two head blocks), a ragged Dv, a padding row (maxima 0)."""
+    q, kc, vc, bt, seq, _, _ = make_case(4, h, hkv, 32, dv, [1, 37, 0, 16], page=16, dtype=dtype, seed=h + splits)
+    maxima = check_maxima(q, kc, vc, bt, seq, dv, num_splits=splits, block_n=16)
+    assert maxima.shape == (4, hkv * -(-(h // hkv) // 16)) and torch.equal(maxima[2], torch.zeros_like(maxima[2]))
+
+
+def test_maxima_output_with_the_combine_launch(combine_apart):
+    """Head groups combined by their own launch: one maximum per row, taken after it."""
+    q, kc, vc, bt, seq, _, _ = make_case(3, 9, 3, 64, 64, [1, 37, 0], page=16, seed=7)
+    assert check_maxima(q, kc, vc, bt, seq, 64, num_splits=3, block_n=16).shape == (3, 1)
+    assert [c["COMBINE"] for c in combine_apart.calls] == [False, False]  # the maxima form, the plain one
 
 
 def test_int8_output_checks_its_arguments():

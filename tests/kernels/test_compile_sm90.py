@@ -54,18 +54,22 @@ for stages in (1, 3):
                       "SPLIT_K": split, "DP4A": True, "LOOP_STAGES": stages}
         VARIANTS[f"int8 channel gemv split {split} stages {stages}"] = (
             "_int8_gemv_channel_kernel", ["*i32", "*fp32", "*i32", "*fp32", "*fp32", "*bf16", "*i32", "*i32"]
-            + ["i32"] * 7, _W8A8_GEMV)
+            + ["i32"] * 8, {**_W8A8_GEMV, "QUANT_X": False, "BLOCK_C": 2, "COMPILED": True})
+        # and quantizing its bf16 input itself from the row's maxima (int8_gemm_channel_rowmax)
+        VARIANTS[f"int8 channel gemv quantizing x split {split} stages {stages}"] = (
+            "_int8_gemv_channel_kernel", ["*bf16", "*fp32", "*i32", "*fp32", "*fp32", "*bf16", "*i32", "*i32"]
+            + ["i32"] * 8, {**_W8A8_GEMV, "BLOCK_K": 1024, "QUANT_X": True, "BLOCK_C": 16, "COMPILED": True})
         VARIANTS[f"int8 block gemv split {split} stages {stages}"] = (
             "_int8_gemv_block_kernel", ["*i32", "*fp32", "*i32", "*fp32", "*fp32", "*bf16", "*fp32", "*i32"]
             + ["i32"] * 8, {"SCALE_N": 128, **_W8A8_GEMV})
 
 # the decode attention (M = 1 query per row): the in-kernel split combine, the per-row int8 quantization behind a
-# second arrival counter, the rotary + cache write of the new token, and MLA's two-tile keys with values from keys
-# (whose splits a second launch combines)
+# second arrival counter, the rotary + cache write of the new token, MLA's two-tile keys with values from keys
+# (whose splits a second launch combines), and the output with its head groups' maxima (QUANT 3)
 _ATTN_ARGS = (["*bf16"] * 3 + ["*i32"] * 2 + ["*bf16"] * 2 + ["*fp32"] * 2 + ["*i64"] + ["*fp32"] * 3
               + ["*bf16", "*i8", "*fp32", "*i32", "*fp32", "fp32"] + ["i32"] * 28)
 for rope, splits, quant, dk, dv in ((True, 4, 2, 128, 128), (True, 1, 0, 128, 128), (False, 4, 1, 128, 128),
-                                     (False, 1, 2, 64, 64), (False, 4, 0, 576, 512)):
+                                     (False, 1, 2, 64, 64), (False, 4, 0, 576, 512), (True, 4, 3, 128, 128)):
     d1, d2 = (512, 64) if dk == 576 else (dk, 0)
     VARIANTS[f"decode attention rope {rope} splits {splits} quant {quant} dk {dk}"] = (
         "attention._decode_kernel", _ATTN_ARGS,

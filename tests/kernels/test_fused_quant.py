@@ -295,10 +295,20 @@ def test_silu_mul_quant_split_rows_equal_one_program_per_row(monkeypatch, m, n):
     assert_same(x_s, s_want, "x_s vs silu_mul then per_token_quant_int8")
 
 
-def test_quantize_row_chunks_refuses_mismatched_maxima():
-    x = torch.ones((2, 300), dtype=torch.bfloat16, device=DEVICE)
-    with pytest.raises(ValueError, match=r"chunk_amax must be float32 \[M, cdiv\(K, 128\)\] = \[2, 3\]"):
-        quantize_row_chunks(x, torch.zeros((2, 2), device=DEVICE), 128)
+def test_quantize_row_chunks_takes_any_ranges_and_refuses_bad_maxima():
+    """The maxima may cover the row in any number of ranges (silu's 1024-column chunks, attention's head groups):
+    only their max sets the scale. Wrong rows, an empty or non-fp32 maxima is refused."""
+    x = _rows(3, 1500, torch.bfloat16, 5, scale=2.0)
+    q_want, s_want = per_token_quant_int8(x)
+    for ranges in (1, 3, 7):
+        maxima = torch.stack([c.float().abs().amax(-1) for c in x.chunk(ranges, dim=-1)], dim=-1).contiguous()
+        x_q, x_s = quantize_row_chunks(x, maxima)
+        assert_same(x_q, q_want, f"x_q from {ranges} ranges")
+        assert_same(x_s, s_want, f"x_s from {ranges} ranges")
+    for bad in (torch.zeros((2, 2), device=DEVICE), torch.zeros((3, 0), device=DEVICE),
+                torch.zeros((3, 2), dtype=torch.float16, device=DEVICE)):
+        with pytest.raises(ValueError, match=r"maxima must be float32 \[M, C\] = \[3, C >= 1\]"):
+            quantize_row_chunks(x, bad)
 
 
 # ----------------------------------------------------------------------------------- refusals

@@ -596,6 +596,63 @@ def test_gemv_config_falls_back_where_it_cannot_run():
             fn(*operands, config=GEMV_CONFIGS[0])
 
 
+def _rowmax_operands(m: int, n: int, k: int, dtype: torch.dtype, seed: int, ranges: int = 3):
+    """x [M, K] in ``dtype`` with the maxima of ``ranges`` column ranges per row (as a producer writes them), and
+    int8-channel weights."""
+    g = _gen(seed)
+    x = (torch.randn((m, k), generator=g, device=DEVICE) * 3.0).to(dtype)
+    x[:, 5] = 0.0
+    maxima = torch.stack([c.float().abs().amax(-1) for c in x.chunk(ranges, dim=-1)], dim=-1).contiguous()
+    return x, maxima, _int8((n, k), g), _scales((n, 1), g)
+
+
+@pytest.mark.parametrize("cfg", [*GEMV_CONFIGS, GemmConfig(1, 16, 1024, group_m=1, num_warps=8, num_stages=1)],
+                         ids=lambda c: f"bn{c.block_n}-bk{c.block_k}-split{c.split_k}")
+@pytest.mark.parametrize("n,k", [(100, 576), (64, 256), (48, 192), (40, 1000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_rowmax_gemv_quantizes_like_per_token_quant(monkeypatch, dtype, n, k, cfg):
+    """int8_gemm_channel_rowmax at M = 1 with a GEMV config: the GEMV quantizes x itself (no quantize_row_chunks
+    launch, which is made to fail here) and gives the bits of per_token_quant_int8 + the GEMV, and of the reference;
+    ragged K (576, 1000 in 1024-steps) and split-K included, repeated (counters reset)."""
+    from ingot.kernels.act_quant import per_token_quant_int8
+
+    x, maxima, w_q, w_s = _rowmax_operands(1, n, k, dtype, seed=n + k)
+    bias = _bias(n, torch.float32, seed=5)
+    x_q, x_s = per_token_quant_int8(x)
+    want = int8_gemm_channel(x_q, x_s, w_q, w_s, bias=bias, out_dtype=torch.float32, config=cfg)
+    monkeypatch.setattr(int8_gemm, "quantize_row_chunks", lambda *a: pytest.fail("the GEMV must quantize x itself"))
+    for _ in range(2):
+        y = int8_gemm.int8_gemm_channel_rowmax(x, maxima, w_q, w_s, bias=bias, out_dtype=torch.float32, config=cfg)
+        assert torch.equal(y, want)
+    assert torch.equal(y, ref.int8_gemm_channel_rowmax_ref(x, maxima, w_q, w_s, bias, torch.float32))
+    assert int(int8_gemm._split_k_locks(torch.device(DEVICE)).abs().sum()) == 0
+
+
+def test_rowmax_scale_comes_from_the_maxima():
+    """The GEMV takes the row's scale from the maxima, not from x: maxima of twice x's amax halve x_q (and the
+    result then differs from the reference, which quantizes x itself) - what a producer's wrong maxima would do."""
+    x, maxima, w_q, w_s = _rowmax_operands(1, 64, 512, torch.bfloat16, seed=11)
+    cfg = GEMV_CONFIGS[0]
+    good = int8_gemm.int8_gemm_channel_rowmax(x, maxima, w_q, w_s, out_dtype=torch.float32, config=cfg)
+    bad = int8_gemm.int8_gemm_channel_rowmax(x, maxima * 2, w_q, w_s, out_dtype=torch.float32, config=cfg)
+    expected = ref.int8_gemm_channel_rowmax_ref(x, maxima, w_q, w_s, out_dtype=torch.float32)
+    assert torch.equal(good, expected) and not torch.equal(bad, expected)
+
+
+def test_rowmax_elsewhere_quantizes_first():
+    """M > 1, or a config that is not the GEMV: quantize_row_chunks, then int8_gemm_channel - the same bits as
+    quantizing x with per_token_quant_int8. Malformed maxima are refused."""
+    from ingot.kernels.act_quant import per_token_quant_int8
+
+    for m, cfg in ((3, None), (1, GemmConfig(16, 32, 128, group_m=1))):
+        x, maxima, w_q, w_s = _rowmax_operands(m, 80, 384, torch.bfloat16, seed=m)
+        y = int8_gemm.int8_gemm_channel_rowmax(x, maxima, w_q, w_s, out_dtype=torch.float32, config=cfg)
+        x_q, x_s = per_token_quant_int8(x)
+        assert torch.equal(y, int8_gemm_channel(x_q, x_s, w_q, w_s, out_dtype=torch.float32, config=cfg))
+    with pytest.raises(ValueError, match=r"x_maxima must be \[M, C\] = \[1, C >= 1\]"):
+        int8_gemm.int8_gemm_channel_rowmax(x[:1], maxima[:0], w_q, w_s)
+
+
 # ------------------------------------------------------------------------------------ GPU: real model shapes
 
 GPU_M = [1, 16, 128, 1024, 4096]
@@ -675,6 +732,25 @@ def test_gpu_gemv_repeated(op, n, k, cfg):
             assert torch.equal(out, expected), f"channel GEMV {cfg} launch {i} seed {seed}"
         else:
             assert_close_rel(out, expected, FP32_TOL, f"block GEMV {cfg} launch {i} seed {seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336), (6144, 4096), (28672, 4096), (576, 1536), (2048, 7168)])
+def test_gpu_rowmax_gemv_repeated(n, k):
+    """int8_gemm_channel_rowmax at M = 1, real sizes, the config the library picks (tables or default): 10 launches
+    on fresh inputs into NaN-poisoned outputs, each bit-identical to per_token_quant_int8 + int8_gemm_channel and to
+    the reference."""
+    from ingot.kernels.act_quant import per_token_quant_int8
+
+    for i in range(10):
+        seed = int.from_bytes(os.urandom(4), "little")
+        x, maxima, w_q, w_s = _rowmax_operands(1, n, k, torch.bfloat16, seed, ranges=14)
+        out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        int8_gemm.int8_gemm_channel_rowmax(x, maxima, w_q, w_s, out=out)
+        torch.cuda.synchronize()
+        x_q, x_s = per_token_quant_int8(x)
+        assert torch.equal(out, int8_gemm_channel(x_q, x_s, w_q, w_s)), f"N={n} K={k} launch {i} seed {seed}"
+        assert torch.equal(out, ref.int8_gemm_channel_rowmax_ref(x, maxima, w_q, w_s)), f"vs ref, seed {seed}"
 
 
 @pytest.mark.gpu

@@ -415,6 +415,22 @@ def test_weight_only_kernel_path_in_the_interpreter(kind, m, interpreter):
     assert_bf16_close(layer(x), expected, x, qw)
 
 
+@pytest.mark.parametrize("kind", ["int8-channel", "int8-block", "bf16", "int8-weight", "int4-group"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_row_max_activation_gives_what_x_gives(kind, m, interpreter):
+    """A RowMaxActivation (x with the maxima of its column ranges) into any linear, kernel path: the result of x
+    itself. Only int8-channel at one row takes it into its GEMV (takes_row_maxima); int8-channel at 3 rows quantizes
+    from the maxima first; the other kinds take x."""
+    layer, _ = make_linear(kind, 100, 576, bias=True, seed=m)
+    layer.method.use_kernels = True
+    x = make_x((m, 576), torch.bfloat16)
+    maxima = torch.stack([c.float().abs().amax(-1) for c in x.chunk(5, dim=-1)], dim=-1)
+    assert layer.takes_row_maxima(x) == (kind == "int8-channel" and m == 1)
+    assert torch.equal(layer(L.RowMaxActivation(x, maxima)), layer(x))
+    layer.method.use_kernels = False  # the reference path takes x as well
+    assert not layer.takes_row_maxima(x) and torch.equal(layer(L.RowMaxActivation(x, maxima)), layer(x))
+
+
 @pytest.mark.parametrize("scheme", ["fp8-block", "fp8-block-ue8m0"])
 def test_fp8_kernel_path_in_the_interpreter(scheme, interpreter, native_fp8):
     """use_kernels=True: per_token_group_quant(fp8_e4m3, the detected scale_fmt) + fp8_gemm_block, interpreted,

@@ -57,6 +57,8 @@ MAX_GROUP_SIZE = 4096  # one group is one row of the tile: larger groups would s
 ONE_PASS_MAX_K = 32768
 ONE_PASS_ELEMS_PER_WARP = 1024
 MAX_BLOCK_K = 1024
+# quantize_row_chunks: columns per program (its grid is M x cdiv(K, ROW_CHUNK), whatever the maxima's ranges).
+ROW_CHUNK = 1024
 # _div_rows' fast path takes a tile whose divisors all lie in [FAST_DIV_MIN, FAST_DIV_MAX]: there the reciprocal is
 # a normal number and the residual of every quotient that matters is exact - of every quotient >= 2^-11, a margin
 # below the smallest an int8 rounding (0.5) or the e4m3 cast (2^-10, half its smallest subnormal) can tell from zero.
@@ -302,23 +304,30 @@ def _per_token_quant_int8_kernel(
 
 @triton.jit
 def _quantize_row_chunks_kernel(
-    x_ptr, a_ptr, q_ptr, s_ptr,  # x [M, K], chunk maxima [M, C], x_q int8 [M, K], x_s fp32 [M, 1]
+    x_ptr, a_ptr, q_ptr, s_ptr,  # x [M, K], maxima [M, C], x_q int8 [M, K], x_s fp32 [M, 1]
     K, C, stride_xm, stride_am, stride_qm, stride_sm,
     USE_LIBDEVICE: tl.constexpr,
-    BLOCK: tl.constexpr,  # columns per chunk (the producer's)
+    BLOCK: tl.constexpr,  # columns per program
     BLOCK_C: tl.constexpr,  # next_pow2(C)
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    c = tl.arange(0, BLOCK_C)[None, :]
-    maxima = tl.load(a_ptr + row * stride_am + c, mask=c < C, other=0.0)  # (1, BLOCK_C)
-    s = tl.math.div_rn(tl.max(maxima, axis=1), 127.0)  # (1,): the row's amax / 127, as the one-pass kernel
+    s = _row_scale(a_ptr + row * stride_am, C, BLOCK_C)  # (1,): the row's amax / 127, as the one-pass kernel
     cols = chunk * BLOCK + tl.arange(0, BLOCK)[None, :]
     ok = cols < K
     x = tl.load(x_ptr + row * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)  # (1, BLOCK)
     tl.store(q_ptr + row * stride_qm + cols, _quantize(x, s, 127.0, False, USE_LIBDEVICE), mask=ok)
     first = chunk * BLOCK + tl.arange(0, 1)
     tl.store(s_ptr + row * stride_sm + 0 * first, s, mask=first == 0)  # one program per row writes the scale
+
+
+@triton.jit
+def _row_scale(a_row_ptr, C, BLOCK_C: tl.constexpr):
+    """(1,) fp32: a row's per-token int8 scale from the maxima of its column chunks (C of them at a_row_ptr, unit
+    stride): max / 127 with div_rn, as ``_per_token_quant_int8_kernel`` computes it from the row itself."""
+    c = tl.arange(0, BLOCK_C)[None, :]
+    maxima = tl.load(a_row_ptr + c, mask=c < C, other=0.0)  # (1, BLOCK_C)
+    return tl.math.div_rn(tl.max(maxima, axis=1), 127.0)
 
 
 # Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
@@ -476,26 +485,25 @@ def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_q, x_s if x.dim() == 2 else x_s.view(out_shape)
 
 
-def quantize_row_chunks(x: torch.Tensor, chunk_amax: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token int8 quantization of x [M, K] (contiguous rows) whose producer already wrote the max |x| of each
-    ``block``-column chunk of every row, chunk_amax float32 [M, cdiv(K, block)]: one program per (row, chunk), each
-    taking the row's scale from the chunk maxima. For rows that one program per row would quantize too slowly at small
-    M (``silu_mul.silu_mul_quant`` at decode). Returns x_q int8 [M, K], x_s float32 [M, 1]: bit for bit
-    ``per_token_quant_int8(x)`` when the maxima are those of x's chunks."""
+def quantize_row_chunks(x: torch.Tensor, maxima: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization of x [M, K] (unit-stride rows) whose producer already wrote the max |x| of disjoint
+    column ranges covering each row, maxima float32 [M, C] (any C >= 1: silu * up's 1024-column chunks, the decode
+    attention's head groups): one program per (row, ROW_CHUNK columns), each taking the row's scale from the maxima.
+    For rows that one program per row would quantize too slowly at small M. Returns x_q int8 [M, K], x_s float32
+    [M, 1]: bit for bit ``per_token_quant_int8(x)`` when the maxima are those of x's ranges."""
     m, k = x.shape
-    chunks = cdiv(k, block)
-    if tuple(chunk_amax.shape) != (m, chunks) or chunk_amax.dtype != torch.float32:
-        raise ValueError(f"chunk_amax must be float32 [M, cdiv(K, {block})] = [{m}, {chunks}], got "
-                         f"{chunk_amax.dtype} {tuple(chunk_amax.shape)}")
-    if x.stride(-1) != 1 or chunk_amax.stride(-1) != 1 or block & (block - 1):
-        raise ValueError(f"quantize_row_chunks: unit-stride rows and a power-of-two block, got x strides "
-                         f"{x.stride()}, chunk_amax strides {chunk_amax.stride()}, block {block}")
+    if maxima.dim() != 2 or maxima.shape[0] != m or maxima.shape[1] < 1 or maxima.dtype != torch.float32:
+        raise ValueError(f"maxima must be float32 [M, C] = [{m}, C >= 1], got {maxima.dtype} {tuple(maxima.shape)}")
+    if x.stride(-1) != 1 or maxima.stride(-1) != 1:
+        raise ValueError(f"quantize_row_chunks: unit-stride rows, got x strides {x.stride()}, maxima strides "
+                         f"{maxima.stride()}")
     x_q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     x_s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         with _device_ctx(x):
-            _quantize_row_chunks_kernel[(m, chunks)](
-                x, chunk_amax, x_q, x_s, k, chunks, x.stride(0), chunk_amax.stride(0), x_q.stride(0), x_s.stride(0),
-                USE_LIBDEVICE=not INTERPRETED, BLOCK=block, BLOCK_C=max(2, next_pow2(chunks)), num_warps=NUM_WARPS,
+            _quantize_row_chunks_kernel[(m, cdiv(k, ROW_CHUNK))](
+                x, maxima, x_q, x_s, k, maxima.shape[1], x.stride(0), maxima.stride(0), x_q.stride(0), x_s.stride(0),
+                USE_LIBDEVICE=not INTERPRETED, BLOCK=ROW_CHUNK, BLOCK_C=max(2, next_pow2(maxima.shape[1])),
+                num_warps=NUM_WARPS,
             )
     return x_q, x_s

@@ -25,6 +25,8 @@
 - ``paged_decode_attention_int8``: the same, with the output quantized to int8 for the linear that reads it
   (o_proj of an int8-channel / int8-block layer): per head where the splits are combined, per token by the head
   group that finishes the row last (a second counter per row), instead of a quantization launch.
+  ``paged_decode_attention_maxima``: the plain output and each head group's max |out|, for an o_proj GEMV that
+  quantizes per token itself (batch 1, ``int8_gemm.int8_gemm_channel_rowmax``).
 - ``new_kv`` (``NewKV``): a Llama decode step's rotary embedding of q and of the new key, and the cache write of
   that key and value, done by the kernel (the split holding the new token writes it before it reads the cache)
   instead of ``kv_store.rope_store_kv``'s launch before it (93 us of the same profile).
@@ -113,7 +115,7 @@ def _decode_kernel(
     acc_ptr, m_ptr, l_ptr,  # NUM_SPLITS > 1, contiguous partials: acc fp32 [B, H, S, Dv], m / l fp32 [B, H, S]
     o_ptr, xq_ptr, xs_ptr,  # contiguous: out [B, H, Dv]; QUANT: x_q int8 [B, H * Dv], x_s fp32 [B, H] / [B, 1]
     cnt_ptr,  # int32 arrival counters, 0 between launches: [B * P] per (row, head group), then [B] per row
-    amax_ptr,  # QUANT 2: fp32 [B, P], each head group's max |output|
+    amax_ptr,  # QUANT 2, 3: fp32 [B, P], each head group's max |output|
     scale,
     B, H, GROUP, DK, DV,  # GROUP = H // Hkv query heads per kv head
     stride_qb, stride_qh, stride_qd,
@@ -138,7 +140,8 @@ def _decode_kernel(
     V_FROM_K: tl.constexpr,  # shared KV and BLOCK_DV == BLOCK_D1: values are the first key tile, already loaded
     ROPE: tl.constexpr,  # rotate q and the new key (Dk == BLOCK_D1), and write the new k / v into the caches first
     COMBINE: tl.constexpr,  # NUM_SPLITS > 1: the last-arriving split combines (else _combine_kernel, launched after)
-    QUANT: tl.constexpr,  # 0: out; 1: x_q / x_s, one scale per head; 2: one scale per row (over all its heads)
+    QUANT: tl.constexpr,  # 0: out; 1: x_q / x_s, one scale per head; 2: one scale per row (over all its heads);
+    # 3: out and each head group's max |out| (amax_ptr), the row left unquantized
     UPCAST: tl.constexpr,  # interpreter: fp32 dots (see _dot)
     IEEE: tl.constexpr,  # fp32 operands: IEEE fp32 dots, not TF32 (see _dot)
     COMPILED: tl.constexpr,  # not the interpreter (bf16 rounding, see act_quant._cast_rn)
@@ -317,7 +320,8 @@ def _finish(out, bh, ok, b64, pid_h, groups, B, o_ptr, xq_ptr, xs_ptr, amax_ptr,
     where ok): rounded to the model dtype (what the plain output holds), or quantized from those bits - per head
     (QUANT 1: each head one group of Dv == BLOCK_DV channels, per_token_group_quant's steps), or per row (QUANT 2:
     the group stores its bits and their amax, and the group that finishes the row last quantizes all of it with the
-    row's scale, per_token_quant_int8's steps, ROW_H heads at a time)."""
+    row's scale, per_token_quant_int8's steps, ROW_H heads at a time), or left to o_proj (QUANT 3: the bits and
+    the group's amax, which int8_gemm.int8_gemm_channel_rowmax quantizes from as it reads them)."""
     rounded = _cast_rn(out, o_ptr.dtype.element_ty, COMPILED)
     mask = ok[:, None] & dv_ok[None, :]
     o_ptrs = o_ptr + bh[:, None] * DV + dv[None, :]
@@ -327,10 +331,13 @@ def _finish(out, bh, ok, b64, pid_h, groups, B, o_ptr, xq_ptr, xs_ptr, amax_ptr,
         q = _quantize(vals, head_scale, 127.0, False, COMPILED)
         tl.store(xq_ptr + bh[:, None] * DV + dv[None, :], q, mask=mask)
         tl.store(xs_ptr + bh, head_scale, mask=ok)
-    elif QUANT == 2:
+    elif QUANT == 0:
+        tl.store(o_ptrs, rounded, mask=mask)
+    else:
         tl.store(o_ptrs, rounded, mask=mask, cache_modifier=".cg")
         group_amax = tl.max(tl.max(tl.where(mask, tl.abs(rounded.to(tl.float32)), 0.0), axis=1), axis=0)
         tl.store(amax_ptr + b64 * groups + pid_h, group_amax, cache_modifier=".cg")
+    if QUANT == 2:
         tl.debug_barrier()
         row_counter = cnt_ptr + B * groups + b64
         if tl.atomic_add(row_counter, 1, sem="acq_rel", scope="gpu") == groups - 1:
@@ -347,8 +354,6 @@ def _finish(out, bh, ok, b64, pid_h, groups, B, o_ptr, xq_ptr, xs_ptr, amax_ptr,
                 q = _quantize(vals, tl.zeros((ROW_H,), dtype=tl.float32) + row_scale, 127.0, False, COMPILED)
                 tl.store(xq_ptr + b64 * H * DV + hh[:, None] * DV + dv[None, :], q, mask=row_mask)
             tl.store(xs_ptr + b64, row_scale)
-    else:
-        tl.store(o_ptrs, rounded, mask=mask)
 
 
 # Under TRITON_INTERPRET=1 (read by triton when the kernels above were decorated) triton.jit makes interpreted
@@ -554,6 +559,29 @@ def paged_decode_attention_int8(
     return x_q, x_s
 
 
+def paged_decode_attention_maxima(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    head_dim_v: int,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    new_kv: NewKV | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``paged_decode_attention`` flattened to [B, H * head_dim_v], with the max |out| of each head group's channels
+    from the same launch: maxima float32 [B, P] (P head groups of a row; [B, 1] where the splits are combined by
+    their own launch, taken after it) - the input of ``int8_gemm.int8_gemm_channel_rowmax``, whose M = 1 GEMV
+    quantizes the row per token as it reads it. Against ``paged_decode_attention_int8``'s per-token form this skips
+    the second arrival (over the row's head groups) and the last group's pass over the row."""
+    _, out, maxima = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n,
+                             "maxima", new_kv)
+    return out, maxima
+
+
 # The arrival counters of the split combine and the per-row quantization (checks.arrival_counters: one buffer per
 # device, zero between launches). A launch takes B * (P + 1) of them (P head groups per row): larger batches run in
 # several launches.
@@ -589,9 +617,12 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
 
     out = torch.empty((b, h, head_dim_v), dtype=q.dtype, device=q.device)
     apart = _combined_apart(h // hkv, head_dim_v, num_splits)
-    fused = quant if (quant == "token" or num_splits > 1) and not apart else None  # quantized in the kernel
+    # quantized (or the maxima taken) in the kernel
+    fused = quant if (quant in ("token", "maxima") or num_splits > 1) and not apart else None
     x_q = x_s = None
-    if fused:
+    if fused == "maxima":
+        x_s = torch.empty((b, groups), dtype=torch.float32, device=q.device)
+    elif fused:
         x_q = torch.empty((b, h * head_dim_v), dtype=torch.int8, device=q.device)
         x_s = torch.empty((b, 1 if fused == "token" else h), dtype=torch.float32, device=q.device)
     if b and h:
@@ -601,8 +632,10 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
             _launch(q[r], k_cache, v_cache, block_tables[r], seq_lens[r], scale, head_dim_v, num_splits, block_n,
                     fused, out[r], None if x_q is None else x_q[r], None if x_s is None else x_s[r],
                     None if new_kv is None else NewKV(*(t[r] for t in new_kv)))
+    flat = out.view(b, h * head_dim_v)
+    if quant == "maxima":  # combined apart: one maximum per row, taken by torch
+        return None, flat, x_s if fused else flat.float().abs().amax(-1, keepdim=True)
     if quant and not fused:
-        flat = out.view(b, h * head_dim_v)
         x_q, x_s = (per_token_quant_int8(flat) if quant == "token"
                     else per_token_group_quant(flat, "int8", group_size=head_dim_v))
     return (None, x_q, x_s) if quant else (out, None, None)
@@ -646,7 +679,10 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
         lse_l = torch.empty_like(m)
     counters = _counters(q.device)
     groups = hkv * head_blocks
-    amax = torch.empty((b, groups), dtype=torch.float32, device=q.device) if fused == "token" else partial
+    if fused == "maxima":
+        amax = x_s  # the output's maxima [B, P]: x_s of this launch
+    else:
+        amax = torch.empty((b, groups), dtype=torch.float32, device=q.device) if fused == "token" else partial
     combine_h = _combine_h(group)
     block_s = max(2, next_pow2(num_splits))
     if new_kv is None:
@@ -662,7 +698,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
             q, k_cache, v, block_tables, seq_lens,
             kn, vn, cos, sin, slots,
             partial, m, lse_l,
-            out, out if x_q is None else x_q, out if x_s is None else x_s,
+            out, out if x_q is None else x_q, out if x_s is None or fused == "maxima" else x_s,
             counters, amax,
             float(scale),
             b, h, group, dk, head_dim_v,
@@ -687,7 +723,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_
             V_FROM_K=v_cache is None and block_dv == block_d1,
             ROPE=new_kv is not None,
             COMBINE=not apart,
-            QUANT={None: 0, "head": 1, "token": 2}[fused],
+            QUANT={None: 0, "head": 1, "token": 2, "maxima": 3}[fused],
             UPCAST=INTERPRETED,
             IEEE=q.dtype == torch.float32,
             COMPILED=not INTERPRETED,

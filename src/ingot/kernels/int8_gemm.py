@@ -25,7 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ingot.kernels.checks import arrival_counters, backend_failed, cdiv, check_device, check_epilogue, check_tensor
+from ingot.kernels.act_quant import X_DTYPES, _quantize, _row_scale, quantize_row_chunks
+from ingot.kernels.checks import (
+    arrival_counters, backend_failed, cdiv, check_device, check_epilogue, check_tensor, next_pow2,
+)
 from ingot.kernels import tuning
 from ingot.kernels.tuning import GemmConfig
 
@@ -59,6 +62,10 @@ GEMV_CHANNEL = GemmConfig(1, 16, 512, group_m=1, num_warps=8, num_stages=1)
 GEMV_BLOCK = GemmConfig(1, 32, 128, group_m=1, num_warps=4, num_stages=1)
 GEMV_BLOCK_PROGRAMS = 4  # per SM
 GEMV_OPS = ("int8_gemm_channel", "int8_gemm_block")
+# int8_gemm_channel_rowmax's GEMV steps through K at least this many bytes at a time (the channel tables' 512 where
+# K allows): each step's quantization is a fixed cost that longer steps amortize. H100, M = 1, 8 warps, 16 rows
+# (kernels/NOTES.md, session 22): 4096x4096 8.99 -> 8.46 us, 4096x14336 25.3 -> 22.8, 6144x4096 11.5 -> 11.1.
+QUANT_X_BLOCK_K = 1024
 # SMs assumed when there is no CUDA device (the interpreter): an H100's, so CPU tests take the same split decisions.
 NOMINAL_SMS = 132
 
@@ -322,12 +329,35 @@ def _gemv_step(x_ptrs, w_ptrs, acc, offs_w, K, kt, BLOCK_K: tl.constexpr, EVEN_K
     """acc (BLOCK_N, BLOCK_K / 4) int32 + the word-wise byte dot products of K step kt; words past K load as 0."""
     if EVEN_K:
         a = tl.load(x_ptrs)
+    else:
+        a = tl.load(x_ptrs, mask=offs_w < K // 4 - kt * (BLOCK_K // 4), other=0)
+    return _gemv_dot(a, w_ptrs, acc, offs_w, K, kt, BLOCK_K, EVEN_K, DP4A)
+
+
+@triton.jit
+def _gemv_dot(a, w_ptrs, acc, offs_w, K, kt, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DP4A: tl.constexpr):
+    """acc + the byte dot products of x's words a (BLOCK_K / 4,) with the weight words of K step kt."""
+    if EVEN_K:
         b = tl.load(w_ptrs)
     else:
-        in_k = offs_w < K // 4 - kt * (BLOCK_K // 4)
-        a = tl.load(x_ptrs, mask=in_k, other=0)
-        b = tl.load(w_ptrs, mask=in_k[None, :], other=0)
+        b = tl.load(w_ptrs, mask=(offs_w < K // 4 - kt * (BLOCK_K // 4))[None, :], other=0)
     return _dp4a(b, a[None, :], acc, DP4A)
+
+
+@triton.jit
+def _quantized_words(xe_ptrs, s, left, EVEN_K: tl.constexpr, COMPILED: tl.constexpr):
+    """x's int8 words for one K step, quantized here: xe_ptrs (BLOCK_K / 4, 4) point at the step's model-dtype
+    elements (word w holds elements 4w .. 4w + 3, byte i = element 4w + i: x_q's int32 view), s (1,) the row's
+    scale; ``per_token_quant_int8``'s steps (act_quant._quantize), so the words are those of its x_q. Elements at or
+    past ``left`` (K minus the step's first element) are 0."""
+    j = tl.arange(0, 4)[None, :]
+    if EVEN_K:
+        xv = tl.load(xe_ptrs)
+    else:
+        e = tl.arange(0, xe_ptrs.shape[0])[:, None] * 4 + j
+        xv = tl.load(xe_ptrs, mask=e < left, other=0.0)
+    q = _quantize(xv.to(tl.float32), s, 127.0, False, COMPILED).to(tl.int32)
+    return tl.sum((q & 0xFF) << (j * 8), axis=1)
 
 
 @triton.jit
@@ -336,30 +366,48 @@ def _int8_gemv_channel_kernel(
     part_ptr, lock_ptr,
     M, N, K,
     stride_xsm, stride_wn, stride_wsn, stride_yn,
+    C,  # QUANT_X: the number of maxima at xs_ptr
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,  # BLOCK_M, GROUP_M: 1
     SPLIT_K: tl.constexpr,
     DP4A: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
+    QUANT_X: tl.constexpr = False,  # x_ptr: the model-dtype row x [1, K]; xs_ptr: C maxima of its column ranges
+    BLOCK_C: tl.constexpr = 2,  # QUANT_X: next_pow2(C)
+    COMPILED: tl.constexpr = True,  # QUANT_X: libdevice rounding (not the interpreter)
 ):
     """int8_gemm_channel at M = 1 (config.block_m == 1): no tensor cores and no 16-row padding of x. Each program
     streams a (BLOCK_N, BLOCK_K) int8 weight tile per K step as int32 words, dp4a's them against x's words into an
     int32 accumulator of the tile's shape (no cross-thread reduction inside the loop), and sums along K once at the
     end. The integer sum is exact, so y is bit-identical to the tensor-core kernel's. Split-K as the GEMM kernel.
 
+    QUANT_X (``int8_gemm_channel_rowmax``): x arrives unquantized with the maxima of its column ranges, and every
+    program quantizes the K steps it reads (the row's scale from the maxima): the words per_token_quant_int8 would
+    have stored, without its launch - or, after silu * up and the decode attention, without the row-wide pass
+    (one more launch, or a second arrival chain) that per-token quantization of a many-program producer needs.
+
     The epilogue's scales (and bias) are loaded before the K loop: issued after it, their latency (the weight scales
     come from HBM) followed the loop's last step in every program, a serial round trip at the end of each launch."""
     cols, offs_n, offs_w, kt_first, steps, _, x_ptrs, w_ptrs, pid_n, pid_k, tile = _gemv_words(
         x_ptr, w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K)
-    xs = tl.load(xs_ptr)
+    if QUANT_X:
+        xs = _row_scale(xs_ptr, C, BLOCK_C)  # (1,)
+        xe_ptrs = x_ptr + kt_first * BLOCK_K + offs_w[:, None] * 4 + tl.arange(0, 4)[None, :]
+    else:
+        xs = tl.load(xs_ptr)
     ws = tl.load(ws_ptr + offs_n * stride_wsn)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n).to(tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.int32)
     for i in tl.range(0, steps, num_stages=LOOP_STAGES):  # LOOP_STAGES > 1: the loads pipelined (cp.async)
-        acc = _gemv_step(x_ptrs, w_ptrs, acc, offs_w, K, kt_first + i, BLOCK_K, EVEN_K, DP4A)
-        x_ptrs += BLOCK_K // 4
+        if QUANT_X:
+            a = _quantized_words(xe_ptrs, xs, K - (kt_first + i) * BLOCK_K, EVEN_K, COMPILED)
+            acc = _gemv_dot(a, w_ptrs, acc, offs_w, K, kt_first + i, BLOCK_K, EVEN_K, DP4A)
+            xe_ptrs += BLOCK_K
+        else:
+            acc = _gemv_step(x_ptrs, w_ptrs, acc, offs_w, K, kt_first + i, BLOCK_K, EVEN_K, DP4A)
+            x_ptrs += BLOCK_K // 4
         w_ptrs += BLOCK_K // 4
     dot = tl.sum(acc, axis=1)[None, :]  # (1, BLOCK_N)
 
@@ -598,7 +646,7 @@ def int8_gemm_channel(
             _int8_gemv_channel_kernel, x_q.device, config, m, n, k, torch.int32,
             words[0], x_s, words[1], w_s, x_s if bias is None else bias, y,
             m, n, k,
-            x_s.stride(0), words[1].stride(0), w_s.stride(0), y.stride(1),
+            x_s.stride(0), words[1].stride(0), w_s.stride(0), y.stride(1), 1,
             HAS_BIAS=bias is not None, DP4A=DP4A, LOOP_STAGES=config.num_stages,
         )
         return y
@@ -610,6 +658,79 @@ def int8_gemm_channel(
         w_q.stride(0), w_q.stride(1), w_s.stride(0),
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None,
+    )
+    return y
+
+
+def rowmax_gemv_config(n: int, k: int, device: torch.device, config: GemmConfig | None = None) -> GemmConfig | None:
+    """The config ``int8_gemm_channel_rowmax`` runs its quantizing GEMV with at M = 1 for an [N, K] weight on
+    ``device`` (the caller's, else the channel op's own M = 1 choice with steps of at least QUANT_X_BLOCK_K bytes), or
+    None where it would quantize first instead: a config that is not the Triton GEMV (block_m 1), or K % 4 != 0 (no
+    int32 words). What a producer asks before handing a linear its activation's maxima (``Linear.takes_row_maxima``)."""
+    chosen = resolve_config("int8_gemm_channel", config, 1, n, k, device)
+    if chosen.block_m != 1 or chosen.kernel != "triton" or k % 4:
+        return None
+    if config is not None:
+        return chosen
+    return replace(chosen, block_k=max(chosen.block_k, min(QUANT_X_BLOCK_K, next_pow2(k))))
+
+
+def int8_gemm_channel_rowmax(
+    x: torch.Tensor,
+    x_maxima: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``int8_gemm_channel`` of ``per_token_quant_int8(x)``, for an x whose producer wrote the max |x| of column
+    ranges covering each row (x_maxima float32 [M, C], any C >= 1, as ``act_quant.quantize_row_chunks`` takes them:
+    silu * up's chunks, the decode attention's head groups).
+
+    x [M, K] bf16/fp16/fp32, contiguous; the rest as ``int8_gemm_channel``. At M = 1 with a GEMV config (block_m 1:
+    the default and the tuned tables' choice for the int8 ops at M = 1) the GEMV quantizes x itself, step by step as
+    it reads it (``_int8_gemv_channel_kernel``'s QUANT_X): no quantization launch, no x_q in memory. Otherwise
+    ``quantize_row_chunks`` and then ``int8_gemm_channel``. The same bits either way, those of quantizing x with
+    ``per_token_quant_int8`` and multiplying - when the maxima are x's.
+    Reference: ``ingot.quant.ref.int8_gemm_channel_rowmax_ref``.
+
+    Why: per-token quantization needs the whole row's amax, which a producer spread over many programs has only at
+    its end: silu * up then ran a second launch, the decode attention a second arrival chain over its head groups
+    (Llama-3-8B, H100, batch 1: 1.9-2.5 us a call for the launch; the GEMV that quantizes costs 0.4-0.8 us more than
+    the plain one - kernels/NOTES.md, session 22)."""
+    check_tensor("x", x, X_DTYPES, 2)
+    check_tensor("x_maxima", x_maxima, (torch.float32,), 2)
+    m, k = x.shape
+    if x_maxima.shape[0] != m or x_maxima.shape[1] < 1:
+        raise ValueError(f"x_maxima must be [M, C] = [{m}, C >= 1] (the maxima of x's column ranges), got "
+                         f"{tuple(x_maxima.shape)}")
+    plan = None
+    if m == 1 and w_q.dim() == 2 and w_q.shape[0] and w_q.shape[1] == k and w_q.data_ptr() % 4 == 0:
+        plan = rowmax_gemv_config(w_q.shape[0], k, x.device, config)
+    if plan is None:  # int8_gemm_channel checks the weight operands
+        x_q, x_s = quantize_row_chunks(x, x_maxima)
+        return int8_gemm_channel(x_q, x_s, w_q, w_s, bias, out_dtype, config=config, out=out)
+    check_tensor("w_q", w_q, (torch.int8,), 2)
+    check_tensor("w_s", w_s, (torch.float32,), 2)
+    n = w_q.shape[0]
+    if tuple(w_s.shape) != (n, 1):
+        raise ValueError(f"w_s must be per output channel, shape (N, 1) = ({n}, 1), got {tuple(w_s.shape)}")
+    if k >= MAX_K_CHANNEL:
+        raise ValueError(f"K = {k} may overflow the int32 accumulator (K * 128^2 >= 2^31); K must be < {MAX_K_CHANNEL}")
+    check_epilogue(1, n, bias, out, out_dtype)
+    check_device({"x": x, "x_maxima": x_maxima, "w_q": w_q, "w_s": w_s, "bias": bias, "out": out}, INTERPRETED)
+    y = torch.empty((1, n), dtype=out_dtype, device=x.device) if out is None else out
+    words = w_q.view(torch.int32)
+    _launch(
+        _int8_gemv_channel_kernel, x.device, plan, 1, n, k, torch.int32,
+        x, x_maxima, words, w_s, x_maxima if bias is None else bias, y,
+        1, n, k,
+        0, words.stride(0), w_s.stride(0), y.stride(1), x_maxima.shape[1],
+        HAS_BIAS=bias is not None, DP4A=DP4A, LOOP_STAGES=plan.num_stages,
+        QUANT_X=True, BLOCK_C=max(2, next_pow2(x_maxima.shape[1])), COMPILED=not INTERPRETED,
     )
     return y
 

@@ -36,8 +36,8 @@ DTYPES = (torch.bfloat16, torch.float16)
 # ONE_PASS_MAX_K channels, as per_token_quant_int8's one-pass path; longer rows take the split-row path below).
 BLOCK_N = 1024
 NUM_WARPS = 4
-# Per-token quantization of up to this many rows spreads each row over BLOCK_N-column programs (two launches, see
-# _silu_mul_split_rows): one program per row leaves most SMs idle at decode. H100, CUDA-graph replays
+# Per-token quantization of up to this many rows spreads each row over BLOCK_N-column programs (two launches:
+# silu_mul_maxima, then quantize_row_chunks): one program per row leaves most SMs idle at decode. H100, graph replays
 # (benchmarks/scripts/decode_ops_bench.py, results/decode-ops-*): I = 14336, M = 1 / 64 / 128 / 256: 3.4 / 5.7 / 7.7 /
 # 11.9 us split against 7.7 / 8.0 / 8.3 / 15.2 us; I = 18432 (one program spills registers): 3.8 / 6.3 / 8.9 / 14.7
 # against 21.4 / 22.1 / 25.8 / 47.9 us. Larger M (prefill) was not measured and keeps one program per row.
@@ -115,21 +115,24 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out.view(gate.shape)
 
 
-def _silu_mul_split_rows(g2: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token int8 quantization of silu(gate) * up with each row spread over BLOCK_N-column programs: silu * up
-    and every chunk's amax in one launch, then ``quantize_row_chunks`` (the row's scale from the chunk maxima).
-    Bit for bit what the one-program-per-row path gives (the max of the chunk maxima is the row's max)."""
+def silu_mul_maxima(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``silu_mul(gate, up)`` and, from the same launch, the max |out| of every BLOCK_N-column chunk of each row:
+    act [M, I] in the model dtype (gate / up flattened to rows), maxima float32 [M, cdiv(I, BLOCK_N)] - what
+    ``act_quant.quantize_row_chunks`` and ``int8_gemm.int8_gemm_channel_rowmax`` (the M = 1 GEMV that quantizes
+    its input itself) take to quantize act per token without a pass for its amax."""
+    g2, u2 = _operands(gate, up)
     m, n = g2.shape
     chunks = cdiv(n, BLOCK_N)
     act = torch.empty((m, n), dtype=g2.dtype, device=g2.device)
     amax = torch.empty((m, chunks), dtype=torch.float32, device=g2.device)
-    with _ctx(g2):
-        _silu_mul_kernel[(m, chunks)](
-            g2, u2, act, act, act, amax, n, g2.stride(0), u2.stride(0), act.stride(0), 0, 0, amax.stride(0),
-            QUANT=False, GROUP=BLOCK_N, QMAX=127.0, IS_FP8=False, UE8M0=False, COMPILED=not INTERPRETED,
-            AMAX=True, BLOCK=BLOCK_N, num_warps=NUM_WARPS,
-        )
-    return quantize_row_chunks(act, amax, BLOCK_N)
+    if m:
+        with _ctx(g2):
+            _silu_mul_kernel[(m, chunks)](
+                g2, u2, act, act, act, amax, n, g2.stride(0), u2.stride(0), act.stride(0), 0, 0, amax.stride(0),
+                QUANT=False, GROUP=BLOCK_N, QMAX=127.0, IS_FP8=False, UE8M0=False, COMPILED=not INTERPRETED,
+                AMAX=True, BLOCK=BLOCK_N, num_warps=NUM_WARPS,
+            )
+    return act, amax
 
 
 def silu_mul_quant(
@@ -151,7 +154,7 @@ def silu_mul_quant(
     m, n = g2.shape
     lead = gate.shape[:-1]
     if group_size is None and m and (m <= SPLIT_ROWS_MAX or n > ONE_PASS_MAX_K):
-        x_q, x_s = _silu_mul_split_rows(g2, u2)  # few rows (decode), or a row longer than one program holds
+        x_q, x_s = quantize_row_chunks(*silu_mul_maxima(g2, u2))  # few rows (decode), or rows one program can't hold
         return x_q.view(gate.shape), x_s.view(*lead, 1)
     if group_size is None:
         block = group = next_pow2(n)

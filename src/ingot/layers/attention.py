@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ingot.layers.linear import ActQuant, QuantizedActivation
+from ingot.layers.linear import ActQuant, QuantizedActivation, RowMaxActivation
 from ingot.layers.rotary import apply_rotary
 
 
@@ -138,7 +138,8 @@ def paged_attention(
     window: int | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     out_quant: ActQuant | None = None,
-) -> torch.Tensor | QuantizedActivation:
+    row_maxima: bool = False,
+) -> torch.Tensor | QuantizedActivation | RowMaxActivation:
     """Attention of the new tokens q [T, H, Dk] over the paged cache -> [T, H, Dv] in q.dtype.
 
     The cache must already hold this step's keys/values (``store_kv``); ``new_kv`` = those keys/values (k [T, Hkv,
@@ -151,23 +152,29 @@ def paged_attention(
     is int8 per token (int8-channel's o_proj) or per token per group of exactly Dv channels (int8-block's o_proj
     where the K block is the head dim) gets the output already quantized, as a ``QuantizedActivation`` of
     [T, H * Dv] (``paged_decode_attention_int8``: one launch fewer where KV splits are combined); anything else
-    returns the plain output.
+    returns the plain output. row_maxima (o_proj ``takes_row_maxima``: a batch-1 int8-channel GEMV that quantizes
+    its input itself): a CUDA decode step returns a ``RowMaxActivation`` of [T, H * Dv] instead, the output with
+    each head group's max |out| (``paged_decode_attention_maxima``), before out_quant is considered.
     """
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"paged_attention: {q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} kv heads")
     if meta.max_query_len == 1:
         if q.is_cuda and window is None:  # the Triton split-KV kernel, tested against this reference
-            return _cuda_decode(q, k_cache, v_cache, meta, scale, head_dim_v, out_quant)
+            return _cuda_decode(q, k_cache, v_cache, meta, scale, head_dim_v, out_quant, row_maxima)
         return _decode_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window)
     return _prefill_attention(q, k_cache, v_cache, meta, scale, head_dim_v, window, *(new_kv or ()))
 
 
-def _cuda_decode(q, k_cache, v_cache, meta, scale, head_dim_v, out_quant, new_kv=None):
-    """The CUDA decode kernel (``kernels.attention``), its output quantized for o_proj where it can be; new_kv: a
-    ``NewKV`` for the kernel to rotate and store (``Attention.forward``)."""
-    from ingot.kernels.attention import paged_decode_attention, paged_decode_attention_int8
+def _cuda_decode(q, k_cache, v_cache, meta, scale, head_dim_v, out_quant, row_maxima, new_kv=None):
+    """The CUDA decode kernel (``kernels.attention``), its output with row maxima or quantized for o_proj where it
+    can be; new_kv: a ``NewKV`` for the kernel to rotate and store (``Attention.forward``)."""
+    from ingot.kernels.attention import (
+        paged_decode_attention, paged_decode_attention_int8, paged_decode_attention_maxima,
+    )
 
     args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, head_dim_v)
+    if row_maxima:
+        return RowMaxActivation(*paged_decode_attention_maxima(*args, new_kv=new_kv))
     if _fused_int8_output(out_quant, head_dim_v):
         x_q, x_s = paged_decode_attention_int8(*args, out_quant.group_size, new_kv=new_kv)
         return QuantizedActivation(x_q, x_s, out_quant, q.dtype)
@@ -457,12 +464,13 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, meta: AttnMetadata | None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                out_quant: ActQuant | None = None) -> torch.Tensor | QuantizedActivation:
+                out_quant: ActQuant | None = None,
+                row_maxima: bool = False) -> torch.Tensor | QuantizedActivation | RowMaxActivation:
         """rope: (cos, sin) to rotate q and k by first (``apply_rotary``, channel i with i + dim / 2); on the engine's
         CUDA path the decode kernel rotates and writes the cache itself (``kernels.attention.NewKV``, where
         ``rope_supported``), other steps run one launch for both (``kernels.kv_store.rope_store_kv``). out_quant:
         the output linear's input quantization, which a CUDA decode step may return already applied
-        (``paged_attention``): the caller passes either result to that linear."""
+        (``paged_attention``), or row_maxima its ``RowMaxActivation``: the caller passes any result to that linear."""
         dv = self.spec.head_dim_v
         if meta is None:
             if rope is not None:
@@ -476,13 +484,14 @@ class Attention(nn.Module):
 
             if meta.max_query_len == 1 and self.window is None and kernels.rope_supported(q, self.v_cache):
                 new = kernels.NewKV(k, v, *rope, meta.slot_mapping)  # the decode kernel rotates and stores
-                return _cuda_decode(q, self.k_cache, self.v_cache, meta, self.scale, dv, out_quant, new)
+                return _cuda_decode(q, self.k_cache, self.v_cache, meta, self.scale, dv, out_quant, row_maxima, new)
             q, k = rope_store_kv(q, k, v, *rope, self.k_cache, self.v_cache, meta.slot_mapping)
         else:
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, dv, self.window, (k, v), out_quant)
+        return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, dv, self.window, (k, v), out_quant,
+                               row_maxima)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, {self.spec}, scale={self.scale:.4g}, window={self.window}"

@@ -112,6 +112,25 @@ class QuantizedActivation:
         return self.x_q.shape
 
 
+@dataclass(frozen=True)
+class RowMaxActivation:
+    """An activation in the model dtype with the max |x| of column ranges covering each of its rows, written by the
+    op that produced it (``MLP``'s silu * up and the decode attention at batch 1, ``kernels.silu_mul.silu_mul_maxima``
+    / ``kernels.attention.paged_decode_attention_maxima``): a per-token int8 scale without a pass over x. A linear
+    that ``takes_row_maxima`` (int8-channel's M = 1 GEMV) quantizes x itself as it reads it; any other quantizes from
+    the maxima (``quantize_row_chunks``, int8 per token) or takes x as it is. The same result as passing x.
+
+    x [..., K] bf16/fp16/fp32; maxima float32 [..., C] (C >= 1 ranges: only their max matters).
+    """
+
+    x: torch.Tensor
+    maxima: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+
 def quantize_activation(x: torch.Tensor, quant: ActQuant,
                         column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (x_q, x_s) with the activation-quantization kernels (ingot.kernels.act_quant).
@@ -223,12 +242,20 @@ class LinearMethod:
         quant = self.act_quant(layer)
         return quant if quant is not None and self.runs_kernels(x) else None
 
-    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    def takes_row_maxima(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether ``apply`` would quantize an input shaped like ``x`` itself, inside its GEMM, from the maxima of a
+        ``RowMaxActivation`` - so a producer that hands it one saves the per-token quantization's row-wide pass."""
+        return False
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation | RowMaxActivation) -> torch.Tensor:
         """x [..., K] -> y [..., N] in x's dtype, plus ``layer.bias`` when present (in the GEMM epilogue).
 
-        x may be a ``QuantizedActivation`` quantized as ``act_quant`` says: the GEMM then runs on it directly."""
+        x may be a ``QuantizedActivation`` quantized as ``act_quant`` says: the GEMM then runs on it directly; or a
+        ``RowMaxActivation``: int8 per-token kinds quantize it from its maxima on the kernel path, others take x."""
         if isinstance(x, QuantizedActivation):
             return self._apply_quantized(layer, x)
+        if isinstance(x, RowMaxActivation):
+            return self._apply_row_max(layer, x)
         k, n = layer.in_features, layer.out_features
         if x.shape[-1] != k:
             raise ValueError(f"input has {x.shape[-1]} features, this linear takes K = {k} (input shape {tuple(x.shape)})")
@@ -255,6 +282,19 @@ class LinearMethod:
         if x_q.shape[0] == 0:
             return torch.empty(*lead, n, dtype=x.dtype, device=x_q.device)
         return self._gemm(layer, x_q, x_s, x.dtype, self.runs_kernels(x_q)).view(*lead, n)
+
+    def _apply_row_max(self, layer: nn.Module, x: RowMaxActivation) -> torch.Tensor:
+        """A ``RowMaxActivation``: quantized per token from its maxima (one launch, ``quantize_row_chunks``) where
+        this kind quantizes int8 per token on the kernel path; else x as it is."""
+        if self.input_quant(layer, x.x) != ActQuant("int8"):
+            return self.apply(layer, x.x)
+        from ingot.kernels.act_quant import quantize_row_chunks
+
+        k = x.x.shape[-1]
+        x_q, x_s = quantize_row_chunks(x.x.reshape(-1, k), x.maxima.reshape(-1, x.maxima.shape[-1]))
+        lead = x.x.shape[:-1]
+        return self._apply_quantized(layer, QuantizedActivation(x_q.view(*lead, k), x_s.view(*lead, 1),
+                                                                ActQuant("int8"), x.x.dtype))
 
     # ---- per kind: x2 (M, K) contiguous -> (M, N) in x2.dtype, bias included
     def _kernel(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -296,6 +336,8 @@ class Bf16Method(LinearMethod):
     def apply(self, layer, x):
         if isinstance(x, QuantizedActivation):
             return self._apply_quantized(layer, x)  # refuses it: a bf16 linear quantizes nothing
+        if isinstance(x, RowMaxActivation):
+            x = x.x
         return F.linear(x, layer.weight, layer.bias)  # any leading shape, on every device
 
 
@@ -323,6 +365,23 @@ class Int8ChannelMethod(LinearMethod):
     def _reference(self, layer, x):
         x_q, x_s = ref.quantize_act_token(x)
         return self._gemm(layer, x_q, x_s, x.dtype, False)
+
+    def takes_row_maxima(self, layer, x):
+        if self.input_quant(layer, x) != ActQuant("int8") or x.numel() != x.shape[-1]:
+            return False  # one row on the kernel path: the quantizing M = 1 GEMV (not int8-weight, a subclass)
+        from ingot.kernels.int8_gemm import rowmax_gemv_config
+
+        return rowmax_gemv_config(layer.out_features, layer.in_features, x.device) is not None
+
+    def _apply_row_max(self, layer, x):
+        if self.input_quant(layer, x.x) != ActQuant("int8") or x.x.numel() != x.x.shape[-1]:
+            return super()._apply_row_max(layer, x)
+        from ingot.kernels.int8_gemm import int8_gemm_channel_rowmax
+
+        k = x.x.shape[-1]
+        y = int8_gemm_channel_rowmax(x.x.reshape(1, k).contiguous(), x.maxima.reshape(1, -1).contiguous(),
+                                     layer.weight, layer.weight_scale, bias=layer.bias, out_dtype=x.x.dtype)
+        return y.view(*x.x.shape[:-1], layer.out_features)
 
     def _gemm(self, layer, x_q, x_s, out_dtype, kernels):
         if not kernels:
@@ -545,6 +604,9 @@ class Fp8FallbackMethod(LinearMethod):
     def input_quant(self, layer, x):
         return self.inner.input_quant(layer, x)
 
+    def takes_row_maxima(self, layer, x):
+        return self.inner.takes_row_maxima(layer, x)
+
     def apply(self, layer, x):
         return self.inner.apply(layer, x)
 
@@ -666,7 +728,12 @@ class Linear(nn.Module):
         on their kernel paths) passes a ``QuantizedActivation`` instead and saves the quantization launch."""
         return self.method.input_quant(self, x)
 
-    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    def takes_row_maxima(self, x: torch.Tensor) -> bool:
+        """Whether this layer quantizes an input shaped like ``x`` inside its GEMM from a ``RowMaxActivation``'s
+        maxima (int8-channel, one row, CUDA): what silu * up and the decode attention ask before handing one."""
+        return self.method.takes_row_maxima(self, x)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation | RowMaxActivation) -> torch.Tensor:
         return self.method.apply(self, x)
 
     def extra_repr(self) -> str:

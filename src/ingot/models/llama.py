@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ingot.layers.attention import Attention, AttnMetadata, KVSpec
-from ingot.layers.linear import ActQuant, Linear, QuantizedActivation, fuse_linears, shared_input_quant
+from ingot.layers.linear import (
+    ActQuant, Linear, QuantizedActivation, RowMaxActivation, fuse_linears, shared_input_quant,
+)
 from ingot.layers.moe import MLP, MoE
 from ingot.layers.norm import RMSNorm
 from ingot.layers.rotary import RopeScaling, RotaryEmbedding
@@ -201,9 +203,12 @@ class LlamaAttention(nn.Module):
         v = v.unflatten(-1, (-1, self.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = self.attn(q, k, v, meta, rope, self.o_proj.input_quant(q))  # the layer rotates q and k
-        # a CUDA decode step may hand o_proj its input already quantized ([T, H * D]); else [T, H, D]
-        return self.o_proj(out if isinstance(out, QuantizedActivation) else out.flatten(-2))
+        flat = q.flatten(-2)  # o_proj's input has q's rows
+        # the layer rotates q and k
+        out = self.attn(q, k, v, meta, rope, self.o_proj.input_quant(flat), self.o_proj.takes_row_maxima(flat))
+        # a CUDA decode step may hand o_proj its input already quantized, or with row maxima ([T, H * D]); else
+        # [T, H, D]
+        return self.o_proj(out if isinstance(out, (QuantizedActivation, RowMaxActivation)) else out.flatten(-2))
 
 
 # ----------------------------------------------------------------------------------------------------------- block

@@ -334,6 +334,21 @@ def int8_gemm_channel_ref(
     return y.to(out_dtype)
 
 
+def int8_gemm_channel_rowmax_ref(
+    x: torch.Tensor,
+    x_maxima: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``int8_gemm_channel_ref`` of ``quantize_act_token(x)``. x_maxima (the max |x| of column ranges of each row)
+    only lets the kernel skip a pass over x; the result is defined by x alone, so a producer's wrong maxima show up
+    as a difference from this."""
+    x_q, x_s = quantize_act_token(x)
+    return int8_gemm_channel_ref(x_q, x_s, w_q, w_s, bias, out_dtype)
+
+
 def fp8_gemm_block_ref(
     x_q: torch.Tensor,
     x_s: torch.Tensor,
