@@ -624,7 +624,11 @@ def test_rowmax_gemv_quantizes_like_per_token_quant(monkeypatch, dtype, n, k, cf
     for _ in range(2):
         y = int8_gemm.int8_gemm_channel_rowmax(x, maxima, w_q, w_s, bias=bias, out_dtype=torch.float32, config=cfg)
         assert torch.equal(y, want)
-    assert torch.equal(y, ref.int8_gemm_channel_rowmax_ref(x, maxima, w_q, w_s, bias, torch.float32))
+    expected = ref.int8_gemm_channel_rowmax_ref(x, maxima, w_q, w_s, bias, torch.float32)
+    if DEVICE == "cpu":
+        assert torch.equal(y, expected)
+    else:  # compiled, the epilogue's + bias may contract into an fma (as the plain GEMV's; its test above)
+        torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-5)
     assert int(int8_gemm._split_k_locks(torch.device(DEVICE)).abs().sum()) == 0
 
 

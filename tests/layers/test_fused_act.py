@@ -186,11 +186,8 @@ def _mlp(kind: str, hidden: int = 256, inter: int = 384) -> MLP:
 @pytest.mark.parametrize("rows", [5, 1])
 @pytest.mark.parametrize("kind", ["int8-channel", "int8-block", "bf16"])
 @pytest.mark.parametrize("fuse", [False, True], ids=["separate", "gate_up"])
-def test_mlp_fused_ops_keep_the_bits(kind, fuse, rows, interpreter, monkeypatch):
-    """fused_ops: silu * up quantized in its launch - or, for one row into an int8-channel down_proj, handed over
-    with its chunk maxima (a RowMaxActivation the GEMV quantizes itself) - the same bits as the unfused MLP."""
-    from ingot.kernels import int8_gemm
-
+def test_mlp_fused_ops_keep_the_bits(kind, fuse, rows, interpreter):
+    """fused_ops (silu * up quantized in its launch, decode's split rows included): the bits of the unfused MLP."""
     mlp = _mlp(kind)
     if fuse:
         mlp.fuse_projections()
@@ -199,10 +196,7 @@ def test_mlp_fused_ops_keep_the_bits(kind, fuse, rows, interpreter, monkeypatch)
     mlp.fused_ops = False
     unfused = mlp(x)
     mlp.fused_ops = True
-    calls, original = [], int8_gemm.int8_gemm_channel_rowmax
-    monkeypatch.setattr(int8_gemm, "int8_gemm_channel_rowmax", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     assert torch.equal(mlp(x), unfused)
-    assert len(calls) == (kind == "int8-channel" and rows == 1)
     want = W8A8.get(kind)
     assert mlp.input_quant(x) == want
     if want is not None:  # and with gate/up's input quantized by the producer too

@@ -384,8 +384,8 @@ def _int8_gemv_channel_kernel(
 
     QUANT_X (``int8_gemm_channel_rowmax``): x arrives unquantized with the maxima of its column ranges, and every
     program quantizes the K steps it reads (the row's scale from the maxima): the words per_token_quant_int8 would
-    have stored, without its launch - or, after silu * up and the decode attention, without the row-wide pass
-    (one more launch, or a second arrival chain) that per-token quantization of a many-program producer needs.
+    have stored, without its launch - or, after the decode attention, without the row-wide pass (a second arrival
+    chain over its head groups) that per-token quantization of a many-program producer needs.
 
     The epilogue's scales (and bias) are loaded before the K loop: issued after it, their latency (the weight scales
     come from HBM) followed the loop's last step in every program, a serial round trip at the end of each launch."""
@@ -698,9 +698,11 @@ def int8_gemm_channel_rowmax(
     Reference: ``ingot.quant.ref.int8_gemm_channel_rowmax_ref``.
 
     Why: per-token quantization needs the whole row's amax, which a producer spread over many programs has only at
-    its end: silu * up then ran a second launch, the decode attention a second arrival chain over its head groups
-    (Llama-3-8B, H100, batch 1: 1.9-2.5 us a call for the launch; the GEMV that quantizes costs 0.4-0.8 us more than
-    the plain one - kernels/NOTES.md, session 22)."""
+    its end: the decode attention ran a second arrival chain over its head groups for it, silu * up a second launch.
+    Llama-3-8B, H100, batch 1 (kernels/NOTES.md, session 22): alone, the GEMV that quantizes cost 0.4-0.8 us more
+    than the plain one and 1.5-1.7 us less than quantize_row_chunks + the plain one; end to end, o_proj taking the
+    attention's maxima saved ~10 us a token (3.485 -> 3.475 ms), down_proj taking silu * up's cost 25-35 (the engine
+    keeps silu * up's quantization launch)."""
     check_tensor("x", x, X_DTYPES, 2)
     check_tensor("x_maxima", x_maxima, (torch.float32,), 2)
     m, k = x.shape

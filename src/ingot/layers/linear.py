@@ -115,8 +115,8 @@ class QuantizedActivation:
 @dataclass(frozen=True)
 class RowMaxActivation:
     """An activation in the model dtype with the max |x| of column ranges covering each of its rows, written by the
-    op that produced it (``MLP``'s silu * up and the decode attention at batch 1, ``kernels.silu_mul.silu_mul_maxima``
-    / ``kernels.attention.paged_decode_attention_maxima``): a per-token int8 scale without a pass over x. A linear
+    op that produced it (the decode attention at batch 1, ``kernels.attention.paged_decode_attention_maxima``;
+    ``kernels.silu_mul.silu_mul_maxima`` can make one too): a per-token int8 scale without a pass over x. A linear
     that ``takes_row_maxima`` (int8-channel's M = 1 GEMV) quantizes x itself as it reads it; any other quantizes from
     the maxima (``quantize_row_chunks``, int8 per token) or takes x as it is. The same result as passing x.
 
@@ -730,7 +730,7 @@ class Linear(nn.Module):
 
     def takes_row_maxima(self, x: torch.Tensor) -> bool:
         """Whether this layer quantizes an input shaped like ``x`` inside its GEMM from a ``RowMaxActivation``'s
-        maxima (int8-channel, one row, CUDA): what silu * up and the decode attention ask before handing one."""
+        maxima (int8-channel, one row, kernel path): what the decode attention asks before handing one."""
         return self.method.takes_row_maxima(self, x)
 
     def forward(self, x: torch.Tensor | QuantizedActivation | RowMaxActivation) -> torch.Tensor:

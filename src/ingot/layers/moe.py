@@ -42,9 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ingot.layers.linear import (
-    ActQuant, Linear, QuantizedActivation, RowMaxActivation, fuse_linears, shared_input_quant,
-)
+from ingot.layers.linear import ActQuant, Linear, QuantizedActivation, fuse_linears, shared_input_quant
 
 # Builds the Linear named `prefix` ([out, in]), with a bias or not: the model decides each linear's kind from its prefix.
 MakeLinear = Callable[[str, int, int, bool], nn.Module]
@@ -61,8 +59,6 @@ class MLP(nn.Module):
     ``silu * up`` is one launch (``ingot.kernels.silu_mul``, torch's roundings). With ``fused_ops`` (the engine's
     setting, ``CausalLM.set_fused_ops``) and a W8A8 down_proj, that launch also quantizes the product for down_proj
     (``silu_mul_quant``), and x may arrive already quantized for gate/up (``QuantizedActivation``, from the norm).
-    A batch-1 int8-channel down_proj, whose GEMV quantizes its input itself, gets the product with its chunk maxima
-    instead (``silu_mul_maxima``, a ``RowMaxActivation``): no second launch for the row's per-token scale.
     """
 
     def __init__(self, prefix: str, hidden_size: int, intermediate_size: int, make_linear: MakeLinear, bias: bool = False):
@@ -92,20 +88,16 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self._act(gate, up))
 
-    def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | QuantizedActivation | RowMaxActivation:
-        """silu(gate) * up in the model dtype, or quantized for down_proj (fused_ops, kernel path), or with the
-        maxima down_proj quantizes it from (one row, ``Linear.takes_row_maxima``)."""
+    def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | QuantizedActivation:
+        """silu(gate) * up in the model dtype, or quantized for down_proj (fused_ops, kernel path)."""
         kernels = gate.is_cuda if self.use_kernels is None else self.use_kernels
         if not kernels or gate.dtype not in KERNEL_DTYPES:
             return F.silu(gate) * up
-        from ingot.kernels.silu_mul import silu_mul, silu_mul_maxima, silu_mul_quant
+        from ingot.kernels.silu_mul import silu_mul, silu_mul_quant
 
         quant = self.down_proj.input_quant(gate) if self.fused_ops else None
         if quant is None:
             return silu_mul(gate, up)
-        if self.down_proj.takes_row_maxima(gate):  # one row: down_proj's GEMV quantizes it per token itself
-            act, maxima = silu_mul_maxima(gate, up)
-            return RowMaxActivation(act.view(gate.shape), maxima.view(*gate.shape[:-1], -1))
         x_q, x_s = silu_mul_quant(gate, up, quant.dtype, quant.group_size, quant.scale_fmt)
         return QuantizedActivation(x_q, x_s, quant, gate.dtype)
 
