@@ -10,5 +10,5 @@ Modules: ``act_quant`` (dynamic activation quantization), ``int8_gemm`` (W8A8 in
 and W4A16 GEMMs for decode), ``dequant`` (block dequantization of fp8-block / int8-block weights), ``norm_rope``
 (RMSNorm - also with the residual add and the output's quantization fused - and rotary), ``silu_mul`` (the gated
 MLP's silu(gate) * up, optionally quantized for down_proj), ``l2_prefetch`` (pull a weight's first bytes into L2 on
-sm_90+, for the engine's decode step).
+sm_90+, for the engine's decode step), ``dense_gemv`` (a bf16/fp16 weight times one token: the lm_head at batch 1).
 """

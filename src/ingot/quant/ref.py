@@ -334,6 +334,12 @@ def int8_gemm_channel_ref(
     return y.to(out_dtype)
 
 
+def dense_gemv_ref(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [1, K] @ w [N, K].T in float32, rounded once to x's dtype, as ``out_dtype`` (default x's): the math of
+    ``ingot.kernels.dense_gemv`` (and of F.linear in the model dtype, up to the fp32 summation order)."""
+    return (x.float() @ w.float().T).to(x.dtype).to(out_dtype or x.dtype)
+
+
 def int8_gemm_channel_rowmax_ref(
     x: torch.Tensor,
     x_maxima: torch.Tensor,
