@@ -319,12 +319,12 @@ class CausalLM(nn.Module):
         return self.model.norm(x) if residual is None else self.model.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, hidden_size] -> float32 logits [n, vocab] (the matmul in the model dtype, as transformers).
-        One row on CUDA (batch-1 decode) runs ``kernels.dense_gemv``: the same math, the weight streamed ~13% faster
-        than cuBLAS's GEMV on the H100 (kernels/NOTES.md, session 22)."""
+        """hidden [..., hidden_size] -> float32 logits [..., vocab] (the matmul in the model dtype, as transformers).
+        One row [1, hidden_size] on CUDA (batch-1 decode) runs ``kernels.dense_gemv``: the same math, the weight
+        streamed ~13% faster than cuBLAS's GEMV on the H100 (kernels/NOTES.md, session 22)."""
         w = self.lm_head.weight
-        if hidden.shape[0] == 1 and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) \
-                and w.dtype == hidden.dtype and w.stride(1) == 1:
+        one_row = hidden.dim() == 2 and hidden.shape[0] == 1
+        if one_row and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and w.dtype == hidden.dtype:
             from ingot.kernels.dense_gemv import dense_gemv
 
             return dense_gemv(hidden.contiguous(), w, torch.float32)
