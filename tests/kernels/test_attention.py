@@ -209,7 +209,7 @@ def rope_case(h, hkv, d, seq_lens, page=16, dtype=torch.bfloat16, seed=0, device
     return q, kc, vc, bt, seq, new
 
 
-@pytest.mark.parametrize("quant", [None, "head", "token"])
+@pytest.mark.parametrize("quant", [None, "head", "token", "maxima"])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("h,hkv,d,dtype", [(9, 3, 32, torch.bfloat16), (20, 2, 16, torch.float16),
                                            (4, 4, 64, torch.bfloat16)])
@@ -225,6 +225,9 @@ def test_new_kv_equals_rope_store_kv_then_attention(h, hkv, d, dtype, splits, qu
     if quant is None:
         want = paged_decode_attention(q_rot, kc2, vc2, *args, **kw)
         got = paged_decode_attention(q, kc, vc, *args, **kw, new_kv=new)
+    elif quant == "maxima":
+        want = paged_decode_attention_maxima(q_rot, kc2, vc2, *args, **kw)
+        got = paged_decode_attention_maxima(q, kc, vc, *args, **kw, new_kv=new)
     else:
         group = d if quant == "head" else None
         want = paged_decode_attention_int8(q_rot, kc2, vc2, *args, group, **kw)
