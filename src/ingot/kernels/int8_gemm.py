@@ -701,22 +701,22 @@ def int8_gemm_channel_rowmax(
     its end: the decode attention ran a second arrival chain over its head groups for it, silu * up a second launch.
     Llama-3-8B, H100, batch 1 (kernels/NOTES.md, session 22): alone, the GEMV that quantizes cost 0.4-0.8 us more
     than the plain one and 1.5-1.7 us less than quantize_row_chunks + the plain one; end to end, o_proj taking the
-    attention's maxima saved ~10 us a token (3.485 -> 3.475 ms), down_proj taking silu * up's cost 25-35 (the engine
-    keeps silu * up's quantization launch)."""
+    attention's maxima saved ~10 us a token in one call (3.485 -> 3.475 ms) and was within the noise in another,
+    down_proj taking silu * up's cost 25-35 us (the engine keeps silu * up's quantization launch)."""
     check_tensor("x", x, X_DTYPES, 2)
     check_tensor("x_maxima", x_maxima, (torch.float32,), 2)
+    check_tensor("w_q", w_q, (torch.int8,), 2)
+    check_tensor("w_s", w_s, (torch.float32,), 2)
     m, k = x.shape
     if x_maxima.shape[0] != m or x_maxima.shape[1] < 1:
         raise ValueError(f"x_maxima must be [M, C] = [{m}, C >= 1] (the maxima of x's column ranges), got "
                          f"{tuple(x_maxima.shape)}")
     plan = None
-    if m == 1 and w_q.dim() == 2 and w_q.shape[0] and w_q.shape[1] == k and w_q.data_ptr() % 4 == 0:
+    if m == 1 and w_q.shape[0] and w_q.shape[1] == k and w_q.data_ptr() % 4 == 0:
         plan = rowmax_gemv_config(w_q.shape[0], k, x.device, config)
-    if plan is None:  # int8_gemm_channel checks the weight operands
+    if plan is None:  # int8_gemm_channel checks the rest
         x_q, x_s = quantize_row_chunks(x, x_maxima)
         return int8_gemm_channel(x_q, x_s, w_q, w_s, bias, out_dtype, config=config, out=out)
-    check_tensor("w_q", w_q, (torch.int8,), 2)
-    check_tensor("w_s", w_s, (torch.float32,), 2)
     n = w_q.shape[0]
     if tuple(w_s.shape) != (n, 1):
         raise ValueError(f"w_s must be per output channel, shape (N, 1) = ({n}, 1), got {tuple(w_s.shape)}")
