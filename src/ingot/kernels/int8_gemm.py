@@ -625,10 +625,7 @@ def int8_gemm_channel(
     m, n, k = _check_operands(x_q, x_s, w_q, w_s, bias, out_dtype, out)
     if tuple(x_s.shape) != (m, 1):
         raise ValueError(f"x_s must be per token, shape (M, 1) = ({m}, 1), got {tuple(x_s.shape)}")
-    if tuple(w_s.shape) != (n, 1):
-        raise ValueError(f"w_s must be per output channel, shape (N, 1) = ({n}, 1), got {tuple(w_s.shape)}")
-    if k >= MAX_K_CHANNEL:
-        raise ValueError(f"K = {k} may overflow the int32 accumulator (K * 128^2 >= 2^31); K must be < {MAX_K_CHANNEL}")
+    _check_channel_weight(n, k, w_s)
     y = _sm90_gemm("int8_gemm_channel", backend, None, config, x_q, x_s, w_q, w_s, bias, out_dtype, out)
     if y is not None:
         return y
@@ -660,6 +657,14 @@ def int8_gemm_channel(
         HAS_BIAS=bias is not None,
     )
     return y
+
+
+def _check_channel_weight(n: int, k: int, w_s: torch.Tensor) -> None:
+    """A per-output-channel weight scale [N, 1], and a K whose int32 sums cannot overflow."""
+    if tuple(w_s.shape) != (n, 1):
+        raise ValueError(f"w_s must be per output channel, shape (N, 1) = ({n}, 1), got {tuple(w_s.shape)}")
+    if k >= MAX_K_CHANNEL:
+        raise ValueError(f"K = {k} may overflow the int32 accumulator (K * 128^2 >= 2^31); K must be < {MAX_K_CHANNEL}")
 
 
 def rowmax_gemv_config(n: int, k: int, device: torch.device, config: GemmConfig | None = None) -> GemmConfig | None:
@@ -700,7 +705,7 @@ def int8_gemm_channel_rowmax(
     Why: per-token quantization needs the whole row's amax, which a producer spread over many programs has only at
     its end: the decode attention ran a second arrival chain over its head groups for it, silu * up a second launch.
     Llama-3-8B, H100, batch 1 (kernels/NOTES.md, session 22): alone, the GEMV that quantizes cost 0.4-0.8 us more
-    than the plain one and 1.5-1.7 us less than quantize_row_chunks + the plain one; end to end, o_proj taking the
+    than the plain one and 1.4-1.7 us less than quantize_row_chunks + the plain one; end to end, o_proj taking the
     attention's maxima saved ~10 us a token in one call (3.485 -> 3.475 ms) and was within the noise in another,
     down_proj taking silu * up's cost 25-35 us (the engine keeps silu * up's quantization launch)."""
     check_tensor("x", x, X_DTYPES, 2)
@@ -718,10 +723,7 @@ def int8_gemm_channel_rowmax(
         x_q, x_s = quantize_row_chunks(x, x_maxima)
         return int8_gemm_channel(x_q, x_s, w_q, w_s, bias, out_dtype, config=config, out=out)
     n = w_q.shape[0]
-    if tuple(w_s.shape) != (n, 1):
-        raise ValueError(f"w_s must be per output channel, shape (N, 1) = ({n}, 1), got {tuple(w_s.shape)}")
-    if k >= MAX_K_CHANNEL:
-        raise ValueError(f"K = {k} may overflow the int32 accumulator (K * 128^2 >= 2^31); K must be < {MAX_K_CHANNEL}")
+    _check_channel_weight(n, k, w_s)
     check_epilogue(1, n, bias, out, out_dtype)
     check_device({"x": x, "x_maxima": x_maxima, "w_q": w_q, "w_s": w_s, "bias": bias, "out": out}, INTERPRETED)
     y = torch.empty((1, n), dtype=out_dtype, device=x.device) if out is None else out

@@ -251,7 +251,7 @@ class LinearMethod:
         """x [..., K] -> y [..., N] in x's dtype, plus ``layer.bias`` when present (in the GEMM epilogue).
 
         x may be a ``QuantizedActivation`` quantized as ``act_quant`` says: the GEMM then runs on it directly; or a
-        ``RowMaxActivation``: int8 per-token kinds quantize it from its maxima on the kernel path, others take x."""
+        ``RowMaxActivation``: int8-channel's kernel path quantizes it from its maxima, every other path takes x."""
         if isinstance(x, QuantizedActivation):
             return self._apply_quantized(layer, x)
         if isinstance(x, RowMaxActivation):
@@ -284,17 +284,9 @@ class LinearMethod:
         return self._gemm(layer, x_q, x_s, x.dtype, self.runs_kernels(x_q)).view(*lead, n)
 
     def _apply_row_max(self, layer: nn.Module, x: RowMaxActivation) -> torch.Tensor:
-        """A ``RowMaxActivation``: quantized per token from its maxima (one launch, ``quantize_row_chunks``) where
-        this kind quantizes int8 per token on the kernel path; else x as it is."""
-        if self.input_quant(layer, x.x) != ActQuant("int8"):
-            return self.apply(layer, x.x)
-        from ingot.kernels.act_quant import quantize_row_chunks
-
-        k = x.x.shape[-1]
-        x_q, x_s = quantize_row_chunks(x.x.reshape(-1, k), x.maxima.reshape(-1, x.maxima.shape[-1]))
-        lead = x.x.shape[:-1]
-        return self._apply_quantized(layer, QuantizedActivation(x_q.view(*lead, k), x_s.view(*lead, 1),
-                                                                ActQuant("int8"), x.x.dtype))
+        """A ``RowMaxActivation``: x as it is (the kind quantizes it its own way, if at all); int8-channel's kernel
+        path quantizes from the maxima."""
+        return self.apply(layer, x.x)
 
     # ---- per kind: x2 (M, K) contiguous -> (M, N) in x2.dtype, bias included
     def _kernel(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -337,7 +329,7 @@ class Bf16Method(LinearMethod):
         if isinstance(x, QuantizedActivation):
             return self._apply_quantized(layer, x)  # refuses it: a bf16 linear quantizes nothing
         if isinstance(x, RowMaxActivation):
-            x = x.x
+            return self._apply_row_max(layer, x)
         return F.linear(x, layer.weight, layer.bias)  # any leading shape, on every device
 
 
@@ -374,14 +366,15 @@ class Int8ChannelMethod(LinearMethod):
         return rowmax_gemv_config(layer.out_features, layer.in_features, x.device) is not None
 
     def _apply_row_max(self, layer, x):
-        if self.input_quant(layer, x.x) != ActQuant("int8") or x.x.numel() != x.x.shape[-1]:
+        if self.input_quant(layer, x.x) != ActQuant("int8"):  # the reference path; int8-weight (a subclass)
             return super()._apply_row_max(layer, x)
         from ingot.kernels.int8_gemm import int8_gemm_channel_rowmax
 
-        k = x.x.shape[-1]
-        y = int8_gemm_channel_rowmax(x.x.reshape(1, k).contiguous(), x.maxima.reshape(1, -1).contiguous(),
+        k, lead = x.x.shape[-1], x.x.shape[:-1]
+        y = int8_gemm_channel_rowmax(x.x.reshape(-1, k).contiguous(),  # M > 1: quantize_row_chunks, then the GEMM
+                                     x.maxima.reshape(-1, x.maxima.shape[-1]).contiguous(),
                                      layer.weight, layer.weight_scale, bias=layer.bias, out_dtype=x.x.dtype)
-        return y.view(*x.x.shape[:-1], layer.out_features)
+        return y.view(*lead, layer.out_features)
 
     def _gemm(self, layer, x_q, x_s, out_dtype, kernels):
         if not kernels:
