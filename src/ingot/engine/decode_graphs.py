@@ -2,8 +2,8 @@
 one captured graph per batch-size bucket over them (``DecodeGraphs``), and the previous step's sampled ids that a
 step copies in on the device (``PendingTokens``). ``ModelRunner`` (runner.py) owns them.
 
-Buffers: a host staging copy (pinned on CUDA; on CPU the buffers are the host arrays), moved to the device by one
-kernel per step (``kernels.mapped_copy``, with the pending ids of a steady step). Graphs replay at the smallest bucket >= the batch (1, 2, 4, 8, 16, 24, 32, ..., max_num_seqs):
+Buffers: a host staging copy (pinned on CUDA; on CPU the buffers are the host arrays), then two host-to-device
+copies per step. Graphs replay at the smallest bucket >= the batch (1, 2, 4, 8, 16, 24, 32, ..., max_num_seqs):
 padded rows get slot -1 and seq_len 0 (they write no cache and produce zeros, per ingot.layers.attention.AttnMetadata).
 """
 
@@ -19,7 +19,6 @@ from ingot.engine.sampling import host_to_device
 from ingot.engine.scheduler import ScheduledSeq
 from ingot.engine.sequence import Sequence
 from ingot.engine.weight_prefetch import PREFETCH_MAX_BATCH, WeightPrefetch
-from ingot.kernels.mapped_copy import mapped_copy
 from ingot.layers.attention import AttnMetadata
 
 
@@ -30,18 +29,13 @@ class PendingTokens:
     tokens: torch.Tensor
     seqs: list[Sequence]
 
-    def in_order(self, rows: list[int], seqs: list[Sequence]) -> bool:
-        """Whether rows [0, n) take all n tokens in order: steady decoding, the same sequences as the last step."""
-        n = len(rows)
-        return rows == list(range(n)) and n == len(self.seqs) and all(a is b for a, b in zip(seqs, self.seqs))
-
     def copy_into(self, input_ids: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
         """input_ids[rows[i]] = the pending token of seqs[i], on the device."""
         if not rows:
             return
         n = len(rows)
-        if self.in_order(rows, seqs):
-            input_ids[:n].copy_(self.tokens)
+        if rows == list(range(n)) and n == len(self.seqs) and all(a is b for a, b in zip(seqs, self.seqs)):
+            input_ids[:n].copy_(self.tokens)  # steady decoding: the same sequences, in the same order
             return
         where = {id(q): j for j, q in enumerate(self.seqs)}
         try:
@@ -70,8 +64,8 @@ class DecodeBuffers:
     Host staging (pinned on CUDA; on CPU the staging arrays are the buffers themselves) holds int64
     input_ids | positions | slot_mapping and int32 seq_lens | block table. The block table is stored column-major
     (entry j of row i at j * max_num_seqs + i), so the columns a step uses are one contiguous prefix: a step copies
-    3 x max_num_seqs int64 and (1 + widest table) x max_num_seqs int32, two ranges of one copy kernel (6 KB + 13 KB
-    for 256 rows of 192 tokens), whatever max_model_len is. A row's table is rewritten only when its sequence changes or
+    3 x max_num_seqs int64 and (1 + widest table) x max_num_seqs int32, two host-to-device copies (6 KB + 13 KB for
+    256 rows of 192 tokens), whatever max_model_len is. A row's table is rewritten only when its sequence changes or
     gains a block (every block_size tokens), not every step.
     """
 
@@ -149,20 +143,13 @@ class DecodeBuffers:
         self._lens[:b] = self._pos[:b] + 1
         # padding rows write no cache and attend to nothing; their stale table columns hold valid ids, never read
         self._ids[b:rows], self._pos[b:rows], self._slots[b:rows], self._lens[b:rows] = 0, 0, -1, 0
-        if pending_rows and pending is None:
-            raise RuntimeError("DecodeBuffers.fill: a pending token, and no PendingTokens were given")
         if self._copied is not None:
-            # one kernel for the staging copies (kernels.mapped_copy: no copy-engine hand-overs at the step's start);
-            # in steady decoding the pending ids go straight into input_ids[:p] and the staged ids start after them
-            skip = len(pending_rows) if pending_rows and pending.in_order(pending_rows, pending_seqs) else 0
-            pairs = [(self.dev_i64[skip:], self.host_i64[skip:]),
-                     (self.dev_i32[: n + width * n], self.host_i32[: n + width * n])]
-            if skip:
-                pairs.append((self.input_ids[:skip], pending.tokens))
-                pending_rows = []
-            mapped_copy(pairs)
+            self.dev_i64.copy_(self.host_i64, non_blocking=True)
+            self.dev_i32[: n + width * n].copy_(self.host_i32[: n + width * n], non_blocking=True)
             self._copied.record()
         if pending_rows:
+            if pending is None:
+                raise RuntimeError("DecodeBuffers.fill: a pending token, and no PendingTokens were given")
             pending.copy_into(self.input_ids, pending_rows, pending_seqs)
         return width, longest
 

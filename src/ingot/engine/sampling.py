@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ingot.kernels.mapped_copy import mapped_copy
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -135,14 +133,14 @@ def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> to
 
 
 class TokenReadback:
-    """Sampled ids on their way to the host: on CUDA a kernel that writes them into pinned memory, and an event, so the
-    host can queue the next step before it waits for these ids; on CPU the tensor itself."""
+    """Sampled ids on their way to the host: on CUDA a non-blocking copy into pinned memory and an event, so the host
+    can queue the next step before it waits for these ids; on CPU the tensor itself."""
 
     def __init__(self, tokens: torch.Tensor):
         self.device_tokens = tokens  # int64 [n]: the next step's input ids of these sequences
         if tokens.is_cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            mapped_copy([(self._host, tokens)])  # a kernel writes them into the pinned buffer: no copy engine
+            self._host.copy_(tokens, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
         else:

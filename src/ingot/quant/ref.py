@@ -340,12 +340,6 @@ def dense_gemv_ref(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | No
     return (x.float() @ w.float().T).to(x.dtype).to(out_dtype or x.dtype)
 
 
-def mapped_copy_ref(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """dst.copy_(src) for each (dst, src) pair: what ``ingot.kernels.mapped_copy`` does in one kernel launch."""
-    for dst, src in pairs:
-        dst.copy_(src)
-
-
 def int8_gemm_channel_rowmax_ref(
     x: torch.Tensor,
     x_maxima: torch.Tensor,
