@@ -128,8 +128,6 @@ class LLM:
         self.sampler = Sampler(config.seed)
         self._next_id = 0
         self._inflight: _Launched | None = None  # async_steps: the step queued last, its tokens not read yet
-        # sampled ids go to the host on their own stream (sampling.TokenReadback)
-        self._readback_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     # ------------------------------------------------------------------------------------------- requests
 
@@ -184,7 +182,7 @@ class LLM:
         sampling = [s.seq for s in out.scheduled if s.samples]
         tokens = self.sampler.sample_tokens(logits, [q.params for q in sampling], [q.sampling for q in sampling])
         self.scheduler.launched(out)
-        return _Launched(out, sampling, TokenReadback(tokens, self._readback_stream))
+        return _Launched(out, sampling, TokenReadback(tokens))
 
     def _land(self, step: _Launched, requests: dict[int, _Request]) -> list[_Request]:
         """Read a launched step's tokens (the step's one read from the device), append them and check the stops;

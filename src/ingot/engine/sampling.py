@@ -134,26 +134,15 @@ def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> to
 
 class TokenReadback:
     """Sampled ids on their way to the host: on CUDA a non-blocking copy into pinned memory and an event, so the host
-    can queue the next step before it waits for these ids; on CPU the tensor itself.
+    can queue the next step before it waits for these ids; on CPU the tensor itself."""
 
-    ``stream``: a side stream to copy on (the engine's). On the step's own stream the copy engine's hand-overs
-    (sampling kernel -> device-to-host copy -> the next step's host-to-device copies) sat between two steps; on a side
-    stream the next step's inputs do not queue behind the ids' copy."""
-
-    def __init__(self, tokens: torch.Tensor, stream: torch.cuda.Stream | None = None):
+    def __init__(self, tokens: torch.Tensor):
         self.device_tokens = tokens  # int64 [n]: the next step's input ids of these sequences
         if tokens.is_cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
             self._ready = torch.cuda.Event()
-            if stream is None:
-                self._host.copy_(tokens, non_blocking=True)
-                self._ready.record()
-            else:
-                stream.wait_stream(torch.cuda.current_stream(tokens.device))  # after the sampling that wrote them
-                with torch.cuda.stream(stream):
-                    self._host.copy_(tokens, non_blocking=True)
-                    self._ready.record(stream)
-                tokens.record_stream(stream)  # their memory is not reused before this copy has read it
+            self._ready.record()
         else:
             self._host, self._ready = tokens, None
 
