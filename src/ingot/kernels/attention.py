@@ -594,7 +594,7 @@ def _counters(device: torch.device) -> torch.Tensor:
 
 def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, head_dim_v, num_splits, block_n, quant, new_kv):
     """Check, resolve the splits and tiles, launch; (out, None, None), or with quant ("head" / "token") (None, x_q,
-    x_s). One kernel does it all (``_decode_kernel``): the splits' combine, and the quantization per token, or per
+    x_s), or with quant "maxima" (None, out flattened to [B, H * Dv], its maxima [B, P] or [B, 1]). One kernel does it all (``_decode_kernel``): the splits' combine, and the quantization per token, or per
     head where splits are combined. Per head with one split the plain output is quantized by its own launch after
     it (quantizing in that kernel's epilogue, over its 16-row head tiles of a 4-head GQA group, made Llama-3-8B
     int8-block batch-64 decode 1.4% slower). Head groups too large to combine in the decode launch

@@ -117,8 +117,9 @@ class RowMaxActivation:
     """An activation in the model dtype with the max |x| of column ranges covering each of its rows, written by the
     op that produced it (the decode attention at batch 1, ``kernels.attention.paged_decode_attention_maxima``;
     ``kernels.silu_mul.silu_mul_maxima`` can make one too): a per-token int8 scale without a pass over x. A linear
-    that ``takes_row_maxima`` (int8-channel's M = 1 GEMV) quantizes x itself as it reads it; any other quantizes from
-    the maxima (``quantize_row_chunks``, int8 per token) or takes x as it is. The same result as passing x.
+    that ``takes_row_maxima`` (int8-channel's M = 1 GEMV) quantizes x itself as it reads it; int8-channel's kernel path
+    at M > 1 quantizes from the maxima (``quantize_row_chunks``); every other path takes x as it is. The same result
+    as passing x.
 
     x [..., K] bf16/fp16/fp32; maxima float32 [..., C] (C >= 1 ranges: only their max matters).
     """

@@ -204,10 +204,9 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         flat = q.flatten(-2)  # o_proj's input has q's rows
-        # the layer rotates q and k
+        # the layer rotates q and k; a CUDA decode step may hand o_proj its input already quantized, or with row
+        # maxima ([T, H * D]); else [T, H, D]
         out = self.attn(q, k, v, meta, rope, self.o_proj.input_quant(flat), self.o_proj.takes_row_maxima(flat))
-        # a CUDA decode step may hand o_proj its input already quantized, or with row maxima ([T, H * D]); else
-        # [T, H, D]
         return self.o_proj(out if isinstance(out, (QuantizedActivation, RowMaxActivation)) else out.flatten(-2))
 
 
